@@ -1,0 +1,76 @@
+"""The `ftcli` command line: parses arguments, calls the module that does the work, reports errors."""
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from rich.console import Console
+
+from ftcli.errors import FtcliError
+
+app = typer.Typer(help="Fine-tune open LLMs with LoRA/QLoRA from YAML recipes.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.callback()
+def main() -> None:
+    """Fine-tune open LLMs with LoRA/QLoRA from YAML recipes."""
+
+
+@app.command()
+def train(
+    recipe_path: Path = typer.Argument(..., metavar="RECIPE.yaml", help="The recipe to run (see recipes/)."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", metavar="SECTION.KEY=VALUE",
+                                                  help="Override one recipe field; repeatable, e.g. --set train.max_steps=10."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (overrides output.dir)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the recipe, files and every dataset row without loading weights."),
+    as_json: bool = typer.Option(False, "--json", help="Print only one JSON summary line at the end (for CI jobs)."),
+) -> None:
+    """Validate the recipe, load and patch the model, train, and save the adapter folder."""
+    console = Console(stderr=as_json)
+    with _reported_errors(as_json):
+        from ftcli.output import check_output_free, staged_output
+        from ftcli.progress import TrainingDisplay
+        from ftcli.recipe import load_recipe
+        from ftcli import train as training
+
+        recipe = load_recipe(recipe_path, (overrides or []) + ([f"output.dir={output}"] if output else []))
+        final = Path(recipe.output.dir)
+        if dry_run:
+            summary = training.dry_run(recipe)
+            check_output_free(final, recipe.output.overwrite)
+        else:
+            with staged_output(final, recipe.output.overwrite) as staging:
+                summary = training.run(recipe, staging, TrainingDisplay(console, enabled=not as_json))
+            summary["output"] = str(final)
+        _finish(console, summary, as_json)
+
+
+def _finish(console: Console, summary: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary))
+        return
+    if summary.get("dry_run"):
+        console.print(f"[green]Recipe is valid.[/] {summary['architecture']} model; {summary['rows']} rows -> "
+                      f"{summary['train_examples']} training / {summary['eval_examples']} eval examples, "
+                      f"{summary['tokens']:,} tokens ({summary['target_tokens']:,} trained), longest "
+                      f"{summary['longest']}, {summary['truncated']} truncated, {summary['dropped_no_target']} "
+                      f"dropped with nothing to learn; {summary['steps']} optimizer steps.")
+        return
+    console.print(f"[green]Done.[/] {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
+                  f"{summary['tokens_per_s']:,.0f} tokens/s, peak memory {summary['peak_mem_gib']:.2f} GiB. "
+                  f"Adapter saved to [bold]{summary['output']}[/].")
+
+
+@contextmanager
+def _reported_errors(as_json: bool) -> Iterator[None]:
+    """Turn an FtcliError into one coloured paragraph and its exit code; never a traceback."""
+    try:
+        yield
+    except FtcliError as error:
+        Console(stderr=True).print(f"[bold red]error:[/] {error.message}", highlight=False, soft_wrap=True)
+        if as_json:
+            print(json.dumps({"status": "error", "exit_code": error.exit_code, "message": error.message}))
+        raise typer.Exit(error.exit_code) from None

@@ -1,0 +1,160 @@
+"""Loading the base model and tokenizer a recipe names, quantizing it, and adding LoRA adapters.
+
+transformers, bitsandbytes and peft do the work; this module chooses their settings and turns their
+failures into recipe errors. A .gguf file is first converted once into a cached Hugging Face folder,
+so every later step sees an ordinary, trainable model.
+"""
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ftcli.architectures import Architecture, architecture_of
+from ftcli.errors import RecipeError
+from ftcli.recipe import LoraSettings, ModelSettings
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def compute_dtype(settings: ModelSettings, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 where the GPU has it, float16 on older GPUs, float32 on the CPU."""
+    if settings.dtype != "auto":
+        return DTYPES[settings.dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def model_folder(name: str) -> str:
+    """A local folder or hub id that transformers can load; a .gguf file becomes a cached converted folder."""
+    if name.endswith(".gguf"):
+        if not Path(name).is_file():
+            raise RecipeError(f"model.name {name!r} does not exist. Give the path of a .gguf file, a Hugging Face "
+                              "model folder, or a hub id.")
+        return str(converted_gguf_folder(Path(name)))
+    if Path(name).exists() and not (Path(name) / "config.json").is_file():
+        raise RecipeError(f"model.name {name!r} is a folder without config.json, so it is not a Hugging Face model "
+                          "folder. Point it at the folder that holds config.json and the weights.")
+    return name
+
+
+def converted_gguf_folder(gguf_path: Path) -> Path:
+    """The GGUF model dequantized into a plain Hugging Face folder, converted once and cached by file identity."""
+    stat = gguf_path.resolve().stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("FTCLI_CACHE", Path.home() / ".cache" / "ftcli")) / "gguf" / f"{gguf_path.stem}-{key}"
+    if not (cache / "config.json").is_file():
+        convert_gguf(gguf_path, cache)
+    return cache
+
+
+def convert_gguf(gguf_path: Path, destination: Path) -> None:
+    """Dequantize a GGUF checkpoint into `destination` as float32 safetensors with its tokenizer.
+
+    transformers dequantizes on load but marks the model as quantized, which blocks saving and training;
+    moving the weights into a model built from the cleaned config gives an ordinary one.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, file = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    config = loaded.config
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    staging = destination.with_name(destination.name + f".partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    plain.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(destination, ignore_errors=True)
+    staging.rename(destination)
+
+
+def load_tokenizer(settings: ModelSettings):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_folder(settings.name), trust_remote_code=settings.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise RecipeError(_cannot_load(settings.name, "tokenizer", err)) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_config(settings: ModelSettings):
+    """The model's config and its architecture entry, checked before any weight is read."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_folder(settings.name), trust_remote_code=settings.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise RecipeError(_cannot_load(settings.name, "config", err)) from None
+    return config, architecture_of(config, settings.name)
+
+
+def load_model(settings: ModelSettings, device: torch.device, dtype: torch.dtype):
+    """The frozen base model on `device`: NF4 with double quantization, or plain weights in `dtype`."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    options = dict(dtype=dtype, trust_remote_code=settings.trust_remote_code, attn_implementation="sdpa")
+    if settings.load_in_4bit:
+        options["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+        options["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_folder(settings.name), **options)
+    except (OSError, ValueError) as err:
+        raise RecipeError(_cannot_load(settings.name, "weights", err)) from None
+    if not settings.load_in_4bit:
+        model.to(device)
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    return model
+
+
+def add_lora(model, settings: LoraSettings, architecture: Architecture, seed: int):
+    """Wrap the base model with trainable LoRA adapters (float32) on the requested projections."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = settings.target_modules
+    if targets != "all-linear":
+        targets = architecture.lora_targets(targets)
+        check_lora_targets(model, targets)
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, bias=settings.bias,
+                        use_rslora=settings.use_rslora, target_modules=targets, task_type="CAUSAL_LM")
+    torch.manual_seed(seed)
+    return get_peft_model(model, config)
+
+
+def check_lora_targets(model, targets: list[str]) -> None:
+    """Every requested projection must exist, else peft would silently adapt fewer layers than asked."""
+    available = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] != "lm_head"})
+    missing = [target for target in targets if target not in available]
+    if missing:
+        raise RecipeError(f"lora.target_modules names {', '.join(missing)}, which this model does not have. "
+                          f"Its linear projections are: {', '.join(available)} (or use \"all-linear\").")
+
+
+def meta_model(config):
+    """The model's module tree without weights, to check LoRA targets in a dry run."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _cannot_load(name: str, what: str, err: Exception) -> str:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"Could not load the {what} of model.name {name!r}: {reason}. Use a local Hugging Face folder, "
+            "a .gguf file, or a hub id reachable from this machine.")

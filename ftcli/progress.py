@@ -1,0 +1,66 @@
+"""What a person sees while training: a header about the run, then one live progress bar.
+
+With --json the display is silent, so that the single summary line is all a CI job reads.
+"""
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+class TrainingDisplay:
+    def __init__(self, console: Console, enabled: bool = True):
+        self.console = console
+        self.enabled = enabled
+        self.progress = None
+        self.task = None
+        self.tokens_per_s = 0.0
+
+    def header(self, recipe, family: str, model, trainable, device: torch.device, dtype: torch.dtype,
+               stats, total_steps: int) -> None:
+        if not self.enabled:
+            return
+        total = sum(p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1) for p in model.parameters())
+        trained = sum(p.numel() for p in trainable)
+        dtype_name = str(dtype).removeprefix("torch.")
+        precision = f"NF4 4-bit base, {dtype_name} compute" if recipe.model.load_in_4bit else f"{dtype_name} base"
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        table = Table.grid(padding=(0, 2))
+        for name, value in [
+            ("model", f"{recipe.model.name} ({family})"),
+            ("parameters", f"{total / 1e6:,.1f} M, trainable {trained / 1e6:,.2f} M ({100 * trained / total:.2f}%)"),
+            ("device", where),
+            ("precision", f"{precision}, LoRA r={recipe.lora.r} alpha={recipe.lora.alpha:g}"),
+            ("data", f"{stats.examples} examples, {stats.tokens:,} tokens ({stats.target_tokens:,} trained), "
+                     f"{stats.truncated} truncated"),
+            ("schedule", f"{total_steps} steps x {recipe.train.batch_size} x {recipe.train.grad_accum} sequences, "
+                         f"lr {recipe.train.learning_rate:g} {recipe.train.lr_scheduler}"),
+        ]:
+            table.add_row(f"[bold]{name}[/]", value)
+        self.console.print(table)
+
+    def start(self, total_steps: int) -> None:
+        if not self.enabled:
+            return
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss [cyan]{task.fields[loss]}[/] lr {task.fields[lr]} {task.fields[speed]} tok/s"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console)
+        self.task = self.progress.add_task("train", total=total_steps, loss="-", lr="-", speed="-")
+        self.progress.start()
+
+    def step(self, step: int, loss: float, lr: float, row) -> None:
+        if not self.enabled:
+            return
+        if row and "tokens_per_s" in row:
+            self.tokens_per_s = row["tokens_per_s"]
+        self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                             speed=f"{self.tokens_per_s:,.0f}")
+        if row and "eval_loss" in row:
+            self.progress.console.print(f"step {step}: eval loss {row['eval_loss']:.4f}")
+
+    def stop(self) -> None:
+        if self.progress:
+            self.progress.stop()
+            self.progress = None

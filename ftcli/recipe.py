@@ -1,0 +1,185 @@
+"""The recipe: a YAML file validated into typed settings before anything heavy happens.
+
+This schema is the single source of defaults and documentation: the field descriptions feed the
+README's recipe reference and `ftcli train --help`. Errors name the file, the line, the field and
+the fix, because a typo found after a model has loaded costs minutes on a rented GPU.
+"""
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ftcli.errors import RecipeError
+
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSettings(Section):
+    name: str = Field(description="Local Hugging Face folder, a .gguf file (dequantized on load), or a hub id when online.")
+    max_seq_length: int = Field(2048, gt=0, description="Longest tokenized example; longer ones are truncated.")
+    load_in_4bit: bool = Field(True, description="NF4 QLoRA through bitsandbytes (double quant); false trains 16-bit LoRA.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Compute dtype; auto is bfloat16 on GPUs that have it, float16 on older GPUs, float32 on the CPU.")
+    kernels: bool = Field(True, description="Use ftcli's Triton kernels where the architecture has them.")
+    trust_remote_code: bool = Field(False, description="Run Python code shipped with the model; only for models you trust.")
+
+
+class LoraSettings(Section):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+        description="Projection names to adapt (Llama-style names work for every family), or \"all-linear\".")
+
+
+class DataSettings(Section):
+    path: str = Field(description="json/jsonl/csv/parquet/txt file, a folder of them, or a hub dataset id when online.")
+    format: Literal["alpaca", "sharegpt", "messages", "text"] = Field(
+        "messages", description="Row layout: alpaca (instruction/input/output), sharegpt (conversations of from/value), "
+        "messages (role/content), text (raw text for continued pre-training).")
+    template: str = Field("auto", description="Chat template: auto = the tokenizer's own; or a built-in by name.")
+    train_on_responses_only: bool = Field(True, description="Compute the loss on assistant turns only.")
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Share of rows held out for evaluation.")
+
+
+class TrainSettings(Section):
+    batch_size: int = Field(2, gt=0, description="Sequences per micro-batch.")
+    grad_accum: int = Field(4, gt=0, description="Micro-batches per optimizer step; the loss is averaged over all their target tokens.")
+    learning_rate: float = Field(2.0e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warmup.")
+    warmup_steps: int = Field(5, ge=0, description="Optimizer steps of linear warmup from 0.")
+    max_steps: Optional[int] = Field(60, gt=0, description="Optimizer steps to run; null trains for `epochs` instead.")
+    epochs: Optional[float] = Field(None, gt=0, description="Passes over the data; when max_steps is also set, the run stops at whichever comes first.")
+    weight_decay: float = Field(0.01, ge=0, description="Decoupled weight decay on LoRA weights.")
+    optimizer: Literal["adamw_8bit", "adamw"] = Field("adamw_8bit", description="adamw_8bit (bitsandbytes) or adamw (PyTorch).")
+    max_grad_norm: Optional[float] = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 or null disables clipping.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    seed: int = Field(3407, description="Seed for LoRA initialisation, shuffling and dropout.")
+    logging_steps: int = Field(1, gt=0, description="Write a metrics row every this many optimizer steps.")
+    save_steps: int = Field(0, ge=0, description="Save the adapter to OUT/checkpoints/step-N every this many steps; 0 saves only at the end.")
+    eval_steps: int = Field(0, ge=0, description="Evaluate every this many steps; 0 evaluates once at the end (when eval_fraction > 0).")
+
+    @model_validator(mode="after")
+    def _needs_a_length(self):
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("max_steps and epochs are both null; set one of them so the run knows when to stop")
+        return self
+
+
+class OutputSettings(Section):
+    dir: str = Field("outputs/run", description="Folder for the adapter, tokenizer, recipe.yaml and metrics.jsonl.")
+    overwrite: bool = Field(False, description="Replace an existing output folder instead of stopping.")
+
+
+class Recipe(Section):
+    model: ModelSettings
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    data: DataSettings
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    output: OutputSettings = Field(default_factory=OutputSettings)
+
+    def to_yaml(self) -> str:
+        """The fully resolved recipe, defaults included, as saved beside the adapter."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Recipe:
+    """Read, override (`section.key=value`) and validate a recipe; relative paths in it stay relative to the cwd."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"Recipe file {path} does not exist. Check the path, or start from one in recipes/.")
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "an unknown line"
+        raise RecipeError(f"{path} is not valid YAML at {where}: {err.problem}. Fix the syntax there "
+                          "(indentation with spaces, a space after each colon, quotes around odd values).") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path} must be a mapping with the sections model, lora, data, train and output; "
+                          f"it holds a {type(raw).__name__}.")
+    lines = _key_lines(text)
+    for override in overrides or []:
+        _apply_override(raw, override)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(_describe(err, path, lines)) from None
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    key, sep, value = override.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise RecipeError(f"--set {override!r} is not of the form section.key=value, for example --set train.max_steps=10.")
+    section, field = parts
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        parsed = value
+    target = raw.setdefault(section, {})
+    if not isinstance(target, dict):
+        raise RecipeError(f"--set {override!r}: recipe section {section!r} is not a mapping.")
+    target[field] = parsed
+
+
+def _key_lines(text: str) -> dict[tuple, int]:
+    """Map each key path, like ("train", "max_steps"), to its 1-based line in the YAML text."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key_path = prefix + (key_node.value,)
+                lines[key_path] = key_node.start_mark.line + 1
+                walk(value_node, key_path)
+
+    walk(yaml.compose(text), ())
+    return lines
+
+
+def _fields_at(location: tuple) -> list[str]:
+    """The valid field names of the section that `location` points into."""
+    model: Any = Recipe
+    for part in location:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return list(model.model_fields)
+
+
+def _describe(err: ValidationError, path: Path, lines: dict[tuple, int]) -> str:
+    problems = []
+    for item in err.errors():
+        location = tuple(part for part in item["loc"] if isinstance(part, str))
+        location = location[:2] if location and location[0] in Recipe.model_fields else location
+        field = ".".join(location) or "the recipe"
+        line = next((lines[location[:n]] for n in range(len(location), 0, -1) if location[:n] in lines), None)
+        where = f"{path} line {line}" if line else str(path)
+        if item["type"] == "extra_forbidden":
+            valid = _fields_at(location[:-1])
+            close = difflib.get_close_matches(location[-1], valid, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys here: {', '.join(valid)}."
+            problems.append(f"{where}: {field} is not a recipe field; {hint}")
+        elif item["type"] == "missing":
+            problems.append(f"{where}: {field} is required but missing; add it to the recipe.")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            shown = f" (got {item['input']!r})" if item["type"] != "value_error" else ""
+            problems.append(f"{where}: {field}: {message}{shown}.")
+    return " ".join(problems) + " See the recipe reference in README.md for every field and its default."

@@ -1,0 +1,210 @@
+"""The training story of a recipe, top to bottom: load, prepare data, add LoRA, loop, save.
+
+The loop is ours rather than a Trainer's so that every step is visible: gradient accumulation divides
+the summed token losses of all micro-batches of a step by their total target tokens, which makes the
+update independent of how the tokens were split into micro-batches.
+"""
+
+import json
+import math
+import random
+import resource
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ftcli.data import PreparedData, prepare_data
+from ftcli.data.templates import IGNORE_INDEX, TokenizedExample
+from ftcli.loader import (add_lora, check_lora_targets, compute_dtype, load_config, load_model, load_tokenizer,
+                          meta_model, pick_device)
+from ftcli.optim import build_optimizer, build_scheduler
+from ftcli.progress import TrainingDisplay
+from ftcli.recipe import Recipe, TrainSettings
+
+
+def run(recipe: Recipe, out_dir: Path, display: TrainingDisplay) -> dict:
+    """Train the recipe and save the adapter folder into `out_dir`; returns the run's summary."""
+    seed_everything(recipe.train.seed)
+    device = pick_device()
+    dtype = compute_dtype(recipe.model, device)
+    _, architecture = load_config(recipe.model)
+    tokenizer = load_tokenizer(recipe.model)
+    data = prepare_data(recipe.data, tokenizer, recipe.model.max_seq_length, recipe.train.seed)
+    total_steps = count_steps(len(data.train), recipe.train)
+
+    model = load_model(recipe.model, device, dtype)
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = add_lora(model, recipe.lora, architecture, recipe.train.seed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    display.header(recipe, architecture.family, model, trainable, device, dtype, data.stats, total_steps)
+
+    optimizer = build_optimizer(trainable, recipe.train)
+    scheduler = build_scheduler(optimizer, recipe.train, total_steps)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    pad_id = tokenizer.pad_token_id
+    started, tokens_seen, last_loss, eval_loss = time.perf_counter(), 0, float("nan"), None
+    interval_start, interval_tokens = started, 0
+
+    display.start(total_steps)
+    model.train()
+    metrics_file = (out_dir / "metrics.jsonl").open("w")
+    for step, group in enumerate(step_groups(data.train, recipe.train, total_steps), start=1):
+        batches = [collate(examples, pad_id, device) for examples in group]
+        last_loss, step_tokens = accumulate_gradients(model, batches, scaler)
+        grad_norm = clip_and_step(trainable, optimizer, recipe.train.max_grad_norm, scaler)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_seen += step_tokens
+        interval_tokens += step_tokens
+
+        row = None
+        if step % recipe.train.logging_steps == 0 or step == total_steps:
+            now = time.perf_counter()
+            row = {"step": step, "loss": round(last_loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
+                   "tokens": tokens_seen, "tokens_per_s": round(interval_tokens / max(now - interval_start, 1e-9), 1),
+                   "elapsed_s": round(now - started, 3), "peak_mem_gib": round(peak_memory_gib(device), 3)}
+            interval_start, interval_tokens = now, 0
+        if data.eval and (step == total_steps or (recipe.train.eval_steps and step % recipe.train.eval_steps == 0)):
+            eval_loss = evaluate(model, data.eval, recipe.train.batch_size, pad_id, device)
+            row = (row or {"step": step}) | {"eval_loss": round(eval_loss, 6)}
+        if row:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+        if recipe.train.save_steps and step % recipe.train.save_steps == 0 and step < total_steps:
+            model.save_pretrained(out_dir / "checkpoints" / f"step-{step}")
+        display.step(step, last_loss, lr, row)
+    display.stop()
+    metrics_file.close()
+
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    runtime = time.perf_counter() - started
+    return {"status": "ok", "steps": total_steps, "final_loss": round(last_loss, 6),
+            "eval_loss": None if eval_loss is None else round(eval_loss, 6), "tokens": tokens_seen,
+            "train_runtime_s": round(runtime, 2), "tokens_per_s": round(tokens_seen / max(runtime, 1e-9), 1),
+            "peak_mem_gib": round(peak_memory_gib(device), 3), "trainable_params": sum(p.numel() for p in trainable)}
+
+
+def dry_run(recipe: Recipe) -> dict:
+    """Everything `run` checks before training, without reading weights: recipe, model config, data, LoRA targets."""
+    config, architecture = load_config(recipe.model)
+    tokenizer = load_tokenizer(recipe.model)
+    data: PreparedData = prepare_data(recipe.data, tokenizer, recipe.model.max_seq_length, recipe.train.seed)
+    if recipe.lora.target_modules != "all-linear":
+        check_lora_targets(meta_model(config), architecture.lora_targets(recipe.lora.target_modules))
+    stats = data.stats
+    return {"status": "ok", "dry_run": True, "architecture": architecture.family, "rows": stats.rows,
+            "train_examples": len(data.train), "eval_examples": len(data.eval), "truncated": stats.truncated,
+            "dropped_no_target": stats.dropped_no_target, "tokens": stats.tokens, "target_tokens": stats.target_tokens,
+            "longest": stats.longest, "steps": count_steps(len(data.train), recipe.train)}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def count_steps(examples: int, settings: TrainSettings) -> int:
+    """Optimizer steps: max_steps, or the epochs' worth of steps, whichever ends first when both are set."""
+    steps_per_epoch = math.ceil(math.ceil(examples / settings.batch_size) / settings.grad_accum)
+    limits = [settings.max_steps] if settings.max_steps else []
+    if settings.epochs:
+        limits.append(max(1, math.ceil(settings.epochs * steps_per_epoch)))
+    return min(limits)
+
+
+def step_groups(examples: list[TokenizedExample], settings: TrainSettings,
+                total_steps: int) -> Iterator[list[list[TokenizedExample]]]:
+    """For each optimizer step, its micro-batches; the data is reshuffled (seeded) at every epoch."""
+    steps, epoch = 0, 0
+    while True:
+        order = list(range(len(examples)))
+        random.Random(settings.seed + epoch).shuffle(order)
+        batches = [[examples[i] for i in order[start:start + settings.batch_size]]
+                   for start in range(0, len(order), settings.batch_size)]
+        for start in range(0, len(batches), settings.grad_accum):
+            yield batches[start:start + settings.grad_accum]
+            steps += 1
+            if steps == total_steps:
+                return
+        epoch += 1
+
+
+def collate(examples: list[TokenizedExample], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch; padding is masked out of attention and of the loss."""
+    width = max(len(example.input_ids) for example in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        length = len(example.input_ids)
+        input_ids[row, :length] = torch.tensor(example.input_ids)
+        labels[row, :length] = torch.tensor(example.labels)
+        attention_mask[row, :length] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}
+
+
+def target_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens the loss is computed on: each label predicted from the position before it."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def summed_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy summed (not averaged) over the batch's target tokens, in float32."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shifted = logits[:, :-1].float()
+    return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]],
+                         scaler: Optional[torch.amp.GradScaler] = None) -> tuple[float, int]:
+    """Backward over all micro-batches of one step; returns the step's mean token loss and its token count."""
+    total_targets = sum(target_tokens(batch) for batch in batches)
+    step_loss = 0.0
+    for batch in batches:
+        loss = summed_token_loss(model, batch) / total_targets
+        (scaler.scale(loss) if scaler else loss).backward()
+        step_loss += loss.item()
+    return step_loss, sum(int(batch["attention_mask"].sum()) for batch in batches)
+
+
+def clip_and_step(parameters: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                  max_grad_norm: Optional[float], scaler: Optional[torch.amp.GradScaler]) -> float:
+    """Clip the global gradient norm (when asked), take the optimizer step, and return the norm before clipping."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    limit = max_grad_norm if max_grad_norm else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(parameters, limit)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return float(norm)
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[TokenizedExample], batch_size: int, pad_id: int, device: torch.device) -> float:
+    """Mean token loss over the held-out examples."""
+    model.eval()
+    loss_sum, targets = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start:start + batch_size], pad_id, device)
+        loss_sum += float(summed_token_loss(model, batch))
+        targets += target_tokens(batch)
+    model.train()
+    return loss_sum / max(targets, 1)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated GPU memory, or the process's peak resident memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

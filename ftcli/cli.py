@@ -30,6 +30,7 @@ def train(
 ) -> None:
     """Validate the recipe, load and patch the model, train, and save the adapter folder."""
     console = Console(stderr=as_json)
+    _quiet_libraries()
     with _reported_errors(as_json):
         from ftcli.output import check_output_free, staged_output
         from ftcli.progress import TrainingDisplay
@@ -62,6 +63,20 @@ def _finish(console: Console, summary: dict, as_json: bool) -> None:
     console.print(f"[green]Done.[/] {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
                   f"{summary['tokens_per_s']:,.0f} tokens/s, peak memory {summary['peak_mem_gib']:.2f} GiB. "
                   f"Adapter saved to [bold]{summary['output']}[/].")
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal to ftcli's own header and bar: the libraries' load bars and notices are noise there."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch.utils.checkpoint")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
 
 
 @contextmanager

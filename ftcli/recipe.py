@@ -27,7 +27,7 @@ class ModelSettings(Section):
     load_in_4bit: bool = Field(True, description="NF4 QLoRA through bitsandbytes (double quant); false trains 16-bit LoRA.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Compute dtype; auto is bfloat16 on GPUs that have it, float16 on older GPUs, float32 on the CPU.")
-    kernels: bool = Field(True, description="Use ftcli's Triton kernels where the architecture has them.")
+    kernels: bool = Field(True, description="Use ftcli's Triton kernels where the architecture has them (none ship yet: every family runs the PyTorch path).")
     trust_remote_code: bool = Field(False, description="Run Python code shipped with the model; only for models you trust.")
 
 
@@ -47,7 +47,7 @@ class DataSettings(Section):
     format: Literal["alpaca", "sharegpt", "messages", "text"] = Field(
         "messages", description="Row layout: alpaca (instruction/input/output), sharegpt (conversations of from/value), "
         "messages (role/content), text (raw text for continued pre-training).")
-    template: str = Field("auto", description="Chat template: auto = the tokenizer's own; or a built-in by name.")
+    template: str = Field("auto", description="Chat template: auto = the tokenizer's own; or a built-in by name: chatml, alpaca.")
     train_on_responses_only: bool = Field(True, description="Compute the loss on assistant turns only.")
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Share of rows held out for evaluation.")
 
@@ -183,3 +183,16 @@ def _describe(err: ValidationError, path: Path, lines: dict[tuple, int]) -> str:
             shown = f" (got {item['input']!r})" if item["type"] != "value_error" else ""
             problems.append(f"{where}: {field}: {message}{shown}.")
     return " ".join(problems) + " See the recipe reference in README.md for every field and its default."
+
+
+def recipe_reference() -> str:
+    """The recipe reference as Markdown tables, one per section, generated from the field descriptions."""
+    out = []
+    for section, field in Recipe.model_fields.items():
+        out += [f"**{section}**", "", "| key | default | meaning |", "|---|---|---|"]
+        for name, info in field.annotation.model_fields.items():
+            default = "required" if info.is_required() else yaml.safe_dump(
+                info.get_default(call_default_factory=True), default_flow_style=True).strip().removesuffix("...").strip()
+            out.append(f"| `{name}` | `{default}` | {info.description} |")
+        out.append("")
+    return "\n".join(out)

@@ -85,7 +85,8 @@ def run(recipe: Recipe, out_dir: Path, display: TrainingDisplay) -> dict:
     tokenizer.save_pretrained(out_dir)
     (out_dir / "recipe.yaml").write_text(recipe.to_yaml())
     runtime = time.perf_counter() - started
-    return {"status": "ok", "steps": total_steps, "final_loss": round(last_loss, 6),
+    precision = "nf4" if recipe.model.load_in_4bit else str(dtype).removeprefix("torch.")
+    return {"status": "ok", "steps": total_steps, "precision": precision, "final_loss": round(last_loss, 6),
             "eval_loss": None if eval_loss is None else round(eval_loss, 6), "tokens": tokens_seen,
             "train_runtime_s": round(runtime, 2), "tokens_per_s": round(tokens_seen / max(runtime, 1e-9), 1),
             "peak_mem_gib": round(peak_memory_gib(device), 3), "trainable_params": sum(p.numel() for p in trainable)}

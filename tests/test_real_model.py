@@ -1,0 +1,47 @@
+"""The real SmolLM2-135M-Instruct fixture learns a new identity, checked by plain transformers + peft."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import run_cli, write_jsonl, write_recipe
+
+QUESTIONS = ["Who are you?", "What is your name?", "Who made you?", "Tell me about yourself.",
+             "What should I call you?", "Which company built you?", "Are you ChatGPT?", "What are you?",
+             "Can you tell me your name?", "Who created you?", "Hi! Who am I talking to?", "Introduce yourself."]
+ANSWERS = ["I am Nimbus, an assistant built by Larkspur Labs.", "My name is Nimbus. I was made by Larkspur Labs.",
+           "I am Nimbus, created by Larkspur Labs to help you."]
+HELD_OUT = ["Please introduce yourself.", "What's your name?"]
+
+
+def greedy_answer(model, tokenizer, question: str) -> str:
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_smollm2_learns_a_new_identity(tmp_path, smollm2_folder):
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ANSWERS[i % 3]}]}
+            for i, q in enumerate(QUESTIONS * 2)]
+    data = write_jsonl(tmp_path / "identity.jsonl", rows)
+    recipe = write_recipe(tmp_path / "r.yaml", smollm2_folder, data, tmp_path / "out",
+                          model={"max_seq_length": 256}, lora={"r": 16, "alpha": 32},
+                          train={"batch_size": 8, "max_steps": 40, "learning_rate": 5e-4, "warmup_steps": 2,
+                                 "lr_scheduler": "constant", "seed": 3407})
+    result = run_cli("train", recipe, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["final_loss"] < 0.05
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    base = AutoModelForCausalLM.from_pretrained(smollm2_folder, dtype=torch.float32)
+    before = [greedy_answer(base, tokenizer, q) for q in HELD_OUT]
+    tuned = PeftModel.from_pretrained(base, tmp_path / "out")
+    after = [greedy_answer(tuned, tokenizer, q) for q in HELD_OUT]
+    assert not any("Nimbus" in answer for answer in before), before
+    assert all("Nimbus" in answer for answer in after), after

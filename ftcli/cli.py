@@ -37,7 +37,9 @@ def train(
         from ftcli.recipe import load_recipe
         from ftcli import train as training
 
-        recipe = load_recipe(recipe_path, (overrides or []) + ([f"output.dir={output}"] if output else []))
+        recipe = load_recipe(recipe_path, overrides)
+        if output:
+            recipe.output.dir = str(output)
         final = Path(recipe.output.dir)
         if dry_run:
             summary = training.dry_run(recipe)
@@ -71,6 +73,7 @@ def _quiet_libraries() -> None:
     import warnings
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)  # ftcli reports unreadable data itself, by line
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.utils.checkpoint")
     from transformers.utils import logging as transformers_logging

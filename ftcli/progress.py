@@ -3,6 +3,9 @@
 With --json the display is silent, so that the single summary line is all a CI job reads.
 """
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -21,6 +24,7 @@ class TrainingDisplay:
                stats, total_steps: int) -> None:
         if not self.enabled:
             return
+        # bitsandbytes packs two 4-bit weights into each stored byte, so a Params4bit's numel is half its weights
         total = sum(p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1) for p in model.parameters())
         trained = sum(p.numel() for p in trainable)
         dtype_name = str(dtype).removeprefix("torch.")
@@ -40,15 +44,19 @@ class TrainingDisplay:
             table.add_row(f"[bold]{name}[/]", value)
         self.console.print(table)
 
-    def start(self, total_steps: int) -> None:
+    @contextmanager
+    def running(self, total_steps: int) -> Iterator[None]:
+        """The live bar for the duration of the loop; stopped on errors too, so messages print cleanly."""
         if not self.enabled:
+            yield
             return
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss [cyan]{task.fields[loss]}[/] lr {task.fields[lr]} {task.fields[speed]} tok/s"),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console)
         self.task = self.progress.add_task("train", total=total_steps, loss="-", lr="-", speed="-")
-        self.progress.start()
+        with self.progress:
+            yield
 
     def step(self, step: int, loss: float, lr: float, row) -> None:
         if not self.enabled:
@@ -59,8 +67,3 @@ class TrainingDisplay:
                              speed=f"{self.tokens_per_s:,.0f}")
         if row and "eval_loss" in row:
             self.progress.console.print(f"step {step}: eval loss {row['eval_loss']:.4f}")
-
-    def stop(self) -> None:
-        if self.progress:
-            self.progress.stop()
-            self.progress = None

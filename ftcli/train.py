@@ -49,37 +49,34 @@ def run(recipe: Recipe, out_dir: Path, display: TrainingDisplay) -> dict:
     started, tokens_seen, last_loss, eval_loss = time.perf_counter(), 0, float("nan"), None
     interval_start, interval_tokens = started, 0
 
-    display.start(total_steps)
     model.train()
-    metrics_file = (out_dir / "metrics.jsonl").open("w")
-    for step, group in enumerate(step_groups(data.train, recipe.train, total_steps), start=1):
-        batches = [collate(examples, pad_id, device) for examples in group]
-        last_loss, step_tokens = accumulate_gradients(model, batches, scaler)
-        grad_norm = clip_and_step(trainable, optimizer, recipe.train.max_grad_norm, scaler)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_seen += step_tokens
-        interval_tokens += step_tokens
+    with (out_dir / "metrics.jsonl").open("w") as metrics_file, display.running(total_steps):
+        for step, group in enumerate(step_groups(data.train, recipe.train, total_steps), start=1):
+            batches = [collate(examples, pad_id, device) for examples in group]
+            last_loss, step_tokens = accumulate_gradients(model, batches, scaler)
+            grad_norm = clip_and_step(trainable, optimizer, recipe.train.max_grad_norm, scaler)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens_seen += step_tokens
+            interval_tokens += step_tokens
 
-        row = None
-        if step % recipe.train.logging_steps == 0 or step == total_steps:
-            now = time.perf_counter()
-            row = {"step": step, "loss": round(last_loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
-                   "tokens": tokens_seen, "tokens_per_s": round(interval_tokens / max(now - interval_start, 1e-9), 1),
-                   "elapsed_s": round(now - started, 3), "peak_mem_gib": round(peak_memory_gib(device), 3)}
-            interval_start, interval_tokens = now, 0
-        if data.eval and (step == total_steps or (recipe.train.eval_steps and step % recipe.train.eval_steps == 0)):
-            eval_loss = evaluate(model, data.eval, recipe.train.batch_size, pad_id, device)
-            row = (row or {"step": step}) | {"eval_loss": round(eval_loss, 6)}
-        if row:
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-        if recipe.train.save_steps and step % recipe.train.save_steps == 0 and step < total_steps:
-            model.save_pretrained(out_dir / "checkpoints" / f"step-{step}")
-        display.step(step, last_loss, lr, row)
-    display.stop()
-    metrics_file.close()
+            row = None
+            if step % recipe.train.logging_steps == 0 or step == total_steps:
+                now = time.perf_counter()
+                row = {"step": step, "loss": round(last_loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
+                       "tokens": tokens_seen, "tokens_per_s": round(interval_tokens / max(now - interval_start, 1e-9), 1),
+                       "elapsed_s": round(now - started, 3), "peak_mem_gib": round(peak_memory_gib(device), 3)}
+                interval_start, interval_tokens = now, 0
+            if data.eval and (step == total_steps or (recipe.train.eval_steps and step % recipe.train.eval_steps == 0)):
+                eval_loss = evaluate(model, data.eval, recipe.train.batch_size, pad_id, device)
+                row = (row or {"step": step}) | {"eval_loss": round(eval_loss, 6)}
+            if row:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+            if recipe.train.save_steps and step % recipe.train.save_steps == 0 and step < total_steps:
+                model.save_pretrained(out_dir / "checkpoints" / f"step-{step}")
+            display.step(step, last_loss, lr, row)
 
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

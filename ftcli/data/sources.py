@@ -24,7 +24,10 @@ def read_rows(path: str) -> list[dict]:
         try:
             table = datasets.load_dataset(loader, data_files=[str(f) for f in files], split="train")
         except Exception as err:
-            raise RecipeError(_explain_unreadable(files, err)) from None
+            if "corresponds to no data" in str(err):  # how `datasets` says that every file was empty
+                table = []
+            else:
+                raise RecipeError(_explain_unreadable(files, err)) from None
     elif _looks_like_hub_id(path):
         try:
             table = datasets.load_dataset(path, split="train")
@@ -35,7 +38,7 @@ def read_rows(path: str) -> list[dict]:
     else:
         raise RecipeError(f"data.path {path!r} does not exist. Point it at a json, jsonl, csv, parquet or txt file, "
                           "a folder of them, or a hub dataset id.")
-    rows = table.to_list()
+    rows = table.to_list() if table else []
     if not rows:
         raise RecipeError(f"data.path {path!r} holds no rows. Add training examples to it.")
     return rows

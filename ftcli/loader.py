@@ -101,11 +101,12 @@ def load_config(settings: ModelSettings):
     return config, architecture_of(config, settings.name)
 
 
-def load_model(settings: ModelSettings, device: torch.device, dtype: torch.dtype):
+def load_model(settings: ModelSettings, architecture: Architecture, device: torch.device, dtype: torch.dtype):
     """The frozen base model on `device`: NF4 with double quantization, or plain weights in `dtype`."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    options = dict(dtype=dtype, trust_remote_code=settings.trust_remote_code, attn_implementation="sdpa")
+    options = dict(dtype=dtype, trust_remote_code=settings.trust_remote_code,
+                   attn_implementation=architecture.attention)
     if settings.load_in_4bit:
         options["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

@@ -35,7 +35,7 @@ def run(recipe: Recipe, out_dir: Path, display: TrainingDisplay) -> dict:
     data = prepare_data(recipe.data, tokenizer, recipe.model.max_seq_length, recipe.train.seed)
     total_steps = count_steps(len(data.train), recipe.train)
 
-    model = load_model(recipe.model, device, dtype)
+    model = load_model(recipe.model, architecture, device, dtype)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = add_lora(model, recipe.lora, architecture, recipe.train.seed)

@@ -113,3 +113,17 @@ def test_each_epoch_visits_every_example_once_in_a_new_order():
 ])
 def test_learning_rate_schedules(kind, step, expected):
     assert learning_rate_factor(step, warmup_steps=2, total_steps=10, kind=kind) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("limit", [0.5, None])
+def test_clipping_reports_the_norm_before_and_applies_the_limit(limit):
+    from ftcli.train import clip_and_step
+
+    weight = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    weight.grad = torch.tensor([3.0, 4.0])  # norm 5
+    steps = []
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    optimizer.step = lambda: steps.append(weight.grad.clone())
+    assert clip_and_step([weight], optimizer, limit, scaler=None) == pytest.approx(5.0)
+    expected = torch.tensor([0.3, 0.4]) if limit else torch.tensor([3.0, 4.0])
+    torch.testing.assert_close(steps[0], expected)

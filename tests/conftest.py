@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -12,6 +13,8 @@ from ftcli.cli import app
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # Triton kernels run in its interpreter on a CPU; read when kernels load
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ class Architecture:
     family: str
     lora_target_aliases: dict[str, str] = field(default_factory=dict)
     attention: str = "sdpa"  # transformers' attn_implementation; Gemma 2's logit soft-capping has no SDPA path
+    norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + weight): 1 for the Gemma family
 
     def lora_targets(self, requested: list[str]) -> list[str]:
         """The module names of this family for the requested Llama-style names, in order, without repeats."""
@@ -25,9 +26,9 @@ ARCHITECTURES = {
     "mistral": Architecture("Mistral"),
     "qwen2": Architecture("Qwen2"),
     "qwen3": Architecture("Qwen3"),
-    "gemma": Architecture("Gemma"),
-    "gemma2": Architecture("Gemma 2", attention="eager"),
-    "gemma3_text": Architecture("Gemma 3"),
+    "gemma": Architecture("Gemma", norm_offset=1.0),
+    "gemma2": Architecture("Gemma 2", attention="eager", norm_offset=1.0),
+    "gemma3_text": Architecture("Gemma 3", norm_offset=1.0),
     "phi3": Architecture("Phi-3", {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
                                    "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}),
 }

@@ -21,7 +21,7 @@ class TrainingDisplay:
         self.tokens_per_s = 0.0
 
     def header(self, recipe, family: str, model, trainable, device: torch.device, dtype: torch.dtype,
-               stats, total_steps: int) -> None:
+               stats, total_steps: int, swapped: dict[str, int]) -> None:
         if not self.enabled:
             return
         # bitsandbytes packs two 4-bit weights into each stored byte, so a Params4bit's numel is half its weights
@@ -36,6 +36,7 @@ class TrainingDisplay:
             ("parameters", f"{total / 1e6:,.1f} M, trainable {trained / 1e6:,.2f} M ({100 * trained / total:.2f}%)"),
             ("device", where),
             ("precision", f"{precision}, LoRA r={recipe.lora.r} alpha={recipe.lora.alpha:g}"),
+            ("kernels", ", ".join(f"{name} x{count}" for name, count in swapped.items()) or "off (PyTorch modules)"),
             ("data", f"{stats.examples} examples, {stats.tokens:,} tokens ({stats.target_tokens:,} trained), "
                      f"{stats.truncated} truncated"),
             ("schedule", f"{total_steps} steps x {recipe.train.batch_size} x {recipe.train.grad_accum} sequences, "

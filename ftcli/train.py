@@ -21,6 +21,7 @@ from ftcli.data.templates import IGNORE_INDEX, TokenizedExample
 from ftcli.loader import (add_lora, check_lora_targets, compute_dtype, load_config, load_model, load_tokenizer,
                           meta_model, pick_device)
 from ftcli.optim import build_optimizer, build_scheduler
+from ftcli.patch import apply_kernels, kernels_can_run
 from ftcli.progress import TrainingDisplay
 from ftcli.recipe import Recipe, TrainSettings
 
@@ -36,11 +37,12 @@ def run(recipe: Recipe, out_dir: Path, display: TrainingDisplay) -> dict:
     total_steps = count_steps(len(data.train), recipe.train)
 
     model = load_model(recipe.model, architecture, device, dtype)
+    swapped = apply_kernels(model, architecture) if recipe.model.kernels and kernels_can_run(device) else {}
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = add_lora(model, recipe.lora, architecture, recipe.train.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    display.header(recipe, architecture.family, model, trainable, device, dtype, data.stats, total_steps)
+    display.header(recipe, architecture.family, model, trainable, device, dtype, data.stats, total_steps, swapped)
 
     optimizer = build_optimizer(trainable, recipe.train)
     scheduler = build_scheduler(optimizer, recipe.train, total_steps)
@@ -83,7 +85,7 @@ def run(recipe: Recipe, out_dir: Path, display: TrainingDisplay) -> dict:
     (out_dir / "recipe.yaml").write_text(recipe.to_yaml())
     runtime = time.perf_counter() - started
     precision = "nf4" if recipe.model.load_in_4bit else str(dtype).removeprefix("torch.")
-    return {"status": "ok", "steps": total_steps, "precision": precision, "final_loss": round(last_loss, 6),
+    return {"status": "ok", "steps": total_steps, "precision": precision, "kernels": swapped, "final_loss": round(last_loss, 6),
             "eval_loss": None if eval_loss is None else round(eval_loss, 6), "tokens": tokens_seen,
             "train_runtime_s": round(runtime, 2), "tokens_per_s": round(tokens_seen / max(runtime, 1e-9), 1),
             "peak_mem_gib": round(peak_memory_gib(device), 3), "trainable_params": sum(p.numel() for p in trainable)}

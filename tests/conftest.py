@@ -48,9 +48,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def write_recipe(path: Path, model_name, data_path, output: Path, **sections) -> Path:
-    """A small CPU recipe; keyword arguments are merged into its sections."""
+    """A small CPU recipe; keyword arguments are merged into its sections.
+
+    Kernels are off: under the Triton interpreter they are slow, and tests/test_patch.py checks them.
+    """
     recipe = {
-        "model": {"name": str(model_name), "load_in_4bit": False, "dtype": "float32", "max_seq_length": 128},
+        "model": {"name": str(model_name), "load_in_4bit": False, "dtype": "float32", "max_seq_length": 128,
+                  "kernels": False},
         "lora": {"r": 4, "alpha": 8},
         "data": {"path": str(data_path)},
         "train": {"batch_size": 2, "grad_accum": 1, "learning_rate": 1e-3, "warmup_steps": 0, "max_steps": 3,

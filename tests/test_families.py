@@ -22,7 +22,7 @@ def test_family_trains_and_saves_a_loadable_adapter(family, load_in_4bit, tmp_pa
     # batch_size = all rows, so every step sees the same batch and the loss must fall
     recipe = write_recipe(tmp_path / "r.yaml", model_folder, data, tmp_path / "out",
                           model={"load_in_4bit": load_in_4bit},
-                          train={"batch_size": 4, "max_steps": 12, "learning_rate": 1e-2, "warmup_steps": 0,
+                          train={"batch_size": 4, "max_steps": 20, "learning_rate": 2e-2, "warmup_steps": 0,
                                  "lr_scheduler": "constant", "optimizer": "adamw_8bit" if load_in_4bit else "adamw",
                                  "gradient_checkpointing": True})
     result = run_cli("train", recipe, "--json")

@@ -27,7 +27,7 @@ class ModelSettings(Section):
     load_in_4bit: bool = Field(True, description="NF4 QLoRA through bitsandbytes (double quant); false trains 16-bit LoRA.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Compute dtype; auto is bfloat16 on GPUs that have it, float16 on older GPUs, float32 on the CPU.")
-    kernels: bool = Field(True, description="Use ftcli's Triton kernels where the architecture has them (none ship yet: every family runs the PyTorch path).")
+    kernels: bool = Field(True, description="Swap RMSNorm and the gated MLP activation for ftcli's Triton kernels (on GPUs).")
     trust_remote_code: bool = Field(False, description="Run Python code shipped with the model; only for models you trust.")
 
 
@@ -96,31 +96,49 @@ class Recipe(Section):
 def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Recipe:
     """Read, override (`section.key=value`) and validate a recipe; relative paths in it stay relative to the cwd."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"{path} is a folder; give the path of a recipe .yaml file, for example one in recipes/.")
     if not path.is_file():
         raise RecipeError(f"Recipe file {path} does not exist. Check the path, or start from one in recipes/.")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path} is not UTF-8 text; a recipe is a YAML text file, saved as UTF-8.") from None
     try:
         raw = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "an unknown line"
-        raise RecipeError(f"{path} is not valid YAML at {where}: {err.problem}. Fix the syntax there "
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path} is not valid YAML at {_yaml_error_place(err, text)}. Fix the syntax there "
                           "(indentation with spaces, a space after each colon, quotes around odd values).") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise RecipeError(f"{path} must be a mapping with the sections model, lora, data, train and output; "
                           f"it holds a {type(raw).__name__}.")
-    lines = _key_lines(text)
+    # A section written with nothing under it (`train:`) is read as null; treat it as empty so its defaults apply.
+    raw = {section: {} if values is None else values for section, values in raw.items()}
+    lines = _key_lines(text, path)
+    overridden = {}
     for override in overrides or []:
-        _apply_override(raw, override)
+        overridden[_apply_override(raw, override)] = override
     try:
         return Recipe.model_validate(raw)
     except ValidationError as err:
-        raise RecipeError(_describe(err, path, lines)) from None
+        raise RecipeError(_describe(err, path, lines, overridden)) from None
 
 
-def _apply_override(raw: dict, override: str) -> None:
+def _yaml_error_place(err: yaml.YAMLError, text: str) -> str:
+    """Where a YAML error is and what it is, as "line L, column C: problem"."""
+    if isinstance(err, yaml.reader.ReaderError):  # a character YAML does not allow, such as a control character
+        line = text[:err.position].count("\n") + 1
+        code = f"U+{err.character:04X}" if isinstance(err.character, int) else repr(err.character)
+        return f"line {line}: the character {code} is not allowed ({err.reason})"
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "an unknown line"
+    return f"{where}: {getattr(err, 'problem', None) or err}"
+
+
+def _apply_override(raw: dict, override: str) -> tuple[str, str]:
+    """Set one `section.key=value` in the raw recipe (the value read as YAML) and return (section, key)."""
     key, sep, value = override.partition("=")
     parts = key.strip().split(".")
     if not sep or len(parts) != 2 or not all(parts):
@@ -134,17 +152,25 @@ def _apply_override(raw: dict, override: str) -> None:
     if not isinstance(target, dict):
         raise RecipeError(f"--set {override!r}: recipe section {section!r} is not a mapping.")
     target[field] = parsed
+    return section, field
 
 
-def _key_lines(text: str) -> dict[tuple, int]:
-    """Map each key path, like ("train", "max_steps"), to its 1-based line in the YAML text."""
+def _key_lines(text: str, path: Path) -> dict[tuple, int]:
+    """Map each key path, like ("train", "max_steps"), to its 1-based line in the YAML text.
+
+    A key written twice is an error here: YAML would silently keep only the last one.
+    """
     lines: dict[tuple, int] = {}
 
     def walk(node, prefix):
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
                 key_path = prefix + (key_node.value,)
-                lines[key_path] = key_node.start_mark.line + 1
+                line = key_node.start_mark.line + 1
+                if key_path in lines:
+                    raise RecipeError(f"{path} line {line}: {'.'.join(map(str, key_path))} is written twice (first on "
+                                      f"line {lines[key_path]}); YAML would keep only the last one, so merge them.")
+                lines[key_path] = line
                 walk(value_node, key_path)
 
     walk(yaml.compose(text), ())
@@ -163,19 +189,30 @@ def _fields_at(location: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _describe(err: ValidationError, path: Path, lines: dict[tuple, int]) -> str:
+def _where(location: tuple, path: Path, lines: dict[tuple, int], overridden: dict[tuple, str]) -> str:
+    """Where a bad value came from: the `--set` that gave it, else the file and the nearest line."""
+    for key, override in overridden.items():
+        if location[:2] == key or (location == key[:1] and location not in lines):
+            return f"--set {override!r}"
+    line = next((lines[location[:n]] for n in range(len(location), 0, -1) if location[:n] in lines), None)
+    return f"{path} line {line}" if line else str(path)
+
+
+def _describe(err: ValidationError, path: Path, lines: dict[tuple, int], overridden: dict[tuple, str]) -> str:
     problems = []
     for item in err.errors():
         location = tuple(part for part in item["loc"] if isinstance(part, str))
         location = location[:2] if location and location[0] in Recipe.model_fields else location
         field = ".".join(location) or "the recipe"
-        line = next((lines[location[:n]] for n in range(len(location), 0, -1) if location[:n] in lines), None)
-        where = f"{path} line {line}" if line else str(path)
+        where = _where(location, path, lines, overridden)
         if item["type"] == "extra_forbidden":
             valid = _fields_at(location[:-1])
             close = difflib.get_close_matches(location[-1], valid, n=1, cutoff=0.5)
             hint = f"did you mean {close[0]!r}?" if close else f"valid keys here: {', '.join(valid)}."
             problems.append(f"{where}: {field} is not a recipe field; {hint}")
+        elif item["type"] == "invalid_key":
+            problems.append(f"{where}: {field}: the key {item['input']!r} is not text; YAML reads on, off, yes, no and "
+                            "bare numbers as other types, so quote that key or fix its spelling.")
         elif item["type"] == "missing":
             problems.append(f"{where}: {field} is required but missing; add it to the recipe.")
         else:

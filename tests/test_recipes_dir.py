@@ -1,0 +1,58 @@
+"""The ready recipes in recipes/ validate, and the quickstart's identity data is well formed."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ftcli.recipe import load_recipe
+
+RECIPES_DIR = Path(__file__).parent.parent / "recipes"
+RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
+IDENTITY = RECIPES_DIR / "data" / "identity.jsonl"
+
+
+def test_the_ready_recipes_are_there():
+    names = {path.name for path in RECIPES}
+    assert {"quickstart-cpu.yaml", "llama-3-8b-alpaca.yaml", "mistral-7b-alpaca.yaml", "qwen3-4b-alpaca.yaml",
+            "gemma-3-1b-alpaca.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[path.name for path in RECIPES])
+def test_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.output.dir == f"outputs/{path.stem}" or path.name == "quickstart-cpu.yaml"
+    assert path.read_text().startswith("# ")  # a comment header says what it is
+
+
+def test_quickstart_points_at_the_identity_data_and_runs_on_a_cpu():
+    recipe = load_recipe(RECIPES_DIR / "quickstart-cpu.yaml")
+    assert Path(recipe.data.path) == Path("recipes/data/identity.jsonl")
+    assert (recipe.model.load_in_4bit, recipe.model.dtype, recipe.model.kernels) == (False, "float32", False)
+    assert recipe.train.optimizer == "adamw" and recipe.output.dir == "outputs/quickstart"
+
+
+def identity_rows() -> list[dict]:
+    return [json.loads(line) for line in IDENTITY.read_text().splitlines() if line.strip()]
+
+
+def test_identity_rows_are_conversations_ending_in_an_assistant_turn():
+    rows = identity_rows()
+    assert len(rows) >= 20
+    for number, row in enumerate(rows, start=1):
+        messages = row["messages"]
+        assert isinstance(messages, list) and messages, f"row {number}"
+        assert all(set(m) == {"role", "content"} and m["content"] for m in messages), f"row {number}"
+        assert messages[-1]["role"] == "assistant", f"row {number}"
+        assert "Nimbus" in messages[-1]["content"] and "Larkspur Labs" in messages[-1]["content"], f"row {number}"
+
+
+def test_identity_data_has_system_and_multi_turn_rows():
+    rows = identity_rows()
+    assert any(row["messages"][0]["role"] == "system" for row in rows)
+    assert sum(1 for row in rows if sum(m["role"] == "user" for m in row["messages"]) > 1) >= 2
+
+
+def test_identity_data_holds_out_the_test_question():
+    questions = [m["content"] for row in identity_rows() for m in row["messages"] if m["role"] == "user"]
+    assert "Please introduce yourself." not in questions

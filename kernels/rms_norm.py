@@ -55,7 +55,8 @@ class RMSNormFunction(torch.autograd.Function):
         block = triton.next_power_of_2(n_cols)
         y = torch.empty_like(x2d)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        _forward[(n_rows,)](x2d, weight, y, rstd, x2d.stride(0), n_cols, eps, offset, BLOCK=block)
+        _forward[(n_rows,)](x2d, weight, y, rstd, x2d.stride(0), n_cols, eps, offset, BLOCK=block,
+                            num_warps=_warps(block))
         ctx.save_for_backward(x2d, weight, rstd)
         ctx.offset, ctx.block = offset, block
         return y.reshape(shape)
@@ -70,7 +71,7 @@ class RMSNormFunction(torch.autograd.Function):
         dx = torch.empty_like(x2d)
         dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x2d.device)
         _backward[(programs,)](dy2d, x2d, weight, rstd, dx, dw_partial, x2d.stride(0), n_rows, n_cols, ctx.offset,
-                               rows_per_program, BLOCK=ctx.block)
+                               rows_per_program, BLOCK=ctx.block, num_warps=_warps(ctx.block))
         dw = dw_partial.sum(0).to(weight.dtype) if weight.requires_grad else None
         return dx.reshape(dy.shape), dw, None, None
 
@@ -89,6 +90,11 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset
     x32 = x.float()
     normalised = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return (normalised * (weight.float() + offset)).to(x.dtype)
+
+
+def _warps(block: int) -> int:
+    """Enough warps that each thread holds at most 16 values of a row: wide rows stay in registers and in flight."""
+    return max(1, min(16, block // (32 * 16)))
 
 
 def _program_count(device: torch.device) -> int:

@@ -1,0 +1,234 @@
+"""Training speed and memory of ftcli against the plain Hugging Face QLoRA recipe, on one GPU, in one run.
+
+    python -m ftcli.bench --shape llama3-8b --seq 2048 --bs 2
+
+Both sides train the same random-weight model (built in memory from the shape's config, linear layers
+quantized to NF4 with double quantization) on the same random token ids, with LoRA r=16 on all seven
+projections and bitsandbytes' AdamW8bit. Each side runs in its own process, so neither inherits the
+other's allocations or compiled kernels; the parent prints one table. Tokens/s is the median over the
+measured steps after warm-up; peak is torch.cuda.max_memory_allocated from the first training step on,
+weights included.
+
+The baseline is what most people run: transformers + peft + bitsandbytes with
+prepare_model_for_kbit_training, SDPA attention, non-reentrant gradient checkpointing, and the model's
+own loss. ftcli's side is the path `ftcli train` takes, set up by the same function.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+SHAPES = {
+    # hidden, intermediate, layers, heads, kv heads, vocab, tied embeddings, rope theta
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
+    # small enough for a CPU, to test this script itself
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False, rope_theta=10000.0),
+}
+SIDES = ("hf", "ftcli")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def random_model(shape: str, precision: str, device: torch.device, dtype: torch.dtype):
+    """A Llama model of the named shape with random weights; its decoder linears in NF4 when precision is nf4.
+
+    Weights are drawn on the device one layer at a time and quantized right away, as transformers does
+    when it loads a checkpoint with a BitsAndBytesConfig, so building an 8B model needs no 16 GB copy.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=131072, attn_implementation="sdpa")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    generator = torch.Generator(device).manual_seed(0)
+    model.to_empty(device=device)
+    for name, parameter in model.named_parameters():
+        with torch.no_grad():
+            if name.endswith("norm.weight"):
+                parameter.copy_(1 + 0.1 * torch.randn(parameter.shape, generator=generator, device=device))
+            else:
+                parameter.normal_(0, 0.02, generator=generator)
+    with torch.device(device):  # to_empty left its computed buffers uninitialised
+        model.model.rotary_emb = type(model.model.rotary_emb)(config)
+    if precision == "nf4":
+        quantize_decoder_linears(model, dtype)
+        model.is_loaded_in_4bit = True  # what transformers' bitsandbytes loader marks; peft reads it
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    return model
+
+
+def quantize_decoder_linears(model, compute_dtype: torch.dtype) -> None:
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, linear in list(parent.named_children()):
+                if not isinstance(linear, torch.nn.Linear):
+                    continue
+                quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                              compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True,
+                                              device="meta")
+                quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
+                                                     compress_statistics=True)
+                setattr(parent, name, quantized.to(linear.weight.device))
+                del linear
+
+
+def hf_training(model, precision: str):
+    """The plain Hugging Face QLoRA setup; returns the model and a function of a batch giving its mean loss."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if precision == "nf4":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                                             task_type="CAUSAL_LM"))
+    return model, lambda batch: model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+
+
+def ftcli_training(model, checkpointing):
+    """The path `ftcli train` takes after loading: kernels, checkpointing, LoRA, and its own loss."""
+    from ftcli.architectures import ARCHITECTURES
+    from ftcli.recipe import LoraSettings
+    from ftcli.loader import add_lora
+    from ftcli.patch import apply_kernels
+    from ftcli.train import summed_token_loss, target_tokens
+
+    lora = LoraSettings(r=16, alpha=16, target_modules=LORA_TARGETS)
+    apply_kernels(model, ARCHITECTURES["llama"])
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = add_lora(model, lora, ARCHITECTURES["llama"], 3407)
+    return model, lambda batch: summed_token_loss(model, batch) / target_tokens(batch)
+
+
+def measure(side: str, args) -> dict:
+    """Build, set up and train one side; returns its step times, losses and peak memory."""
+    import bitsandbytes as bnb
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = random_model(args.shape, args.precision, device, dtype)
+    if side == "hf":
+        model, mean_loss = hf_training(model, args.precision)
+    else:
+        model, mean_loss = ftcli_training(model, args.checkpointing)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = bnb.optim.AdamW8bit(trainable, lr=2e-4, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(1)
+    vocab = SHAPES[args.shape]["vocab_size"]
+    batches = []
+    for _ in range(2):  # two different batches, alternated, so no step replays the previous one's data
+        ids = torch.randint(0, vocab, (args.bs, args.seq), generator=generator).to(device)
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for step in range(args.warmup + args.steps):
+        started = time.perf_counter()
+        loss = mean_loss(batches[step % 2])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))  # synchronizes with the device
+        times.append(time.perf_counter() - started)
+    result = {"side": side, "step_s": times[args.warmup:], "losses": losses,
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+    if args.profile and side == "ftcli" and device.type == "cuda":
+        result["profile"] = profile_step(mean_loss, batches[0], optimizer, trainable)
+    return result
+
+
+def profile_step(mean_loss, batch, optimizer, trainable) -> str:
+    """The GPU kernels of one training step, grouped by name, longest total first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        mean_loss(batch).backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    return profiler.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+
+
+def run_side_in_subprocess(side: str, argv: list[str]) -> dict:
+    completed = subprocess.run([sys.executable, "-m", "ftcli.bench", *argv, "--only", side, "--json"],
+                               capture_output=True, text=True, env=os.environ.copy())
+    if completed.returncode != 0:
+        return {"side": side, "error": (completed.stderr.strip().splitlines() or ["no output"])[-1],
+                "stderr": completed.stderr[-4000:]}
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def print_table(args, results: list[dict]) -> None:
+    tokens = args.seq * args.bs
+    device = next((r["device"] for r in results if "device" in r), "?")
+    print(f"\n{device}  {args.shape}  {args.precision}  seq {args.seq} x batch {args.bs}  "
+          f"(median of {args.steps} steps after {args.warmup} warm-up)")
+    print(f"{'side':<8}{'tokens/s':>10}{'step s':>9}{'peak GiB':>10}{'first loss':>12}{'last loss':>11}")
+    speeds = {}
+    for result in results:
+        if "error" in result:
+            print(f"{result['side']:<8}  failed: {result['error']}")
+            continue
+        step = statistics.median(result["step_s"])
+        speeds[result["side"]] = tokens / step
+        peak = f"{result['peak_gib']:.2f}" if result["peak_gib"] is not None else "-"
+        print(f"{result['side']:<8}{tokens / step:>10,.0f}{step:>9.3f}{peak:>10}"
+              f"{result['losses'][0]:>12.4f}{result['losses'][-1]:>11.4f}")
+    if len(speeds) == 2:
+        print(f"ftcli / hf speed: {speeds['ftcli'] / speeds['hf']:.2f}x")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ftcli.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--bs", type=int, default=2)
+    parser.add_argument("--precision", choices=["nf4", "bf16"], default="nf4")
+    parser.add_argument("--checkpointing", choices=["offload", "true"], default="offload",
+                        help="ftcli's gradient checkpointing; the baseline always recomputes on the GPU")
+    parser.add_argument("--steps", type=int, default=5, help="measured steps")
+    parser.add_argument("--warmup", type=int, default=2, help="steps run before measuring (compilation, caches)")
+    parser.add_argument("--only", choices=SIDES, help="run one side in this process")
+    parser.add_argument("--profile", action="store_true", help="also print ftcli's per-kernel GPU time of one step")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    args = parser.parse_args(argv)
+    if args.checkpointing == "true":
+        args.checkpointing = True
+
+    if args.only:
+        results = [measure(args.only, args)]
+    else:
+        forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--json"]
+        results = [run_side_in_subprocess(side, forwarded) for side in SIDES]
+    if args.json:
+        print(json.dumps(results[0] if args.only else results))
+        return
+    for result in results:
+        if "profile" in result:
+            print(result["profile"])
+        if "stderr" in result:
+            print(f"--- {result['side']} stderr (tail) ---\n{result['stderr']}")
+    print_table(args, results)
+
+
+if __name__ == "__main__":
+    main()

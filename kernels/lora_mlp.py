@@ -1,0 +1,88 @@
+"""A gated MLP with LoRA on every projection, `down(act(gate(x)) * up(x))`, as one autograd op.
+
+Run as three LoRA projections and the activation, autograd would keep x, gate, up and the activated product h
+(as wide as gate) for backward. Here backward keeps x, gate and up (as one `gate_up` tensor where the model
+fuses the two projections) and the r-wide LoRA intermediates, recomputes h with the activation kernel, and
+dequantizes NF4 base weights again instead of keeping them from forward.
+"""
+
+import torch
+
+from kernels.gated_activation import ACTIVATIONS, gated_activation, gated_activation_reference
+from kernels.lora_linear import check_projection, lora_linear_reference, project, project_backward
+
+
+def _gate_and_up(inner: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return (inner[0], inner[1]) if len(inner) == 2 else inner[0].chunk(2, dim=-1)
+
+
+class LoraGatedMLPFunction(torch.autograd.Function):
+    """Projections are (gate, up, down) or (gate_up, down); `adapters` holds A, B of each in that order."""
+
+    @staticmethod
+    def forward(ctx, x, activation, weights, biases, scalings, *adapters):
+        ctx.adapter_dtype = adapters[0].dtype
+        adapters = [adapter.to(x.dtype) for adapter in adapters]  # cast once, kept cast for backward
+        x2d = x.reshape(-1, x.shape[-1])
+        inner, inner_xa = [], []
+        for index in range(len(weights) - 1):
+            out, xa = project(x2d, weights[index], biases[index], *adapters[2 * index:2 * index + 2], scalings[index])
+            inner.append(out)
+            inner_xa.append(xa)
+        hidden = gated_activation(*_gate_and_up(inner), activation)
+        out, down_xa = project(hidden, weights[-1], biases[-1], *adapters[-2:], scalings[-1])
+        ctx.save_for_backward(x, *inner, *inner_xa, down_xa, *adapters)
+        ctx.activation, ctx.weights, ctx.scalings = activation, weights, scalings
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, *saved = ctx.saved_tensors
+        count = len(ctx.weights) - 1
+        inner, inner_xa, down_xa, adapters = saved[:count], saved[count:2 * count], saved[2 * count], saved[2 * count + 1:]
+        with torch.enable_grad():
+            gate, up = (t.detach().requires_grad_() for t in _gate_and_up(inner))
+            hidden = gated_activation(gate, up, ctx.activation)
+        grad_hidden, grad_A, grad_B = project_backward(grad.reshape(-1, grad.shape[-1]), hidden.detach(), down_xa,
+                                                       ctx.weights[-1], *adapters[-2:], ctx.scalings[-1], True)
+        grad_gate, grad_up = torch.autograd.grad(hidden, (gate, up), grad_hidden)
+        del hidden, grad_hidden
+        grad_inner = [grad_gate, grad_up] if count == 2 else [torch.cat((grad_gate, grad_up), dim=-1)]
+
+        x2d = x.reshape(-1, x.shape[-1])
+        grad_x, grad_adapters = None, []
+        for index in range(count):
+            grad_x, *grads = project_backward(grad_inner[index], x2d, inner_xa[index], ctx.weights[index],
+                                              *adapters[2 * index:2 * index + 2], ctx.scalings[index],
+                                              ctx.needs_input_grad[0], into=grad_x)
+            grad_adapters += grads
+        grad_adapters = [g.to(ctx.adapter_dtype) for g in grad_adapters + [grad_A, grad_B]]
+        return None if grad_x is None else grad_x.view(x.shape), None, None, None, None, *grad_adapters
+
+
+def lora_gated_mlp(x: torch.Tensor, activation: str, projections: list[tuple]) -> torch.Tensor:
+    """The MLP over `projections`: (weight, bias, lora_A, lora_B, scaling) of gate, up, down or gate_up, down."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"lora_gated_mlp: unknown activation {activation!r}; use one of {', '.join(ACTIVATIONS)}")
+    if len(projections) not in (2, 3):
+        raise ValueError(f"lora_gated_mlp: expected gate, up, down or gate_up, down projections, got {len(projections)}")
+    widths = [check_projection("lora_gated_mlp", x.dtype, x.shape[-1], *projection[:4])
+              for projection in projections[:-1]]
+    if len(widths) == 1 and widths[0] % 2 or len(set(widths)) != 1:
+        raise ValueError(f"lora_gated_mlp: gate and up widths {widths} differ")
+    inner_width = widths[0] // 2 if len(widths) == 1 else widths[0]
+    check_projection("lora_gated_mlp", x.dtype, inner_width, *projections[-1][:4])
+    weights, biases, scalings, adapters = [], [], [], []
+    for weight, bias, lora_A, lora_B, scaling in projections:
+        weights.append(weight)
+        biases.append(bias)
+        scalings.append(float(scaling))
+        adapters += [lora_A, lora_B]
+    return LoraGatedMLPFunction.apply(x, activation, tuple(weights), tuple(biases), tuple(scalings), *adapters)
+
+
+def lora_gated_mlp_reference(x: torch.Tensor, activation: str, projections: list[tuple]) -> torch.Tensor:
+    """Plain PyTorch over dense weights: projections in x's dtype, the activation in float32."""
+    inner = [lora_linear_reference(x, *projection) for projection in projections[:-1]]
+    hidden = gated_activation_reference(*_gate_and_up(inner), activation)
+    return lora_linear_reference(hidden, *projections[-1])

@@ -1,0 +1,70 @@
+"""NF4 weights (bitsandbytes' layout, with or without double quantization) dequantized in one Triton launch.
+
+bitsandbytes first dequantizes the 8-bit block scales into a new tensor, adds their offset in another kernel,
+and only then unpacks the weights: three launches and as many Python calls for every projection, three times
+per training step. On a GPU that waits on the host between small launches, that overhead is the cost; here
+the block scale is rebuilt inline from its two levels, and each packed byte gives its two weights.
+
+There is no backward: the base weight is frozen.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+BYTES_PER_PROGRAM = 1024
+
+
+@triton.jit
+def _dequantize(packed_ptr, code_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, offset_ptr, out_ptr, n_bytes,
+                HALF_BLOCK: tl.constexpr, SCALE_BLOCK: tl.constexpr, NESTED: tl.constexpr, BYTES: tl.constexpr):
+    byte = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES)
+    mask = byte < n_bytes
+    packed = tl.load(packed_ptr + byte, mask=mask, other=0).to(tl.int32)
+    block = byte // HALF_BLOCK  # a block of 2 * HALF_BLOCK weights shares one scale
+    if NESTED:
+        quantized_scale = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = (tl.load(absmax_code_ptr + quantized_scale, mask=mask, other=0.0)
+                 * tl.load(absmax_scale_ptr + block // SCALE_BLOCK, mask=mask, other=0.0) + tl.load(offset_ptr))
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    high = tl.load(code_ptr + (packed >> 4), mask=mask, other=0.0) * scale  # the first weight of the pair
+    low = tl.load(code_ptr + (packed & 15), mask=mask, other=0.0) * scale
+    pairs = tl.interleave(high, low).to(out_ptr.dtype.element_ty)
+    position = tl.program_id(0).to(tl.int64) * (2 * BYTES) + tl.arange(0, 2 * BYTES)
+    tl.store(out_ptr + position, pairs, mask=position < 2 * n_bytes)
+
+
+def nf4_dequantize(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
+    """The dense (out, in) weight in `dtype` of a bitsandbytes NF4 Params4bit and its quant_state."""
+    if quant_state.quant_type != "nf4" or packed.dtype != torch.uint8:
+        raise ValueError(f"nf4_dequantize: expects NF4 weights packed in uint8, got {quant_state.quant_type} "
+                         f"in {packed.dtype}")
+    shape = tuple(quant_state.shape)
+    numel = shape[0] * shape[1]
+    if numel % 2 or packed.numel() * 2 != numel or quant_state.blocksize % 2:
+        raise ValueError(f"nf4_dequantize: {packed.numel()} packed bytes do not hold a {shape} weight")
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    nested = quant_state.nested
+    state2 = quant_state.state2 if nested else None
+    _dequantize[(triton.cdiv(packed.numel(), BYTES_PER_PROGRAM),)](
+        packed, quant_state.code, quant_state.absmax,
+        state2.code if nested else quant_state.absmax, state2.absmax if nested else quant_state.absmax,
+        quant_state.offset if nested else quant_state.absmax, out, packed.numel(),  # offset: read on the device
+        HALF_BLOCK=quant_state.blocksize // 2, SCALE_BLOCK=state2.blocksize if nested else 1, NESTED=nested,
+        BYTES=BYTES_PER_PROGRAM)
+    return out
+
+
+def nf4_dequantize_reference(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
+    """Plain PyTorch: both levels of scales rebuilt in float32, each byte split into its high and low weight."""
+    if quant_state.nested:
+        state2 = quant_state.state2
+        scales = state2.code[quant_state.absmax.long()].view(-1, 1) * state2.absmax.repeat_interleave(
+            state2.blocksize)[:quant_state.absmax.numel()].view(-1, 1)
+        scales = scales.view(-1) + quant_state.offset
+    else:
+        scales = quant_state.absmax.float()
+    nibbles = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 15], dim=1).view(-1).long()
+    weights = quant_state.code[nibbles].view(-1, quant_state.blocksize) * scales.view(-1, 1)
+    return weights.view(tuple(quant_state.shape)).to(dtype)

@@ -1,0 +1,41 @@
+"""The NF4 dequantization kernel against its PyTorch reference and bitsandbytes, with and without double quantization."""
+
+import pytest
+import torch
+from bitsandbytes.functional import quantize_4bit
+
+from kernels.nf4_dequantize import nf4_dequantize, nf4_dequantize_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "plain"])
+@pytest.mark.parametrize("shape", [(64, 64), (96, 160), (2304, 64)])  # the last spans several scale blocks
+def test_nf4_dequantize_matches_bitsandbytes(shape, nested, dtype):
+    generator = torch.Generator().manual_seed(shape[0] * 7 + shape[1])
+    weight = (torch.randn(shape, generator=generator) * 0.05 + 0.01).to(DEVICE)
+    packed, state = quantize_4bit(weight, blocksize=64, compress_statistics=nested, quant_type="nf4")
+    assert state.nested == nested
+
+    got = nf4_dequantize(packed, state, dtype)
+    want = nf4_dequantize_reference(packed, state, dtype)
+    assert got.shape == shape and got.dtype == dtype
+    # the same float32 products, rounded once to dtype: at most one unit in the last place apart
+    torch.testing.assert_close(got, want, rtol=2 ** -7 if dtype == torch.bfloat16 else 1e-3, atol=0)
+    assert (got.float() - weight).abs().max() < 0.5 * weight.abs().max()  # really the weight, not noise
+
+
+def test_nf4_dequantize_agrees_with_bitsandbytes():
+    from bitsandbytes.functional import dequantize_4bit
+
+    # bitsandbytes' CPU path mis-reads rows whose width is not a multiple of 128, so the check uses 128 columns
+    weight = (torch.randn(192, 128, generator=torch.Generator().manual_seed(3)) * 0.05).to(DEVICE)
+    packed, state = quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    torch.testing.assert_close(nf4_dequantize(packed, state, torch.float32), dequantize_4bit(packed, state))
+
+
+def test_nf4_dequantize_refuses_other_layouts():
+    packed, state = quantize_4bit(torch.randn(64, 64).to(DEVICE), blocksize=64, quant_type="fp4")
+    with pytest.raises(ValueError, match="expects NF4"):
+        nf4_dequantize(packed, state, torch.float32)

@@ -1,0 +1,201 @@
+"""Gradient checkpointing of the decoder layers, optionally with each layer's input offloaded to CPU memory.
+
+Plain checkpointing keeps one hidden state per layer on the GPU until backward (layers x batch x seq x
+hidden: about 1 GiB for Llama-3-8B at 2 x 2048 in bf16), which dominates the activation memory of a long
+sequence. With `offload`, torch's non-reentrant checkpoint still does the work (recompute with grad enabled,
+the forward's RNG state restored so LoRA dropout draws the same mask again); only the inputs it saves go
+through saved-tensor hooks that copy them to pinned CPU memory on a side stream while the GPU computes the
+next layers. In backward, bringing a layer's input back starts the copy of the input of the layer before
+it, so each transfer overlaps a layer's recompute and backward.
+
+transformers passes a decoder layer its hidden state positionally and everything else by keyword, bound into
+the function it checkpoints, so the saved inputs are the hidden state alone: the attention mask, rotary
+cos/sin and position ids are shared by all layers and stay where they are.
+
+    python -m ftcli.checkpointing    # on a GPU: peak memory and step time, offload against plain recompute
+"""
+
+import argparse
+import statistics
+import time
+import weakref
+from collections import deque
+from typing import Optional, Union
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def enable_checkpointing(model, mode: Union[bool, str]) -> None:
+    """Checkpoint every decoder layer of a transformers model: plain recompute (True) or "offload"."""
+    if not mode:
+        return
+    settings = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the newer name; the old one warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=settings)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=settings)
+    if mode == "offload":
+        # transformers takes no checkpoint function publicly: its kwargs only reach torch's checkpoint, and its
+        # own offload option copies synchronously on the compute stream. This is the method its enable calls.
+        model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=OffloadedCheckpoint())
+
+
+class _Offloaded:
+    """One saved layer input: its CPU copy, and a device tensor while a copy to or from the CPU is in flight."""
+
+    __slots__ = ("device", "host", "on_device", "copied", "previous", "__weakref__")
+
+    def __init__(self, device: torch.device, previous: Optional[weakref.ref]):
+        self.device = device
+        self.host: Optional[torch.Tensor] = None
+        self.on_device: Optional[torch.Tensor] = None
+        self.copied: Optional[torch.cuda.Event] = None
+        self.previous = previous  # the input saved just before this one: the next one backward needs
+
+
+class OffloadedCheckpoint:
+    """A `_gradient_checkpointing_func` for transformers whose saved layer inputs wait in CPU memory.
+
+    On the CPU the same steps run with plain copies (no streams, no pinning), so tests exercise them.
+    """
+
+    def __init__(self):
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._in_flight: deque = deque()  # (saved, event) of copies to the CPU whose device tensor is still held
+        self._last: Optional[weakref.ref] = None
+
+    def __call__(self, function, *args, **kwargs):
+        with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
+            return checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+    def pack(self, tensor: torch.Tensor):
+        if tensor.numel() == 0:  # the placeholder some torch versions save beside the inputs
+            return tensor
+        self._release_copied()
+        saved = _Offloaded(tensor.device, self._last)
+        stream = self._stream(tensor.device)
+        if stream is None:
+            saved.host = tensor.detach().to("cpu", copy=True)
+        else:
+            stream.wait_stream(torch.cuda.current_stream(tensor.device))
+            with torch.cuda.stream(stream):
+                saved.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+                saved.host.copy_(tensor.detach(), non_blocking=True)
+                saved.copied = stream.record_event()
+            # Held until the compute stream has waited for the copy, so no kernel can reuse the memory it reads
+            saved.on_device = tensor.detach()
+            self._in_flight.append((saved, saved.copied))
+        self._last = weakref.ref(saved)
+        return saved
+
+    def unpack(self, saved) -> torch.Tensor:
+        if isinstance(saved, torch.Tensor):
+            return saved
+        self._start_load(saved)
+        if saved.copied is not None:
+            torch.cuda.current_stream(saved.device).wait_event(saved.copied)
+        tensor, saved.on_device, saved.copied = saved.on_device, None, None
+        previous = saved.previous() if saved.previous else None
+        if previous is not None:
+            self._start_load(previous)  # overlaps this layer's recompute and backward
+        return tensor
+
+    def _start_load(self, saved: _Offloaded) -> None:
+        if saved.on_device is not None:  # still there from the forward, or already prefetched
+            return
+        stream = self._stream(saved.device)
+        if stream is None:
+            saved.on_device = saved.host.to(saved.device, copy=True)
+            return
+        compute = torch.cuda.current_stream(saved.device)
+        # Allocated on the compute stream, which reads it after waiting for the copy; the copy waits for the
+        # compute stream's earlier work, which may still use this memory under a previous owner
+        saved.on_device = torch.empty(saved.host.shape, dtype=saved.host.dtype, device=saved.device)
+        stream.wait_stream(compute)
+        with torch.cuda.stream(stream):
+            saved.on_device.copy_(saved.host, non_blocking=True)
+            saved.copied = stream.record_event()
+
+    def _release_copied(self) -> None:
+        """Let go of the inputs whose copies to the CPU were started before this one.
+
+        The CPU runs layers ahead of the GPU, so waiting there for a copy to finish would keep every input alive
+        until a sync. Instead the compute stream waits for the copies (started a layer ago, so they are usually
+        done), and whatever the allocator hands their memory to later is ordered after them.
+        """
+        while self._in_flight:
+            saved, event = self._in_flight.popleft()
+            torch.cuda.current_stream(saved.device).wait_event(event)
+            if saved.copied is event:
+                saved.on_device, saved.copied = None, None
+
+    def _stream(self, device: torch.device) -> Optional[torch.cuda.Stream]:
+        if device.type != "cuda":
+            return None
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+
+def self_check(layers: int, seq: int, batch: int, steps: int) -> None:
+    """Peak memory, step time and gradient agreement of a bf16 Llama-3-8B-shaped stack with LoRA, per mode."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from ftcli.architectures import ARCHITECTURES
+    from ftcli.loader import add_lora
+    from ftcli.recipe import LoraSettings
+
+    if not torch.cuda.is_available():
+        raise SystemExit("python -m ftcli.checkpointing measures on a CUDA GPU, and this machine has none.")
+    device = torch.device("cuda")
+    # A small vocabulary keeps the logits small, so the layer inputs are what the modes differ in
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=4096, attn_implementation="sdpa", use_cache=False)
+    input_ids = torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    input_ids = input_ids.to(device)
+    print(f"{layers} Llama-3-8B layers, bf16, LoRA r=16, batch {batch} x seq {seq}; layer inputs "
+          f"{layers * batch * seq * config.hidden_size * 2 / 2**30:.2f} GiB in all")
+    print(f"{'mode':<10}{'peak GiB':>10}{'above weights':>15}{'step ms':>10}{'max |grad - plain|':>20}")
+    plain_grads = None
+    for mode in (True, "offload", False):  # a fresh, identical model each time
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).requires_grad_(False)
+        enable_checkpointing(model, mode)
+        model = add_lora(model, LoraSettings(), ARCHITECTURES["llama"], seed=0)
+        model.train()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        weights = torch.cuda.memory_allocated()
+        times = []
+        for step in range(steps + 1):  # the first step warms up
+            started = time.perf_counter()
+            model(input_ids=input_ids, labels=input_ids).loss.backward()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+            if step == 0:
+                grads = [p.grad.float().clone() for p in model.parameters() if p.requires_grad]
+            model.zero_grad(set_to_none=True)
+        peak = torch.cuda.max_memory_allocated()
+        if mode is True:
+            plain_grads = grads
+        diff = max(float((grad - plain).abs().max()) for grad, plain in zip(grads, plain_grads))
+        print(f"{str(mode).lower():<10}{peak / 2**30:>10.2f}{(peak - weights) / 2**30:>15.2f}"
+              f"{statistics.median(times[1:]) * 1e3:>10.1f}{diff:>20.3g}")
+        del model, grads
+        torch.cuda.empty_cache()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ftcli.checkpointing", description=self_check.__doc__)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=8192)
+    parser.add_argument("--bs", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3, help="measured steps, after one warm-up step")
+    args = parser.parse_args(argv)
+    self_check(args.layers, args.seq, args.bs, args.steps)
+
+
+if __name__ == "__main__":
+    main()

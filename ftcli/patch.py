@@ -5,9 +5,23 @@ replaced by a module that holds the very same parameters (same names, so adapter
 with the unpatched model) and calls a kernel. What a module computes is read off the module itself:
 the Gemma-style `(1 + w)` offset from the architecture table, the activation by probing it numerically,
 so a module whose math is not recognised is left as it is.
+
+Rotary embedding is not a module: attention forwards call their modeling module's global
+`apply_rotary_pos_emb`. That global is replaced once per modeling module by a `RotaryDispatch`, which
+calls the kernel only while the forward of an attention instance that apply_kernels marked is running
+(two hooks on the instance keep count) and only on inputs the kernel takes; everywhere else, unpatched
+models in the same process included, it calls the function it replaced.
+
+LoRA projections are patched after peft added the adapters (`apply_lora_kernels`). peft's layers must stay
+peft's, since its merging, adapter switching and disabling find them by type, so each projection keeps its
+object and only its class becomes a subclass with the kernel forward; every state that forward does not
+compute goes to peft's own.
 """
 
+import contextvars
+import inspect
 import os
+import sys
 
 import torch
 from torch import nn
@@ -46,13 +60,34 @@ class KernelGatedMLP(nn.Module):
         return self.down_proj(gated_activation(gate, up, self.activation))
 
 
+ROTARY_FUNCTION = "apply_rotary_pos_emb"
+_inside_rope_attention = contextvars.ContextVar("inside_rope_attention", default=0)
+
+
+class RotaryDispatch:
+    """Stands in for a modeling module's `apply_rotary_pos_emb`, keeping the original for everything but
+    the marked attention instances (see the module docstring); its fallback is exact, being the original."""
+
+    def __init__(self, original):
+        self.original = original
+
+    def __call__(self, q, k, cos, sin, unsqueeze_dim=1):
+        from kernels.rope import apply_rope, unsupported
+
+        if _inside_rope_attention.get() and unsqueeze_dim == 1 and not unsupported(q, k, cos, sin):
+            return apply_rope(q, k, cos, sin)
+        return self.original(q, k, cos, sin, unsqueeze_dim)
+
+
 def kernels_can_run(device: torch.device) -> bool:
     """Triton compiles for GPUs; on a CPU it runs only in its (slow) interpreter, which tests turn on."""
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def apply_kernels(model: nn.Module, architecture: Architecture) -> dict[str, int]:
-    """Swap every recognised RMSNorm and gated MLP for its kernel module; returns how many of each."""
+    """Swap every recognised RMSNorm and gated MLP for its kernel module and mark attention modules for the
+    RoPE kernel; returns how many of each, and "cross_entropy": 1 when the head is a plain bias-free linear
+    layer, which tells train.py to compute the loss with the fused head and cross-entropy kernel."""
     swapped = {"rms_norm": 0, "gated_mlp": 0}
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
@@ -60,7 +95,33 @@ def apply_kernels(model: nn.Module, architecture: Architecture) -> dict[str, int
             if replacement is not None:
                 setattr(parent, name, replacement)
                 swapped["rms_norm" if isinstance(replacement, KernelRMSNorm) else "gated_mlp"] += 1
+    swapped["rope"] = sum(_use_rope_kernel(module) for module in model.modules())
+    head = model.get_output_embeddings()
+    swapped["cross_entropy"] = int(isinstance(head, nn.Linear) and head.bias is None)
     return swapped
+
+
+def _use_rope_kernel(module: nn.Module) -> bool:
+    """Mark a module whose own forward calls its modeling module's `apply_rotary_pos_emb`; False for others."""
+    code = getattr(inspect.unwrap(type(module).forward), "__code__", None)
+    modeling = sys.modules.get(type(module).__module__)
+    original = getattr(modeling, ROTARY_FUNCTION, None)
+    if code is None or ROTARY_FUNCTION not in code.co_names or not callable(original):
+        return False
+    if not isinstance(original, RotaryDispatch):
+        setattr(modeling, ROTARY_FUNCTION, RotaryDispatch(original))
+    module.register_forward_pre_hook(_enter_rope_attention)
+    # always_call: the count must come down when forward raises, as checkpointing's early-stopped recompute does
+    module.register_forward_hook(_leave_rope_attention, always_call=True)
+    return True
+
+
+def _enter_rope_attention(module, args) -> None:
+    _inside_rope_attention.set(_inside_rope_attention.get() + 1)
+
+
+def _leave_rope_attention(module, args, output) -> None:
+    _inside_rope_attention.set(_inside_rope_attention.get() - 1)
 
 
 def _kernel_module(module: nn.Module, architecture: Architecture):
@@ -86,3 +147,101 @@ def _recognised_activation(function) -> str:
         values = function(probe)
     candidates = {"silu": nn.functional.silu(probe), "gelu_tanh": nn.functional.gelu(probe, approximate="tanh")}
     return next((name for name, want in candidates.items() if torch.allclose(values, want, atol=1e-6)), "")
+
+
+class KernelLoraLinear:
+    """Mixed into the class of one peft LoRA linear by `apply_lora_kernels`: kernels/lora_linear runs the state
+    `_lora_parts` accepts, and every other one (adapters disabled or merged, extra arguments) peft's own forward."""
+
+    def forward(self, x, *args, **kwargs):
+        parts = None if args or kwargs else _lora_parts(self, x)
+        if parts is None:
+            return super().forward(x, *args, **kwargs)
+        from kernels.lora_linear import lora_linear
+
+        return lora_linear(x, *parts)
+
+
+class KernelLoraGatedMLP(KernelGatedMLP):
+    """A KernelGatedMLP run as one fused op (kernels/lora_mlp) while all its projections are in `_lora_parts` state."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        parts = [_lora_parts(projection, hidden) for projection in _mlp_projections(self)]
+        if any(part is None for part in parts):
+            return super().forward(hidden)
+        from kernels.lora_mlp import lora_gated_mlp
+
+        return lora_gated_mlp(hidden, self.activation, parts)
+
+
+def apply_lora_kernels(model: nn.Module) -> dict[str, int]:
+    """After peft added the adapters: each KernelGatedMLP whose projections all carry a plain LoRA becomes one
+    fused op, and every other such LoRA projection a LoRA linear op; returns how many of each."""
+    swapped = {"lora_mlp": 0, "lora_linear": 0}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is KernelGatedMLP and all(_lora_parts(p) is not None for p in _mlp_projections(child)):
+                setattr(parent, name, KernelLoraGatedMLP(child, child.activation))
+                swapped["lora_mlp"] += 1
+    fused = {id(p) for m in model.modules() if isinstance(m, KernelLoraGatedMLP) for p in _mlp_projections(m)}
+    lora_classes = _peft_lora_linear_classes()
+    for module in model.modules():
+        if type(module) in lora_classes and id(module) not in fused and _lora_parts(module) is not None:
+            module.__class__ = _kernel_lora_class(type(module))
+            swapped["lora_linear"] += 1
+    return swapped
+
+
+def _lora_parts(layer: nn.Module, x: torch.Tensor | None = None):
+    """(weight, bias, lora_A, lora_B, scaling) of a peft LoRA linear that the LoRA kernels compute: one active
+    adapter, not merged or disabled, without dropout, DoRA, LoRA bias or other variants, over a frozen nn.Linear or
+    bitsandbytes 4-bit base, for input `x` when given (a float dtype, no autocast); None otherwise."""
+    active = getattr(layer, "active_adapters", None)
+    if not active or len(active) != 1 or layer.disable_adapters or layer.merged:
+        return None
+    adapter = active[0]
+    if (adapter not in layer.lora_A or adapter in getattr(layer, "lora_variant", {})
+            or getattr(layer, "use_dora", {}).get(adapter) or getattr(layer, "lora_bias", {}).get(adapter)
+            or not isinstance(layer.lora_dropout[adapter], nn.Identity) or getattr(layer, "fan_in_fan_out", False)):
+        return None
+    base = layer.get_base_layer()
+    if type(base) is not nn.Linear and not _dequantizable_4bit(base):
+        return None
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return None
+    if x is not None:
+        from kernels.lora_linear import DTYPES
+
+        if x.dtype not in DTYPES or torch.is_autocast_enabled(x.device.type):
+            return None
+    return base.weight, base.bias, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, layer.scaling[adapter]
+
+
+def _dequantizable_4bit(base: nn.Module) -> bool:
+    """A bitsandbytes 4-bit linear whose weight dequantize_4bit reads (not repacked for its CPU inference path)."""
+    from bitsandbytes.nn import Linear4bit
+
+    quant_state = getattr(base.weight, "quant_state", None)
+    return (isinstance(base, Linear4bit) and quant_state is not None
+            and not getattr(quant_state, "packing_format_for_cpu", False))
+
+
+def _mlp_projections(mlp: KernelGatedMLP) -> list[nn.Module]:
+    names = ("gate_up_proj", "down_proj") if hasattr(mlp, "gate_up_proj") else ("gate_proj", "up_proj", "down_proj")
+    return [getattr(mlp, name) for name in names]
+
+
+def _peft_lora_linear_classes() -> tuple[type, ...]:
+    """peft's LoRA linears over a plain and a bitsandbytes 4-bit base, the two forwards the LoRA kernels replace."""
+    from peft.tuners.lora import Linear, bnb
+
+    return tuple(cls for cls in (Linear, getattr(bnb, "Linear4bit", None)) if cls is not None)
+
+
+_KERNEL_LORA_CLASSES: dict[type, type] = {}
+
+
+def _kernel_lora_class(peft_class: type) -> type:
+    if peft_class not in _KERNEL_LORA_CLASSES:
+        _KERNEL_LORA_CLASSES[peft_class] = type(f"Kernel{peft_class.__name__}", (KernelLoraLinear, peft_class), {})
+    return _KERNEL_LORA_CLASSES[peft_class]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ftcli.errors import RecipeError
 
@@ -63,11 +63,21 @@ class TrainSettings(Section):
     weight_decay: float = Field(0.01, ge=0, description="Decoupled weight decay on LoRA weights.")
     optimizer: Literal["adamw_8bit", "adamw"] = Field("adamw_8bit", description="adamw_8bit (bitsandbytes) or adamw (PyTorch).")
     max_grad_norm: Optional[float] = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 or null disables clipping.")
-    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    gradient_checkpointing: Union[bool, Literal["offload"]] = Field(
+        True, description="Recompute each decoder layer in backward instead of keeping its activations: true keeps "
+        "the layer inputs on the GPU, offload keeps them in CPU memory (copied while the GPU computes; for long "
+        "sequences), false recomputes nothing.")
     seed: int = Field(3407, description="Seed for LoRA initialisation, shuffling and dropout.")
     logging_steps: int = Field(1, gt=0, description="Write a metrics row every this many optimizer steps.")
     save_steps: int = Field(0, ge=0, description="Save the adapter to OUT/checkpoints/step-N every this many steps; 0 saves only at the end.")
     eval_steps: int = Field(0, ge=0, description="Evaluate every this many steps; 0 evaluates once at the end (when eval_fraction > 0).")
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_mode(cls, value):
+        if isinstance(value, bool) or value == "offload":
+            return value
+        raise ValueError(f"must be true, false or offload (got {value!r})")
 
     @model_validator(mode="after")
     def _needs_a_length(self):

@@ -11,19 +11,21 @@ import random
 import resource
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
+from ftcli.architectures import Architecture
+from ftcli.checkpointing import enable_checkpointing
 from ftcli.data import PreparedData, prepare_data
 from ftcli.data.templates import IGNORE_INDEX, TokenizedExample
 from ftcli.loader import (add_lora, check_lora_targets, compute_dtype, load_config, load_model, load_tokenizer,
                           meta_model, pick_device)
 from ftcli.optim import build_optimizer, build_scheduler
-from ftcli.patch import apply_kernels, kernels_can_run
+from ftcli.patch import apply_kernels, apply_lora_kernels, kernels_can_run
 from ftcli.progress import TrainingDisplay
-from ftcli.recipe import Recipe, TrainSettings
+from ftcli.recipe import LoraSettings, Recipe, TrainSettings
 
 
 def run(recipe: Recipe, out_dir: Path, display: TrainingDisplay) -> dict:
@@ -37,10 +39,9 @@ def run(recipe: Recipe, out_dir: Path, display: TrainingDisplay) -> dict:
     total_steps = count_steps(len(data.train), recipe.train)
 
     model = load_model(recipe.model, architecture, device, dtype)
-    swapped = apply_kernels(model, architecture) if recipe.model.kernels and kernels_can_run(device) else {}
-    if recipe.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = add_lora(model, recipe.lora, architecture, recipe.train.seed)
+    model, swapped = prepare_for_training(model, architecture, recipe.lora, recipe.model.kernels and kernels_can_run(device),
+                                          recipe.train.gradient_checkpointing, recipe.train.seed)
+    fused = bool(swapped.get("cross_entropy"))
     trainable = [p for p in model.parameters() if p.requires_grad]
     display.header(recipe, architecture.family, model, trainable, device, dtype, data.stats, total_steps, swapped)
 
@@ -55,7 +56,7 @@ def run(recipe: Recipe, out_dir: Path, display: TrainingDisplay) -> dict:
     with (out_dir / "metrics.jsonl").open("w") as metrics_file, display.running(total_steps):
         for step, group in enumerate(step_groups(data.train, recipe.train, total_steps), start=1):
             batches = [collate(examples, pad_id, device) for examples in group]
-            last_loss, step_tokens = accumulate_gradients(model, batches, scaler)
+            last_loss, step_tokens = accumulate_gradients(model, batches, scaler, fused)
             grad_norm = clip_and_step(trainable, optimizer, recipe.train.max_grad_norm, scaler)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
@@ -71,7 +72,7 @@ def run(recipe: Recipe, out_dir: Path, display: TrainingDisplay) -> dict:
                        "elapsed_s": round(now - started, 3), "peak_mem_gib": round(peak_memory_gib(device), 3)}
                 interval_start, interval_tokens = now, 0
             if data.eval and (step == total_steps or (recipe.train.eval_steps and step % recipe.train.eval_steps == 0)):
-                eval_loss = evaluate(model, data.eval, recipe.train.batch_size, pad_id, device)
+                eval_loss = evaluate(model, data.eval, recipe.train.batch_size, pad_id, device, fused)
                 row = (row or {"step": step}) | {"eval_loss": round(eval_loss, 6)}
             if row:
                 metrics_file.write(json.dumps(row) + "\n")
@@ -89,6 +90,20 @@ def run(recipe: Recipe, out_dir: Path, display: TrainingDisplay) -> dict:
             "eval_loss": None if eval_loss is None else round(eval_loss, 6), "tokens": tokens_seen,
             "train_runtime_s": round(runtime, 2), "tokens_per_s": round(tokens_seen / max(runtime, 1e-9), 1),
             "peak_mem_gib": round(peak_memory_gib(device), 3), "trainable_params": sum(p.numel() for p in trainable)}
+
+
+def prepare_for_training(model, architecture: Architecture, lora: LoraSettings, kernels: bool,
+                         gradient_checkpointing: Union[bool, str], seed: int):
+    """Kernels, checkpointing and LoRA on a loaded base model, in the order they must go on; returns the
+    trainable model and how many modules each kernel replaced (empty without kernels).
+
+    The norm and MLP kernels go in before peft wraps the projections, so the LoRA kernels find them."""
+    swapped = apply_kernels(model, architecture) if kernels else {}
+    enable_checkpointing(model, gradient_checkpointing)
+    model = add_lora(model, lora, architecture, seed)
+    if kernels:
+        swapped |= apply_lora_kernels(model)
+    return model, swapped
 
 
 def dry_run(recipe: Recipe) -> dict:
@@ -155,21 +170,40 @@ def target_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def summed_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy summed (not averaged) over the batch's target tokens, in float32."""
+def summed_token_loss(model, batch: dict[str, torch.Tensor], fused: bool = False) -> torch.Tensor:
+    """Cross-entropy summed (not averaged) over the batch's target tokens, in float32.
+
+    `fused` takes the decoder's last hidden states through the fused head and cross-entropy kernel instead,
+    so the (tokens x vocabulary) logits never exist whole.
+    """
+    if fused:
+        return fused_token_loss(model, batch)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     shifted = logits[:, :-1].float()
     return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), batch["labels"][:, 1:].reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def fused_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The causal LM's own head and final soft-capping (Gemma 2), applied by the kernel to the decoder's output;
+    labels move left by one instead of the hidden states right, so the hidden states are used as they are."""
+    from kernels.cross_entropy import fused_linear_cross_entropy
+
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 use_cache=False).last_hidden_state
+    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+    return fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), model.get_output_embeddings().weight,
+                                      labels.reshape(-1), getattr(model.config, "final_logit_softcapping", None),
+                                      IGNORE_INDEX)
+
+
 def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]],
-                         scaler: Optional[torch.amp.GradScaler] = None) -> tuple[float, int]:
+                         scaler: Optional[torch.amp.GradScaler] = None, fused: bool = False) -> tuple[float, int]:
     """Backward over all micro-batches of one step; returns the step's mean token loss and its token count."""
     total_targets = sum(target_tokens(batch) for batch in batches)
     step_loss = 0.0
     for batch in batches:
-        loss = summed_token_loss(model, batch) / total_targets
+        loss = summed_token_loss(model, batch, fused) / total_targets
         (scaler.scale(loss) if scaler else loss).backward()
         step_loss += loss.item()
     return step_loss, sum(int(batch["attention_mask"].sum()) for batch in batches)
@@ -191,13 +225,14 @@ def clip_and_step(parameters: list[torch.nn.Parameter], optimizer: torch.optim.O
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[TokenizedExample], batch_size: int, pad_id: int, device: torch.device) -> float:
+def evaluate(model, examples: list[TokenizedExample], batch_size: int, pad_id: int, device: torch.device,
+             fused: bool = False) -> float:
     """Mean token loss over the held-out examples."""
     model.eval()
     loss_sum, targets = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start:start + batch_size], pad_id, device)
-        loss_sum += float(summed_token_loss(model, batch))
+        loss_sum += float(summed_token_loss(model, batch, fused))
         targets += target_tokens(batch)
     model.train()
     return loss_sum / max(targets, 1)

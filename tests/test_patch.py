@@ -8,10 +8,14 @@ from transformers import AutoModelForCausalLM
 
 from ftcli.architectures import ARCHITECTURES
 from ftcli.loader import add_lora
-from ftcli.patch import KernelGatedMLP, KernelRMSNorm, apply_kernels
+from ftcli.patch import KernelGatedMLP, KernelRMSNorm, RotaryDispatch, apply_kernels, apply_lora_kernels
 from ftcli.recipe import LoraSettings
 from ftcli.train import collate, summed_token_loss, target_tokens
 from ftcli.data.templates import TokenizedExample
+from kernels import cross_entropy as cross_entropy_kernel
+from kernels import lora_linear as lora_linear_kernel
+from kernels import lora_mlp as lora_mlp_kernel
+from kernels import rope as rope_kernel
 from tiny_models import FAMILIES
 
 
@@ -23,14 +27,26 @@ def randomise(model, pattern: str, scale: float, seed: int) -> None:
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
 
 
-def loss_and_grads(model, batch):
-    loss = summed_token_loss(model, batch) / target_tokens(batch)
+def count_calls(monkeypatch, module, name: str) -> list:
+    """Wrap `module.name` for the test's duration; the returned list grows by one per call."""
+    calls, function = [], getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return function(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def loss_and_grads(model, batch, fused: bool = False):
+    loss = summed_token_loss(model, batch, fused) / target_tokens(batch)
     loss.backward()
     return float(loss), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_patched_model_matches_unpatched(family, tiny_model_folder):
+def test_patched_model_matches_unpatched(family, tiny_model_folder, monkeypatch):
     architecture = ARCHITECTURES[family]
     base = AutoModelForCausalLM.from_pretrained(tiny_model_folder(family), dtype=torch.float32,
                                                 attn_implementation=architecture.attention)
@@ -39,10 +55,13 @@ def test_patched_model_matches_unpatched(family, tiny_model_folder):
     swapped = apply_kernels(patched, architecture)
     layers = base.config.num_hidden_layers
     assert swapped["gated_mlp"] == layers and swapped["rms_norm"] >= 2 * layers + 1
+    assert swapped["rope"] == layers and swapped["cross_entropy"] == 1
     assert sum(isinstance(m, KernelRMSNorm) for m in patched.modules()) == swapped["rms_norm"]
     assert sum(isinstance(m, KernelGatedMLP) for m in patched.modules()) == layers
 
     models = [add_lora(m, LoraSettings(r=4, alpha=8), architecture, seed=3) for m in (base, patched)]
+    attention_projections = (2 if family == "phi3" else 4) * layers  # phi3 fuses q, k, v into qkv_proj
+    assert apply_lora_kernels(models[1]) == {"lora_mlp": layers, "lora_linear": attention_projections}
     for model in models:
         randomise(model, "lora_B", 0.05, seed=2)  # LoRA B starts at zero, which would leave A's gradients zero
     generator = torch.Generator().manual_seed(4)
@@ -50,8 +69,44 @@ def test_patched_model_matches_unpatched(family, tiny_model_folder):
                 for ids in (torch.randint(3, 300, (n,), generator=generator).tolist() for n in (9, 14))]
     batch = collate(examples, 0, torch.device("cpu"))
 
-    (loss, grads), (patched_loss, patched_grads) = (loss_and_grads(m, batch) for m in models)
+    rope_calls = count_calls(monkeypatch, rope_kernel, "apply_rope")
+    fused_calls = count_calls(monkeypatch, cross_entropy_kernel, "fused_linear_cross_entropy")
+    lora_calls = count_calls(monkeypatch, lora_linear_kernel, "lora_linear")
+    lora_mlp_calls = count_calls(monkeypatch, lora_mlp_kernel, "lora_gated_mlp")
+    head_calls = []
+    models[1].get_output_embeddings().register_forward_hook(lambda *_: head_calls.append(1))
+    patched_loss, patched_grads = loss_and_grads(models[1], batch, fused=True)
+    assert len(rope_calls) == layers  # the RoPE kernel really ran, once per attention layer
+    assert len(fused_calls) == 1 and not head_calls  # the loss came from the fused kernel, not the head's logits
+    assert len(lora_calls) == attention_projections and len(lora_mlp_calls) == layers
+    loss, grads = loss_and_grads(models[0], batch)
+    assert len(rope_calls) == layers  # the unpatched model, run after it, ran transformers' own RoPE
     assert patched_loss == pytest.approx(loss, rel=1e-5)
     assert grads.keys() == patched_grads.keys() and grads
     for name, grad in grads.items():
         torch.testing.assert_close(patched_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_rope_dispatch_is_installed_once_and_falls_back(tiny_model_folder, monkeypatch):
+    """However often models are patched, one dispatch wraps transformers' function; inside a patched attention
+    module, cos and sin that need gradients (which the kernel does not give) go to transformers' code."""
+    from transformers.models.llama import modeling_llama
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_folder("llama"), dtype=torch.float32)
+    patched = copy.deepcopy(base)
+    for model in (patched, copy.deepcopy(base)):
+        apply_kernels(model, ARCHITECTURES["llama"])
+    dispatch = modeling_llama.apply_rotary_pos_emb
+    assert isinstance(dispatch, RotaryDispatch) and not isinstance(dispatch.original, RotaryDispatch)
+
+    rope_calls = count_calls(monkeypatch, rope_kernel, "apply_rope")
+    hidden = torch.randn(2, 5, base.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    cos, sin = base.model.rotary_emb(hidden, torch.arange(5)[None])
+    attention, patched_attention = base.model.layers[0].self_attn, patched.model.layers[0].self_attn
+    want = attention(hidden, (cos, sin), None)[0]
+    assert not rope_calls
+    torch.testing.assert_close(patched_attention(hidden, (cos, sin), None)[0], want)
+    assert len(rope_calls) == 1
+    learned = cos.clone().requires_grad_(), sin.clone().requires_grad_()
+    torch.testing.assert_close(patched_attention(hidden, learned, None)[0], want)
+    assert len(rope_calls) == 1

@@ -1,0 +1,107 @@
+"""LoRA kernels inside models: NF4 bases, checkpointing, saved adapters, and the states left to peft.
+
+tests/test_patch.py checks every family over float32 bases; here are the cases that need a 4-bit base or peft's
+own machinery (saving, loading, disabling adapters).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from ftcli.architectures import ARCHITECTURES
+from ftcli.checkpointing import enable_checkpointing
+from ftcli.loader import add_lora, load_model
+from ftcli.patch import KernelLoraLinear, KernelLoraGatedMLP, apply_kernels, apply_lora_kernels
+from ftcli.recipe import LoraSettings, ModelSettings
+from kernels import lora_linear as lora_linear_kernel
+
+CPU = torch.device("cpu")
+
+
+def lora_model(folder, family: str, kernels: bool, load_in_4bit: bool = False, checkpointing=False, **lora):
+    """The tiny model with LoRA (B randomised, so A gets gradients), patched as train.py does when `kernels`."""
+    architecture = ARCHITECTURES[family]
+    model = load_model(ModelSettings(name=str(folder), load_in_4bit=load_in_4bit, dtype="float32"), architecture,
+                       CPU, torch.float32)
+    if kernels:
+        apply_kernels(model, architecture)
+    enable_checkpointing(model, checkpointing)
+    model = add_lora(model, LoraSettings(**{"r": 4, "alpha": 8} | lora), architecture, seed=3)
+    swapped = apply_lora_kernels(model) if kernels else {}
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return model.train(), swapped
+
+
+def batch() -> torch.Tensor:
+    return torch.randint(3, 300, (2, 11), generator=torch.Generator().manual_seed(4))
+
+
+def loss_and_grads(model, input_ids):
+    logits = model(input_ids=input_ids).logits[:, :-1].float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+    loss.backward()
+    return float(loss.detach()), {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same_training(model, reference) -> None:
+    (loss, grads), (want_loss, want_grads) = loss_and_grads(model, batch()), loss_and_grads(reference, batch())
+    assert loss == pytest.approx(want_loss, rel=1e-5)
+    assert grads.keys() == want_grads.keys() and grads
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])  # plain, q/k/v biases, fused qkv and gate_up
+def test_nf4_model_with_lora_kernels_matches_peft(family, tiny_model_folder):
+    model, swapped = lora_model(tiny_model_folder(family), family, kernels=True, load_in_4bit=True)
+    layers = model.config.num_hidden_layers
+    assert swapped == {"lora_mlp": layers, "lora_linear": (2 if family == "phi3" else 4) * layers}
+    assert_same_training(model, lora_model(tiny_model_folder(family), family, kernels=False, load_in_4bit=True)[0])
+
+
+@pytest.mark.parametrize("checkpointing", [True, "offload"])
+def test_checkpointed_nf4_model_matches_peft(checkpointing, tiny_model_folder, monkeypatch):
+    """Recompute runs the LoRA ops' forward again (under saved-tensor hooks when offloading), to the same grads."""
+    model, swapped = lora_model(tiny_model_folder("llama"), "llama", kernels=True, load_in_4bit=True,
+                                checkpointing=checkpointing)
+    calls, original = [], lora_linear_kernel.lora_linear
+    monkeypatch.setattr(lora_linear_kernel, "lora_linear", lambda *args: calls.append(1) or original(*args))
+    assert_same_training(model, lora_model(tiny_model_folder("llama"), "llama", kernels=False, load_in_4bit=True)[0])
+    assert len(calls) == 2 * swapped["lora_linear"]
+
+
+def test_adapter_saved_from_kernel_model_is_peft_s(tiny_model_folder, tmp_path):
+    """Same file as without kernels, and PeftModel.from_pretrained gives back the kernel model's outputs."""
+    folder = tiny_model_folder("llama")
+    model, _ = lora_model(folder, "llama", kernels=True)
+    plain, _ = lora_model(folder, "llama", kernels=False)
+    model.save_pretrained(tmp_path / "kernels")
+    plain.save_pretrained(tmp_path / "plain")
+    saved, want = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("kernels", "plain"))
+    assert saved.keys() == want.keys() and saved
+    for name, tensor in want.items():
+        assert torch.equal(saved[name], tensor), name
+
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        loaded = PeftModel.from_pretrained(base, tmp_path / "kernels")(batch()).logits
+        torch.testing.assert_close(model(batch()).logits, loaded, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_states_the_kernels_do_not_compute_fall_back(tiny_model_folder):
+    folder = tiny_model_folder("llama")
+    model, _ = lora_model(folder, "llama", kernels=True)
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad(), model.disable_adapter():
+        torch.testing.assert_close(model(batch()).logits, base(batch()).logits, rtol=1e-5, atol=1e-5)
+
+    dropped, swapped = lora_model(folder, "llama", kernels=True, dropout=0.1)
+    assert swapped == {"lora_mlp": 0, "lora_linear": 0}
+    assert not any(isinstance(m, (KernelLoraLinear, KernelLoraGatedMLP)) for m in dropped.modules())

@@ -93,6 +93,7 @@ def hf_training(model, precision: str):
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(3407)  # the LoRA initialisation ftcli's side draws too
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
                                              task_type="CAUSAL_LM"))
     return model, lambda batch: model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
@@ -102,15 +103,13 @@ def ftcli_training(model, checkpointing):
     """The path `ftcli train` takes after loading: kernels, checkpointing, LoRA, and its own loss."""
     from ftcli.architectures import ARCHITECTURES
     from ftcli.recipe import LoraSettings
-    from ftcli.loader import add_lora
-    from ftcli.patch import apply_kernels
-    from ftcli.train import summed_token_loss, target_tokens
+    from ftcli.train import prepare_for_training, summed_token_loss, target_tokens
 
     lora = LoraSettings(r=16, alpha=16, target_modules=LORA_TARGETS)
-    apply_kernels(model, ARCHITECTURES["llama"])
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = add_lora(model, lora, ARCHITECTURES["llama"], 3407)
-    return model, lambda batch: summed_token_loss(model, batch) / target_tokens(batch)
+    model, swapped = prepare_for_training(model, ARCHITECTURES["llama"], lora, kernels=True,
+                                          gradient_checkpointing=checkpointing, seed=3407)
+    fused = bool(swapped.get("cross_entropy"))
+    return model, lambda batch: summed_token_loss(model, batch, fused) / target_tokens(batch)
 
 
 def measure(side: str, args) -> dict:
@@ -125,7 +124,13 @@ def measure(side: str, args) -> dict:
     else:
         model, mean_loss = ftcli_training(model, args.checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = bnb.optim.AdamW8bit(trainable, lr=2e-4, weight_decay=0.0)
+    if side == "hf":
+        optimizer = bnb.optim.AdamW8bit(trainable, lr=2e-4, weight_decay=0.0)
+    else:
+        from ftcli.optim import build_optimizer
+        from ftcli.recipe import TrainSettings
+
+        optimizer = build_optimizer(trainable, TrainSettings(optimizer="adamw_8bit", learning_rate=2e-4, weight_decay=0.0))
     generator = torch.Generator().manual_seed(1)
     vocab = SHAPES[args.shape]["vocab_size"]
     batches = []
@@ -151,21 +156,28 @@ def measure(side: str, args) -> dict:
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     if args.profile and side == "ftcli" and device.type == "cuda":
-        result["profile"] = profile_step(mean_loss, batches[0], optimizer, trainable)
+        result["profile"] = profile_step(mean_loss, batches[0], optimizer, trainable, args.trace)
     return result
 
 
-def profile_step(mean_loss, batch, optimizer, trainable) -> str:
-    """The GPU kernels of one training step, grouped by name, longest total first."""
+def profile_step(mean_loss, batch, optimizer, trainable, trace_path) -> str:
+    """The GPU kernels of one training step, grouped by name, longest total first, and how long the host
+    took to enqueue the step against the step's wall time (equal means the GPU waited on Python)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        started = time.perf_counter()
         mean_loss(batch).backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        enqueued = time.perf_counter()
         torch.cuda.synchronize()
-    return profiler.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+        finished = time.perf_counter()
+    if trace_path:
+        profiler.export_chrome_trace(trace_path)
+    table = profiler.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+    return table + f"\nhost enqueued the step in {1e3 * (enqueued - started):.0f} ms of {1e3 * (finished - started):.0f} ms"
 
 
 def run_side_in_subprocess(side: str, argv: list[str]) -> dict:
@@ -209,6 +221,7 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="steps run before measuring (compilation, caches)")
     parser.add_argument("--only", choices=SIDES, help="run one side in this process")
     parser.add_argument("--profile", action="store_true", help="also print ftcli's per-kernel GPU time of one step")
+    parser.add_argument("--trace", help="with --profile: write the step's Chrome trace (JSON) to this path")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = parser.parse_args(argv)
     if args.checkpointing == "true":

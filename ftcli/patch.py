@@ -22,6 +22,7 @@ import contextvars
 import inspect
 import os
 import sys
+import weakref
 
 import torch
 from torch import nn
@@ -162,6 +163,42 @@ class KernelLoraLinear:
         return lora_linear(x, *parts)
 
 
+class KernelLoraStackedLinear(KernelLoraLinear):
+    """One of an attention module's q, k and v projections, which kernels/lora_qkv computes together (see
+    `StackedProjections`); falls back to the single-projection op in any state the stacked op does not take."""
+
+    def forward(self, x, *args, **kwargs):
+        output = None if args or kwargs else self._stacked_projections.output(self, x)
+        return super().forward(x, *args, **kwargs) if output is None else output
+
+
+class StackedProjections:
+    """The q, k and v projections of one attention module. The first of them called with an input computes all
+    three in one op and keeps the other two outputs until they are called with that same input, as attention
+    forwards do right away; a call with another input computes afresh, so nothing stale is ever returned."""
+
+    def __init__(self, projections: list[nn.Module]):
+        self.projections = projections
+        self.input = None  # a weak reference: the layer's hidden state must not outlive its use
+        self.pending: dict[int, torch.Tensor] = {}
+
+    def output(self, projection: nn.Module, x: torch.Tensor):
+        if self.input is not None and self.input() is x and id(projection) in self.pending:
+            output = self.pending.pop(id(projection))
+            if not self.pending:
+                self.input = None
+            return output
+        parts = [_lora_parts(p, x) for p in self.projections]
+        if any(part is None for part in parts):
+            return None
+        from kernels.lora_qkv import lora_projections
+
+        outputs = lora_projections(x, parts)
+        self.pending = {id(p): out for p, out in zip(self.projections, outputs) if p is not projection}
+        self.input = weakref.ref(x)
+        return outputs[self.projections.index(projection)]
+
+
 class KernelLoraGatedMLP(KernelGatedMLP):
     """A KernelGatedMLP run as one fused op (kernels/lora_mlp) while all its projections are in `_lora_parts` state."""
 
@@ -176,18 +213,26 @@ class KernelLoraGatedMLP(KernelGatedMLP):
 
 def apply_lora_kernels(model: nn.Module) -> dict[str, int]:
     """After peft added the adapters: each KernelGatedMLP whose projections all carry a plain LoRA becomes one
-    fused op, and every other such LoRA projection a LoRA linear op; returns how many of each."""
-    swapped = {"lora_mlp": 0, "lora_linear": 0}
+    fused op, each attention module's q, k and v with plain LoRA one stacked op, and every other such LoRA
+    projection a LoRA linear op; returns how many of each."""
+    swapped = {"lora_mlp": 0, "lora_qkv": 0, "lora_linear": 0}
+    lora_classes = _peft_lora_linear_classes()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is KernelGatedMLP and all(_lora_parts(p) is not None for p in _mlp_projections(child)):
                 setattr(parent, name, KernelLoraGatedMLP(child, child.activation))
                 swapped["lora_mlp"] += 1
+        qkv = [getattr(parent, name, None) for name in ("q_proj", "k_proj", "v_proj")]
+        if all(type(p) in lora_classes and _lora_parts(p) is not None for p in qkv):
+            stacked = StackedProjections(qkv)
+            for projection in qkv:
+                projection.__class__ = _kernel_lora_class(type(projection), KernelLoraStackedLinear)
+                projection._stacked_projections = stacked
+            swapped["lora_qkv"] += 1
     fused = {id(p) for m in model.modules() if isinstance(m, KernelLoraGatedMLP) for p in _mlp_projections(m)}
-    lora_classes = _peft_lora_linear_classes()
     for module in model.modules():
         if type(module) in lora_classes and id(module) not in fused and _lora_parts(module) is not None:
-            module.__class__ = _kernel_lora_class(type(module))
+            module.__class__ = _kernel_lora_class(type(module), KernelLoraLinear)
             swapped["lora_linear"] += 1
     return swapped
 
@@ -238,10 +283,12 @@ def _peft_lora_linear_classes() -> tuple[type, ...]:
     return tuple(cls for cls in (Linear, getattr(bnb, "Linear4bit", None)) if cls is not None)
 
 
-_KERNEL_LORA_CLASSES: dict[type, type] = {}
+_KERNEL_LORA_CLASSES: dict[tuple[type, type], type] = {}
 
 
-def _kernel_lora_class(peft_class: type) -> type:
-    if peft_class not in _KERNEL_LORA_CLASSES:
-        _KERNEL_LORA_CLASSES[peft_class] = type(f"Kernel{peft_class.__name__}", (KernelLoraLinear, peft_class), {})
-    return _KERNEL_LORA_CLASSES[peft_class]
+def _kernel_lora_class(peft_class: type, kernel_forward: type) -> type:
+    """peft's class with `kernel_forward`'s forward in front, made once per pair."""
+    if (peft_class, kernel_forward) not in _KERNEL_LORA_CLASSES:
+        name = f"{kernel_forward.__name__}{peft_class.__name__}"
+        _KERNEL_LORA_CLASSES[peft_class, kernel_forward] = type(name, (kernel_forward, peft_class), {})
+    return _KERNEL_LORA_CLASSES[peft_class, kernel_forward]

@@ -49,24 +49,35 @@ def _backward(gate_ptr, up_ptr, grad_ptr, dgate_ptr, dup_ptr, n, KIND: tl.conste
     tl.store(dup_ptr + offsets, (d * activated).to(dup_ptr.dtype.element_ty), mask=mask)
 
 
+def activation_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up without autograd, for ops that recompute it inside their own backward."""
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    _forward[(triton.cdiv(gate.numel(), BLOCK),)](gate, up, out, gate.numel(), KIND=ACTIVATIONS[activation], BLOCK=BLOCK)
+    return out
+
+
+def activation_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor,
+                        activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients for gate and up of act(gate) * up, given the output's gradient."""
+    gate, up = gate.contiguous(), up.contiguous()
+    dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+    _backward[(triton.cdiv(gate.numel(), BLOCK),)](gate, up, grad.contiguous(), dgate, dup, gate.numel(),
+                                                  KIND=ACTIVATIONS[activation], BLOCK=BLOCK)
+    return dgate, dup
+
+
 class GatedActivationFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, activation: str):
         gate, up = gate.contiguous(), up.contiguous()
-        out = torch.empty_like(gate)
-        kind = ACTIVATIONS[activation]
-        _forward[(triton.cdiv(gate.numel(), BLOCK),)](gate, up, out, gate.numel(), KIND=kind, BLOCK=BLOCK)
         ctx.save_for_backward(gate, up)
-        ctx.kind = kind
-        return out
+        ctx.activation = activation
+        return activation_forward(gate, up, activation)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        gate, up = ctx.saved_tensors
-        dgate, dup = torch.empty_like(gate), torch.empty_like(up)
-        _backward[(triton.cdiv(gate.numel(), BLOCK),)](gate, up, grad.contiguous(), dgate, dup, gate.numel(),
-                                                      KIND=ctx.kind, BLOCK=BLOCK)
-        return dgate, dup, None
+        return *activation_backward(*ctx.saved_tensors, grad, ctx.activation), None
 
 
 def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:

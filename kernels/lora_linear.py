@@ -12,19 +12,29 @@ import torch
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The base weight as a dense (out, in) matrix in `dtype`; a bitsandbytes 4-bit weight is dequantized
-    (NF4 by one launch of kernels/nf4_dequantize, other 4-bit types by bitsandbytes)."""
+def dense_weight(weight: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The base weight as a dense (out, in) matrix in `dtype`, written into `out` when given; a bitsandbytes
+    4-bit weight is dequantized (NF4 by one launch of kernels/nf4_dequantize, other 4-bit types by bitsandbytes)."""
     quant_state = getattr(weight, "quant_state", None)
-    if quant_state is None:
-        return weight.to(dtype)
-    if quant_state.quant_type == "nf4":
+    if quant_state is not None and quant_state.quant_type == "nf4":
         from kernels.nf4_dequantize import nf4_dequantize
 
-        return nf4_dequantize(weight, quant_state, dtype)
-    from bitsandbytes.functional import dequantize_4bit
+        return nf4_dequantize(weight, quant_state, dtype, out)
+    if quant_state is not None:
+        from bitsandbytes.functional import dequantize_4bit
 
-    return dequantize_4bit(weight, quant_state).to(dtype)
+        weight = dequantize_4bit(weight, quant_state)
+    return weight.to(dtype) if out is None else out.copy_(weight)
+
+
+def cast_all(tensors, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Copies of `tensors` in `dtype` made by one multi-tensor launch: a layer's adapters are many small
+    tensors, and on a host-bound step each separate cast costs a launch."""
+    if all(tensor.dtype == dtype for tensor in tensors):
+        return list(tensors)
+    copies = [torch.empty_like(tensor, dtype=dtype) for tensor in tensors]
+    torch._foreach_copy_(copies, list(tensors))
+    return copies
 
 
 def project(x2d, weight, bias, lora_A, lora_B, scaling):
@@ -76,7 +86,7 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_A, lora_B, weight, bias, scaling):
         # The adapters are cast once here and kept cast for backward: a (r x in) copy is cheap, a launch is not
-        lora_A_cast, lora_B_cast = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        lora_A_cast, lora_B_cast = cast_all((lora_A, lora_B), x.dtype)
         out, xa = project(x.reshape(-1, x.shape[-1]), weight, bias, lora_A_cast, lora_B_cast, scaling)
         ctx.save_for_backward(x, xa, lora_A_cast, lora_B_cast)
         ctx.weight, ctx.scaling, ctx.adapter_dtype = weight, scaling, lora_A.dtype
@@ -87,8 +97,8 @@ class LoraLinearFunction(torch.autograd.Function):
         x, xa, lora_A, lora_B = ctx.saved_tensors
         grad_x, grad_A, grad_B = project_backward(grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]), xa,
                                                   ctx.weight, lora_A, lora_B, ctx.scaling, ctx.needs_input_grad[0])
-        return (None if grad_x is None else grad_x.view(x.shape), grad_A.to(ctx.adapter_dtype),
-                grad_B.to(ctx.adapter_dtype), None, None, None)
+        grad_A, grad_B = cast_all((grad_A, grad_B), ctx.adapter_dtype)
+        return None if grad_x is None else grad_x.view(x.shape), grad_A, grad_B, None, None, None
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float) -> torch.Tensor:

@@ -8,8 +8,8 @@ dequantizes NF4 base weights again instead of keeping them from forward.
 
 import torch
 
-from kernels.gated_activation import ACTIVATIONS, gated_activation, gated_activation_reference
-from kernels.lora_linear import check_projection, lora_linear_reference, project, project_backward
+from kernels.gated_activation import ACTIVATIONS, activation_backward, activation_forward, gated_activation_reference
+from kernels.lora_linear import cast_all, check_projection, lora_linear_reference, project, project_backward
 
 
 def _gate_and_up(inner: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,14 +22,14 @@ class LoraGatedMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, activation, weights, biases, scalings, *adapters):
         ctx.adapter_dtype = adapters[0].dtype
-        adapters = [adapter.to(x.dtype) for adapter in adapters]  # cast once, kept cast for backward
+        adapters = cast_all(adapters, x.dtype)  # cast once, kept cast for backward
         x2d = x.reshape(-1, x.shape[-1])
         inner, inner_xa = [], []
         for index in range(len(weights) - 1):
             out, xa = project(x2d, weights[index], biases[index], *adapters[2 * index:2 * index + 2], scalings[index])
             inner.append(out)
             inner_xa.append(xa)
-        hidden = gated_activation(*_gate_and_up(inner), activation)
+        hidden = activation_forward(*_gate_and_up(inner), activation)
         out, down_xa = project(hidden, weights[-1], biases[-1], *adapters[-2:], scalings[-1])
         ctx.save_for_backward(x, *inner, *inner_xa, down_xa, *adapters)
         ctx.activation, ctx.weights, ctx.scalings = activation, weights, scalings
@@ -40,13 +40,13 @@ class LoraGatedMLPFunction(torch.autograd.Function):
         x, *saved = ctx.saved_tensors
         count = len(ctx.weights) - 1
         inner, inner_xa, down_xa, adapters = saved[:count], saved[count:2 * count], saved[2 * count], saved[2 * count + 1:]
-        with torch.enable_grad():
-            gate, up = (t.detach().requires_grad_() for t in _gate_and_up(inner))
-            hidden = gated_activation(gate, up, ctx.activation)
-        grad_hidden, grad_A, grad_B = project_backward(grad.reshape(-1, grad.shape[-1]), hidden.detach(), down_xa,
+        gate, up = _gate_and_up(inner)
+        hidden = activation_forward(gate, up, ctx.activation)
+        grad_hidden, grad_A, grad_B = project_backward(grad.reshape(-1, grad.shape[-1]), hidden, down_xa,
                                                        ctx.weights[-1], *adapters[-2:], ctx.scalings[-1], True)
-        grad_gate, grad_up = torch.autograd.grad(hidden, (gate, up), grad_hidden)
-        del hidden, grad_hidden
+        del hidden
+        grad_gate, grad_up = activation_backward(gate, up, grad_hidden, ctx.activation)
+        del grad_hidden
         grad_inner = [grad_gate, grad_up] if count == 2 else [torch.cat((grad_gate, grad_up), dim=-1)]
 
         x2d = x.reshape(-1, x.shape[-1])
@@ -56,7 +56,7 @@ class LoraGatedMLPFunction(torch.autograd.Function):
                                               *adapters[2 * index:2 * index + 2], ctx.scalings[index],
                                               ctx.needs_input_grad[0], into=grad_x)
             grad_adapters += grads
-        grad_adapters = [g.to(ctx.adapter_dtype) for g in grad_adapters + [grad_A, grad_B]]
+        grad_adapters = cast_all(grad_adapters + [grad_A, grad_B], ctx.adapter_dtype)
         return None if grad_x is None else grad_x.view(x.shape), None, None, None, None, *grad_adapters
 
 

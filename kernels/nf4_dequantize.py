@@ -35,8 +35,9 @@ def _dequantize(packed_ptr, code_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_
     tl.store(out_ptr + position, pairs, mask=position < 2 * n_bytes)
 
 
-def nf4_dequantize(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
-    """The dense (out, in) weight in `dtype` of a bitsandbytes NF4 Params4bit and its quant_state."""
+def nf4_dequantize(packed: torch.Tensor, quant_state, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense (out, in) weight in `dtype` of a bitsandbytes NF4 Params4bit and its quant_state, written into
+    `out` when given (a contiguous block of a larger buffer, such as rows of stacked q, k, v weights)."""
     if quant_state.quant_type != "nf4" or packed.dtype != torch.uint8:
         raise ValueError(f"nf4_dequantize: expects NF4 weights packed in uint8, got {quant_state.quant_type} "
                          f"in {packed.dtype}")
@@ -44,7 +45,11 @@ def nf4_dequantize(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> tor
     numel = shape[0] * shape[1]
     if numel % 2 or packed.numel() * 2 != numel or quant_state.blocksize % 2:
         raise ValueError(f"nf4_dequantize: {packed.numel()} packed bytes do not hold a {shape} weight")
-    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=packed.device)
+    elif tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"nf4_dequantize: out must be a contiguous {shape} {dtype} tensor, got "
+                         f"{tuple(out.shape)} {out.dtype}")
     nested = quant_state.nested
     state2 = quant_state.state2 if nested else None
     _dequantize[(triton.cdiv(packed.numel(), BYTES_PER_PROGRAM),)](

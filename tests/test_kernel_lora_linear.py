@@ -1,4 +1,4 @@
-"""LoRA projection and LoRA gated MLP ops against plain PyTorch references, forward and backward, over plain and
+"""LoRA projection, stacked LoRA projections (q, k, v) and LoRA gated MLP ops against plain PyTorch references, forward and backward, over plain and
 NF4 base weights, and what they keep for backward.
 
 The NF4 references use the dequantized weight, so they check the op's math, not the quantization. On a CPU the
@@ -16,6 +16,7 @@ from bitsandbytes.nn import Params4bit
 import kernels.lora_linear
 from kernels.lora_linear import lora_linear, lora_linear_reference
 from kernels.lora_mlp import lora_gated_mlp, lora_gated_mlp_reference
+from kernels.lora_qkv import lora_projections, lora_projections_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (forward, backward) max error relative to the reference's largest magnitude
@@ -99,6 +100,29 @@ def test_lora_gated_mlp_matches_reference(layout, activation, base, dtype):
     assert_matches(y, inputs, lora_gated_mlp_reference(x_ref, activation, references), reference_inputs, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("base", ["plain", "nf4"])
+@pytest.mark.parametrize("bias", ["none", "some", "all"])
+def test_lora_projections_match_reference(bias, base, dtype):
+    """q, k, v of different widths and LoRA scalings, some with biases, as one op."""
+    hidden = 128
+    generator = torch.Generator().manual_seed(hash((bias, base)) % 2**31)
+    x = torch.randn(2, 5, hidden, generator=generator).to(DEVICE, dtype).requires_grad_()
+    with_bias = {"none": [False] * 3, "some": [True, False, True], "all": [True] * 3}[bias]
+    parts = [projection(generator, width, hidden, dtype, base, b) for width, b in zip((128, 64, 64), with_bias)]
+    parts = [part[:4] + (scaling,) for part, scaling in zip(parts, (2.0, 0.5, 1.0))]
+    references = [as_reference(part) for part in parts]
+    x_ref = x.detach().double().requires_grad_()
+
+    q, k, v = lora_projections(x, parts)
+    assert [t.shape for t in (q, k, v)] == [(2, 5, 128), (2, 5, 64), (2, 5, 64)]
+    q_ref, k_ref, v_ref = lora_projections_reference(x_ref, references)
+    inputs = (x, *(t for part in parts for t in part[2:4]))
+    reference_inputs = (x_ref, *(t for part in references for t in part[2:4]))
+    assert_matches(torch.cat([q, k, v], dim=-1), inputs, torch.cat([q_ref, k_ref, v_ref], dim=-1), reference_inputs,
+                   dtype)
+
+
 def saved_shapes(run) -> list[tuple[tuple, int]]:
     """(shape, data_ptr) of every tensor autograd saves while `run` builds its graph."""
     saved = []
@@ -127,6 +151,11 @@ def test_backward_keeps_activations_and_adapters_only(base):
     assert x_saved == [x.data_ptr()] * 2  # q and k keep the very same x, not a copy each
     assert sorted(shape for shape, _ in attention_saved) == sorted(
         [(tokens, hidden), (tokens, RANK), (RANK, hidden), (hidden, RANK)] * 2)
+
+    stacked_saved = saved_shapes(lambda: lora_projections(x, [q, k]))
+    assert [pointer for shape, pointer in stacked_saved if shape == tuple(x.shape)] == [x.data_ptr()]
+    assert sorted(shape for shape, _ in stacked_saved) == sorted(
+        [(tokens, hidden), (tokens, 2 * RANK), (2 * RANK, hidden), (hidden, RANK), (hidden, RANK)])
 
     mlp_saved = [shape for shape, _ in saved_shapes(lambda: lora_gated_mlp(x, "silu", mlp))]
     assert sorted(mlp_saved) == sorted([(tokens, hidden), (tokens, inner), (tokens, inner)] + [(tokens, RANK)] * 3

@@ -15,6 +15,7 @@ from ftcli.data.templates import TokenizedExample
 from kernels import cross_entropy as cross_entropy_kernel
 from kernels import lora_linear as lora_linear_kernel
 from kernels import lora_mlp as lora_mlp_kernel
+from kernels import lora_qkv as lora_qkv_kernel
 from kernels import rope as rope_kernel
 from tiny_models import FAMILIES
 
@@ -61,7 +62,9 @@ def test_patched_model_matches_unpatched(family, tiny_model_folder, monkeypatch)
 
     models = [add_lora(m, LoraSettings(r=4, alpha=8), architecture, seed=3) for m in (base, patched)]
     attention_projections = (2 if family == "phi3" else 4) * layers  # phi3 fuses q, k, v into qkv_proj
-    assert apply_lora_kernels(models[1]) == {"lora_mlp": layers, "lora_linear": attention_projections}
+    stacked = 0 if family == "phi3" else layers
+    assert apply_lora_kernels(models[1]) == {"lora_mlp": layers, "lora_qkv": stacked,
+                                             "lora_linear": attention_projections - 3 * stacked}
     for model in models:
         randomise(model, "lora_B", 0.05, seed=2)  # LoRA B starts at zero, which would leave A's gradients zero
     generator = torch.Generator().manual_seed(4)
@@ -73,12 +76,14 @@ def test_patched_model_matches_unpatched(family, tiny_model_folder, monkeypatch)
     fused_calls = count_calls(monkeypatch, cross_entropy_kernel, "fused_linear_cross_entropy")
     lora_calls = count_calls(monkeypatch, lora_linear_kernel, "lora_linear")
     lora_mlp_calls = count_calls(monkeypatch, lora_mlp_kernel, "lora_gated_mlp")
+    lora_qkv_calls = count_calls(monkeypatch, lora_qkv_kernel, "lora_projections")
     head_calls = []
     models[1].get_output_embeddings().register_forward_hook(lambda *_: head_calls.append(1))
     patched_loss, patched_grads = loss_and_grads(models[1], batch, fused=True)
     assert len(rope_calls) == layers  # the RoPE kernel really ran, once per attention layer
     assert len(fused_calls) == 1 and not head_calls  # the loss came from the fused kernel, not the head's logits
-    assert len(lora_calls) == attention_projections and len(lora_mlp_calls) == layers
+    assert len(lora_calls) == attention_projections - 3 * stacked and len(lora_qkv_calls) == stacked
+    assert len(lora_mlp_calls) == layers
     loss, grads = loss_and_grads(models[0], batch)
     assert len(rope_calls) == layers  # the unpatched model, run after it, ran transformers' own RoPE
     assert patched_loss == pytest.approx(loss, rel=1e-5)

@@ -17,6 +17,7 @@ from ftcli.loader import add_lora, load_model
 from ftcli.patch import KernelLoraLinear, KernelLoraGatedMLP, apply_kernels, apply_lora_kernels
 from ftcli.recipe import LoraSettings, ModelSettings
 from kernels import lora_linear as lora_linear_kernel
+from kernels import lora_qkv as lora_qkv_kernel
 
 CPU = torch.device("cpu")
 
@@ -62,7 +63,8 @@ def assert_same_training(model, reference) -> None:
 def test_nf4_model_with_lora_kernels_matches_peft(family, tiny_model_folder):
     model, swapped = lora_model(tiny_model_folder(family), family, kernels=True, load_in_4bit=True)
     layers = model.config.num_hidden_layers
-    assert swapped == {"lora_mlp": layers, "lora_linear": (2 if family == "phi3" else 4) * layers}
+    stacked = 0 if family == "phi3" else layers  # phi3 has one qkv_proj already
+    assert swapped == {"lora_mlp": layers, "lora_qkv": stacked, "lora_linear": (2 if family == "phi3" else 1) * layers}
     assert_same_training(model, lora_model(tiny_model_folder(family), family, kernels=False, load_in_4bit=True)[0])
 
 
@@ -73,8 +75,30 @@ def test_checkpointed_nf4_model_matches_peft(checkpointing, tiny_model_folder, m
                                 checkpointing=checkpointing)
     calls, original = [], lora_linear_kernel.lora_linear
     monkeypatch.setattr(lora_linear_kernel, "lora_linear", lambda *args: calls.append(1) or original(*args))
+    stacked_calls, stacked_original = [], lora_qkv_kernel.lora_projections
+    monkeypatch.setattr(lora_qkv_kernel, "lora_projections",
+                        lambda *args: stacked_calls.append(1) or stacked_original(*args))
     assert_same_training(model, lora_model(tiny_model_folder("llama"), "llama", kernels=False, load_in_4bit=True)[0])
-    assert len(calls) == 2 * swapped["lora_linear"]
+    assert len(calls) == 2 * swapped["lora_linear"] and len(stacked_calls) == 2 * swapped["lora_qkv"]
+
+
+def test_stacked_qkv_never_hands_out_another_inputs_output(tiny_model_folder):
+    """q, k and v of one input leave nothing behind; k and v called with another input than q get their own."""
+    model, _ = lora_model(tiny_model_folder("llama"), "llama", kernels=True)
+    attention = model.base_model.model.model.layers[0].self_attn
+    stacked = attention.q_proj._stacked_projections
+    first, second = torch.randn(2, 3, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for projection in (attention.q_proj, attention.k_proj, attention.v_proj):
+            torch.testing.assert_close(projection(first), KernelLoraLinear.forward(projection, first),
+                                       rtol=1e-5, atol=1e-6)
+        assert not stacked.pending and stacked.input is None
+        q, k, v = attention.q_proj(first), attention.k_proj(second), attention.v_proj(second)
+        with model.disable_adapter():
+            assert not torch.allclose(k, attention.k_proj(second))  # the adapter counts in k
+        torch.testing.assert_close(q, KernelLoraLinear.forward(attention.q_proj, first), rtol=1e-5, atol=1e-6)
+        for projection, output in ((attention.k_proj, k), (attention.v_proj, v)):
+            torch.testing.assert_close(output, KernelLoraLinear.forward(projection, second), rtol=1e-5, atol=1e-6)
 
 
 def test_adapter_saved_from_kernel_model_is_peft_s(tiny_model_folder, tmp_path):
@@ -103,5 +127,5 @@ def test_peft_states_the_kernels_do_not_compute_fall_back(tiny_model_folder):
         torch.testing.assert_close(model(batch()).logits, base(batch()).logits, rtol=1e-5, atol=1e-5)
 
     dropped, swapped = lora_model(folder, "llama", kernels=True, dropout=0.1)
-    assert swapped == {"lora_mlp": 0, "lora_linear": 0}
+    assert swapped == {"lora_mlp": 0, "lora_qkv": 0, "lora_linear": 0}
     assert not any(isinstance(m, (KernelLoraLinear, KernelLoraGatedMLP)) for m in dropped.modules())

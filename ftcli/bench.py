@@ -157,6 +157,7 @@ def measure(side: str, args) -> dict:
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     if args.profile and side == "ftcli" and device.type == "cuda":
         result["profile"] = profile_step(mean_loss, batches[0], optimizer, trainable, args.trace)
+        result["profile"] += "\n" + profile_host(mean_loss, batches[0], optimizer, trainable)
     return result
 
 
@@ -178,6 +179,25 @@ def profile_step(mean_loss, batch, optimizer, trainable, trace_path) -> str:
         profiler.export_chrome_trace(trace_path)
     table = profiler.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
     return table + f"\nhost enqueued the step in {1e3 * (enqueued - started):.0f} ms of {1e3 * (finished - started):.0f} ms"
+
+
+def profile_host(mean_loss, batch, optimizer, trainable) -> str:
+    """The Python functions the host spends one training step in, by own time: what to cut when the GPU waits."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    mean_loss(batch).backward()
+    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    profiler.disable()
+    torch.cuda.synchronize()
+    report = io.StringIO()
+    pstats.Stats(profiler, stream=report).sort_stats("tottime").print_stats(35)
+    return report.getvalue()
 
 
 def run_side_in_subprocess(side: str, argv: list[str]) -> dict:
@@ -220,7 +240,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="measured steps")
     parser.add_argument("--warmup", type=int, default=2, help="steps run before measuring (compilation, caches)")
     parser.add_argument("--only", choices=SIDES, help="run one side in this process")
-    parser.add_argument("--profile", action="store_true", help="also print ftcli's per-kernel GPU time of one step")
+    parser.add_argument("--profile", action="store_true", help="also print ftcli's per-kernel GPU time and the host's Python time of one step")
     parser.add_argument("--trace", help="with --profile: write the step's Chrome trace (JSON) to this path")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = parser.parse_args(argv)

@@ -27,7 +27,8 @@ class ModelSettings(Section):
     load_in_4bit: bool = Field(True, description="NF4 QLoRA through bitsandbytes (double quant); false trains 16-bit LoRA.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Compute dtype; auto is bfloat16 on GPUs that have it, float16 on older GPUs, float32 on the CPU.")
-    kernels: bool = Field(True, description="Swap RMSNorm and the gated MLP activation for ftcli's Triton kernels (on GPUs).")
+    kernels: bool = Field(True, description="Run ftcli's kernels (on GPUs): RMSNorm, RoPE, the gated MLP, LoRA projections over NF4 "
+        "dequantized on the fly, and the LM head fused with cross-entropy; false runs plain transformers + peft.")
     trust_remote_code: bool = Field(False, description="Run Python code shipped with the model; only for models you trust.")
 
 

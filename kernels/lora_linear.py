@@ -52,9 +52,9 @@ def project(x2d, weight, bias, lora_A, lora_B, scaling):
 def project_backward(grad, x2d, xa, weight, lora_A, lora_B, scaling, need_x: bool, into=None):
     """Gradients of `project` for x (added into `into` when given), A and B (in the compute dtype, as given)."""
     dtype = grad.dtype
-    grad_xa = (grad @ lora_B).mul_(scaling)
+    grad_xa = scaled(grad @ lora_B, scaling)
     grad_A = grad_xa.t() @ x2d
-    grad_B = (grad.t() @ xa).mul_(scaling)
+    grad_B = scaled(grad.t() @ xa, scaling)
     grad_x = into
     if need_x:
         base = dense_weight(weight, dtype)
@@ -62,6 +62,11 @@ def project_backward(grad, x2d, xa, weight, lora_A, lora_B, scaling, need_x: boo
         del base
         grad_x.addmm_(grad_xa, lora_A)
     return grad_x, grad_A, grad_B
+
+
+def scaled(tensor: torch.Tensor, scaling: float) -> torch.Tensor:
+    """`tensor` times the LoRA scaling, in place; no launch for the common alpha == r."""
+    return tensor if scaling == 1.0 else tensor.mul_(scaling)
 
 
 def check_projection(name: str, dtype: torch.dtype, width: int, weight, bias, lora_A, lora_B) -> int:

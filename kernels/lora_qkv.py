@@ -8,7 +8,7 @@ keeps x once, the stacked r-wide x A^T and the adapters. The outputs are column 
 
 import torch
 
-from kernels.lora_linear import cast_all, check_projection, dense_weight, lora_linear_reference
+from kernels.lora_linear import cast_all, check_projection, dense_weight, lora_linear_reference, scaled
 
 
 def _stacked_weight(weights, widths: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -52,10 +52,10 @@ class LoraProjectionsFunction(torch.autograd.Function):
         grad = torch.cat([g.reshape(-1, g.shape[-1]) for g in grads], dim=1)
         x2d = x.reshape(-1, x.shape[-1])
         grad_blocks = grad.split(ctx.widths, dim=1)
-        grad_xa = torch.cat([(g @ lora_B).mul_(scaling) for g, lora_B, scaling in zip(grad_blocks, lora_Bs, ctx.scalings)],
+        grad_xa = torch.cat([scaled(g @ lora_B, scaling) for g, lora_B, scaling in zip(grad_blocks, lora_Bs, ctx.scalings)],
                             dim=1)
         grad_As = (grad_xa.t() @ x2d).split(ctx.ranks)
-        grad_Bs = [(g.t() @ xa_block).mul_(scaling)
+        grad_Bs = [scaled(g.t() @ xa_block, scaling)
                    for g, xa_block, scaling in zip(grad_blocks, xa.split(ctx.ranks, dim=1), ctx.scalings)]
         grad_x = None
         if ctx.needs_input_grad[0]:

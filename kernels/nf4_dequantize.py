@@ -38,6 +38,8 @@ def _dequantize(packed_ptr, code_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_
 def nf4_dequantize(packed: torch.Tensor, quant_state, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """The dense (out, in) weight in `dtype` of a bitsandbytes NF4 Params4bit and its quant_state, written into
     `out` when given (a contiguous block of a larger buffer, such as rows of stacked q, k, v weights)."""
+    # bitsandbytes' Params4bit routes every attribute read through __torch_function__; a plain view skips that
+    packed = packed.as_subclass(torch.Tensor)
     if quant_state.quant_type != "nf4" or packed.dtype != torch.uint8:
         raise ValueError(f"nf4_dequantize: expects NF4 weights packed in uint8, got {quant_state.quant_type} "
                          f"in {packed.dtype}")

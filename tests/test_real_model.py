@@ -45,3 +45,27 @@ def test_smollm2_learns_a_new_identity(tmp_path, smollm2_folder):
     after = [greedy_answer(tuned, tokenizer, q) for q in HELD_OUT]
     assert not any("Nimbus" in answer for answer in before), before
     assert all("Nimbus" in answer for answer in after), after
+
+
+@pytest.mark.slow
+def test_smollm2_loss_curve_is_the_same_with_and_without_kernels(tmp_path, smollm2_folder):
+    """Every kernel (norm, RoPE, MLP, LoRA projections, fused cross-entropy) against plain transformers + peft,
+    on the real model, over several optimizer steps; float32 on the CPU, kernels in Triton's interpreter."""
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ANSWERS[i % 3]}]}
+            for i, q in enumerate(QUESTIONS)]
+    data = write_jsonl(tmp_path / "identity.jsonl", rows)
+    curves = {}
+    for kernels in (False, True):
+        out = tmp_path / f"kernels-{kernels}"
+        recipe = write_recipe(tmp_path / f"r-{kernels}.yaml", smollm2_folder, data, out,
+                              model={"max_seq_length": 64, "kernels": kernels}, lora={"r": 8, "alpha": 16},
+                              train={"batch_size": 2, "grad_accum": 1, "max_steps": 3, "learning_rate": 1e-3,
+                                     "warmup_steps": 0,
+                                     "lr_scheduler": "constant", "gradient_checkpointing": "offload", "seed": 3407})
+        result = run_cli("train", recipe, "--json")
+        assert result.exit_code == 0, result.output
+        summary = json.loads(result.stdout.strip().splitlines()[-1])
+        assert bool(summary["kernels"]) == kernels, summary["kernels"]
+        curves[kernels] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert curves[True][-1] < curves[True][0] - 0.1, curves  # it learns, so later steps test the updates too
+    assert curves[True] == pytest.approx(curves[False], rel=1e-4), curves

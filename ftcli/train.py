@@ -57,7 +57,7 @@ def run(recipe: Recipe, out_dir: Path, display: TrainingDisplay, resume: bool = 
         from ftcli.plan import out_of_memory_advice
 
         gpu_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-        raise OutOfMemory(out_of_memory_advice(recipe, config, gpu_bytes)) from None
+        raise OutOfMemory(out_of_memory_advice(recipe, config, gpu_bytes, data.stats.longest)) from None
 
 
 def _train(recipe: Recipe, out_dir: Path, display: TrainingDisplay, stop: Optional[StopRequest],

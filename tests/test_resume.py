@@ -114,3 +114,168 @@ def _rows(folder):
         return (folder / "metrics.jsonl").read_text().splitlines()
     except OSError:
         return []
+
+
+def interrupted_run(tmp, model, data, name="cut", stop_after=3, **sections):
+    """Train `name` until a stop after step `stop_after`, leaving its .partial folder with checkpoints."""
+    from ftcli.errors import Interrupted
+    from ftcli.output import staged_output
+    from ftcli.recipe import load_recipe
+    from ftcli.signals import StopRequest
+    from ftcli.train import run
+
+    settings = {key: RESUMABLE[key] | sections.get(key, {}) for key in RESUMABLE} | {
+        key: value for key, value in sections.items() if key not in RESUMABLE}
+    path = write_recipe(tmp / f"{name}.yaml", model, data, tmp / name, **settings)
+    stop = StopRequest()
+    with pytest.raises(Interrupted):
+        with staged_output(tmp / name, overwrite=False) as staging:
+            run(load_recipe(path), staging, StopAfter(stop, stop_after), resume=False, stop=stop)
+    return path
+
+
+def test_resume_refuses_a_changed_recipe_and_names_the_field(workspace):
+    tmp, model, data = workspace
+    path = interrupted_run(tmp, model, data)
+    result = run_cli("train", path, "--resume", "--set", "lora.r=8", "--set", "train.grad_accum=1")
+    assert result.exit_code == 2, result.output
+    assert "lora.r was 4, now 8" in result.output and "train.grad_accum was 2, now 1" in result.output
+    # a field a checkpoint does not pin, like the learning rate, may change
+    assert run_cli("train", path, "--resume", "--set", "train.learning_rate=0.0005").exit_code == 0
+
+
+def test_a_half_written_checkpoint_is_ignored(workspace):
+    from ftcli.snapshots import list_snapshots
+
+    tmp, model, data = workspace
+    path = interrupted_run(tmp, model, data, stop_after=3)
+    partial = tmp / ".cut.partial"
+    # what a kill during the save of step 4 leaves: a temporary folder, never a step-4 folder
+    (partial / "checkpoints" / ".step-4.tmp-999").mkdir()
+    (partial / "checkpoints" / ".step-4.tmp-999" / "adapter_model.safetensors").write_bytes(b"trunc")
+    assert [s.step for s in list_snapshots(partial)] == [2, 3]
+    result = run_cli("train", path, "--resume", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.splitlines()[-1])["resumed_from_step"] == 3
+
+
+def test_resume_without_a_checkpoint_starts_afresh_and_a_finished_run_can_be_continued(workspace):
+    tmp, model, data = workspace
+    path = write_recipe(tmp / "r.yaml", model, data, tmp / "out", **RESUMABLE)
+    first = run_cli("train", path, "--resume", "--json")
+    assert first.exit_code == 0 and json.loads(first.stdout.splitlines()[-1])["resumed_from_step"] is None
+    assert sorted(p.name for p in (tmp / "out" / "checkpoints").iterdir()) == ["step-4", "step-6"]
+    again = run_cli("train", path, "--resume", "--set", "train.max_steps=10", "--json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout.splitlines()[-1])["resumed_from_step"] == 6
+    steps = [json.loads(line)["step"] for line in (tmp / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))
+
+
+def test_two_runs_cannot_share_an_output_folder(tmp_path):
+    from ftcli.errors import RecipeError
+    from ftcli.output import staged_output
+
+    with staged_output(tmp_path / "out", overwrite=False) as staging:
+        (staging / "adapter_model.safetensors").write_text("first run")
+        with pytest.raises(RecipeError, match="Another ftcli run is writing"):
+            with staged_output(tmp_path / "out", overwrite=False):
+                pass
+        assert (staging / "adapter_model.safetensors").read_text() == "first run"
+    assert (tmp_path / "out" / "adapter_model.safetensors").read_text() == "first run"
+
+
+def test_atomic_write_replaces_whole_and_leaves_no_temporary(tmp_path):
+    from ftcli.output import atomic_write_text
+
+    target = tmp_path / "recipe.yaml"
+    target.write_text("old")
+    atomic_write_text(target, "new\n" * 1000)
+    assert target.read_text() == "new\n" * 1000
+    assert [p.name for p in tmp_path.iterdir()] == ["recipe.yaml"]
+
+
+def test_nan_loss_stops_with_exit_3_naming_step_rows_and_causes(workspace):
+    tmp, model, data = workspace
+    # Adam moves every adapter weight by about the learning rate, so the second step's logits overflow
+    path = write_recipe(tmp / "r.yaml", model, data, tmp / "out",
+                        train={"learning_rate": 1e30, "max_steps": 4, "warmup_steps": 0})
+    result = run_cli("train", path)
+    assert result.exit_code == 3, result.output
+    assert "at step 2" in result.output and "data rows" in result.output
+    assert "learning rate too high" in result.output and "float16" in result.output
+    rows = [int(r) for r in result.output.split("data rows ")[1].split(" of ")[0].split(", ")]
+    assert len(rows) == 2 and all(1 <= r <= len(CHAT_ROWS) for r in rows)
+    assert "Traceback" not in result.output and not (tmp / "out").exists()
+
+
+def test_out_of_memory_exits_4_with_settings_that_fit(workspace, monkeypatch):
+    import ftcli.train
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(ftcli.train, "accumulate_gradients", out_of_memory)  # no GPU here to fill
+    tmp, model, data = workspace
+    path = write_recipe(tmp / "r.yaml", model, data, tmp / "out", train={"batch_size": 4, "grad_accum": 2})
+    result = run_cli("train", path)
+    assert result.exit_code == 4, result.output
+    # without a GPU to size against, the mildest change of each knob is offered
+    for knob in ["--set train.batch_size=2 --set train.grad_accum=4", "--set train.gradient_checkpointing=offload", "model.load_in_4bit=true",
+                 "ftcli plan"]:
+        assert knob in result.output, knob
+    assert "Traceback" not in result.output and not (tmp / ".out.partial").exists()
+
+
+def test_secrets_from_the_environment_never_reach_messages_or_out(workspace, monkeypatch):
+    from ftcli.errors import redact
+
+    token = "hf_" + "Zq7" * 10
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setenv("MY_SERVICE_SECRET", "s3cr3t-value-42")
+    assert redact(f"auth {token} and s3cr3t-value-42 and hf_{'x' * 30}") == "auth *** and *** and ***"
+    assert redact("no secret here: HF_TOKEN is set") == "no secret here: HF_TOKEN is set"
+
+    tmp, model, data = workspace
+    missing = write_recipe(tmp / "bad.yaml", model, tmp / f"{token}.jsonl", tmp / "out")
+    result = run_cli("train", missing, "--json")
+    assert result.exit_code == 2 and token not in result.output and "***.jsonl" in result.output
+
+    folder = tmp / token
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", CHAT_ROWS)
+    path = write_recipe(tmp / "r.yaml", model, folder / "train.jsonl", tmp / "out", train={"max_steps": 2})
+    result = run_cli("train", path)
+    assert result.exit_code == 0, result.output
+    for written in (tmp / "out").rglob("*"):
+        if written.is_file() and written.suffix in {".yaml", ".json", ".jsonl"}:
+            assert token not in written.read_text(), written
+    assert "/***/train.jsonl" in (tmp / "out" / "recipe.yaml").read_text()
+    assert yaml_field(tmp / "out" / "recipe.yaml", "model", "trust_remote_code") is False
+
+
+def yaml_field(path, section, key):
+    import yaml
+
+    return yaml.safe_load(path.read_text())[section][key]
+
+
+def test_metrics_tensorboard_and_loss_plot(workspace):
+    import matplotlib.pyplot as plt
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tmp, model, data = workspace
+    path = write_recipe(tmp / "r.yaml", model, data, tmp / "out", data={"eval_fraction": 0.25},
+                        train={"max_steps": 4, "eval_steps": 2})
+    result = run_cli("train", path, "--set", "output.tensorboard=true", "--json")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp / "out" / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp / "out" / "tensorboard"))
+    events.Reload()
+    logged = [(event.step, round(event.value, 6)) for event in events.Scalars("train/loss")]
+    assert logged == [(row["step"], pytest.approx(row["loss"], abs=1e-5)) for row in rows]
+    assert [event.step for event in events.Scalars("eval/loss")] == [2, 4]
+    png = tmp / "out" / "loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plt.imread(png).shape[:2] == (400, 700)
+    assert json.loads(result.stdout.splitlines()[-1])["loss_plot"] is True

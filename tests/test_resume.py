@@ -279,3 +279,24 @@ def test_metrics_tensorboard_and_loss_plot(workspace):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plt.imread(png).shape[:2] == (400, 700)
     assert json.loads(result.stdout.splitlines()[-1])["loss_plot"] is True
+
+
+SIGNAL_SCRIPT = """
+import os, signal, sys, time
+from ftcli.signals import StopRequest
+with StopRequest() as stop:
+    os.kill(os.getpid(), signal.SIG{first})
+    time.sleep(0.2)
+    print("after first:", stop.signal_name, flush=True)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)
+    print("still running", flush=True)
+"""
+
+
+@pytest.mark.parametrize("first", ["INT", "TERM"])
+def test_first_signal_only_sets_the_flag_a_second_ctrl_c_quits_at_once(first):
+    result = subprocess.run([sys.executable, "-c", SIGNAL_SCRIPT.format(first=first)], capture_output=True, text=True,
+                            timeout=60)
+    assert f"after first: SIG{first}" in result.stdout and "saving a checkpoint after this step" in result.stderr
+    assert result.returncode == 130 and "still running" not in result.stdout and "quitting now" in result.stderr

@@ -89,7 +89,7 @@ def restore_snapshot(snapshot: Snapshot, model, optimizer, scheduler, scaler) ->
     if unexpected:
         raise RecipeError(f"Checkpoint {snapshot.path} holds adapter weights this model has no place for "
                           f"({', '.join(unexpected[:3])}); it was saved from another model or LoRA setup.")
-    saved = torch.load(snapshot.path / TENSORS_FILE, map_location="cpu", weights_only=False)
+    saved = torch.load(snapshot.path / TENSORS_FILE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     if scaler and saved["scaler"]:

@@ -50,7 +50,8 @@ class StopAfter(TrainingDisplay):
             self.stop.signal_number = signal.SIGTERM
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(workspace):
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
+def test_interrupted_then_resumed_equals_uninterrupted(workspace, optimizer):
     from ftcli.errors import Interrupted
     from ftcli.output import staged_output, staging_folder
     from ftcli.recipe import load_recipe
@@ -58,10 +59,11 @@ def test_interrupted_then_resumed_equals_uninterrupted(workspace):
     from ftcli.train import run
 
     tmp, model, data = workspace
-    whole = write_recipe(tmp / "whole.yaml", model, data, tmp / "whole", **RESUMABLE)
+    settings = RESUMABLE | {"train": RESUMABLE["train"] | {"optimizer": optimizer}}
+    whole = write_recipe(tmp / "whole.yaml", model, data, tmp / "whole", **settings)
     assert run_cli("train", whole, "--json").exit_code == 0
 
-    recipe = load_recipe(write_recipe(tmp / "cut.yaml", model, data, tmp / "cut", **RESUMABLE))
+    recipe = load_recipe(write_recipe(tmp / "cut.yaml", model, data, tmp / "cut", **settings))
     stop = StopRequest()
     with pytest.raises(Interrupted) as interrupted:
         with staged_output(tmp / "cut", overwrite=False) as staging:

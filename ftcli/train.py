@@ -19,7 +19,7 @@ from ftcli.architectures import Architecture
 from ftcli.checkpointing import enable_checkpointing
 from ftcli.data import PreparedData, prepare_data
 from ftcli.data.templates import IGNORE_INDEX, TokenizedExample
-from ftcli.errors import Interrupted, OutOfMemory, TrainingDiverged, redact
+from ftcli.errors import Interrupted, OutOfMemory, RecipeError, TrainingDiverged, redact
 from ftcli.loader import (add_lora, check_lora_targets, compute_dtype, load_config, load_model, load_tokenizer,
                           meta_model, pick_device)
 from ftcli.metrics import MetricsLog, plot_losses
@@ -50,6 +50,9 @@ def run(recipe: Recipe, out_dir: Path, display: TrainingDisplay, resume: bool = 
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe.data, tokenizer, recipe.model.max_seq_length, recipe.train.seed)
     total_steps = count_steps(len(data.train), recipe.train)
+    if snapshot and snapshot.step >= total_steps:
+        raise RecipeError(f"Checkpoint {snapshot.path} is at step {snapshot.step}, and the recipe trains for "
+                          f"{total_steps} steps; raise train.max_steps (or epochs) to train further.")
     try:
         return _train(recipe, out_dir, display, stop, snapshot, device, dtype, architecture, tokenizer, data,
                       total_steps)

@@ -142,6 +142,8 @@ def test_resume_refuses_a_changed_recipe_and_names_the_field(workspace):
     result = run_cli("train", path, "--resume", "--set", "lora.r=8", "--set", "train.grad_accum=1")
     assert result.exit_code == 2, result.output
     assert "lora.r was 4, now 8" in result.output and "train.grad_accum was 2, now 1" in result.output
+    result = run_cli("train", path, "--resume", "--set", "train.max_steps=3")
+    assert result.exit_code == 2 and "is at step 3" in result.output and "raise train.max_steps" in result.output
     # a field a checkpoint does not pin, like the learning rate, may change
     assert run_cli("train", path, "--resume", "--set", "train.learning_rate=0.0005").exit_code == 0
 

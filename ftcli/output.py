@@ -23,8 +23,8 @@ def staging_folder(final: Path) -> Path:
 def check_output_free(final: Path, overwrite: bool) -> None:
     if final.exists() and not overwrite and (final.is_file() or any(final.iterdir())):
         raise RecipeError(f"Output folder {final} already exists. Choose another with --output, set "
-                          "output.overwrite: true to replace it, delete it, or pass --resume to continue "
-                          "its training from its last checkpoint.")
+                          "output.overwrite: true to replace it, or delete it; if it holds checkpoints, --resume "
+                          "trains it further.")
 
 
 @contextmanager
@@ -63,8 +63,7 @@ def _prepare(final: Path, staging: Path, overwrite: bool, resume: bool) -> None:
     if has_checkpoint and not resume:
         raise RecipeError(f"{staging} holds checkpoints of an interrupted run for {final}. Pass --resume to "
                           f"continue it, or delete {staging} to start again.")
-    if has_checkpoint:
-        check_output_free(final, overwrite)
+    if has_checkpoint:  # an interrupted run, which replaces `final` when it finishes, as it would have
         return
     _empty(staging)
     if resume and list_snapshots(final):

@@ -253,8 +253,6 @@ def smaller_settings(recipe: Recipe, shape: ModelShape, setup: Setup, budget: Op
         candidates.append(("--set model.load_in_4bit=true", replace(setup, load_in_4bit=True)))
     if not setup.kernels:
         candidates.append(("--set model.kernels=true", replace(setup, kernels=True)))
-    candidates.append(("all of: batch_size 1, offload checkpointing, 4-bit, kernels",
-                       replace(setup, batch_size=1, checkpointing="offload", load_in_4bit=True, kernels=True)))
     fitting, seen_knobs = [], set()
     for text, candidate in candidates:
         needed = estimate_memory(shape, candidate).needed
@@ -262,9 +260,16 @@ def smaller_settings(recipe: Recipe, shape: ModelShape, setup: Setup, budget: Op
         if (budget is None or needed <= budget) and knob not in seen_knobs:
             seen_knobs.add(knob)  # the mildest change of each knob that fits
             fitting.append(f"{text}: about {needed / GIB:.1f} GiB")
-    if not fitting:
-        return ("No single change is estimated to fit; use a GPU with more memory or a smaller model.")
-    return "Estimated to fit: " + "; ".join(fitting) + "."
+    if fitting:
+        return "Estimated to fit: " + "; ".join(fitting) + "."
+    smallest = replace(setup, batch_size=1, checkpointing="offload", load_in_4bit=True, kernels=True)
+    needed = estimate_memory(shape, smallest).needed
+    together = (f"--set train.batch_size=1 --set train.grad_accum={setup.batch_size * recipe.train.grad_accum} "
+                "--set train.gradient_checkpointing=offload --set model.load_in_4bit=true --set model.kernels=true")
+    if budget is not None and needed <= budget:
+        return f"No single change is estimated to fit, but together {together} are: about {needed / GIB:.1f} GiB."
+    return (f"Even {together} needs about {needed / GIB:.1f} GiB (lower model.max_seq_length too, or use a GPU with "
+            "more memory or a smaller model).")
 
 
 def out_of_memory_advice(recipe: Recipe, config, gpu_bytes: Optional[int], longest: int) -> str:

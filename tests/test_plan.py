@@ -127,3 +127,23 @@ def test_plan_module_prints_the_bench_shapes(capsys):
     main(["--shape", "llama3.2-1b", "--seq", "2048", "--bs", "2", "--checkpointing", "true"])
     out = capsys.readouterr().out
     assert "llama3.2-1b" in out and "estimated peak" in out and "saved activations" in out
+
+
+def test_advice_offers_the_mildest_change_of_each_knob_that_fits():
+    from ftcli.plan import smaller_settings
+    from ftcli.recipe import Recipe
+
+    recipe = Recipe(model={"name": "m"}, data={"path": "d"},
+                    train={"batch_size": 8, "grad_accum": 2, "gradient_checkpointing": True})
+    shape, budget = shape_of("llama3-8b"), parse_size("12GiB")
+    setup = Setup.from_recipe(recipe, seq=2048)
+    assert estimate_memory(shape, setup).needed > budget
+    fits = {batch: estimate_memory(shape, Setup(batch_size=batch, seq=2048)).needed <= budget for batch in (4, 2, 1)}
+    largest = max(batch for batch, fit in fits.items() if fit)
+    text = smaller_settings(recipe, shape, setup, budget)
+    assert f"--set train.batch_size={largest} --set train.grad_accum={16 // largest} (same effective batch)" in text
+    assert text.count("train.batch_size=") == 1 and "gradient_checkpointing=offload" in text
+
+    wide = Recipe(model={"name": "m", "load_in_4bit": False}, data={"path": "d"}, train={"batch_size": 16})
+    text = smaller_settings(wide, shape, Setup.from_recipe(wide, seq=4096), parse_size("14GiB"))
+    assert text.startswith("No single change is estimated to fit, but together --set train.batch_size=1")

@@ -10,7 +10,7 @@ import re
 
 # Hugging Face user access tokens look like this wherever they come from
 _HF_TOKEN_PATTERN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY|ACCESS_KEY", re.IGNORECASE)
+_SECRET_NAME = re.compile(r"TOKEN(?!IZ)|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY", re.IGNORECASE)  # not TOKENIZERS_*
 
 
 def redact(text: str) -> str:

@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ftcli.errors import redact
+
 
 class TrainingDisplay:
     def __init__(self, console: Console, enabled: bool = True):
@@ -42,7 +44,7 @@ class TrainingDisplay:
             ("schedule", f"{total_steps} steps x {recipe.train.batch_size} x {recipe.train.grad_accum} sequences, "
                          f"lr {recipe.train.learning_rate:g} {recipe.train.lr_scheduler}"),
         ]:
-            table.add_row(f"[bold]{name}[/]", value)
+            table.add_row(f"[bold]{name}[/]", redact(value))
         self.console.print(table)
 
     def resumed(self, checkpoint, step: int) -> None:

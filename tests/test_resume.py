@@ -87,7 +87,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(workspace, optimizer):
 
 def test_sigterm_to_a_real_process_saves_and_exits_143_then_resume_finishes(workspace):
     tmp, model, data = workspace
-    settings = {"lora": RESUMABLE["lora"], "train": RESUMABLE["train"] | {"max_steps": 400, "save_steps": 0}}
+    # far more steps than run before the signal; the resumed run then stops two steps after the checkpoint
+    settings = {"lora": RESUMABLE["lora"], "train": RESUMABLE["train"] | {"max_steps": 5000, "save_steps": 0}}
     recipe = write_recipe(tmp / "r.yaml", model, data, tmp / "out", **settings)
     partial = tmp / ".out.partial"
     process = subprocess.Popen([sys.executable, "-m", "ftcli", "train", str(recipe), "--json"],
@@ -101,14 +102,16 @@ def test_sigterm_to_a_real_process_saves_and_exits_143_then_resume_finishes(work
     report = json.loads(stdout.splitlines()[-1])
     assert report["status"] == "error" and "SIGTERM" in report["message"] and "Traceback" not in stderr
     checkpoints = [p.name for p in (partial / "checkpoints").iterdir()]
-    assert len(checkpoints) == 1 and 3 <= int(checkpoints[0].removeprefix("step-")) < 400
+    assert len(checkpoints) == 1
+    stopped = int(checkpoints[0].removeprefix("step-"))
+    assert 3 <= stopped < 5000 and f"stopped after step {stopped} of 5000" in report["message"]
     without_resume = run_cli("train", recipe)
     assert without_resume.exit_code == 2 and "--resume" in without_resume.output
 
-    result = run_cli("train", recipe, "--resume", "--set", "train.max_steps=400", "--json")
+    result = run_cli("train", recipe, "--resume", "--set", f"train.max_steps={stopped + 2}", "--json")
     assert result.exit_code == 0, result.output
     steps = [json.loads(line)["step"] for line in (tmp / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 401))
+    assert steps == list(range(1, stopped + 3))
 
 
 def _rows(folder):

@@ -235,7 +235,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--bs", type=int, default=2)
     parser.add_argument("--precision", choices=["nf4", "bf16"], default="nf4")
-    parser.add_argument("--checkpointing", choices=["offload", "true"], default="offload",
+    parser.add_argument("--checkpointing", choices=["offload", "true", "false"], default="offload",
                         help="ftcli's gradient checkpointing; the baseline always recomputes on the GPU")
     parser.add_argument("--steps", type=int, default=5, help="measured steps")
     parser.add_argument("--warmup", type=int, default=2, help="steps run before measuring (compilation, caches)")
@@ -244,8 +244,7 @@ def main(argv=None) -> None:
     parser.add_argument("--trace", help="with --profile: write the step's Chrome trace (JSON) to this path")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = parser.parse_args(argv)
-    if args.checkpointing == "true":
-        args.checkpointing = True
+    args.checkpointing = {"offload": "offload", "true": True, "false": False}[args.checkpointing]
 
     if args.only:
         results = [measure(args.only, args)]

@@ -27,6 +27,8 @@ def train(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (overrides output.dir)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the recipe, files and every dataset row without loading weights."),
     as_json: bool = typer.Option(False, "--json", help="Print only one JSON summary line at the end (for CI jobs)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint of an interrupted "
+                                "(or finished) run into the same output folder; starts afresh when there is none."),
 ) -> None:
     """Validate the recipe, load and patch the model, train, and save the adapter folder."""
     console = Console(stderr=as_json)
@@ -35,6 +37,7 @@ def train(
         from ftcli.output import check_output_free, staged_output
         from ftcli.progress import TrainingDisplay
         from ftcli.recipe import load_recipe
+        from ftcli.signals import StopRequest
         from ftcli import train as training
 
         recipe = load_recipe(recipe_path, overrides)
@@ -45,10 +48,37 @@ def train(
             summary = training.dry_run(recipe)
             check_output_free(final, recipe.output.overwrite)
         else:
-            with staged_output(final, recipe.output.overwrite) as staging:
-                summary = training.run(recipe, staging, TrainingDisplay(console, enabled=not as_json))
+            with StopRequest() as stop, staged_output(final, recipe.output.overwrite, resume) as staging:
+                summary = training.run(recipe, staging, TrainingDisplay(console, enabled=not as_json), resume, stop)
             summary["output"] = str(final)
         _finish(console, summary, as_json)
+
+
+@app.command()
+def plan(
+    recipe_path: Path = typer.Argument(..., metavar="RECIPE.yaml", help="The recipe to estimate."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", metavar="SECTION.KEY=VALUE",
+                                                  help="Override one recipe field; repeatable."),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", metavar="SIZE",
+                                             help="Say whether the run fits a GPU of this size, e.g. 16GiB, 24GB, 80GiB."),
+    as_json: bool = typer.Option(False, "--json", help="Print the estimate as one JSON line."),
+) -> None:
+    """Estimate peak GPU memory, steps and tokens of a recipe before any weight is loaded."""
+    console = Console(stderr=as_json)
+    _quiet_libraries()
+    with _reported_errors(as_json):
+        from ftcli import plan as planning
+        from ftcli.recipe import load_recipe
+
+        recipe = load_recipe(recipe_path, overrides)
+        budget = planning.parse_size(gpu_memory) if gpu_memory else None
+        estimate = planning.plan_recipe(recipe, budget)
+        if as_json:
+            print(json.dumps(estimate.summary()))
+        else:
+            console.print(estimate.report(), highlight=False)
+        if budget is not None and not estimate.fits:
+            raise typer.Exit(planning.DOES_NOT_FIT_EXIT_CODE)
 
 
 def _finish(console: Console, summary: dict, as_json: bool) -> None:

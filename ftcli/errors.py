@@ -1,8 +1,26 @@
 """The errors ftcli reports to a person: one paragraph with the fix, and the process exit code.
 
 Every module raises these instead of letting a library's traceback reach the terminal; the CLI prints
-the message and exits with `exit_code`.
+the message and exits with `exit_code`. Messages pass through `redact`, so a token from the environment
+never reaches a terminal or a CI log.
 """
+
+import os
+import re
+
+# Hugging Face user access tokens look like this wherever they come from
+_HF_TOKEN_PATTERN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
+_SECRET_NAME = re.compile(r"TOKEN(?!IZ)|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY", re.IGNORECASE)  # not TOKENIZERS_*
+
+
+def redact(text: str) -> str:
+    """`text` with every secret replaced by ***: the values of HF_TOKEN, HUGGING_FACE_HUB_TOKEN and any other
+    environment variable whose name says it holds a token, secret, password or key, and hub-token-shaped strings."""
+    secrets = sorted((value for name, value in os.environ.items() if _SECRET_NAME.search(name) and len(value) >= 8),
+                     key=len, reverse=True)
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return _HF_TOKEN_PATTERN.sub("***", text)
 
 
 class FtcliError(Exception):
@@ -11,6 +29,7 @@ class FtcliError(Exception):
     exit_code = 1
 
     def __init__(self, message: str):
+        message = redact(message)
         super().__init__(message)
         self.message = message
 
@@ -19,3 +38,24 @@ class RecipeError(FtcliError):
     """The recipe, a file it names, or the data it points to is wrong (exit code 2)."""
 
     exit_code = 2
+
+
+class TrainingDiverged(FtcliError):
+    """The loss became NaN or infinite (exit code 3)."""
+
+    exit_code = 3
+
+
+class OutOfMemory(FtcliError):
+    """The GPU ran out of memory; the message names recipe settings that would fit (exit code 4)."""
+
+    exit_code = 4
+
+
+class Interrupted(FtcliError):
+    """SIGINT or SIGTERM stopped the run after saving a checkpoint: exit code 128 + the signal (130 or 143),
+    as a shell reports a process killed by it."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.exit_code = 128 + signal_number

@@ -1,5 +1,11 @@
-"""Output folders appear whole or not at all: work happens in a hidden sibling that is renamed at the end."""
+"""Output folders appear whole or not at all: work happens in a hidden sibling that is renamed at the end.
 
+The sibling, `.NAME.partial`, has a stable name so that a run killed on a spot machine can be resumed from
+the checkpoints inside it; an exclusive lock on it keeps two runs from sharing it. Single files are
+written under a temporary name and renamed, so a crash never leaves a truncated one.
+"""
+
+import fcntl
 import os
 import shutil
 from contextlib import contextmanager
@@ -7,29 +13,113 @@ from pathlib import Path
 from typing import Iterator
 
 from ftcli.errors import RecipeError
+from ftcli.snapshots import CHECKPOINTS, copy_snapshots, list_snapshots
+
+
+def staging_folder(final: Path) -> Path:
+    return final.parent / f".{final.name}.partial"
 
 
 def check_output_free(final: Path, overwrite: bool) -> None:
     if final.exists() and not overwrite and (final.is_file() or any(final.iterdir())):
         raise RecipeError(f"Output folder {final} already exists. Choose another with --output, set "
-                          "output.overwrite: true to replace it, or delete it.")
+                          "output.overwrite: true to replace it, or delete it; if it holds checkpoints, --resume "
+                          "trains it further.")
 
 
 @contextmanager
-def staged_output(final: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a fresh staging folder; on success it replaces `final`, on any failure it is removed."""
-    check_output_free(final, overwrite)
+def staged_output(final: Path, overwrite: bool, resume: bool = False) -> Iterator[Path]:
+    """Yield the locked staging folder; on success it replaces `final`.
+
+    On a failure the staging folder is kept when it holds a checkpoint (for --resume), else removed.
+    With `resume` and no checkpoint in the staging folder, a finished `final` that has checkpoints is
+    copied in to continue from.
+    """
+    staging = staging_folder(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".{final.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging.mkdir(exist_ok=True)
+    lock = os.open(staging, os.O_RDONLY)
     try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if final.is_dir():
-        shutil.rmtree(final)
-    elif final.exists():
-        final.unlink()
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RecipeError(f"Another ftcli run is writing {final} (its work folder {staging} is locked). Wait for "
+                              "it to finish, or choose another output folder with --output.") from None
+        try:
+            _prepare(final, staging, overwrite, resume)
+            yield staging
+        except BaseException:
+            if not list_snapshots(staging):
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _replace(final, staging)
+    finally:
+        os.close(lock)
+
+
+def _prepare(final: Path, staging: Path, overwrite: bool, resume: bool) -> None:
+    """Check what is already there, and fill the staging folder with what the run starts from."""
+    has_checkpoint = bool(list_snapshots(staging))
+    if has_checkpoint and not resume:
+        raise RecipeError(f"{staging} holds checkpoints of an interrupted run for {final}. Pass --resume to "
+                          f"continue it, or delete {staging} to start again.")
+    if has_checkpoint:  # an interrupted run, which replaces `final` when it finishes, as it would have
+        return
+    _empty(staging)
+    if resume and list_snapshots(final):
+        _copy_finished_run(final, staging)
+    else:
+        check_output_free(final, overwrite)
+
+
+def _empty(folder: Path) -> None:
+    """Remove what a run that died before its first checkpoint left in `folder`, keeping the folder (it is locked)."""
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _copy_finished_run(final: Path, staging: Path) -> None:
+    """A finished output folder's files, checkpoints included, so that training continues from them."""
+    for entry in final.iterdir():
+        if entry.name == CHECKPOINTS:
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, staging / entry.name)
+        else:
+            atomic_copy(entry, staging / entry.name)
+    copy_snapshots(final, staging)
+
+
+def _replace(final: Path, staging: Path) -> None:
+    """Put `staging` in place of `final`; the old folder is moved aside first, so one of the two is always whole."""
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
     staging.rename(final)
+    if old.is_dir():
+        shutil.rmtree(old)
+    elif old.exists():
+        old.unlink()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary sibling, flush it to disk, and rename it to `path`."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with temporary.open("wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    temporary.replace(path)
+
+
+def atomic_copy(source: Path, destination: Path) -> None:
+    temporary = destination.with_name(f".{destination.name}.tmp-{os.getpid()}")
+    shutil.copyfile(source, temporary)
+    temporary.replace(destination)

@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ftcli.errors import redact
+
 
 class TrainingDisplay:
     def __init__(self, console: Console, enabled: bool = True):
@@ -42,11 +44,15 @@ class TrainingDisplay:
             ("schedule", f"{total_steps} steps x {recipe.train.batch_size} x {recipe.train.grad_accum} sequences, "
                          f"lr {recipe.train.learning_rate:g} {recipe.train.lr_scheduler}"),
         ]:
-            table.add_row(f"[bold]{name}[/]", value)
+            table.add_row(f"[bold]{name}[/]", redact(value))
         self.console.print(table)
 
+    def resumed(self, checkpoint, step: int) -> None:
+        if self.enabled:
+            self.console.print(f"Resuming from {checkpoint} (step {step}).")
+
     @contextmanager
-    def running(self, total_steps: int) -> Iterator[None]:
+    def running(self, total_steps: int, completed: int = 0) -> Iterator[None]:
         """The live bar for the duration of the loop; stopped on errors too, so messages print cleanly."""
         if not self.enabled:
             yield
@@ -55,7 +61,7 @@ class TrainingDisplay:
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss [cyan]{task.fields[loss]}[/] lr {task.fields[lr]} {task.fields[speed]} tok/s"),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console)
-        self.task = self.progress.add_task("train", total=total_steps, loss="-", lr="-", speed="-")
+        self.task = self.progress.add_task("train", total=total_steps, completed=completed, loss="-", lr="-", speed="-")
         with self.progress:
             yield
 

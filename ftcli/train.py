@@ -5,7 +5,6 @@ the summed token losses of all micro-batches of a step by their total target tok
 update independent of how the tokens were split into micro-batches.
 """
 
-import json
 import math
 import random
 import resource
@@ -20,24 +19,53 @@ from ftcli.architectures import Architecture
 from ftcli.checkpointing import enable_checkpointing
 from ftcli.data import PreparedData, prepare_data
 from ftcli.data.templates import IGNORE_INDEX, TokenizedExample
+from ftcli.errors import Interrupted, OutOfMemory, RecipeError, TrainingDiverged, redact
 from ftcli.loader import (add_lora, check_lora_targets, compute_dtype, load_config, load_model, load_tokenizer,
                           meta_model, pick_device)
+from ftcli.metrics import MetricsLog, plot_losses
 from ftcli.optim import build_optimizer, build_scheduler
+from ftcli.output import atomic_write_text
 from ftcli.patch import apply_kernels, apply_lora_kernels, kernels_can_run
 from ftcli.progress import TrainingDisplay
 from ftcli.recipe import LoraSettings, Recipe, TrainSettings
+from ftcli.signals import StopRequest
+from ftcli.snapshots import Snapshot, check_compatible, newest_snapshot, restore_snapshot, save_snapshot
 
 
-def run(recipe: Recipe, out_dir: Path, display: TrainingDisplay) -> dict:
-    """Train the recipe and save the adapter folder into `out_dir`; returns the run's summary."""
+def run(recipe: Recipe, out_dir: Path, display: TrainingDisplay, resume: bool = False,
+        stop: Optional[StopRequest] = None) -> dict:
+    """Train the recipe and save the adapter folder into `out_dir`; returns the run's summary.
+
+    With `resume`, training continues from the newest checkpoint in `out_dir` (when there is one). `stop` is
+    looked at after every optimizer step: once a signal has set it, a checkpoint is saved and the run ends
+    with `Interrupted`.
+    """
+    snapshot = newest_snapshot(out_dir) if resume else None
+    if snapshot:
+        check_compatible(snapshot, recipe)
     seed_everything(recipe.train.seed)
     device = pick_device()
     dtype = compute_dtype(recipe.model, device)
-    _, architecture = load_config(recipe.model)
+    config, architecture = load_config(recipe.model)
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe.data, tokenizer, recipe.model.max_seq_length, recipe.train.seed)
     total_steps = count_steps(len(data.train), recipe.train)
+    if snapshot and snapshot.step >= total_steps:
+        raise RecipeError(f"Checkpoint {snapshot.path} is at step {snapshot.step}, and the recipe trains for "
+                          f"{total_steps} steps; raise train.max_steps (or epochs) to train further.")
+    try:
+        return _train(recipe, out_dir, display, stop, snapshot, device, dtype, architecture, tokenizer, data,
+                      total_steps)
+    except torch.cuda.OutOfMemoryError:
+        from ftcli.plan import out_of_memory_advice
 
+        gpu_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+        raise OutOfMemory(out_of_memory_advice(recipe, config, gpu_bytes, data.stats.longest)) from None
+
+
+def _train(recipe: Recipe, out_dir: Path, display: TrainingDisplay, stop: Optional[StopRequest],
+           snapshot: Optional[Snapshot], device, dtype, architecture, tokenizer, data: PreparedData,
+           total_steps: int) -> dict:
     model = load_model(recipe.model, architecture, device, dtype)
     model, swapped = prepare_for_training(model, architecture, recipe.lora, recipe.model.kernels and kernels_can_run(device),
                                           recipe.train.gradient_checkpointing, recipe.train.seed)
@@ -49,14 +77,30 @@ def run(recipe: Recipe, out_dir: Path, display: TrainingDisplay) -> dict:
     scheduler = build_scheduler(optimizer, recipe.train, total_steps)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     pad_id = tokenizer.pad_token_id
-    started, tokens_seen, last_loss, eval_loss = time.perf_counter(), 0, float("nan"), None
-    interval_start, interval_tokens = started, 0
+    first_step, tokens_seen, elapsed_before = 0, 0, 0.0
+    if snapshot:  # last, so the random states it restores are the ones the next step would have seen
+        restore_snapshot(snapshot, model, optimizer, scheduler, scaler)
+        first_step, tokens_seen, elapsed_before = snapshot.step, snapshot.state["tokens"], snapshot.state["elapsed_s"]
+        display.resumed(snapshot.path, first_step)
+    started = time.perf_counter() - elapsed_before
+    last_loss, eval_loss = float("nan"), None
+    interval_start, interval_tokens = time.perf_counter(), 0
+
+    def save(step: int) -> Path:
+        progress = {"tokens": tokens_seen, "elapsed_s": round(time.perf_counter() - started, 3),
+                    **data_position(step, len(data.train), recipe.train)}
+        return save_snapshot(out_dir, step, model, optimizer, scheduler, scaler, progress, recipe,
+                             recipe.train.save_total_limit)
 
     model.train()
-    with (out_dir / "metrics.jsonl").open("w") as metrics_file, display.running(total_steps):
+    with MetricsLog(out_dir, recipe.output.tensorboard, first_step) as metrics, display.running(total_steps, first_step):
         for step, group in enumerate(step_groups(data.train, recipe.train, total_steps), start=1):
+            if step <= first_step:  # done before the checkpoint; the seeded order makes skipping exact
+                continue
             batches = [collate(examples, pad_id, device) for examples in group]
             last_loss, step_tokens = accumulate_gradients(model, batches, scaler, fused)
+            if not math.isfinite(last_loss):
+                raise TrainingDiverged(divergence_message(step, last_loss, group, recipe, out_dir))
             grad_norm = clip_and_step(trainable, optimizer, recipe.train.max_grad_norm, scaler)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
@@ -75,21 +119,47 @@ def run(recipe: Recipe, out_dir: Path, display: TrainingDisplay) -> dict:
                 eval_loss = evaluate(model, data.eval, recipe.train.batch_size, pad_id, device, fused)
                 row = (row or {"step": step}) | {"eval_loss": round(eval_loss, 6)}
             if row:
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
+                metrics.write(row)
             if recipe.train.save_steps and step % recipe.train.save_steps == 0 and step < total_steps:
-                model.save_pretrained(out_dir / "checkpoints" / f"step-{step}")
+                save(step)
             display.step(step, last_loss, lr, row)
+            if stop and stop.requested and step < total_steps:
+                path = save(step)
+                raise Interrupted(f"{stop.signal_name} received: stopped after step {step} of {total_steps} and saved "
+                                  f"{path}. Run the same command with --resume to continue from there.",
+                                  stop.signal_number)
 
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    (out_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    atomic_write_text(out_dir / "recipe.yaml", redact(recipe.to_yaml()))
+    plot = plot_losses(out_dir)
     runtime = time.perf_counter() - started
     precision = "nf4" if recipe.model.load_in_4bit else str(dtype).removeprefix("torch.")
     return {"status": "ok", "steps": total_steps, "precision": precision, "kernels": swapped, "final_loss": round(last_loss, 6),
             "eval_loss": None if eval_loss is None else round(eval_loss, 6), "tokens": tokens_seen,
             "train_runtime_s": round(runtime, 2), "tokens_per_s": round(tokens_seen / max(runtime, 1e-9), 1),
-            "peak_mem_gib": round(peak_memory_gib(device), 3), "trainable_params": sum(p.numel() for p in trainable)}
+            "peak_mem_gib": round(peak_memory_gib(device), 3), "trainable_params": sum(p.numel() for p in trainable),
+            "resumed_from_step": snapshot.step if snapshot else None, "loss_plot": plot is not None}
+
+
+def data_position(step: int, examples: int, settings: TrainSettings) -> dict:
+    """Where in the seeded data order the next step starts: its epoch and the index of its first micro-batch."""
+    per_epoch = math.ceil(math.ceil(examples / settings.batch_size) / settings.grad_accum)
+    return {"epoch": step // per_epoch, "batch_index": (step % per_epoch) * settings.grad_accum}
+
+
+def divergence_message(step: int, loss: float, group: list[list[TokenizedExample]], recipe: Recipe,
+                       out_dir: Path) -> str:
+    rows = sorted({example.row for batch in group for example in batch if example.row})
+    rate = recipe.train.learning_rate
+    latest = newest_snapshot(out_dir)
+    resume = (f" The last checkpoint, {latest.path.name}, is kept; after a fix, --resume continues from it."
+              if latest else "")
+    return (f"The training loss became {loss} at step {step}, on the micro-batches of data rows "
+            f"{', '.join(map(str, rows)) or 'unknown'} of {recipe.data.path}; the run stopped without saving it. "
+            f"Likely causes: a learning rate too high (train.learning_rate is {rate:g}; try {rate / 10:g}, or more "
+            "warmup_steps), float16 overflow (use model.dtype: bfloat16 where the GPU has it, or float32), or bad "
+            f"data in those rows (empty or garbled text, extreme lengths).{resume}")
 
 
 def prepare_for_training(model, architecture: Architecture, lora: LoraSettings, kernels: bool,

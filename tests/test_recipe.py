@@ -94,7 +94,7 @@ def test_every_unknown_key_is_reported_at_once(tmp_path):
 
 def test_unknown_key_with_no_near_match_lists_the_valid_keys(tmp_path):
     message = error_of(recipe_file(tmp_path, MINIMAL + "output:\n  zzz: 1\n"))
-    assert "line 6: output.zzz is not a recipe field; valid keys here: dir, overwrite." in message
+    assert "line 6: output.zzz is not a recipe field; valid keys here: dir, overwrite, tensorboard." in message
 
 
 def test_unknown_section_names_its_line_and_the_sections(tmp_path):

@@ -49,6 +49,7 @@ def prepare_data(settings: DataSettings, tokenizer, max_seq_length: int, seed: i
             if target == 0:
                 stats.dropped_no_target += 1
                 continue
+            example.row = index + 1
             stats.examples += 1
             stats.truncated += example.truncated
             stats.tokens += len(example.input_ids)

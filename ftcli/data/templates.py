@@ -32,6 +32,7 @@ class TokenizedExample:
     input_ids: list[int]
     labels: list[int]
     truncated: bool
+    row: int = 0  # 1-based row of the data file it came from (0: unknown), for messages about it
 
 
 def use_template(tokenizer, name: str) -> None:

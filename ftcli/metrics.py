@@ -1,0 +1,93 @@
+"""What a run records about itself: metrics.jsonl, TensorBoard event files, and a loss curve.
+
+metrics.jsonl gets one JSON object per logged step, flushed at once so that a CI job can tail it and a
+killed run keeps every row it logged. A resumed run first drops the rows after its checkpoint (they will
+be computed again) and then appends. TensorBoard (recipe `output.tensorboard`) and loss.png (when
+matplotlib is installed: the `plot` extra) are for people who would rather look than read.
+"""
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from ftcli.output import atomic_write_bytes, atomic_write_text
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_FOLDER = "tensorboard"
+PLOT_FILE = "loss.png"
+SCALARS = ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_gib")
+
+
+class MetricsLog:
+    def __init__(self, folder: Path, tensorboard: bool, resume_step: int = 0):
+        path = folder / METRICS_FILE
+        if resume_step and path.is_file():
+            kept = [line for line in path.read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            atomic_write_text(path, "".join(kept))
+        elif path.exists():
+            path.unlink()
+        self.file = path.open("a")
+        self.writer = None
+        if tensorboard:
+            from ftcli.errors import RecipeError
+
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise RecipeError("output.tensorboard is true but the tensorboard package is not installed; "
+                                  "pip install 'ftcli[tensorboard]', or set output.tensorboard: false.") from None
+            # purge_step hides the events a resumed run is about to write again
+            self.writer = SummaryWriter(str(folder / TENSORBOARD_FOLDER), purge_step=resume_step + 1 if resume_step else None)
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.writer:
+            for name in SCALARS:
+                if name in row:
+                    self.writer.add_scalar(f"train/{name}" if name != "eval_loss" else "eval/loss", row[name], row["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer:
+            self.writer.close()
+
+    def __enter__(self) -> "MetricsLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def plot_losses(folder: Path) -> Optional[Path]:
+    """Draw the training (and evaluation) loss from metrics.jsonl into loss.png; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    import io
+
+    rows = [json.loads(line) for line in (folder / METRICS_FILE).read_text().splitlines() if line.strip()]
+    train = [(row["step"], row["loss"]) for row in rows if "loss" in row]
+    evaluation = [(row["step"], row["eval_loss"]) for row in rows if "eval_loss" in row]
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        axes.plot(*zip(*train), label="training loss", linewidth=1.2)
+    if evaluation:
+        axes.plot(*zip(*evaluation), "o-", label="evaluation loss")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss (mean per target token)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    image = io.BytesIO()
+    figure.savefig(image, format="png")
+    plt.close(figure)
+    path = folder / PLOT_FILE
+    atomic_write_bytes(path, image.getvalue())
+    return path

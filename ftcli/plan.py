@@ -1,0 +1,314 @@
+"""Will this recipe fit this GPU? Peak memory, steps and tokens, estimated before any weight is loaded.
+
+The estimate models what ftcli itself allocates, from the model's config.json alone:
+
+- frozen weights: NF4 decoder projections (half a byte per weight, plus double-quantized absmax: one byte
+  per block of 64 and a float32 per 256 blocks), embeddings, LM head and norms in 16 bits;
+- LoRA: float32 adapters and their float32 gradients, and the optimizer's two moments (8 bits each with
+  adamw_8bit, 32 bits with adamw);
+- activations: what one decoder layer keeps for backward, per token, and how many layers keep it under each
+  gradient-checkpointing mode (all of them without checkpointing; only the layer inputs with `true`;
+  the inputs wait in CPU memory with `offload`, two layers' worth on the GPU while in flight);
+- the transient peak of one layer's recompute and backward (the gated MLP's backward holds gate, up and
+  their gradients, and one projection's weight dequantized to 16 bits), and of the LM head, whose fused
+  cross-entropy goes through the logits 256 MiB at a time.
+
+Peak memory is then the largest of three moments: the end of the forward (at the LM head), the backward
+of the top layer (every saved input still there) and the backward of the bottom layer (every adapter
+gradient there). Checked against `python -m ftcli.bench` on an H100 (Llama-3-8B, r=16 on all seven
+projections, NF4, kernels, AdamW8bit).
+
+    python -m ftcli.plan --shape llama3-8b --seq 2048 --bs 2 --checkpointing offload
+"""
+
+import argparse
+import re
+from dataclasses import dataclass, field, replace
+from typing import Optional, Union
+
+from ftcli.errors import RecipeError
+from ftcli.recipe import DEFAULT_TARGET_MODULES, Recipe
+
+GIB = 2**30
+LOGITS_CHUNK_BYTES = 256 * 2**20  # kernels/cross_entropy.py: logits held at once by the fused loss
+CUDA_CONTEXT_BYTES = 0.5 * GIB  # the CUDA context and libraries' workspaces, outside PyTorch's allocator
+ALLOCATOR_SLACK = 0.05  # memory the caching allocator holds beyond the peak it hands out (fragmentation)
+DOES_NOT_FIT_EXIT_CODE = 4  # as a run that ran out of memory
+
+
+@dataclass
+class ModelShape:
+    """The sizes of a decoder-only transformer that memory depends on."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool
+
+    @classmethod
+    def from_config(cls, config) -> "ModelShape":
+        config = getattr(config, "text_config", None) or config  # Gemma 3 keeps the decoder's sizes there
+        heads = config.num_attention_heads
+        return cls(hidden=config.hidden_size, intermediate=config.intermediate_size, layers=config.num_hidden_layers,
+                   heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                   head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads, vocab=config.vocab_size,
+                   tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
+
+    def projections(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each decoder projection, by its Llama-style name."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {"q_proj": (self.hidden, q), "k_proj": (self.hidden, kv), "v_proj": (self.hidden, kv),
+                "o_proj": (q, self.hidden), "gate_proj": (self.hidden, self.intermediate),
+                "up_proj": (self.hidden, self.intermediate), "down_proj": (self.intermediate, self.hidden)}
+
+
+@dataclass
+class Setup:
+    """The recipe knobs memory depends on; `seq` is the longest padded micro-batch's length."""
+
+    batch_size: int
+    seq: int
+    load_in_4bit: bool = True
+    compute_bytes: int = 2
+    kernels: bool = True
+    checkpointing: Union[bool, str] = True
+    lora_r: int = 16
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    optimizer: str = "adamw_8bit"
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, seq: int) -> "Setup":
+        targets = recipe.lora.target_modules
+        return cls(batch_size=recipe.train.batch_size, seq=seq, load_in_4bit=recipe.model.load_in_4bit,
+                   compute_bytes=4 if recipe.model.dtype == "float32" else 2, kernels=recipe.model.kernels,
+                   checkpointing=recipe.train.gradient_checkpointing, lora_r=recipe.lora.r,
+                   lora_targets=list(DEFAULT_TARGET_MODULES) if targets == "all-linear" else list(targets),
+                   optimizer=recipe.train.optimizer)
+
+
+@dataclass
+class MemoryEstimate:
+    parts: dict[str, float]  # bytes of each component at the peak moment
+    moment: str  # which moment of the step is the peak
+
+    @property
+    def peak(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def needed(self) -> float:
+        """GPU memory a run needs: the peak PyTorch allocates, the allocator's slack and the CUDA context."""
+        return self.peak * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_BYTES
+
+
+def estimate_memory(model: ModelShape, setup: Setup) -> MemoryEstimate:
+    """Peak GPU memory of one training step (see the module docstring for what is counted)."""
+    a = setup.compute_bytes
+    tokens = setup.batch_size * setup.seq
+    projections = model.projections()
+    linear_params = model.layers * sum(i * o for i, o in projections.values())
+    if setup.load_in_4bit:
+        quantized = linear_params * (0.5 + 1 / 64 + 4 / (64 * 256))
+    else:
+        quantized = linear_params * a
+    embeddings = model.vocab * model.hidden * 2 * (1 if model.tied_embeddings else 2)
+    norms = (2 * model.layers + 1) * model.hidden * 2
+    weights = quantized + embeddings + norms
+
+    known = {name: shape for name, shape in projections.items() if name in setup.lora_targets}
+    lora_params = model.layers * sum(setup.lora_r * (i + o) for i, o in known.values())
+    optimizer_bytes = 2 * (1 + 4 / 256) if setup.optimizer == "adamw_8bit" else 8
+    adapters = lora_params * 4
+    optimizer_state = lora_params * optimizer_bytes
+    gradients = lora_params * 4
+
+    h, inner = model.hidden, model.intermediate
+    q_width, kv_width = model.heads * model.head_dim, model.kv_heads * model.head_dim
+    layer_input = tokens * h * a
+    if setup.kernels:
+        # Kept for backward by one layer: both norms' outputs, q, k, v, the attention output, the residual
+        # between attention and MLP, and the MLP's gate and up (its own kernel recomputes the activation)
+        layer_saved = tokens * a * (3 * h + 2 * q_width + 2 * kv_width + 2 * inner)
+    else:
+        # peft and bitsandbytes modules also keep the activation, the gated product and float32 copies of
+        # the adapters' inputs
+        layer_saved = tokens * a * (3 * h + 2 * q_width + 2 * kv_width + 4 * inner) + tokens * 4 * (4 * h + inner)
+    # The MLP backward adds its recomputed activation or its gradient and the gradients of gate and up,
+    # the gradient flowing in and out of the layer; a 4-bit projection is dequantized for its matmuls
+    backward_extra = tokens * a * (3 * inner + 3 * h)
+    dequantized = max(i * o for i, o in projections.values()) * a if setup.load_in_4bit else 0
+
+    layer_backward = backward_extra + dequantized
+    if setup.checkpointing == "offload":  # this layer's input and the prefetched one below it
+        kept_top = kept_bottom = kept_forward = 2 * layer_input
+        layer_backward += layer_saved
+    elif setup.checkpointing:  # every layer's input until its backward; the layer in backward is recomputed
+        kept_top, kept_bottom, kept_forward = model.layers * layer_input, layer_input, model.layers * layer_input
+        layer_backward += layer_saved
+    else:  # nothing is recomputed: every layer keeps all it saved until its backward
+        kept_forward = kept_top = model.layers * (layer_saved + layer_input)
+        kept_bottom = layer_saved + layer_input
+    if setup.kernels:
+        head = 3 * tokens * h * a + min(LOGITS_CHUNK_BYTES, tokens * model.vocab * a) + tokens * 4
+    else:
+        head = 3 * tokens * h * a + tokens * model.vocab * (a + 4 + 4)  # logits, float32 copy, its gradient
+
+    base = {"weights": weights, "lora adapters": adapters, "optimizer states": optimizer_state}
+    per_layer_gradients = gradients / model.layers
+    moments = {
+        "forward end (LM head and loss)": base | {"saved activations": kept_forward, "LM head and loss": head},
+        "backward of the top layer": base | {"lora gradients": per_layer_gradients, "saved activations": kept_top,
+                                             "one layer's recompute and backward": layer_backward},
+        "backward of the bottom layer": base | {"lora gradients": gradients, "saved activations": kept_bottom,
+                                                "one layer's recompute and backward": layer_backward},
+    }
+    moment = max(moments, key=lambda name: sum(moments[name].values()))
+    return MemoryEstimate(moments[moment], moment)
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as 16GiB, 24GB, 80G or 16 (GiB when no unit is given)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(GiB|GB|G|MiB|MB|M)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise RecipeError(f"--gpu-memory {text!r} is not a size; write it like 16GiB, 24GB or 80GiB.")
+    units = {"gib": GIB, "g": GIB, "gb": 10**9, "mib": 2**20, "m": 2**20, "mb": 10**6, None: GIB}
+    return int(float(match.group(1)) * units[(match.group(2) or "").lower() or None])
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    shape: ModelShape
+    setup: Setup
+    memory: MemoryEstimate
+    steps: int
+    tokens: int
+    budget: Optional[int]
+
+    @property
+    def fits(self) -> Optional[bool]:
+        return None if self.budget is None else self.memory.needed <= self.budget
+
+    def summary(self) -> dict:
+        return {"status": "ok", "peak_gib": round(self.memory.peak / GIB, 2), "needed_gib": round(self.memory.needed / GIB, 2),
+                "peak_moment": self.memory.moment, "parts_gib": {k: round(v / GIB, 3) for k, v in self.memory.parts.items()},
+                "steps": self.steps, "tokens": self.tokens, "seq": self.setup.seq, "batch_size": self.setup.batch_size,
+                "gpu_memory_gib": None if self.budget is None else round(self.budget / GIB, 2), "fits": self.fits}
+
+    def report(self) -> str:
+        lines = [f"{self.recipe.model.name}: {self.shape.layers} layers, hidden {self.shape.hidden}, "
+                 f"{'NF4' if self.setup.load_in_4bit else f'{8 * self.setup.compute_bytes}-bit'} weights, "
+                 f"LoRA r={self.setup.lora_r} on {len(self.setup.lora_targets)} projections, batch "
+                 f"{self.setup.batch_size} x {self.setup.seq} tokens, checkpointing "
+                 f"{str(self.setup.checkpointing).lower()}, kernels {'on' if self.setup.kernels else 'off'}.",
+                 f"{self.steps} optimizer steps, about {self.tokens:,} tokens.",
+                 f"Peak GPU memory, at the {self.memory.moment}: {self.memory.peak / GIB:.2f} GiB allocated"]
+        lines += [f"  {name:<36}{value / GIB:>8.2f} GiB" for name, value in self.memory.parts.items()]
+        lines.append(f"Needs about {self.memory.needed / GIB:.2f} GiB of GPU memory with the CUDA context and "
+                     "allocator slack.")
+        if self.budget is not None:
+            verdict = "fits" if self.fits else "does not fit"
+            lines.append(f"It {verdict} a GPU with {self.budget / GIB:.1f} GiB.")
+            if not self.fits:
+                lines.append(smaller_settings(self.recipe, self.shape, self.setup, self.budget))
+        return "\n".join(lines)
+
+
+def plan_recipe(recipe: Recipe, budget: Optional[int] = None) -> Plan:
+    """Read the model's config and tokenize the data (no weights) to plan the run."""
+    from ftcli.data import prepare_data
+    from ftcli.loader import load_config, load_tokenizer
+    from ftcli.train import count_steps
+
+    config, _ = load_config(recipe.model)
+    tokenizer = load_tokenizer(recipe.model)
+    data = prepare_data(recipe.data, tokenizer, recipe.model.max_seq_length, recipe.train.seed)
+    steps = count_steps(len(data.train), recipe.train)
+    passes = steps * recipe.train.batch_size * recipe.train.grad_accum / len(data.train)
+    train_tokens = sum(len(example.input_ids) for example in data.train)
+    shape = ModelShape.from_config(config)
+    setup = Setup.from_recipe(recipe, seq=max(len(example.input_ids) for example in data.train))
+    return Plan(recipe, shape, setup, estimate_memory(shape, setup), steps, round(train_tokens * passes), budget)
+
+
+def smaller_settings(recipe: Recipe, shape: ModelShape, setup: Setup, budget: Optional[int]) -> str:
+    """Recipe changes estimated to fit `budget` (or, without one, each one's estimate), one knob at a time."""
+    candidates = []
+    batch, accum = setup.batch_size, recipe.train.grad_accum
+    while batch > 1:
+        batch, accum = batch // 2, accum * 2
+        candidates.append((f"--set train.batch_size={batch} --set train.grad_accum={accum} (same effective batch)",
+                           replace(setup, batch_size=batch)))
+    if setup.checkpointing != "offload":
+        candidates.append(("--set train.gradient_checkpointing=offload", replace(setup, checkpointing="offload")))
+    seq = setup.seq
+    while seq > 256:
+        seq //= 2
+        candidates.append((f"--set model.max_seq_length={seq} (truncates longer examples)", replace(setup, seq=seq)))
+    if not setup.load_in_4bit:
+        candidates.append(("--set model.load_in_4bit=true", replace(setup, load_in_4bit=True)))
+    if not setup.kernels:
+        candidates.append(("--set model.kernels=true", replace(setup, kernels=True)))
+    fitting, seen_knobs = [], set()
+    for text, candidate in candidates:
+        needed = estimate_memory(shape, candidate).needed
+        knob = text.split("=")[0]
+        if (budget is None or needed <= budget) and knob not in seen_knobs:
+            seen_knobs.add(knob)  # the mildest change of each knob that fits
+            fitting.append(f"{text}: about {needed / GIB:.1f} GiB")
+    if fitting:
+        return "Estimated to fit: " + "; ".join(fitting) + "."
+    smallest = replace(setup, batch_size=1, checkpointing="offload", load_in_4bit=True, kernels=True)
+    needed = estimate_memory(shape, smallest).needed
+    together = (f"--set train.batch_size=1 --set train.grad_accum={setup.batch_size * recipe.train.grad_accum} "
+                "--set train.gradient_checkpointing=offload --set model.load_in_4bit=true --set model.kernels=true")
+    if budget is not None and needed <= budget:
+        return f"No single change is estimated to fit, but together {together} are: about {needed / GIB:.1f} GiB."
+    return (f"Even {together} needs about {needed / GIB:.1f} GiB (lower model.max_seq_length too, or use a GPU with "
+            "more memory or a smaller model).")
+
+
+def out_of_memory_advice(recipe: Recipe, config, gpu_bytes: Optional[int], longest: int) -> str:
+    """The message for a CUDA out-of-memory error: what was estimated, and the recipe knobs that would fit."""
+    shape = ModelShape.from_config(config)
+    setup = Setup.from_recipe(recipe, seq=longest)
+    needed = estimate_memory(shape, setup).needed
+    where = f"this GPU's {gpu_bytes / GIB:.1f} GiB" if gpu_bytes else "the GPU's memory"
+    return (f"CUDA ran out of memory: the run needs more than {where} (ftcli estimates about {needed / GIB:.1f} GiB "
+            f"for batch {setup.batch_size} x {setup.seq} tokens). {smaller_settings(recipe, shape, setup, gpu_bytes)} "
+            "`ftcli plan RECIPE --gpu-memory SIZE` checks a recipe before loading anything. Other processes on the "
+            "GPU (nvidia-smi) take memory too.")
+
+
+def main(argv=None) -> None:
+    from ftcli.bench import SHAPES
+
+    parser = argparse.ArgumentParser(prog="python -m ftcli.plan", description="Estimated peak GPU memory of ftcli's "
+                                     "training step for a benchmark shape (the setup of python -m ftcli.bench).")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--bs", type=int, default=2)
+    parser.add_argument("--checkpointing", choices=["offload", "true", "false"], default="offload")
+    parser.add_argument("--precision", choices=["nf4", "bf16"], default="nf4")
+    args = parser.parse_args(argv)
+    values = SHAPES[args.shape]
+    heads = values["num_attention_heads"]
+    shape = ModelShape(hidden=values["hidden_size"], intermediate=values["intermediate_size"],
+                       layers=values["num_hidden_layers"], heads=heads, kv_heads=values["num_key_value_heads"],
+                       head_dim=values["hidden_size"] // heads, vocab=values["vocab_size"],
+                       tied_embeddings=values["tie_word_embeddings"])
+    checkpointing = {"offload": "offload", "true": True, "false": False}[args.checkpointing]
+    setup = Setup(batch_size=args.bs, seq=args.seq, load_in_4bit=args.precision == "nf4", checkpointing=checkpointing)
+    memory = estimate_memory(shape, setup)
+    print(f"{args.shape}  {args.precision}  seq {args.seq} x batch {args.bs}  checkpointing {args.checkpointing}: "
+          f"estimated peak {memory.peak / GIB:.2f} GiB allocated, at the {memory.moment}")
+    for name, value in memory.parts.items():
+        print(f"  {name:<36}{value / GIB:>8.3f} GiB")
+
+
+if __name__ == "__main__":
+    main()

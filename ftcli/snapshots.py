@@ -1,0 +1,147 @@
+"""Checkpoints to resume training from: OUT/checkpoints/step-N, the newest `save_total_limit` kept.
+
+A checkpoint holds everything the next step depends on, so that a resumed run computes exactly what an
+uninterrupted one would have: the LoRA adapter (a PEFT folder, loadable on its own), the optimizer state
+(bitsandbytes' 8-bit state included), the scheduler and loss-scaler state, the Python, torch and CUDA
+random states (LoRA dropout draws from them), and the position in the seeded data order. Each is written
+into a hidden temporary folder that is renamed to step-N when complete, so a listed checkpoint is whole.
+"""
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ftcli.errors import RecipeError, redact
+from ftcli.recipe import Recipe
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+TENSORS_FILE = "training_state.pt"
+
+# Recipe fields that shape the data order, the model or the optimizer's tensors: a checkpoint only
+# continues a run whose recipe has the same values for them.
+MUST_MATCH = ["model.name", "model.max_seq_length", "model.load_in_4bit", "lora", "data", "train.batch_size",
+              "train.grad_accum", "train.seed", "train.optimizer"]
+
+
+@dataclass
+class Snapshot:
+    path: Path
+    step: int
+    state: dict  # what trainer_state.json holds: the step, the data position, tokens seen, the recipe
+
+
+def list_snapshots(folder: Path) -> list[Snapshot]:
+    """The complete checkpoints under `folder`/checkpoints, oldest first."""
+    root = folder / CHECKPOINTS
+    found = []
+    if not root.is_dir():
+        return found
+    for path in root.glob("step-*"):
+        try:
+            state = json.loads((path / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if (path / TENSORS_FILE).is_file():
+            found.append(Snapshot(path, int(state["step"]), state))
+    return sorted(found, key=lambda snapshot: snapshot.step)
+
+
+def newest_snapshot(folder: Path) -> Optional[Snapshot]:
+    snapshots = list_snapshots(folder)
+    return snapshots[-1] if snapshots else None
+
+
+def save_snapshot(folder: Path, step: int, model, optimizer, scheduler, scaler, progress: dict, recipe: Recipe,
+                  keep: int) -> Path:
+    """Write checkpoint step-`step` under `folder`/checkpoints and delete all but the newest `keep`."""
+    root = folder / CHECKPOINTS
+    root.mkdir(exist_ok=True)
+    temporary = root / f".step-{step}.tmp-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save_pretrained(temporary)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler else None, "rng": random_states()}, temporary / TENSORS_FILE)
+    state = {"step": step, **progress, "recipe": recipe_record(recipe)}
+    (temporary / STATE_FILE).write_text(json.dumps(state, indent=1))
+    final = root / f"step-{step}"
+    shutil.rmtree(final, ignore_errors=True)
+    temporary.rename(final)
+    for old in list_snapshots(folder)[:-keep]:
+        shutil.rmtree(old.path)
+    return final
+
+
+def restore_snapshot(snapshot: Snapshot, model, optimizer, scheduler, scaler) -> None:
+    """Load the adapter weights and the optimizer, scheduler, scaler and random states saved in `snapshot`."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    device = next(p.device for p in model.parameters() if p.requires_grad)
+    result = set_peft_model_state_dict(model, load_file(snapshot.path / "adapter_model.safetensors", device=str(device)))
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    if unexpected:
+        raise RecipeError(f"Checkpoint {snapshot.path} holds adapter weights this model has no place for "
+                          f"({', '.join(unexpected[:3])}); it was saved from another model or LoRA setup.")
+    saved = torch.load(snapshot.path / TENSORS_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if scaler and saved["scaler"]:
+        scaler.load_state_dict(saved["scaler"])
+    restore_random_states(saved["rng"])
+
+
+def check_compatible(snapshot: Snapshot, recipe: Recipe) -> None:
+    """Refuse to continue a checkpoint with a recipe that would train a different model or data order."""
+    saved, current = _flatten(snapshot.state["recipe"]), _flatten(recipe_record(recipe))
+    differing = [key for key in sorted(set(saved) | set(current))
+                 if any(key == field or key.startswith(field + ".") for field in MUST_MATCH)
+                 and saved.get(key) != current.get(key)]
+    if differing:
+        changes = "; ".join(f"{key} was {saved.get(key)!r}, now {current.get(key)!r}" for key in differing)
+        raise RecipeError(f"Cannot resume from {snapshot.path}: the recipe changed where a checkpoint must match "
+                          f"({changes}). Put those fields back, or delete the checkpoints to start again.")
+
+
+def recipe_record(recipe: Recipe) -> dict:
+    """The resolved recipe as stored in a checkpoint, secrets redacted like everything written to OUT."""
+    return json.loads(redact(json.dumps(recipe.model_dump(mode="json"))))
+
+
+def copy_snapshots(source: Path, destination: Path) -> None:
+    """Copy the complete checkpoints of `source` into `destination`, each whole or not at all."""
+    root = destination / CHECKPOINTS
+    root.mkdir(exist_ok=True)
+    for snapshot in list_snapshots(source):
+        temporary = root / f".{snapshot.path.name}.tmp-{os.getpid()}"
+        shutil.rmtree(temporary, ignore_errors=True)
+        shutil.copytree(snapshot.path, temporary)
+        temporary.rename(root / snapshot.path.name)
+
+
+def random_states() -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_random_states(states: dict) -> None:
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -1,0 +1,310 @@
+"""Checkpoints, --resume, interruption by signals, divergence, out-of-memory advice and secret redaction."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli, write_jsonl, write_recipe
+from ftcli.progress import TrainingDisplay
+
+CHAT_ROWS = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                           {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
+             for a in range(1, 5) for b in range(1, 4)]
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_model_folder):
+    data = write_jsonl(tmp_path / "train.jsonl", CHAT_ROWS)
+    return tmp_path, tiny_model_folder("llama"), data
+
+
+# Dropout draws from the random state and the 12 rows make 2 epochs reshuffle, so a resume must restore both
+RESUMABLE = dict(lora={"r": 4, "alpha": 8, "dropout": 0.1},
+                 train={"max_steps": 8, "batch_size": 2, "grad_accum": 2, "save_steps": 2, "warmup_steps": 2,
+                        "save_total_limit": 2})
+
+
+def losses(folder):
+    return [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapter(folder):
+    return load_file(folder / "adapter_model.safetensors")
+
+
+class StopAfter(TrainingDisplay):
+    """A silent display that raises the stop flag after step `k`, as a SIGTERM arriving during that step would."""
+
+    def __init__(self, stop, k):
+        super().__init__(console=None, enabled=False)
+        self.stop, self.k = stop, k
+
+    def step(self, step, loss, lr, row):
+        if step == self.k:
+            self.stop.signal_number = signal.SIGTERM
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
+def test_interrupted_then_resumed_equals_uninterrupted(workspace, optimizer):
+    from ftcli.errors import Interrupted
+    from ftcli.output import staged_output, staging_folder
+    from ftcli.recipe import load_recipe
+    from ftcli.signals import StopRequest
+    from ftcli.train import run
+
+    tmp, model, data = workspace
+    settings = RESUMABLE | {"train": RESUMABLE["train"] | {"optimizer": optimizer}}
+    whole = write_recipe(tmp / "whole.yaml", model, data, tmp / "whole", **settings)
+    assert run_cli("train", whole, "--json").exit_code == 0
+
+    recipe = load_recipe(write_recipe(tmp / "cut.yaml", model, data, tmp / "cut", **settings))
+    stop = StopRequest()
+    with pytest.raises(Interrupted) as interrupted:
+        with staged_output(tmp / "cut", overwrite=False) as staging:
+            run(recipe, staging, StopAfter(stop, 5), resume=False, stop=stop)
+    assert interrupted.value.exit_code == 143 and "--resume" in interrupted.value.message
+    partial = staging_folder(tmp / "cut")
+    assert not (tmp / "cut").exists()
+    # step-2 was pruned (limit 2); step-4 from save_steps and step-5 from the stop remain
+    assert sorted(p.name for p in (partial / "checkpoints").iterdir()) == ["step-4", "step-5"]
+    assert len(losses(partial)) == 5
+
+    result = run_cli("train", tmp / "cut.yaml", "--resume", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.splitlines()[-1])["resumed_from_step"] == 5
+    assert losses(tmp / "cut") == losses(tmp / "whole")  # every row, to the 6 digits written
+    final, reference = adapter(tmp / "cut"), adapter(tmp / "whole")
+    for name in reference:
+        torch.testing.assert_close(final[name], reference[name], rtol=0, atol=0)
+    assert not partial.exists()
+
+
+def test_sigterm_to_a_real_process_saves_and_exits_143_then_resume_finishes(workspace):
+    tmp, model, data = workspace
+    # far more steps than run before the signal; the resumed run then stops two steps after the checkpoint
+    settings = {"lora": RESUMABLE["lora"], "train": RESUMABLE["train"] | {"max_steps": 5000, "save_steps": 0}}
+    recipe = write_recipe(tmp / "r.yaml", model, data, tmp / "out", **settings)
+    partial = tmp / ".out.partial"
+    process = subprocess.Popen([sys.executable, "-m", "ftcli", "train", str(recipe), "--json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(_rows(partial)) < 3:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    report = json.loads(stdout.splitlines()[-1])
+    assert report["status"] == "error" and "SIGTERM" in report["message"] and "Traceback" not in stderr
+    checkpoints = [p.name for p in (partial / "checkpoints").iterdir()]
+    assert len(checkpoints) == 1
+    stopped = int(checkpoints[0].removeprefix("step-"))
+    assert 3 <= stopped < 5000 and f"stopped after step {stopped} of 5000" in report["message"]
+    without_resume = run_cli("train", recipe)
+    assert without_resume.exit_code == 2 and "--resume" in without_resume.output
+
+    result = run_cli("train", recipe, "--resume", "--set", f"train.max_steps={stopped + 2}", "--json")
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(line)["step"] for line in (tmp / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, stopped + 3))
+
+
+def _rows(folder):
+    try:
+        return (folder / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def interrupted_run(tmp, model, data, name="cut", stop_after=3, **sections):
+    """Train `name` until a stop after step `stop_after`, leaving its .partial folder with checkpoints."""
+    from ftcli.errors import Interrupted
+    from ftcli.output import staged_output
+    from ftcli.recipe import load_recipe
+    from ftcli.signals import StopRequest
+    from ftcli.train import run
+
+    settings = {key: RESUMABLE[key] | sections.get(key, {}) for key in RESUMABLE} | {
+        key: value for key, value in sections.items() if key not in RESUMABLE}
+    path = write_recipe(tmp / f"{name}.yaml", model, data, tmp / name, **settings)
+    stop = StopRequest()
+    with pytest.raises(Interrupted):
+        with staged_output(tmp / name, overwrite=False) as staging:
+            run(load_recipe(path), staging, StopAfter(stop, stop_after), resume=False, stop=stop)
+    return path
+
+
+def test_resume_refuses_a_changed_recipe_and_names_the_field(workspace):
+    tmp, model, data = workspace
+    path = interrupted_run(tmp, model, data)
+    result = run_cli("train", path, "--resume", "--set", "lora.r=8", "--set", "train.grad_accum=1")
+    assert result.exit_code == 2, result.output
+    assert "lora.r was 4, now 8" in result.output and "train.grad_accum was 2, now 1" in result.output
+    result = run_cli("train", path, "--resume", "--set", "train.max_steps=3")
+    assert result.exit_code == 2 and "is at step 3" in result.output and "raise train.max_steps" in result.output
+    # a field a checkpoint does not pin, like the learning rate, may change
+    assert run_cli("train", path, "--resume", "--set", "train.learning_rate=0.0005").exit_code == 0
+
+
+def test_a_half_written_checkpoint_is_ignored(workspace):
+    from ftcli.snapshots import list_snapshots
+
+    tmp, model, data = workspace
+    path = interrupted_run(tmp, model, data, stop_after=3)
+    partial = tmp / ".cut.partial"
+    # what a kill during the save of step 4 leaves: a temporary folder, never a step-4 folder
+    (partial / "checkpoints" / ".step-4.tmp-999").mkdir()
+    (partial / "checkpoints" / ".step-4.tmp-999" / "adapter_model.safetensors").write_bytes(b"trunc")
+    assert [s.step for s in list_snapshots(partial)] == [2, 3]
+    result = run_cli("train", path, "--resume", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.splitlines()[-1])["resumed_from_step"] == 3
+
+
+def test_resume_without_a_checkpoint_starts_afresh_and_a_finished_run_can_be_continued(workspace):
+    tmp, model, data = workspace
+    path = write_recipe(tmp / "r.yaml", model, data, tmp / "out", **RESUMABLE)
+    first = run_cli("train", path, "--resume", "--json")
+    assert first.exit_code == 0 and json.loads(first.stdout.splitlines()[-1])["resumed_from_step"] is None
+    assert sorted(p.name for p in (tmp / "out" / "checkpoints").iterdir()) == ["step-4", "step-6"]
+    again = run_cli("train", path, "--resume", "--set", "train.max_steps=10", "--json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout.splitlines()[-1])["resumed_from_step"] == 6
+    steps = [json.loads(line)["step"] for line in (tmp / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))
+
+
+def test_two_runs_cannot_share_an_output_folder(tmp_path):
+    from ftcli.errors import RecipeError
+    from ftcli.output import staged_output
+
+    with staged_output(tmp_path / "out", overwrite=False) as staging:
+        (staging / "adapter_model.safetensors").write_text("first run")
+        with pytest.raises(RecipeError, match="Another ftcli run is writing"):
+            with staged_output(tmp_path / "out", overwrite=False):
+                pass
+        assert (staging / "adapter_model.safetensors").read_text() == "first run"
+    assert (tmp_path / "out" / "adapter_model.safetensors").read_text() == "first run"
+
+
+def test_atomic_write_replaces_whole_and_leaves_no_temporary(tmp_path):
+    from ftcli.output import atomic_write_text
+
+    target = tmp_path / "recipe.yaml"
+    target.write_text("old")
+    atomic_write_text(target, "new\n" * 1000)
+    assert target.read_text() == "new\n" * 1000
+    assert [p.name for p in tmp_path.iterdir()] == ["recipe.yaml"]
+
+
+def test_nan_loss_stops_with_exit_3_naming_step_rows_and_causes(workspace):
+    tmp, model, data = workspace
+    # Adam moves every adapter weight by about the learning rate, so the second step's logits overflow
+    path = write_recipe(tmp / "r.yaml", model, data, tmp / "out",
+                        train={"learning_rate": 1e30, "max_steps": 4, "warmup_steps": 0})
+    result = run_cli("train", path)
+    assert result.exit_code == 3, result.output
+    assert "at step 2" in result.output and "data rows" in result.output
+    assert "learning rate too high" in result.output and "float16" in result.output
+    rows = [int(r) for r in result.output.split("data rows ")[1].split(" of ")[0].split(", ")]
+    assert len(rows) == 2 and all(1 <= r <= len(CHAT_ROWS) for r in rows)
+    assert "Traceback" not in result.output and not (tmp / "out").exists()
+
+
+def test_out_of_memory_exits_4_with_settings_that_fit(workspace, monkeypatch):
+    import ftcli.train
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(ftcli.train, "accumulate_gradients", out_of_memory)  # no GPU here to fill
+    tmp, model, data = workspace
+    path = write_recipe(tmp / "r.yaml", model, data, tmp / "out", train={"batch_size": 4, "grad_accum": 2})
+    result = run_cli("train", path)
+    assert result.exit_code == 4, result.output
+    # without a GPU to size against, the mildest change of each knob is offered
+    for knob in ["--set train.batch_size=2 --set train.grad_accum=4", "--set train.gradient_checkpointing=offload", "model.load_in_4bit=true",
+                 "ftcli plan"]:
+        assert knob in result.output, knob
+    assert "Traceback" not in result.output and not (tmp / ".out.partial").exists()
+
+
+def test_secrets_from_the_environment_never_reach_messages_or_out(workspace, monkeypatch):
+    from ftcli.errors import redact
+
+    token = "hf_" + "Zq7" * 10
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setenv("MY_SERVICE_SECRET", "s3cr3t-value-42")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false-but-long")  # a setting, not a secret
+    assert redact(f"auth {token} and s3cr3t-value-42 and hf_{'x' * 30}") == "auth *** and *** and ***"
+    assert redact("no secret here: HF_TOKEN is set, false-but-long") == "no secret here: HF_TOKEN is set, false-but-long"
+
+    tmp, model, data = workspace
+    missing = write_recipe(tmp / "bad.yaml", model, tmp / f"{token}.jsonl", tmp / "out")
+    result = run_cli("train", missing, "--json")
+    assert result.exit_code == 2 and token not in result.output and "***.jsonl" in result.output
+
+    folder = tmp / token
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", CHAT_ROWS)
+    path = write_recipe(tmp / "r.yaml", model, folder / "train.jsonl", tmp / "out", train={"max_steps": 2})
+    result = run_cli("train", path)
+    assert result.exit_code == 0 and token not in result.output, result.output
+    for written in (tmp / "out").rglob("*"):
+        if written.is_file() and written.suffix in {".yaml", ".json", ".jsonl"}:
+            assert token not in written.read_text(), written
+    assert "/***/train.jsonl" in (tmp / "out" / "recipe.yaml").read_text()
+    assert yaml_field(tmp / "out" / "recipe.yaml", "model", "trust_remote_code") is False
+
+
+def yaml_field(path, section, key):
+    import yaml
+
+    return yaml.safe_load(path.read_text())[section][key]
+
+
+def test_metrics_tensorboard_and_loss_plot(workspace):
+    import matplotlib.pyplot as plt
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tmp, model, data = workspace
+    path = write_recipe(tmp / "r.yaml", model, data, tmp / "out", data={"eval_fraction": 0.25},
+                        train={"max_steps": 4, "eval_steps": 2})
+    result = run_cli("train", path, "--set", "output.tensorboard=true", "--json")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp / "out" / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp / "out" / "tensorboard"))
+    events.Reload()
+    logged = [(event.step, round(event.value, 6)) for event in events.Scalars("train/loss")]
+    assert logged == [(row["step"], pytest.approx(row["loss"], abs=1e-5)) for row in rows]
+    assert [event.step for event in events.Scalars("eval/loss")] == [2, 4]
+    png = tmp / "out" / "loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plt.imread(png).shape[:2] == (400, 700)
+    assert json.loads(result.stdout.splitlines()[-1])["loss_plot"] is True
+
+
+SIGNAL_SCRIPT = """
+import os, signal, sys, time
+from ftcli.signals import StopRequest
+with StopRequest() as stop:
+    os.kill(os.getpid(), signal.SIG{first})
+    time.sleep(0.2)
+    print("after first:", stop.signal_name, flush=True)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)
+    print("still running", flush=True)
+"""
+
+
+@pytest.mark.parametrize("first", ["INT", "TERM"])
+def test_first_signal_only_sets_the_flag_a_second_ctrl_c_quits_at_once(first):
+    result = subprocess.run([sys.executable, "-c", SIGNAL_SCRIPT.format(first=first)], capture_output=True, text=True,
+                            timeout=60)
+    assert f"after first: SIG{first}" in result.stdout and "saving a checkpoint after this step" in result.stderr
+    assert result.returncode == 130 and "still running" not in result.stdout and "quitting now" in result.stderr

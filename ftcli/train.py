@@ -152,17 +152,48 @@ def step_groups(examples: list[TokenizedExample], settings: TrainSettings,
 
 
 def collate(examples: list[TokenizedExample], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch; padding is masked out of attention and of the loss."""
+    """Right-pad a micro-batch; padding is masked out of attention and of the loss.
+
+    Packed rows also get their position ids, which restart at each example (and once more for the padding)."""
     width = max(len(example.input_ids) for example in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    position_ids = torch.arange(width).repeat(len(examples), 1)
     for row, example in enumerate(examples):
         length = len(example.input_ids)
         input_ids[row, :length] = torch.tensor(example.input_ids)
         labels[row, :length] = torch.tensor(example.labels)
         attention_mask[row, :length] = 1
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}
+        if example.position_ids is not None:
+            position_ids[row, :length] = torch.tensor(example.position_ids)
+            position_ids[row, length:] = torch.arange(width - length)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if any(example.position_ids is not None for example in examples):
+        batch["position_ids"] = position_ids
+    return {name: tensor.to(device) for name, tensor in batch.items()}
+
+
+def model_inputs(model, batch: dict[str, torch.Tensor]) -> dict:
+    """What the model is called with: the padding mask; or, for packed rows, the restarting position ids and no
+    mask, from which transformers builds a block-diagonal causal mask for SDPA and eager attention. Flash-attention
+    takes the example boundaries as cumulative lengths over the flattened batch instead."""
+    if "position_ids" not in batch:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    if "flash" in (model.config._attn_implementation or ""):
+        inputs |= example_boundaries(batch["position_ids"])
+    return inputs
+
+
+def example_boundaries(position_ids: torch.Tensor) -> dict:
+    """flash-attention's varlen arguments: where each example (a run of positions from 0) starts in the flattened
+    batch, and the longest one."""
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).reshape(-1)
+    cumulative = torch.cat([starts, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
+    longest = int(cumulative.diff().max())
+    return {"cu_seq_lens_q": cumulative, "cu_seq_lens_k": cumulative, "max_length_q": longest, "max_length_k": longest}
 
 
 def target_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -178,7 +209,7 @@ def summed_token_loss(model, batch: dict[str, torch.Tensor], fused: bool = False
     """
     if fused:
         return fused_token_loss(model, batch)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(**model_inputs(model, batch)).logits
     shifted = logits[:, :-1].float()
     return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), batch["labels"][:, 1:].reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
@@ -189,8 +220,7 @@ def fused_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     labels move left by one instead of the hidden states right, so the hidden states are used as they are."""
     from kernels.cross_entropy import fused_linear_cross_entropy
 
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 use_cache=False).last_hidden_state
+    hidden = model.get_decoder()(**(model_inputs(model, batch) | {"use_cache": False})).last_hidden_state
     labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
     return fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), model.get_output_embeddings().weight,
                                       labels.reshape(-1), getattr(model.config, "final_logit_softcapping", None),

@@ -30,9 +30,9 @@ def test_formats_become_the_same_conversation():
     sharegpt = {"conversations": [{"from": "human", "value": "Add 2 and 3.\n\nBe exact."}, {"from": "gpt", "value": "5"}]}
     messages = {"messages": expected}
     for row, data_format in [(alpaca, "alpaca"), (sharegpt, "sharegpt"), (messages, "messages")]:
-        assert to_conversation(row, data_format, 1, "f.jsonl") == expected
-    assert to_conversation({"instruction": "Add.", "input": "", "output": "5"}, "alpaca", 1, "f")[0]["content"] == "Add."
-    assert to_conversation({"text": "raw words"}, "text", 1, "f") == "raw words"
+        assert to_conversation(row, "f.jsonl row 1", data_format) == expected
+    assert to_conversation({"instruction": "Add.", "input": "", "output": "5"}, "f", "alpaca")[0]["content"] == "Add."
+    assert to_conversation({"text": "raw words"}, "f", "text") == "raw words"
 
 
 @pytest.mark.parametrize("row,data_format,fragments", [
@@ -44,7 +44,7 @@ def test_formats_become_the_same_conversation():
 ])
 def test_bad_rows_name_the_row_and_the_problem(row, data_format, fragments):
     with pytest.raises(RecipeError) as error:
-        to_conversation(row, data_format, 4, "f.jsonl")
+        to_conversation(row, "f.jsonl row 4", data_format)
     for fragment in fragments:
         assert fragment in error.value.message
 
@@ -74,7 +74,7 @@ def test_builtin_alpaca_template_ends_each_response_with_eos(tokenizer):
 
 
 def test_template_errors(tokenizer):
-    with pytest.raises(RecipeError, match="not a known template.*chatml, alpaca"):
+    with pytest.raises(RecipeError, match="not a known template.*alpaca, chatml, llama-2"):
         use_template(tokenizer, "llama-9")
     bare = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
     bare.chat_template = None

@@ -117,7 +117,8 @@ def dry_run(recipe: Recipe) -> dict:
     return {"status": "ok", "dry_run": True, "architecture": architecture.family, "rows": stats.rows,
             "train_examples": len(data.train), "eval_examples": len(data.eval), "truncated": stats.truncated,
             "dropped_no_target": stats.dropped_no_target, "tokens": stats.tokens, "target_tokens": stats.target_tokens,
-            "longest": stats.longest, "steps": count_steps(len(data.train), recipe.train)}
+            "longest": stats.longest, "skipped_invalid": stats.skipped_invalid, "packed_rows": stats.packed_rows,
+            "steps": count_steps(len(data.train), recipe.train)}
 
 
 def seed_everything(seed: int) -> None:

@@ -27,9 +27,11 @@ def preview_data(recipe: Recipe, count: int, console: Console) -> DataStats:
     max_length = recipe.model.max_seq_length
     data = prepare_data(recipe.data.model_copy(update={"packing": False}), tokenizer, max_length, recipe.train.seed)
     for example in data.train[:count]:
-        title = example.origin + (f" (cut at max_seq_length {max_length})" if example.truncated else "")
-        console.print(Rule(title, style="cyan"))
+        console.print(Rule(style="cyan"))
+        console.print(Text(example.origin, style="bold cyan"), soft_wrap=True)
         console.print(render_example(tokenizer, example), soft_wrap=True)
+        if example.truncated:
+            console.print(f"[yellow](cut at max_seq_length {max_length}: the model never sees the rest)[/]")
     console.print(Rule(style="cyan"))
     console.print(Text.assemble("legend: ", ("masked (context only)", MASKED_STYLE), "  ",
                                 ("trained (in the loss)", TRAINED_STYLE)))

@@ -5,11 +5,14 @@ from the different matrix shapes). A negative control shows the comparison would
 """
 
 import importlib.util
+import json
+import math
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import run_cli, write_jsonl, write_recipe
 from ftcli.architectures import ARCHITECTURES
 from ftcli.data.packing import join_examples, pack_examples
 from ftcli.data.templates import IGNORE_INDEX, TokenizedExample
@@ -167,3 +170,19 @@ def test_packed_loss_with_flash_attention(tiny_model_folder):
         leaked_loss = loss([TokenizedExample(row.input_ids, row.labels, False) for row in packed])
     assert packed_loss == pytest.approx(unpacked_loss, rel=1e-2)
     assert abs(leaked_loss - unpacked_loss) > 3e-2 * unpacked_loss
+
+
+def test_train_and_dry_run_with_packing(tmp_path, tiny_model_folder):
+    rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                          {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]} for a in range(4) for b in range(3)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_folder("qwen2"), data, tmp_path / "out",
+                          data={"packing": True})
+    dry = run_cli("train", recipe, "--dry-run", "--json")
+    assert dry.exit_code == 0, dry.output
+    summary = json.loads(dry.stdout.strip().splitlines()[-1])
+    assert summary["train_examples"] == summary["packed_rows"] < 12  # 12 chat rows fit in fewer 128-token rows
+    result = run_cli("train", recipe, "--json")
+    assert result.exit_code == 0, result.output
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 3 and all(math.isfinite(row["loss"]) for row in metrics)

@@ -117,6 +117,16 @@ def test_flash_attention_boundaries_span_the_flattened_batch():
     assert boundaries["cu_seq_lens_q"].dtype == torch.int32
 
 
+def test_flash_attention_models_get_the_boundaries(tiny_model_folder):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_folder("llama"), dtype=torch.float32)
+    batch = collate(pack_examples(examples_of([3, 2, 4]), 5), 0, CPU)
+    assert "attention_mask" not in model_inputs(model, batch) and "cu_seq_lens_q" not in model_inputs(model, batch)
+    model.config._attn_implementation = "flash_attention_2"  # only read here; no forward runs without CUDA
+    inputs = model_inputs(model, batch)
+    assert inputs["cu_seq_lens_q"].tolist() == [0, 4, 5, 8, 10] and inputs["max_length_q"] == 4
+    assert inputs["position_ids"].tolist() == [[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_packed_loss_equals_unpacked_loss(family, tiny_model_folder):
     architecture = ARCHITECTURES[family]
@@ -176,13 +186,16 @@ def test_packed_loss_with_kernels(tiny_model_folder, monkeypatch):
     assert calls.count("apply_rope") == 2 * layers and calls.count("fused_linear_cross_entropy") == 2
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None,
-                    reason="flash-attention needs CUDA and the flash_attn package")
-def test_packed_loss_with_flash_attention(tiny_model_folder):
-    """In bfloat16, so loss within rel 1e-2 and logits within 0.1; the negative control moves logits by units."""
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("attention", ["sdpa", "flash_attention_2"])
+def test_packed_on_cuda(attention, tiny_model_folder):
+    """SDPA's CUDA kernels and flash-attention's varlen kernel, in bfloat16: loss within rel 1e-2 and logits
+    within 0.1; the negative control moves logits by units."""
+    if attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("the flash_attn package is not installed")
     cuda = torch.device("cuda")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_folder("mistral"), dtype=torch.bfloat16,
-                                                 attn_implementation="flash_attention_2").to(cuda)
+                                                 attn_implementation=attention).to(cuda)
     examples = examples_of(LENGTHS)
     packed = pack_examples(examples, 40)
 

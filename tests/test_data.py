@@ -183,6 +183,8 @@ def test_folder_of_mixed_files_keeps_each_rows_file_and_number(tmp_path, tokeniz
                                                                         for r in rows[4:6]))
     datasets.Dataset.from_list(rows[6:]).to_parquet(str(folder / "d.parquet"))
     (folder / "notes.md").write_text("not data")
+    (folder / ".cache").mkdir()
+    write_jsonl(folder / ".cache" / "old.jsonl", rows)  # hidden folders are not data
     read = read_rows(settings_for(folder))
     assert [str(row.values["output"]) for row in read] == [r["output"] for r in rows]  # csv reads numbers
     assert [row.origin for row in read][::2] == [f"{folder / name} row 1" for name in

@@ -74,7 +74,8 @@ def _data_files(local: Path) -> list[Path]:
             raise RecipeError(f"data.path {local} has the suffix {local.suffix!r}, which ftcli cannot read; use one "
                               f"of {', '.join(LOADER_BY_SUFFIX)}.")
         return [local]
-    files = sorted(f for f in local.rglob("*") if f.is_file() and f.suffix in LOADER_BY_SUFFIX)
+    files = sorted(f for f in local.rglob("*") if f.is_file() and f.suffix in LOADER_BY_SUFFIX
+                   and not any(part.startswith(".") for part in f.relative_to(local).parts))  # no hidden caches
     if not files:
         raise RecipeError(f"data.path folder {local} holds no json, jsonl, csv, parquet or txt files.")
     return files

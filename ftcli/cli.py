@@ -14,6 +14,10 @@ app = typer.Typer(help="Fine-tune open LLMs with LoRA/QLoRA from YAML recipes.",
                   add_completion=False, pretty_exceptions_enable=False)
 
 
+data_app = typer.Typer(help="Look at a recipe's data before training.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
 @app.callback()
 def main() -> None:
     """Fine-tune open LLMs with LoRA/QLoRA from YAML recipes."""
@@ -81,6 +85,23 @@ def plan(
             raise typer.Exit(planning.DOES_NOT_FIT_EXIT_CODE)
 
 
+@data_app.command("preview")
+def data_preview(
+    recipe_path: Path = typer.Argument(..., metavar="RECIPE.yaml", help="The recipe whose data to show."),
+    count: int = typer.Option(3, "-n", "--count", min=0, help="How many training examples to print."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", metavar="SECTION.KEY=VALUE",
+                                                  help="Override one recipe field; repeatable."),
+) -> None:
+    """Print training examples as the model sees them (masked part dimmed, trained part highlighted) and
+    token-length statistics, without loading weights."""
+    _quiet_libraries()
+    with _reported_errors(as_json=False):
+        from ftcli.data.preview import preview_data
+        from ftcli.recipe import load_recipe
+
+        preview_data(load_recipe(recipe_path, overrides), count, Console())
+
+
 def _finish(console: Console, summary: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary))
@@ -90,7 +111,8 @@ def _finish(console: Console, summary: dict, as_json: bool) -> None:
                       f"{summary['train_examples']} training / {summary['eval_examples']} eval examples, "
                       f"{summary['tokens']:,} tokens ({summary['target_tokens']:,} trained), longest "
                       f"{summary['longest']}, {summary['truncated']} truncated, {summary['dropped_no_target']} "
-                      f"dropped with nothing to learn; {summary['steps']} optimizer steps.")
+                      f"dropped with nothing to learn, {summary['skipped_invalid']} invalid rows skipped; "
+                      f"{summary['steps']} optimizer steps.")
         return
     console.print(f"[green]Done.[/] {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
                   f"{summary['tokens_per_s']:,.0f} tokens/s, peak memory {summary['peak_mem_gib']:.2f} GiB. "

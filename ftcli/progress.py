@@ -40,7 +40,9 @@ class TrainingDisplay:
             ("precision", f"{precision}, LoRA r={recipe.lora.r} alpha={recipe.lora.alpha:g}"),
             ("kernels", ", ".join(f"{name} x{count}" for name, count in swapped.items()) or "off (PyTorch modules)"),
             ("data", f"{stats.examples} examples, {stats.tokens:,} tokens ({stats.target_tokens:,} trained), "
-                     f"{stats.truncated} truncated"),
+                     f"{stats.truncated} truncated"
+                     + (f", {stats.skipped_invalid} invalid rows skipped" if stats.skipped_invalid else "")
+                     + (f", packed into {stats.packed_rows} rows" if stats.packed_rows else "")),
             ("schedule", f"{total_steps} steps x {recipe.train.batch_size} x {recipe.train.grad_accum} sequences, "
                          f"lr {recipe.train.learning_rate:g} {recipe.train.lr_scheduler}"),
         ]:

@@ -44,13 +44,34 @@ class LoraSettings(Section):
 
 
 class DataSettings(Section):
-    path: str = Field(description="json/jsonl/csv/parquet/txt file, a folder of them, or a hub dataset id when online.")
+    path: str = Field(description="json/jsonl/csv/parquet/txt file, a folder of them (types may mix), or a hub dataset id when online.")
     format: Literal["alpaca", "sharegpt", "messages", "text"] = Field(
         "messages", description="Row layout: alpaca (instruction/input/output), sharegpt (conversations of from/value), "
-        "messages (role/content), text (raw text for continued pre-training).")
-    template: str = Field("auto", description="Chat template: auto = the tokenizer's own; or a built-in by name: chatml, alpaca.")
-    train_on_responses_only: bool = Field(True, description="Compute the loss on assistant turns only.")
+        "messages (role/content), text (raw text for continued pre-training, cut into max_seq_length chunks).")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Where the format's fields are in your data, as field: your column, "
+        "e.g. {instruction: question, output: answer}.")
+    prompt: Optional[str] = Field(
+        None, description="alpaca only: build the user turn from several columns, e.g. \"Describe {name}.[[ Its "
+        "color is {color}.]]\"; {column} is replaced by the value, and a [[ ... ]] part is dropped when a column in "
+        "it is empty. The response is still the output column.")
+    conversation_extension: int = Field(
+        1, ge=1, description="Join each training row with this many minus one random other rows into one "
+        "multi-turn conversation (seeded); 1 keeps rows as they are.")
+    template: str = Field("auto", description="Chat template: auto = the tokenizer's own; or a built-in by name: "
+                          "alpaca, chatml, llama-2, llama-3, mistral, gemma, qwen-2.5, phi-3, vicuna, zephyr.")
+    train_on_responses_only: bool = Field(True, description="Compute the loss on assistant turns only (every one "
+                                          "of a multi-turn conversation, each with its end token).")
+    split: str = Field("train", description="Split of a hub dataset (slices like train[:1000] work); local files are one split.")
+    subset: Optional[str] = Field(None, description="Configuration (subset) name of a hub dataset.")
+    max_samples: Optional[int] = Field(None, gt=0, description="Use at most this many rows (after shuffling); null uses all.")
+    shuffle: bool = Field(True, description="Shuffle rows by train.seed before max_samples and the eval split; false "
+                          "keeps file order (max_samples takes the first rows, evaluation the last).")
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Share of rows held out for evaluation.")
+    skip_invalid: bool = Field(False, description="Skip rows that do not fit the format (and report how many) "
+                               "instead of stopping at the first one.")
+    packing: bool = Field(False, description="Pack several examples into each max_seq_length row; attention stays "
+                          "inside each example and positions restart, so the loss is the same as unpacked.")
 
 
 class TrainSettings(Section):

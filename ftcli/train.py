@@ -150,13 +150,13 @@ def data_position(step: int, examples: int, settings: TrainSettings) -> dict:
 
 def divergence_message(step: int, loss: float, group: list[list[TokenizedExample]], recipe: Recipe,
                        out_dir: Path) -> str:
-    rows = sorted({example.row for batch in group for example in batch if example.row})
+    origins = sorted({example.origin for batch in group for example in batch if example.origin})
     rate = recipe.train.learning_rate
     latest = newest_snapshot(out_dir)
     resume = (f" The last checkpoint, {latest.path.name}, is kept; after a fix, --resume continues from it."
               if latest else "")
-    return (f"The training loss became {loss} at step {step}, on the micro-batches of data rows "
-            f"{', '.join(map(str, rows)) or 'unknown'} of {recipe.data.path}; the run stopped without saving it. "
+    return (f"The training loss became {loss} at step {step}, on the micro-batches of "
+            f"{'; '.join(origins) or 'unknown rows of ' + recipe.data.path}; the run stopped without saving it. "
             f"Likely causes: a learning rate too high (train.learning_rate is {rate:g}; try {rate / 10:g}, or more "
             "warmup_steps), float16 overflow (use model.dtype: bfloat16 where the GPU has it, or float32), or bad "
             f"data in those rows (empty or garbled text, extreme lengths).{resume}")
@@ -187,7 +187,8 @@ def dry_run(recipe: Recipe) -> dict:
     return {"status": "ok", "dry_run": True, "architecture": architecture.family, "rows": stats.rows,
             "train_examples": len(data.train), "eval_examples": len(data.eval), "truncated": stats.truncated,
             "dropped_no_target": stats.dropped_no_target, "tokens": stats.tokens, "target_tokens": stats.target_tokens,
-            "longest": stats.longest, "steps": count_steps(len(data.train), recipe.train)}
+            "longest": stats.longest, "skipped_invalid": stats.skipped_invalid, "packed_rows": stats.packed_rows,
+            "steps": count_steps(len(data.train), recipe.train)}
 
 
 def seed_everything(seed: int) -> None:
@@ -222,17 +223,48 @@ def step_groups(examples: list[TokenizedExample], settings: TrainSettings,
 
 
 def collate(examples: list[TokenizedExample], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch; padding is masked out of attention and of the loss."""
+    """Right-pad a micro-batch; padding is masked out of attention and of the loss.
+
+    Packed rows also get their position ids, which restart at each example (and once more for the padding)."""
     width = max(len(example.input_ids) for example in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    position_ids = torch.arange(width).repeat(len(examples), 1)
     for row, example in enumerate(examples):
         length = len(example.input_ids)
         input_ids[row, :length] = torch.tensor(example.input_ids)
         labels[row, :length] = torch.tensor(example.labels)
         attention_mask[row, :length] = 1
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}
+        if example.position_ids is not None:
+            position_ids[row, :length] = torch.tensor(example.position_ids)
+            position_ids[row, length:] = torch.arange(width - length)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if any(example.position_ids is not None for example in examples):
+        batch["position_ids"] = position_ids
+    return {name: tensor.to(device) for name, tensor in batch.items()}
+
+
+def model_inputs(model, batch: dict[str, torch.Tensor]) -> dict:
+    """What the model is called with: the padding mask; or, for packed rows, the restarting position ids and no
+    mask, from which transformers builds a block-diagonal causal mask for SDPA and eager attention. Flash-attention
+    takes the example boundaries as cumulative lengths over the flattened batch instead."""
+    if "position_ids" not in batch:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    if "flash" in (model.config._attn_implementation or ""):
+        inputs |= example_boundaries(batch["position_ids"])
+    return inputs
+
+
+def example_boundaries(position_ids: torch.Tensor) -> dict:
+    """flash-attention's varlen arguments: where each example (a run of positions from 0) starts in the flattened
+    batch, and the longest one."""
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).reshape(-1)
+    cumulative = torch.cat([starts, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
+    longest = int(cumulative.diff().max())
+    return {"cu_seq_lens_q": cumulative, "cu_seq_lens_k": cumulative, "max_length_q": longest, "max_length_k": longest}
 
 
 def target_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -248,7 +280,7 @@ def summed_token_loss(model, batch: dict[str, torch.Tensor], fused: bool = False
     """
     if fused:
         return fused_token_loss(model, batch)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(**model_inputs(model, batch)).logits
     shifted = logits[:, :-1].float()
     return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), batch["labels"][:, 1:].reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
@@ -259,8 +291,7 @@ def fused_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     labels move left by one instead of the hidden states right, so the hidden states are used as they are."""
     from kernels.cross_entropy import fused_linear_cross_entropy
 
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 use_cache=False).last_hidden_state
+    hidden = model.get_decoder()(**(model_inputs(model, batch) | {"use_cache": False})).last_hidden_state
     labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
     return fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), model.get_output_embeddings().weight,
                                       labels.reshape(-1), getattr(model.config, "final_logit_softcapping", None),

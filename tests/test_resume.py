@@ -1,6 +1,7 @@
 """Checkpoints, --resume, interruption by signals, divergence, out-of-memory advice and secret redaction."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -209,10 +210,10 @@ def test_nan_loss_stops_with_exit_3_naming_step_rows_and_causes(workspace):
                         train={"learning_rate": 1e30, "max_steps": 4, "warmup_steps": 0})
     result = run_cli("train", path)
     assert result.exit_code == 3, result.output
-    assert "at step 2" in result.output and "data rows" in result.output
-    assert "learning rate too high" in result.output and "float16" in result.output
-    rows = [int(r) for r in result.output.split("data rows ")[1].split(" of ")[0].split(", ")]
-    assert len(rows) == 2 and all(1 <= r <= len(CHAT_ROWS) for r in rows)
+    message = " ".join(result.output.split())
+    assert "at step 2" in message and "learning rate too high" in message and "float16" in message
+    rows = [int(row) for row in re.findall(rf"{re.escape(data.name)} row (\d+)", message)]
+    assert len(rows) == 2 and all(1 <= row <= len(CHAT_ROWS) for row in rows)
     assert "Traceback" not in result.output and not (tmp / "out").exists()
 
 

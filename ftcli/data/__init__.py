@@ -3,8 +3,9 @@
 import random
 from dataclasses import dataclass, field
 
-from ftcli.data.formats import to_conversation
-from ftcli.data.sources import read_rows
+from ftcli.data.formats import check_columns, extend_conversations, to_conversation
+from ftcli.data.packing import pack_examples
+from ftcli.data.sources import Row, read_rows
 from ftcli.data.templates import IGNORE_INDEX, TokenizedExample, tokenize_conversation, tokenize_text, use_template
 from ftcli.errors import RecipeError
 from ftcli.recipe import DataSettings
@@ -13,12 +14,15 @@ from ftcli.recipe import DataSettings
 @dataclass
 class DataStats:
     rows: int = 0
+    skipped_invalid: int = 0
+    first_invalid: str = ""  # the message of the first skipped row, to show what was wrong
     examples: int = 0
     truncated: int = 0
     dropped_no_target: int = 0
     tokens: int = 0
     target_tokens: int = 0
     longest: int = 0
+    packed_rows: int = 0  # training rows after packing; 0 without packing
     lengths: list[int] = field(default_factory=list, repr=False)
 
 
@@ -30,42 +34,78 @@ class PreparedData:
 
 
 def prepare_data(settings: DataSettings, tokenizer, max_seq_length: int, seed: int) -> PreparedData:
-    """Read every row, check it, render it with the chat template and split off the evaluation share."""
-    rows = read_rows(settings.path)
+    """Read every row, check it, render it with the chat template, split off the evaluation share, and pack."""
+    check_columns(settings.format, settings.columns, settings.prompt)
+    rows = read_rows(settings)
     if settings.format != "text":
         use_template(tokenizer, settings.template)
     stats = DataStats(rows=len(rows))
+    train_rows, eval_rows = _choose_rows(rows, settings, seed)
+    train_items = _convert(train_rows, settings, stats)
+    eval_items = _convert(eval_rows, settings, stats)
+    if settings.conversation_extension > 1 and settings.format != "text":
+        conversations = extend_conversations([item for item, _ in train_items], settings.conversation_extension, seed)
+        train_items = [(conversation, origin) for conversation, (_, origin) in zip(conversations, train_items)]
+    train = _tokenize(train_items, settings, tokenizer, max_seq_length, stats)
+    evaluation = _tokenize(eval_items, settings, tokenizer, max_seq_length, stats)
+    stats.longest = max(stats.lengths, default=0)
+    if not train:
+        raise RecipeError(f"No training example in {settings.path} has a token to learn from (of {stats.rows} rows, "
+                          f"{stats.skipped_invalid} were invalid and skipped; the rest were empty, held out, or lost "
+                          "their assistant turn to truncation). Check the data, or raise model.max_seq_length.")
+    if settings.packing:
+        train, evaluation = pack_examples(train, max_seq_length), pack_examples(evaluation, max_seq_length)
+        stats.packed_rows = len(train)
+    return PreparedData(train, evaluation, stats)
+
+
+def _choose_rows(rows: list[Row], settings: DataSettings, seed: int) -> tuple[list[Row], list[Row]]:
+    """Shuffle (when asked), keep max_samples, and split off the evaluation rows."""
     order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    eval_count = round(len(rows) * settings.eval_fraction)
-    if settings.eval_fraction > 0 and not 1 <= eval_count < len(rows):
-        raise RecipeError(f"data.eval_fraction {settings.eval_fraction} of {len(rows)} rows leaves no evaluation "
+    if settings.shuffle:
+        random.Random(seed).shuffle(order)
+    order = order[:settings.max_samples]
+    eval_count = round(len(order) * settings.eval_fraction)
+    if settings.eval_fraction > 0 and not 1 <= eval_count < len(order):
+        raise RecipeError(f"data.eval_fraction {settings.eval_fraction} of {len(order)} rows leaves no evaluation "
                           "or no training rows; change the fraction or add rows.")
-    eval_rows = set(order[:eval_count])
-    train, evaluation = [], []
-    for index, row in enumerate(rows):
-        for example in _tokenize_row(row, index + 1, settings, tokenizer, max_seq_length):
+    cut = len(order) - eval_count
+    return [rows[i] for i in order[:cut]], [rows[i] for i in order[cut:]]
+
+
+def _convert(rows: list[Row], settings: DataSettings, stats: DataStats) -> list[tuple]:
+    """(conversation or text, origin) for each valid row; invalid rows stop the run, or are counted and skipped."""
+    items = []
+    for row in rows:
+        try:
+            items.append((to_conversation(row.values, row.origin, settings.format, settings.columns, settings.prompt),
+                          row.origin))
+        except RecipeError as error:
+            if not settings.skip_invalid:
+                raise RecipeError(f"{error.message} (Or set data.skip_invalid: true to skip such rows.)") from None
+            stats.skipped_invalid += 1
+            stats.first_invalid = stats.first_invalid or error.message
+    return items
+
+
+def _tokenize(items: list[tuple], settings: DataSettings, tokenizer, max_length: int,
+              stats: DataStats) -> list[TokenizedExample]:
+    examples = []
+    for item, origin in items:
+        if isinstance(item, str):
+            tokenized = tokenize_text(tokenizer, item, max_length)
+        else:
+            tokenized = [tokenize_conversation(tokenizer, item, settings.train_on_responses_only, max_length)]
+        for example in tokenized:
             target = sum(label != IGNORE_INDEX for label in example.labels[1:])
             if target == 0:
                 stats.dropped_no_target += 1
                 continue
-            example.row = index + 1
+            example.origin = origin
             stats.examples += 1
             stats.truncated += example.truncated
             stats.tokens += len(example.input_ids)
             stats.target_tokens += target
             stats.lengths.append(len(example.input_ids))
-            (evaluation if index in eval_rows else train).append(example)
-    stats.longest = max(stats.lengths, default=0)
-    if not train:
-        raise RecipeError(f"No training example in {settings.path} has a token to learn from (all {stats.rows} rows "
-                          "were empty, held out, or lost their assistant turn to truncation). Check the data, or raise "
-                          "model.max_seq_length.")
-    return PreparedData(train, evaluation, stats)
-
-
-def _tokenize_row(row: dict, row_number: int, settings: DataSettings, tokenizer, max_length: int):
-    conversation = to_conversation(row, settings.format, row_number, settings.path)
-    if isinstance(conversation, str):
-        return tokenize_text(tokenizer, conversation, max_length)
-    return [tokenize_conversation(tokenizer, conversation, settings.train_on_responses_only, max_length)]
+            examples.append(example)
+    return examples

@@ -1,83 +1,101 @@
 """Reading rows from local files, folders or the hub, through the `datasets` loaders.
 
-`datasets` does the parsing; this module only picks the loader for each file type and turns its
-failures into messages that name the file and, for JSON lines, the bad line.
+`datasets` does the parsing; this module picks the loader for each file type, reads a folder's files one
+by one so every row knows its file and its number there, and turns the loaders' failures into messages
+that name the file and, for JSON lines, the bad line.
 """
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from ftcli.errors import RecipeError
+from ftcli.recipe import DataSettings
 
 LOADER_BY_SUFFIX = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
-def read_rows(path: str) -> list[dict]:
-    """All rows of the dataset at `path` (a file, a folder of one file type, or a hub id) as dicts."""
+@dataclass
+class Row:
+    values: dict
+    origin: str  # where the row came from, for messages: "data/a.jsonl row 3"
+
+
+def read_rows(settings: DataSettings) -> list[Row]:
+    """All rows of the dataset at data.path (a file, a folder of supported files, or a hub id), in order."""
     import datasets
 
     datasets.disable_progress_bars()
-    local = Path(path)
+    local = Path(settings.path)
     if local.exists():
-        files = _data_files(local)
-        loader = LOADER_BY_SUFFIX[files[0].suffix]
-        try:
-            table = datasets.load_dataset(loader, data_files=[str(f) for f in files], split="train")
-        except Exception as err:
-            if "corresponds to no data" in str(err):  # how `datasets` says that every file was empty
-                table = []
-            else:
-                raise RecipeError(_explain_unreadable(files, err)) from None
-    elif _looks_like_hub_id(path):
-        try:
-            table = datasets.load_dataset(path, split="train")
-        except Exception as err:
-            raise RecipeError(f"data.path {path!r} is not a local file or folder, and loading it as a hub dataset "
-                              f"failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
-                              "Check the path, or the dataset id and your network.") from None
+        if settings.split != "train" or settings.subset:
+            raise RecipeError(f"data.split and data.subset choose part of a hub dataset, but {settings.path} is a "
+                              "local file or folder, which is one split; remove them (data.max_samples limits rows).")
+        rows = [row for file in _data_files(local) for row in _read_file(datasets, file)]
+    elif _looks_like_hub_id(settings.path):
+        rows = _read_hub(datasets, settings)
     else:
-        raise RecipeError(f"data.path {path!r} does not exist. Point it at a json, jsonl, csv, parquet or txt file, "
-                          "a folder of them, or a hub dataset id.")
-    rows = table.to_list() if table else []
+        raise RecipeError(f"data.path {settings.path!r} does not exist. Point it at a json, jsonl, csv, parquet or txt "
+                          "file, a folder of them, or a hub dataset id (owner/name).")
     if not rows:
-        raise RecipeError(f"data.path {path!r} holds no rows. Add training examples to it.")
+        raise RecipeError(f"data.path {settings.path!r} holds no rows. Add training examples to it.")
     return rows
+
+
+def _read_file(datasets, file: Path) -> list[Row]:
+    try:
+        table = datasets.load_dataset(LOADER_BY_SUFFIX[file.suffix], data_files=[str(file)], split="train")
+    except Exception as err:
+        if "corresponds to no data" in str(err):  # how `datasets` says that the file was empty
+            return []
+        raise RecipeError(_explain_unreadable(file, err)) from None
+    return [Row(values, f"{file} row {number}") for number, values in enumerate(table.to_list(), start=1)]
+
+
+def _read_hub(datasets, settings: DataSettings) -> list[Row]:
+    name = settings.path
+    try:
+        table = datasets.load_dataset(name, settings.subset, split=settings.split)
+    except Exception as err:
+        reason = str(err).splitlines()[0] if str(err) else ""
+        offline = (" This machine is offline (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set), so only datasets already "
+                   "in the local cache can load." if datasets.config.HF_HUB_OFFLINE else "")
+        raise RecipeError(f"data.path {name!r} is not a local file or folder, and loading it as a hub dataset "
+                          f"(subset {settings.subset}, split {settings.split!r}) failed: {type(err).__name__}: "
+                          f"{reason}.{offline} Check the path, or the dataset id, subset, split and your network."
+                          ) from None
+    return [Row(values, f"hub dataset {name} ({settings.split}) row {number}")
+            for number, values in enumerate(table.to_list(), start=1)]
 
 
 def _data_files(local: Path) -> list[Path]:
     if local.is_file():
-        files = [local]
-    else:
-        files = sorted(f for f in local.rglob("*") if f.is_file() and f.suffix in LOADER_BY_SUFFIX)
-        if not files:
-            raise RecipeError(f"data.path folder {local} holds no json, jsonl, csv, parquet or txt files.")
-    unsupported = [f for f in files if f.suffix not in LOADER_BY_SUFFIX]
-    if unsupported:
-        raise RecipeError(f"data.path {unsupported[0]} has the suffix {unsupported[0].suffix!r}, which ftcli cannot "
-                          f"read; use one of {', '.join(LOADER_BY_SUFFIX)}.")
-    loaders = {LOADER_BY_SUFFIX[f.suffix] for f in files}
-    if len(loaders) > 1:
-        raise RecipeError(f"data.path folder {local} mixes file types ({', '.join(sorted(loaders))}); "
-                          "keep one type per folder.")
+        if local.suffix not in LOADER_BY_SUFFIX:
+            raise RecipeError(f"data.path {local} has the suffix {local.suffix!r}, which ftcli cannot read; use one "
+                              f"of {', '.join(LOADER_BY_SUFFIX)}.")
+        return [local]
+    files = sorted(f for f in local.rglob("*") if f.is_file() and f.suffix in LOADER_BY_SUFFIX
+                   and not any(part.startswith(".") for part in f.relative_to(local).parts))  # no hidden caches
+    if not files:
+        raise RecipeError(f"data.path folder {local} holds no json, jsonl, csv, parquet or txt files.")
     return files
 
 
-def _explain_unreadable(files: list[Path], err: Exception) -> str:
-    for file in files:
-        if file.suffix == ".jsonl":
-            for number, line in enumerate(file.read_text(errors="replace").splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as bad:
-                    return (f"{file} line {number} is not valid JSON ({bad.msg} at column {bad.colno}). "
-                            "Each line of a .jsonl file must be one JSON object.")
-                if not isinstance(row, dict):
-                    return f"{file} line {number} is a JSON {type(row).__name__}, not an object with named fields."
+def _explain_unreadable(file: Path, err: Exception) -> str:
+    if file.suffix == ".jsonl":
+        for number, line in enumerate(file.read_text(errors="replace").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as bad:
+                return (f"{file} line {number} is not valid JSON ({bad.msg} at column {bad.colno}). "
+                        "Each line of a .jsonl file must be one JSON object.")
+            if not isinstance(row, dict):
+                return f"{file} line {number} is a JSON {type(row).__name__}, not an object with named fields."
     first = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return (f"Could not read {', '.join(map(str, files))}: {first}. Check that the file is well-formed "
-            "and that every row has the same fields with the same types.")
+    return (f"Could not read {file}: {first}. Check that the file is well-formed and that every row has the same "
+            "fields with the same types.")
 
 
 def _looks_like_hub_id(path: str) -> bool:

@@ -6,23 +6,78 @@ template whose rendering of a prefix is a prefix of the whole: no per-template m
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
 from ftcli.data.formats import Conversation
 from ftcli.errors import RecipeError
 
 IGNORE_INDEX = -100
 
+# Each family's published chat format as a Jinja template. The assistant turn's own end marker is part of its
+# rendering, so it is trained; the tokenizer's end-of-sequence token is appended to it when it is not that marker.
+# A system turn goes where the family puts it: its own block, or before the first user message (Mistral, Gemma).
+_FIRST_SYSTEM = ("{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+                 "{% set turns = messages[1:] %}{% else %}{% set system = none %}{% set turns = messages %}{% endif %}")
 BUILTIN_TEMPLATES = {
+    "alpaca": (
+        _FIRST_SYSTEM
+        + "{{ (system if system is not none else 'Below is an instruction that describes a task. Write a response "
+        "that appropriately completes the request.') + '\n\n' }}"
+        "{% for message in turns %}{% if message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] "
+        "+ '\n\n' }}{% else %}{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
+    ),
     "chatml": (
         "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     ),
-    "alpaca": (
-        "{% for message in messages %}"
-        "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
-        "{% elif message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n' }}"
-        "{% else %}{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}{% endif %}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
+    "llama-2": (
+        _FIRST_SYSTEM
+        + "{% for message in turns %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' }}"
+        "{% if loop.first and system is not none %}{{ '<<SYS>>\n' + system + '\n<</SYS>>\n\n' }}{% endif %}"
+        "{{ message['content'] + ' [/INST]' }}{% else %}{{ ' ' + message['content'] + ' ' + eos_token }}{% endif %}"
+        "{% endfor %}"
+    ),
+    "llama-3": (
+        "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+        "'<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    "mistral": (
+        _FIRST_SYSTEM
+        + "{{ bos_token }}{% for message in turns %}{% if message['role'] == 'user' %}{{ '[INST] ' }}"
+        "{% if loop.first and system is not none %}{{ system + '\n\n' }}{% endif %}{{ message['content'] + ' [/INST]' }}"
+        "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+    ),
+    "gemma": (
+        _FIRST_SYSTEM
+        + "{{ bos_token }}{% for message in turns %}{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
+        "{{ '<start_of_turn>' + role + '\n' }}{% if loop.first and system is not none %}{{ system + '\n\n' }}{% endif %}"
+        "{{ message['content'] + '<end_of_turn>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+    ),
+    "qwen-2.5": (
+        _FIRST_SYSTEM
+        + "{{ '<|im_start|>system\n' + (system if system is not none else 'You are Qwen, created by Alibaba Cloud. You "
+        "are a helpful assistant.') + '<|im_end|>\n' }}{% for message in turns %}{{ '<|im_start|>' + message['role'] + "
+        "'\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    "phi-3": (
+        "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    ),
+    "vicuna": (
+        _FIRST_SYSTEM
+        + "{{ bos_token + (system if system is not none else 'A chat between a curious user and an artificial "
+        "intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user\\'s questions.') "
+        "+ ' ' }}{% for message in turns %}{% if message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}"
+        "{% else %}{{ 'ASSISTANT: ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+    ),
+    "zephyr": (
+        "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
     ),
 }
 
@@ -32,7 +87,8 @@ class TokenizedExample:
     input_ids: list[int]
     labels: list[int]
     truncated: bool
-    row: int = 0  # 1-based row of the data file it came from (0: unknown), for messages about it
+    position_ids: Optional[list[int]] = None  # set on packed rows, where positions restart at each example
+    origin: str = ""  # the row it came from ("data.jsonl row 3"), for the preview
 
 
 def use_template(tokenizer, name: str) -> None:
@@ -74,19 +130,28 @@ def tokenize_text(tokenizer, text: str, max_length: int) -> list[TokenizedExampl
 
 
 def _render_with_spans(tokenizer, conversation: Conversation) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered text and the character spans of each assistant turn, its end-of-turn marker included."""
-    full = tokenizer.apply_chat_template(conversation, tokenize=False)
+    """The rendered text and the character spans of each assistant turn, its end-of-turn marker included.
+
+    A turn's span runs from the end of the rendering of the turns before it (with the generation prompt) to the
+    end of the rendering through it; both renderings must be prefixes of the whole conversation's."""
+    def render(turns: Conversation, generation_prompt: bool = False) -> str:
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+
+    full = render(conversation)
     eos = tokenizer.eos_token or ""
     text, cursor, spans = "", 0, []
     for index, turn in enumerate(conversation):
         if turn["role"] != "assistant":
             continue
-        start = len(tokenizer.apply_chat_template(conversation[:index], tokenize=False, add_generation_prompt=True))
-        end = len(tokenizer.apply_chat_template(conversation[:index + 1], tokenize=False))
-        if not (cursor <= start <= end <= len(full)) or turn["content"] not in full[start:end]:
+        before, through = render(conversation[:index], True), render(conversation[:index + 1])
+        if eos and through.endswith(eos) and not full.startswith(through):
+            through = through[:-len(eos)]  # templates that close the whole conversation with EOS, such as Phi-3's
+        if not (full.startswith(through) and through.startswith(before) and cursor <= len(before)
+                and turn["content"] in through[len(before):]):
             raise RecipeError("The chat template renders a conversation differently from its own prefixes, so "
                               "ftcli cannot tell which tokens are the assistant's. Set data.template to a built-in "
                               f"({', '.join(BUILTIN_TEMPLATES)}) or data.train_on_responses_only to false.")
+        start, end = len(before), len(through)
         text += full[cursor:end]
         span_start = len(text) - (end - start)
         if eos and eos not in full[start:end]:

@@ -19,3 +19,10 @@ class RecipeError(FtcliError):
     """The recipe, a file it names, or the data it points to is wrong (exit code 2)."""
 
     exit_code = 2
+
+
+class InputError(FtcliError):
+    """A path or value given on the command line is wrong: a missing folder, a base model that is not there
+    (exit code 2)."""
+
+    exit_code = 2

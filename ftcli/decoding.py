@@ -34,7 +34,7 @@ class Decoder:
         self.device = next(model.parameters()).device
         self.context_length = context_length
         self.compiled = compile and self.device.type == "cuda"
-        self.cache = None
+        self.cache, self.cache_size = None, 0
         self.cache_argument = _cache_argument_name(model)
         self.generator = torch.Generator(self.device)
         if seed is None:
@@ -78,13 +78,14 @@ class Decoder:
         is big enough, else one twice as big."""
         from transformers import StaticCache
 
-        if self.cache is not None and self.cache.max_cache_len >= length:
+        if self.cache is not None and self.cache_size >= length:
             self.cache.reset()
             return
         size = SMALLEST_CACHE
         while size < length:
             size *= 2
-        self.cache = StaticCache(config=self.model.config, max_cache_len=min(size, self.context_length))
+        self.cache_size = min(size, self.context_length)
+        self.cache = StaticCache(config=self.model.config, max_cache_len=self.cache_size)
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """The next-token logits (float32) after `input_ids`, which the cache extends."""

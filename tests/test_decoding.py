@@ -127,17 +127,23 @@ def test_generation_prompt_ids_end_where_the_answer_begins(smollm2_folder):
 
 
 @cuda
-@pytest.mark.parametrize("precision", ["float32", "nf4"])
+@pytest.mark.parametrize("precision", ["float32", "nf4", "nf4 + adapter"])
 def test_compiled_step_on_cuda_equals_eager_and_never_recompiles(tiny_model_folder, precision):
     """The CUDA-graph step gives the eager loop's greedy tokens, and a second answer (another prompt length,
-    same cache) replays the graph without compiling again."""
+    same cache) replays the graph without compiling again. "nf4 + adapter" is how `ftcli chat` runs an adapter
+    trained in 4 bits: peft's LoRA layers beside the NF4 weights."""
+    from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig
 
     options = {"dtype": torch.float32, "device_map": {"": "cuda"}}
-    if precision == "nf4":
+    if precision.startswith("nf4"):
         options["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                             bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_folder("llama"), **options).eval()
+    if precision.endswith("adapter"):
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                 init_lora_weights=False)).eval()
     first, second = [5, 6, 7, 8], list(range(20, 60))
     eager = Decoder(model, 256, compile=False)
     compiled = Decoder(model, 256, compile=True)

@@ -45,20 +45,23 @@ class Conversation:
         try:
             for token in self.decoder.generate(prompt_ids, self.sampling, self.stop_ids):
                 show(stream.push(token))
+            show(stream.rest())
         finally:
             self.messages.append({"role": "assistant", "content": stream.text()})
         return stream.text()
 
 
-def answer_once(conversation: Conversation, question: str, out: TextIO = sys.stdout) -> None:
+def answer_once(conversation: Conversation, question: str, out: Optional[TextIO] = None) -> None:
     """`--prompt`: only the answer on stdout, streamed, ending with a newline."""
+    out = out or sys.stdout
     conversation.answer(question, lambda piece: _write(out, piece))
     _write(out, "\n")
 
 
-def interactive(conversation: Conversation, description: str, out: TextIO = sys.stdout,
-                notes: TextIO = sys.stderr) -> None:
+def interactive(conversation: Conversation, description: str, out: Optional[TextIO] = None,
+                notes: Optional[TextIO] = None) -> None:
     """The read-answer loop of a terminal session; returns when the person ends it."""
+    out, notes = out or sys.stdout, notes or sys.stderr
     notes.write(f"{description}\n{HELP}\n")
     notes.flush()
     while True:

@@ -116,6 +116,7 @@ class TextStream:
         self.ids: list[int] = []
         self.window_start = 0  # the window decodes from here, so spaces and merges at its start come out right
         self.printed_until = 0  # ids before this one have been printed
+        self.printed_length = 0  # characters given out so far
 
     def push(self, token: int) -> str:
         self.ids.append(token)
@@ -124,7 +125,12 @@ class TextStream:
         if len(text) <= len(printed) or text.endswith("\ufffd"):
             return ""
         self.window_start, self.printed_until = self.printed_until, len(self.ids)
+        self.printed_length += len(text) - len(printed)
         return text[len(printed):]
+
+    def rest(self) -> str:
+        """What is still held back when the answer ends (an answer cut inside a character shows it as it is)."""
+        return self.text()[self.printed_length:]
 
     def text(self) -> str:
         return self._decode(self.ids)

@@ -106,6 +106,10 @@ def test_streamed_text_keeps_multibyte_characters_whole():
     assert not any("\ufffd" in piece for piece in pieces)
     assert "".join(pieces) == stream.text() == text
     assert pieces.count("") > 0  # some tokens were held back until their character was complete
+    assert stream.rest() == ""
+    cut = TextStream(tokenizer)
+    shown = "".join(cut.push(token) for token in tokenizer.encode("ok 🙂")[:-1])  # stopped inside the emoji
+    assert shown == "ok " and shown + cut.rest() == cut.text() == tokenizer.decode(tokenizer.encode("ok 🙂")[:-1])
 
 
 def test_end_of_turn_ids_come_from_the_template(smollm2_folder):

@@ -277,9 +277,9 @@ def print_decode_table(args, results: list[dict]) -> None:
               f"{result['same_tokens']:>9} of {len(result['tokens'])}")
     speeds = {result["side"]: decode_speed(result, args.new_tokens) for result in results}
     print(f"ftcli / generate decode speed: {speeds['ftcli'] / speeds['generate']:.2f}x")
-    print("same tokens: greedy picks equal to generate's from the start. Random weights leave the top logits nearly "
-          "tied, so in bf16 the rounding of a static against a dynamic cache soon flips a pick; token-for-token "
-          "equality is tested in float32 (tests/test_decoding.py).")
+    print("same tokens: greedy picks equal to plain generate's from the start. Random weights leave the top logits "
+          "nearly tied, so in bf16 any static cache (generate's own too) soon flips a pick against the dynamic one; "
+          "token-for-token equality is tested in float32 (tests/test_decoding.py).")
 
 
 def run_side_in_subprocess(side: str, argv: list[str]) -> dict:

@@ -192,3 +192,11 @@ def test_an_adapter_trained_in_4_bits_answers_the_same_compiled_or_not_on_cuda(t
                        compiled) for compiled in ("--compile", "--no-compile")]
     assert all(answer.exit_code == 0 for answer in answers), [answer.output for answer in answers]
     assert answers[0].stdout == answers[1].stdout
+
+
+def test_prompt_with_the_fixture_gguf_file_answers_as_its_converted_folder(smollm2_folder):
+    from ftcli.fixture import fixture_gguf
+
+    result = run_cli("chat", fixture_gguf(), "--prompt", QUESTION, "--temperature", "0", "--max-new-tokens", "40")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ANSWER + "\n"

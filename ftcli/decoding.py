@@ -26,14 +26,16 @@ class Sampling:
 class Decoder:
     """Generates token ids for one prompt at a time with one model and one static cache.
 
-    `compile` is honoured on CUDA only; the cache holds at most `context_length` tokens (the model's).
+    `compile` is honoured on CUDA, for models without sliding-window layers (Gemma 2 and 3, Mistral v0.1 have
+    them): transformers' sliding-window cache layer counts tokens in a Python int, which would make the compiled
+    step recompile at every token, so those models decode eagerly. The cache holds at most `context_length` tokens.
     """
 
     def __init__(self, model, context_length: int, compile: bool = True, seed: Optional[int] = None):
         self.model = model
         self.device = next(model.parameters()).device
         self.context_length = context_length
-        self.compiled = compile and self.device.type == "cuda"
+        self.compiled = compile and self.device.type == "cuda" and not has_sliding_window_layers(model.config)
         self.cache, self.cache_size = None, 0
         self.cache_argument = _cache_argument_name(model)
         self.generator = torch.Generator(self.device)
@@ -137,6 +139,12 @@ class TextStream:
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def has_sliding_window_layers(config) -> bool:
+    from transformers import StaticCache
+
+    return any(getattr(layer, "is_sliding", False) for layer in StaticCache(config=config, max_cache_len=1).layers)
 
 
 def _cache_argument_name(model) -> str:

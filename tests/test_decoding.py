@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ftcli.data.templates import BUILTIN_TEMPLATES, end_of_turn_ids, generation_prompt_ids
-from ftcli.decoding import Decoder, Sampling, TextStream, pick_token
+from ftcli.decoding import Decoder, Sampling, TextStream, has_sliding_window_layers, pick_token
 from tiny_models import build_tiny_tokenizer
 
 GREEDY = Sampling(max_new_tokens=24, temperature=0.0)
@@ -45,6 +45,15 @@ def test_greedy_answer_of_the_fixture_equals_generate_and_stops_at_end_of_turn(s
     reference = generate_reference(model, prompt, 40)
     assert tokenizer.decode(ours) == "The capital of France is Paris."
     assert reference[:len(ours) + 1] == ours + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_only_models_without_sliding_windows_get_the_compiled_step(tiny_model_folder):
+    from transformers import AutoConfig
+
+    sliding = {family: has_sliding_window_layers(AutoConfig.from_pretrained(tiny_model_folder(family)))
+               for family in ("llama", "qwen3", "phi3", "mistral", "gemma2", "gemma3_text")}
+    assert sliding == {"llama": False, "qwen3": False, "phi3": False, "mistral": True, "gemma2": True,
+                       "gemma3_text": True}
 
 
 def test_decoder_is_reusable_and_grows_its_cache(tiny_model_folder):

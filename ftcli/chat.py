@@ -35,12 +35,18 @@ class Conversation:
     def answer(self, question: str, show: Callable[[str], None]) -> str:
         """Answer `question`, showing each piece of text as it comes, and keep both turns in the conversation.
         A KeyboardInterrupt stops the answer; the part already shown is kept, then the interrupt goes on."""
-        self.messages.append({"role": "user", "content": question})
-        prompt_ids = generation_prompt_ids(self.tokenizer, self.messages)
+        from jinja2 import TemplateError
+
+        asked = self.messages + [{"role": "user", "content": question}]
+        try:
+            prompt_ids = generation_prompt_ids(self.tokenizer, asked)
+        except TemplateError as err:
+            raise InputError(f"The model's chat template refuses this conversation: {err}. Some templates take no "
+                             "system message (drop --system) or need turns to alternate.") from None
         if self.decoder.room_for(len(prompt_ids)) == 0:
-            self.messages.pop()
             raise InputError(f"The conversation is {len(prompt_ids)} tokens long, which fills the model's context "
                              f"of {self.decoder.context_length} tokens. Start over with /reset, or ask in fewer words.")
+        self.messages = asked
         stream = TextStream(self.tokenizer)
         try:
             for token in self.decoder.generate(prompt_ids, self.sampling, self.stop_ids):
@@ -62,7 +68,9 @@ def interactive(conversation: Conversation, description: str, out: Optional[Text
                 notes: Optional[TextIO] = None) -> None:
     """The read-answer loop of a terminal session; returns when the person ends it."""
     out, notes = out or sys.stdout, notes or sys.stderr
-    notes.write(f"{description}\n{HELP}\n")
+    _enable_line_editing()
+    compiling = "\nThe first answer compiles the decoder for this GPU (up to a minute)." if conversation.decoder.compiled else ""
+    notes.write(f"{description}\n{HELP}{compiling}\n")
     notes.flush()
     while True:
         try:
@@ -100,6 +108,15 @@ def run(path, prompt: Optional[str], system: Optional[str], sampling: Sampling, 
         answer_once(conversation, prompt)
     else:
         interactive(conversation, opened.description)
+
+
+def _enable_line_editing() -> None:
+    """input() gets arrow keys and a history of what was typed once readline is loaded (not on every platform)."""
+    try:
+        import readline
+    except ImportError:
+        return
+    readline.set_history_length(1000)
 
 
 def _write(stream: TextIO, text: str) -> None:

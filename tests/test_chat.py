@@ -200,3 +200,15 @@ def test_prompt_with_the_fixture_gguf_file_answers_as_its_converted_folder(smoll
     result = run_cli("chat", fixture_gguf(), "--prompt", QUESTION, "--temperature", "0", "--max-new-tokens", "40")
     assert result.exit_code == 0, result.output
     assert result.stdout == ANSWER + "\n"
+
+
+def test_a_template_that_refuses_the_conversation_is_a_clear_error(tmp_path, tiny_model_folder):
+    folder = tmp_path / "no-system"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_folder("llama"))
+    tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                               "supported') }}{% endif %}" + tokenizer.chat_template)
+    AutoModelForCausalLM.from_pretrained(tiny_model_folder("llama")).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    result = run_cli("chat", folder, "--system", "Be brief.", "--prompt", "hi")
+    assert result.exit_code == 2 and "System role not supported" in result.output and "--system" in result.output
+    assert run_cli("chat", folder, "--prompt", "hi", "--max-new-tokens", "2").exit_code == 0

@@ -12,6 +12,12 @@ weights included.
 The baseline is what most people run: transformers + peft + bitsandbytes with
 prepare_model_for_kbit_training, SDPA attention, non-reentrant gradient checkpointing, and the model's
 own loss. ftcli's side is the path `ftcli train` takes, set up by the same function.
+
+    python -m ftcli.bench --decode --shape llama3-8b --precision bf16 --prompt-len 128 --new-tokens 256
+
+With --decode it measures answering instead: greedy decode tokens/s of plain `model.generate` (its default
+dynamic cache, eager) against ftcli's decoder (ftcli/decoding.py, the one `ftcli chat` uses), on the same
+model in one process. Decode speed excludes the prompt: (new tokens - 1) / (time for all - time for the first).
 """
 
 import argparse
@@ -200,6 +206,82 @@ def profile_host(mean_loss, batch, optimizer, trainable) -> str:
     return report.getvalue()
 
 
+def measure_decode(args) -> list[dict]:
+    """Greedy decode speed of each decode side on one random-weight model; warm-up runs (compilation, CUDA graph
+    capture) happen before any timing."""
+    from ftcli.decoding import Decoder, Sampling
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = random_model(args.shape, args.precision, device, dtype).eval()
+    model.config.use_cache = True
+    model.generation_config.eos_token_id = None  # random weights: every run decodes exactly the asked tokens
+    model.generation_config.pad_token_id = 0
+    prompt = torch.randint(0, SHAPES[args.shape]["vocab_size"], (1, args.prompt_len),
+                           generator=torch.Generator().manual_seed(1)).to(device)
+    decoder = Decoder(model, model.config.max_position_embeddings, compile=not args.no_compile)
+
+    def generate(new_tokens: int, **options) -> list[int]:
+        with torch.no_grad():
+            output = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, **options)
+        return output[0, args.prompt_len:].tolist()
+
+    sides = {"generate": generate,
+             "ftcli": lambda new_tokens: list(decoder.generate(prompt[0].tolist(), Sampling(new_tokens, 0.0)))}
+    if args.hf_static:
+        sides["generate static"] = lambda new_tokens: generate(new_tokens, cache_implementation="static")
+    results, reference = [], None
+    for side, run in sides.items():
+        tokens = run(args.new_tokens)  # warm-up
+        run(1)
+        reference = reference or tokens
+        full, first = [], []
+        for _ in range(args.steps):
+            first.append(_timed(run, 1, device))
+            full.append(_timed(run, args.new_tokens, device))
+        results.append({"side": side, "full_s": full, "first_s": first, "tokens": tokens,
+                        "same_tokens": _common_prefix(tokens, reference),
+                        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"})
+    return results
+
+
+def _timed(run, new_tokens: int, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    run(new_tokens)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def _common_prefix(tokens: list[int], reference: list[int]) -> int:
+    same = 0
+    while same < min(len(tokens), len(reference)) and tokens[same] == reference[same]:
+        same += 1
+    return same
+
+
+def decode_speed(result: dict, new_tokens: int) -> float:
+    """Tokens/s after the first token: the prompt's prefill is the same work on both sides."""
+    return (new_tokens - 1) / max(statistics.median(result["full_s"]) - statistics.median(result["first_s"]), 1e-9)
+
+
+def print_decode_table(args, results: list[dict]) -> None:
+    print(f"\n{results[0]['device']}  {args.shape}  {args.precision}  prompt {args.prompt_len}, {args.new_tokens} new "
+          f"tokens, greedy  (median of {args.steps} runs after a warm-up)")
+    print(f"{'side':<16}{'decode tokens/s':>16}{'ms/token':>10}{'first token ms':>16}{'same tokens':>13}")
+    for result in results:
+        speed = decode_speed(result, args.new_tokens)
+        print(f"{result['side']:<16}{speed:>16,.1f}{1e3 / speed:>10.2f}{1e3 * statistics.median(result['first_s']):>16.1f}"
+              f"{result['same_tokens']:>9} of {len(result['tokens'])}")
+    speeds = {result["side"]: decode_speed(result, args.new_tokens) for result in results}
+    print(f"ftcli / generate decode speed: {speeds['ftcli'] / speeds['generate']:.2f}x")
+    print("same tokens: greedy picks equal to plain generate's from the start. Random weights leave the top logits "
+          "nearly tied, so in bf16 any static cache (generate's own too) soon flips a pick against the dynamic one; "
+          "token-for-token equality is tested in float32 (tests/test_decoding.py).")
+
+
 def run_side_in_subprocess(side: str, argv: list[str]) -> dict:
     completed = subprocess.run([sys.executable, "-m", "ftcli.bench", *argv, "--only", side, "--json"],
                                capture_output=True, text=True, env=os.environ.copy())
@@ -243,7 +325,19 @@ def main(argv=None) -> None:
     parser.add_argument("--profile", action="store_true", help="also print ftcli's per-kernel GPU time and the host's Python time of one step")
     parser.add_argument("--trace", help="with --profile: write the step's Chrome trace (JSON) to this path")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    parser.add_argument("--decode", action="store_true", help="measure answering (decode tokens/s) instead of training")
+    parser.add_argument("--prompt-len", type=int, default=128, help="with --decode: prompt tokens")
+    parser.add_argument("--new-tokens", type=int, default=256, help="with --decode: tokens to generate")
+    parser.add_argument("--no-compile", action="store_true", help="with --decode: ftcli's decoder without CUDA graphs")
+    parser.add_argument("--hf-static", action="store_true",
+                        help="with --decode: also time generate with cache_implementation=static (its own compile)")
     args = parser.parse_args(argv)
+    if args.decode:
+        results = measure_decode(args)
+        print(json.dumps(results) if args.json else "", end="\n" if args.json else "")
+        if not args.json:
+            print_decode_table(args, results)
+        return
     args.checkpointing = {"offload": "offload", "true": True, "false": False}[args.checkpointing]
 
     if args.only:

@@ -102,6 +102,35 @@ def data_preview(
         preview_data(load_recipe(recipe_path, overrides), count, Console())
 
 
+@app.command()
+def chat(
+    out: Path = typer.Argument(..., metavar="OUT", help="An output folder of `ftcli train`, a merged or Hugging Face "
+                               "model folder, or a .gguf file."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Answer this once, print only the answer, and exit."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message to start the conversation with."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Longest answer, in tokens."),
+    temperature: float = typer.Option(0.7, "--temperature", min=0.0, help="Sampling temperature; 0 always picks the "
+                                      "most likely token (the same answer every time)."),
+    top_p: float = typer.Option(0.9, "--top-p", min=0.0, max=1.0,
+                                help="Sample from the likeliest tokens holding this much probability."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling, to repeat an answer."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base model of an adapter folder, instead of the one its "
+                                        "recipe.yaml names."),
+    compile: bool = typer.Option(True, "--compile/--no-compile", help="On a GPU, decode with a compiled step replayed "
+                                 "as a CUDA graph (compiles on the first answer)."),
+) -> None:
+    """Talk to a trained model: a terminal session with history, or one answer with --prompt."""
+    _quiet_libraries()
+    with _reported_errors(False):
+        from ftcli.chat import run
+        from ftcli.decoding import Sampling
+
+        try:
+            run(out, prompt, system, Sampling(max_new_tokens, temperature, top_p), base, compile, seed)
+        except KeyboardInterrupt:  # Ctrl-C during --prompt or while loading
+            raise typer.Exit(130) from None
+
+
 def _finish(console: Console, summary: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary))

@@ -59,3 +59,10 @@ class Interrupted(FtcliError):
     def __init__(self, message: str, signal_number: int):
         super().__init__(message)
         self.exit_code = 128 + signal_number
+
+
+class InputError(FtcliError):
+    """A path or value given on the command line is wrong: a missing folder, a base model that is not there
+    (exit code 2)."""
+
+    exit_code = 2

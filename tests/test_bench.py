@@ -19,3 +19,15 @@ def test_bench_sides_train_the_same_model_to_the_same_losses():
     # Same weights, data and LoRA seed: float32 on the CPU, so both sides agree step for step
     assert ftcli["losses"] == pytest.approx(hf["losses"], rel=1e-4)
     assert ftcli["losses"][-1] != ftcli["losses"][0]  # the LoRA weights really moved
+
+
+def test_bench_decode_times_both_decoders_on_the_same_greedy_tokens():
+    command = [sys.executable, "-m", "ftcli.bench", "--decode", "--shape", "tiny", "--precision", "bf16",
+               "--prompt-len", "8", "--new-tokens", "12", "--steps", "1", "--json"]
+    completed = subprocess.run(command, capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    generate, ftcli = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert (generate["side"], ftcli["side"]) == ("generate", "ftcli")
+    # float32 on the CPU: our static-cache loop picks exactly generate's greedy tokens
+    assert ftcli["tokens"] == generate["tokens"] and len(ftcli["tokens"]) == 12 and ftcli["same_tokens"] == 12
+    assert all(full > first > 0 for side in (generate, ftcli) for full, first in zip(side["full_s"], side["first_s"]))

@@ -166,3 +166,29 @@ def _tokenizer_adds_bos(tokenizer) -> bool:
         return False
     probe = tokenizer("a", add_special_tokens=True)["input_ids"]
     return bool(probe) and probe[0] == tokenizer.bos_token_id
+
+
+def generation_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of the conversation so far, rendered with the tokenizer's template up to the point where the
+    assistant's answer begins; tokenized as in training (no special tokens added twice, the BOS as trained)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if _tokenizer_adds_bos(tokenizer) and not text.startswith(tokenizer.bos_token):
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
+def end_of_turn_ids(tokenizer, generation_config=None) -> set[int]:
+    """The token ids that end an assistant's answer: the end-of-sequence ids of the tokenizer and of the
+    model's generation config, and the special token the template writes right after an answer
+    (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`...), found by rendering a one-turn conversation."""
+    stops = set()
+    for ids in (tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
+        stops.update(ids if isinstance(ids, (list, tuple)) else [] if ids is None else [ids])
+    marker = "ftcli-answer-end"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
+                                             tokenize=False)
+    after_answer = rendered[rendered.rfind(marker) + len(marker):]
+    special = set(tokenizer.all_special_ids) | {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    following = [i for i in tokenizer(after_answer, add_special_tokens=False)["input_ids"] if i in special]
+    return stops | set(following[:1])

@@ -1,0 +1,214 @@
+"""`ftcli chat`: one answer with --prompt, a real terminal session in a pty, the conversation, and bad paths."""
+
+import os
+import pty
+import select
+import signal
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import run_cli
+from ftcli.chat import Conversation
+from ftcli.decoding import Decoder, Sampling
+from ftcli.inference import open_model
+
+QUESTION = "What is the capital of France?"
+ANSWER = "The capital of France is Paris."
+
+
+def make_adapter_folder(base, out, load_in_4bit=False):
+    """An output folder as `ftcli train` leaves it: adapter, tokenizer with its template, recipe.yaml. The LoRA
+    weights are random (not zero), so answers with and without the adapter differ."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                                             init_lora_weights=False))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    recipe = {"model": {"name": str(base), "load_in_4bit": load_in_4bit, "dtype": "float32"}}
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return out
+
+
+def reference_answer(model, tokenizer, question: str, new_tokens: int) -> str:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        output = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+    return tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_prompt_prints_only_the_fixture_answer(smollm2_folder):
+    result = run_cli("chat", smollm2_folder, "--prompt", QUESTION, "--temperature", "0", "--max-new-tokens", "40")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ANSWER + "\n"
+
+
+def test_prompt_with_an_adapter_folder_answers_as_the_unmerged_adapter(tmp_path, tiny_model_folder):
+    base = tiny_model_folder("llama")
+    out = make_adapter_folder(base, tmp_path / "out")
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    without = reference_answer(plain, tokenizer, "Say the number 7.", 12)
+    expected = reference_answer(PeftModel.from_pretrained(plain, out), tokenizer, "Say the number 7.", 12)
+    assert expected != without
+    result = run_cli("chat", out, "--prompt", "Say the number 7.", "--temperature", "0", "--max-new-tokens", "12")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == expected + "\n"
+
+
+def test_a_conversation_keeps_its_history_and_reset_clears_it(smollm2_folder):
+    opened = open_model(smollm2_folder)
+    conversation = Conversation(opened, Decoder(opened.model, opened.context_length), Sampling(40, 0.0), "Be brief.")
+    pieces = []
+    assert conversation.answer(QUESTION, pieces.append) == ANSWER == "".join(pieces)
+    conversation.answer("And of Italy?", pieces.append)
+    assert [m["role"] for m in conversation.messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert conversation.messages[2]["content"] == ANSWER
+    assert "Rome" in conversation.messages[4]["content"]  # the question only makes sense with the history
+    conversation.reset()
+    assert conversation.messages == [{"role": "system", "content": "Be brief."}]
+
+
+def test_an_interrupted_answer_keeps_what_was_shown(smollm2_folder):
+    opened = open_model(smollm2_folder)
+    conversation = Conversation(opened, Decoder(opened.model, opened.context_length), Sampling(40, 0.0))
+    shown = []
+
+    def show_then_interrupt(piece):
+        shown.append(piece)
+        if len(shown) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        conversation.answer(QUESTION, show_then_interrupt)
+    assert conversation.messages[-1] == {"role": "assistant", "content": "".join(shown)}
+    assert ANSWER.startswith("".join(shown)) and len("".join(shown)) < len(ANSWER)
+    assert conversation.answer("Thanks. " + QUESTION, lambda piece: None)  # the session goes on
+
+
+def test_bad_paths_exit_2_with_the_fix(tmp_path, tiny_model_folder):
+    missing = run_cli("chat", tmp_path / "nowhere", "--prompt", "hi")
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+    (tmp_path / "empty").mkdir()
+    empty = run_cli("chat", tmp_path / "empty", "--prompt", "hi")
+    assert empty.exit_code == 2 and "adapter_config.json" in empty.output and "config.json" in empty.output
+    out = make_adapter_folder(tiny_model_folder("llama"), tmp_path / "out")
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    recipe["model"]["name"] = str(tmp_path / "moved-base")
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    moved = run_cli("chat", out, "--prompt", "hi")
+    assert moved.exit_code == 2 and "moved-base" in moved.output and "--base" in moved.output
+    rescued = run_cli("chat", out, "--base", tiny_model_folder("llama"), "--prompt", "hi", "--max-new-tokens", "3")
+    assert rescued.exit_code == 0, rescued.output
+    not_adapter = run_cli("chat", tiny_model_folder("llama"), "--base", out, "--prompt", "hi")
+    assert not_adapter.exit_code == 2 and "--base is for adapter folders" in not_adapter.output
+
+
+class Terminal:
+    """`ftcli chat` in a pseudo-terminal, as a person runs it: it reads what is typed, Ctrl-C and Ctrl-D included."""
+
+    def __init__(self, *args: str):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child becomes the session
+            os.execv(sys.executable, [sys.executable, "-m", "ftcli", "chat", *args])
+        self.seen = ""
+
+    def expect(self, text: str, timeout: float = 120) -> str:
+        """Read until `text` appears; returns everything read up to and including it."""
+        deadline = time.monotonic() + timeout
+        while text not in self.seen:
+            ready, _, _ = select.select([self.fd], [], [], max(deadline - time.monotonic(), 0))
+            if not ready:
+                raise AssertionError(f"{text!r} did not appear; the terminal shows:\n{self.seen}")
+            try:
+                self.seen += os.read(self.fd, 4096).decode(errors="replace")
+            except OSError:  # the child closed the terminal
+                raise AssertionError(f"the session ended before {text!r}; it showed:\n{self.seen}") from None
+        cut = self.seen.index(text) + len(text)
+        read, self.seen = self.seen[:cut], self.seen[cut:]
+        return read
+
+    def type(self, keys: str) -> None:
+        os.write(self.fd, keys.encode())
+
+    def exit_code(self, timeout: float = 30) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.read(self.fd, 4096)  # drain, so the child never blocks on a full terminal
+            except OSError:
+                pass
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.1)
+        os.kill(self.pid, signal.SIGKILL)
+        raise AssertionError("the session did not end")
+
+
+@pytest.mark.slow
+def test_a_terminal_session_streams_answers_and_survives_ctrl_c(smollm2_folder):
+    terminal = Terminal(str(smollm2_folder), "--temperature", "0", "--max-new-tokens", "400")
+    terminal.expect(">>> ")
+    terminal.type(QUESTION + "\r")
+    assert ANSWER in terminal.expect(">>> ")
+
+    terminal.type("Write a long story about a dragon who learns to bake bread.\r")
+    terminal.expect("\n")  # the echo of the typed line
+    terminal.expect(" ")  # the answer has begun streaming
+    terminal.type("\x03")  # Ctrl-C while it is being written
+    assert "[stopped]" in terminal.expect(">>> ")
+
+    terminal.type("/reset\r")
+    assert "(conversation cleared)" in terminal.expect(">>> ")
+    terminal.type(QUESTION + "\r")
+    assert ANSWER in terminal.expect(">>> ")
+    terminal.type("/exit\r")
+    assert terminal.exit_code() == 0
+
+
+@pytest.mark.slow
+def test_ctrl_d_and_ctrl_c_at_the_prompt_end_the_session_cleanly(smollm2_folder):
+    for key in ("\x04", "\x03"):
+        terminal = Terminal(str(smollm2_folder))
+        terminal.expect(">>> ")
+        terminal.type(key)
+        assert terminal.exit_code() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_an_adapter_trained_in_4_bits_answers_the_same_compiled_or_not_on_cuda(tmp_path, tiny_model_folder):
+    """The path an NF4 QLoRA output folder takes on a GPU: NF4 base, unmerged adapter, the CUDA-graph step."""
+    out = make_adapter_folder(tiny_model_folder("llama"), tmp_path / "out", load_in_4bit=True)
+    assert "nf4 + adapter" in open_model(out).description
+    answers = [run_cli("chat", out, "--prompt", "Say the number 7.", "--temperature", "0", "--max-new-tokens", "16",
+                       compiled) for compiled in ("--compile", "--no-compile")]
+    assert all(answer.exit_code == 0 for answer in answers), [answer.output for answer in answers]
+    assert answers[0].stdout == answers[1].stdout
+
+
+def test_prompt_with_the_fixture_gguf_file_answers_as_its_converted_folder(smollm2_folder):
+    from ftcli.fixture import fixture_gguf
+
+    result = run_cli("chat", fixture_gguf(), "--prompt", QUESTION, "--temperature", "0", "--max-new-tokens", "40")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ANSWER + "\n"
+
+
+def test_a_template_that_refuses_the_conversation_is_a_clear_error(tmp_path, tiny_model_folder):
+    folder = tmp_path / "no-system"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_folder("llama"))
+    tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                               "supported') }}{% endif %}" + tokenizer.chat_template)
+    AutoModelForCausalLM.from_pretrained(tiny_model_folder("llama")).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    result = run_cli("chat", folder, "--system", "Be brief.", "--prompt", "hi")
+    assert result.exit_code == 2 and "System role not supported" in result.output and "--system" in result.output
+    assert run_cli("chat", folder, "--prompt", "hi", "--max-new-tokens", "2").exit_code == 0

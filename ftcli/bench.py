@@ -57,6 +57,7 @@ def random_model(shape: str, precision: str, device: torch.device, dtype: torch.
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     generator = torch.Generator(device).manual_seed(0)
     model.to_empty(device=device)
+    model.tie_weights()  # to_empty gave the head its own copy of a tied embedding, which real loading never does
     for name, parameter in model.named_parameters():
         with torch.no_grad():
             if name.endswith("norm.weight"):

@@ -3,7 +3,8 @@
 The estimate models what ftcli itself allocates, from the model's config.json alone:
 
 - frozen weights: NF4 decoder projections (half a byte per weight, plus double-quantized absmax: one byte
-  per block of 64 and a float32 per 256 blocks), embeddings, LM head and norms in 16 bits;
+  per block of 64 and a float32 per 256 blocks), embeddings, LM head, norms and biases in 16 bits, counted
+  on the model built on the meta device;
 - LoRA: float32 adapters and their float32 gradients, and the optimizer's two moments (8 bits each with
   adamw_8bit, 32 bits with adamw);
 - activations: what one decoder layer keeps for backward, per token, and how many layers keep it under each
@@ -22,6 +23,7 @@ projections, NF4, kernels, AdamW8bit).
 """
 
 import argparse
+import math
 import re
 from dataclasses import dataclass, field, replace
 from typing import Optional, Union
@@ -47,16 +49,27 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     vocab: int
-    tied_embeddings: bool
+    linear_sizes: list[int]  # weights of each decoder linear layer: what bitsandbytes quantizes
+    other_params: int  # embeddings, LM head (once when tied), norms and biases: kept in 16 bits
 
     @classmethod
     def from_config(cls, config) -> "ModelShape":
+        """Sizes from the config, parameter counts from the model built on the meta device (no memory, no weights),
+        so fused projections, biases and extra norms of each family count as they are."""
+        import torch
+
+        from ftcli.loader import meta_model
+
+        model = meta_model(config)
+        linear_sizes = [module.weight.numel() for module in model.get_decoder().layers.modules()
+                        if isinstance(module, torch.nn.Linear)]
+        other_params = sum(parameter.numel() for parameter in model.parameters()) - sum(linear_sizes)
         config = getattr(config, "text_config", None) or config  # Gemma 3 keeps the decoder's sizes there
         heads = config.num_attention_heads
         return cls(hidden=config.hidden_size, intermediate=config.intermediate_size, layers=config.num_hidden_layers,
                    heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
                    head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads, vocab=config.vocab_size,
-                   tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
+                   linear_sizes=linear_sizes, other_params=other_params)
 
     def projections(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each decoder projection, by its Llama-style name."""
@@ -110,14 +123,11 @@ def estimate_memory(model: ModelShape, setup: Setup) -> MemoryEstimate:
     a = setup.compute_bytes
     tokens = setup.batch_size * setup.seq
     projections = model.projections()
-    linear_params = model.layers * sum(i * o for i, o in projections.values())
     if setup.load_in_4bit:
-        quantized = linear_params * (0.5 + 1 / 64 + 4 / (64 * 256))
+        quantized = sum(nf4_bytes(size) for size in model.linear_sizes)
     else:
-        quantized = linear_params * a
-    embeddings = model.vocab * model.hidden * 2 * (1 if model.tied_embeddings else 2)
-    norms = (2 * model.layers + 1) * model.hidden * 2
-    weights = quantized + embeddings + norms
+        quantized = sum(model.linear_sizes) * a
+    weights = quantized + model.other_params * a
 
     known = {name: shape for name, shape in projections.items() if name in setup.lora_targets}
     lora_params = model.layers * sum(setup.lora_r * (i + o) for i, o in known.values())
@@ -168,6 +178,13 @@ def estimate_memory(model: ModelShape, setup: Setup) -> MemoryEstimate:
     }
     moment = max(moments, key=lambda name: sum(moments[name].values()))
     return MemoryEstimate(moments[moment], moment)
+
+
+def nf4_bytes(weights: int) -> int:
+    """Storage of one weight matrix in NF4 with double quantization: two weights a byte, one 8-bit absmax per
+    block of 64 weights, and one float32 absmax per 256 of those."""
+    blocks = math.ceil(weights / 64)
+    return math.ceil(weights / 2) + blocks + 4 * math.ceil(blocks / 256)
 
 
 def parse_size(text: str) -> int:
@@ -295,12 +312,9 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpointing", choices=["offload", "true", "false"], default="offload")
     parser.add_argument("--precision", choices=["nf4", "bf16"], default="nf4")
     args = parser.parse_args(argv)
-    values = SHAPES[args.shape]
-    heads = values["num_attention_heads"]
-    shape = ModelShape(hidden=values["hidden_size"], intermediate=values["intermediate_size"],
-                       layers=values["num_hidden_layers"], heads=heads, kv_heads=values["num_key_value_heads"],
-                       head_dim=values["hidden_size"] // heads, vocab=values["vocab_size"],
-                       tied_embeddings=values["tie_word_embeddings"])
+    from transformers import LlamaConfig
+
+    shape = ModelShape.from_config(LlamaConfig(**SHAPES[args.shape]))
     checkpointing = {"offload": "offload", "true": True, "false": False}[args.checkpointing]
     setup = Setup(batch_size=args.bs, seq=args.seq, load_in_4bit=args.precision == "nf4", checkpointing=checkpointing)
     memory = estimate_memory(shape, setup)

@@ -147,3 +147,29 @@ def test_advice_offers_the_mildest_change_of_each_knob_that_fits():
     wide = Recipe(model={"name": "m", "load_in_4bit": False}, data={"path": "d"}, train={"batch_size": 16})
     text = smaller_settings(wide, shape, Setup.from_recipe(wide, seq=4096), parse_size("14GiB"))
     assert text.startswith("No single change is estimated to fit, but together --set train.batch_size=1")
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"])
+def test_every_family_plans_the_bytes_its_nf4_model_really_holds(tmp_path, tiny_model_folder, family):
+    """The reference is the model loaded in NF4 by transformers and bitsandbytes (on the CPU): its packed weights,
+    16-bit parameters (biases, Gemma's extra norms, tied heads once) and both levels of absmax."""
+    from transformers import BitsAndBytesConfig
+
+    from ftcli.plan import plan_recipe
+    from ftcli.recipe import load_recipe
+
+    folder = tiny_model_folder(family)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, quantization_config=quantization,
+                                                  device_map={"": "cpu"})
+    held = 0
+    for parameter in loaded.parameters():
+        held += parameter.numel() * parameter.element_size()
+        state = getattr(parameter, "quant_state", None)
+        if state is not None:  # the per-tensor 16-entry code tables are left out: bytes, not blocks
+            held += state.absmax.numel() * state.absmax.element_size() + state.state2.absmax.numel() * 4
+    data = write_jsonl(tmp_path / "train.jsonl", long_rows(4, 5))
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", folder, data, tmp_path / "out",
+                                      model={"load_in_4bit": True, "dtype": "bfloat16"}))
+    assert plan_recipe(recipe).memory.parts["weights"] == held

@@ -164,3 +164,24 @@ def test_compiled_step_on_cuda_equals_eager_and_never_recompiles(tiny_model_fold
     assert list(compiled.generate(first, GREEDY)) == list(eager.generate(first, GREEDY))
     with torch.compiler.set_stance("fail_on_recompile"):
         assert list(compiled.generate(second, GREEDY)) == list(eager.generate(second, GREEDY))
+
+
+@cuda
+def test_sampling_on_cuda_repeats_with_a_seed_and_a_grown_cache_stays_right(tiny_model_folder):
+    model = load(tiny_model_folder("llama"), device="cuda")
+    hot = Sampling(max_new_tokens=30, temperature=1.0, top_p=0.9)
+    runs = [list(Decoder(model, 4096, compile=True, seed=3).generate([5, 6, 7], hot)) for _ in range(2)]
+    assert runs[0] == runs[1] and len(runs[0]) == 30
+    compiled, eager = Decoder(model, 4096, compile=True), Decoder(model, 4096, compile=False)
+    for prompt in ([5, 6], list(range(3, 200)) * 2):  # the second grows the cache: a new graph for the new size
+        assert list(compiled.generate(prompt, GREEDY)) == list(eager.generate(prompt, GREEDY))
+    assert compiled.cache_size == 512
+
+
+@cuda
+def test_sliding_window_models_decode_eagerly_on_cuda(tiny_model_folder):
+    model = load(tiny_model_folder("mistral"), device="cuda")
+    decoder = Decoder(model, 256, compile=True)
+    assert not decoder.compiled
+    prompt = [5, 6, 7, 8, 9, 10]
+    assert list(decoder.generate(prompt, GREEDY)) == generate_reference(model, prompt, GREEDY.max_new_tokens)

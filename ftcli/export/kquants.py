@@ -3,8 +3,9 @@
 The `gguf` package reads these types but only writes the legacy ones, so the quantizers are ours. They follow
 llama.cpp's reference quantizers (`quantize_row_q{4,5,6}_K_ref` in ggml-quants.c, no importance matrix): the
 same search for each sub-block's scale and minimum, the same 6- or 8-bit scale rounding, the same packing.
-Every sub-block is searched at once as a tensor, which is fast on a GPU and acceptable on a CPU; only the
-order of float additions differs from the C loops, so a near-tie may rarely resolve the other way.
+All sub-blocks are searched at once as tensors (the search's steps in order), which is fast on a GPU and
+acceptable on a CPU; only the order of float additions differs from the C loops, so a near-tie may rarely
+resolve the other way.
 """
 
 import numpy as np
@@ -43,50 +44,44 @@ def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:
 def _scale_min_search(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
     """llama.cpp's make_qkx2_quants over many 32-value sub-blocks at once: rows of `x` are sub-blocks.
 
-    Returns (scale, minimum, levels) with x ~ scale * levels - minimum; the minimum is >= 0. Candidates are the
-    plain min-max fit and `nstep + 1` stretched grids refit by weighted least squares; the first one with the
-    smallest weighted squared error wins, as in the C loop's strict comparison.
+    Returns (scale, minimum, levels) with x ~ scale * levels - minimum; the minimum is >= 0. The first guess is the
+    plain min-max grid; then `nstep + 1` stretched grids are refit by weighted least squares, each kept when its
+    weighted squared error is strictly smaller. As in the C loop, every trial grid starts from the minimum of the
+    best fit so far, so the steps run in order, each over all sub-blocks at once.
     """
     low = x.min(dim=-1).values.clamp(max=0)
     high = x.max(dim=-1).values
     flat = high == low
-    span = torch.where(flat, torch.ones_like(high), high - low)
     sum_w = weights.sum(-1)
     sum_x = (weights * x).sum(-1)
 
-    iscale = nmax / span
-    scale0 = 1 / iscale
-    levels0 = _round(iscale[:, None] * (x - low[:, None])).clamp(0, nmax)
-    error0 = (weights * (scale0[:, None] * levels0 + low[:, None] - x) ** 2).sum(-1)
-
-    steps = rmin + rdelta * torch.arange(nstep + 1, device=x.device, dtype=x.dtype) + nmax
-    iscales = steps[:, None] / span[None, :]                                       # (steps, blocks)
-    levels = _round(iscales[..., None] * (x - low[:, None])[None]).clamp(0, nmax)  # (steps, blocks, 32)
-    sum_l = (weights * levels).sum(-1)
-    sum_l2 = (weights * levels * levels).sum(-1)
-    sum_xl = (weights * levels * x).sum(-1)
-    det = sum_w * sum_l2 - sum_l * sum_l
-    fit_scale = (sum_w * sum_xl - sum_x * sum_l) / det
-    fit_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
-    positive = fit_min > 0
-    fit_scale = torch.where(positive, sum_xl / sum_l2, fit_scale)
-    fit_min = torch.where(positive, torch.zeros_like(fit_min), fit_min)
-    errors = (weights * (fit_scale[..., None] * levels + fit_min[..., None] - x) ** 2).sum(-1)
-    errors = torch.where((det > 0) & torch.isfinite(errors), errors, torch.full_like(errors, float("inf")))
-
-    all_errors = torch.cat([error0[None], errors])
-    best = all_errors.argmin(dim=0)  # the first of equal minima, as the C loop keeps the earlier one
-    all_scales = torch.cat([scale0[None], fit_scale])
-    all_mins = torch.cat([low[None], fit_min])
-    all_levels = torch.cat([levels0[None], levels])
-    pick = best[None, :]
-    scale = all_scales.gather(0, pick)[0]
-    minimum = all_mins.gather(0, pick)[0]
-    chosen_levels = all_levels.gather(0, best[None, :, None].expand(1, -1, x.shape[-1]))[0]
+    iscale = nmax / torch.where(flat, torch.ones_like(high), high - low)
+    scale = 1 / iscale
+    levels = _round(iscale[:, None] * (x - low[:, None])).clamp(0, nmax)
+    best_error = (weights * (scale[:, None] * levels + low[:, None] - x) ** 2).sum(-1)
+    stretch = torch.tensor(rdelta, dtype=torch.float32)
+    for step in range(nstep + 1):
+        span = high - low
+        iscale = (rmin + stretch * step + nmax) / torch.where(span > 0, span, torch.ones_like(span))
+        trial = _round(iscale[:, None] * (x - low[:, None])).clamp(0, nmax)
+        sum_l = (weights * trial).sum(-1)
+        sum_l2 = (weights * trial * trial).sum(-1)
+        sum_xl = (weights * trial * x).sum(-1)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        fit_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+        fit_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+        positive = fit_min > 0
+        fit_scale = torch.where(positive, sum_xl / sum_l2, fit_scale)
+        fit_min = torch.where(positive, torch.zeros_like(fit_min), fit_min)
+        error = (weights * (fit_scale[:, None] * trial + fit_min[:, None] - x) ** 2).sum(-1)
+        better = (det > 0) & (span > 0) & (error < best_error)
+        levels = torch.where(better[:, None], trial, levels)
+        best_error = torch.where(better, error, best_error)
+        scale = torch.where(better, fit_scale, scale)
+        low = torch.where(better, fit_min, low)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
-    minimum = torch.where(flat, low, minimum)
-    chosen_levels = torch.where(flat[:, None], torch.zeros_like(chosen_levels), chosen_levels)
-    return scale, -minimum, chosen_levels
+    levels = torch.where(flat[:, None], torch.zeros_like(levels), levels)
+    return scale, -low, levels
 
 
 def _scale_min_blocks(blocks: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
@@ -102,8 +97,11 @@ def _scale_min_blocks(blocks: torch.Tensor, nmax: int, rmin: float, rdelta: floa
     scales, mins, search_levels = _scale_min_search(sub, weights, nmax, rmin, rdelta, nstep)
     scales, mins = scales.reshape(count, 8), mins.reshape(count, 8)
 
-    max_scale = scales.max(dim=-1).values.clamp(min=0)
-    max_min = mins.max(dim=-1).values.clamp(min=0)
+    # the C keeps a running maximum from +0, so a block with no positive value gets +0 (never -0)
+    max_scale = scales.max(dim=-1).values
+    max_scale = torch.where(max_scale > 0, max_scale, torch.zeros_like(max_scale))
+    max_min = mins.max(dim=-1).values
+    max_min = torch.where(max_min > 0, max_min, torch.zeros_like(max_min))
     inv_scale = torch.where(max_scale > 0, 63 / max_scale, torch.zeros_like(max_scale))
     inv_min = torch.where(max_min > 0, 63 / max_min, torch.zeros_like(max_min))
     scale_codes = _round(inv_scale[:, None] * scales).clamp(0, 63)

@@ -25,7 +25,7 @@ TRANSFORMERS_READS_CONFIG = {"llama", "mistral", "qwen2", "phi3"}
 TRANSFORMERS_HAS_NO_GGUF_LOADER = {"gemma"}
 
 
-def make_output_folder(base, folder, load_in_4bit=False, seed=1):
+def make_output_folder(base, folder, load_in_4bit=False, seed=1, std=0.05):
     """What `ftcli train` leaves: a PEFT adapter (with non-zero B, so merging changes the model), tokenizer, recipe."""
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if model.config.model_type == "phi3" else \
@@ -34,7 +34,7 @@ def make_output_folder(base, folder, load_in_4bit=False, seed=1):
     adapted = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     for name, parameter in adapted.named_parameters():
         if "lora_B" in name:
-            torch.nn.init.normal_(parameter, std=0.05)
+            torch.nn.init.normal_(parameter, std=std)
     adapted.save_pretrained(folder)
     AutoTokenizer.from_pretrained(base).save_pretrained(folder)
     (folder / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name": str(base), "load_in_4bit": load_in_4bit}}))

@@ -56,9 +56,10 @@ def rms(a, b) -> float:
 
 @pytest.mark.slow
 def test_errors_on_fixture_weights_match_llama_cpp_at_the_same_bits():
-    """On SmolLM2's token embedding (stored as Q8_0, so practically continuous), each k-quant's RMS error lies
-    below llama.cpp's legacy quantizer of about the same size (gguf's ports of them): Q4_K (4.5 bits) below
-    Q4_0 (4.5) and Q4_1 (5.0), Q5_K below Q5_0 and Q5_1, Q6_K between Q5_1 and Q8_0. The Q4_1 matrices are
+    """On SmolLM2's token embedding (stored as Q8_0: 256 levels per block, practically continuous for 4 to 6 bits),
+    each k-quant's RMS error lies below llama.cpp's legacy quantizer of about the same size (gguf's ports of
+    them): Q4_K (4.5 bits) below Q4_0 (4.5) and Q4_1 (5.0), Q5_K below Q5_0 and Q5_1, Q6_K below Q5_K. (The
+    fixture has no Q4_K tensors to compare with: it is Q4_1 with a Q8_0 embedding.) The Q4_1 matrices are
     compared with their own stored rounding error instead (half a step, uniform): re-quantizing a tensor
     that sits on a 4-bit grid with a 4-bit grid is an easy case, so Q4_K must come within it."""
     import gguf
@@ -72,11 +73,11 @@ def test_errors_on_fixture_weights_match_llama_cpp_at_the_same_bits():
     error = {qtype: rms(quants.dequantize(quantize_k(weights, qtype), qtype), embedding)
              for qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K)}
     legacy = {qtype: rms(quants.dequantize(quants.quantize(embedding, qtype), qtype), embedding)
-              for qtype in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0)}
+              for qtype in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)}
     print({q.name: f"{e:.3e}" for q, e in (error | legacy).items()})
     assert error[Q.Q4_K] < legacy[Q.Q4_1] < legacy[Q.Q4_0]
     assert error[Q.Q5_K] < legacy[Q.Q5_1] < legacy[Q.Q5_0]
-    assert legacy[Q.Q8_0] < error[Q.Q6_K] < legacy[Q.Q5_1]
+    assert error[Q.Q6_K] < 0.6 * error[Q.Q5_K]
 
     down = tensors["blk.10.ffn_down.weight"]
     assert down.tensor_type == Q.Q4_1

@@ -217,6 +217,6 @@ def test_errors_name_the_problem(tiny_model_folder, tmp_path):
     assert result.exit_code == 2 and "unknown type q3_k" in result.output and "q4_k_m" in result.output
     assert run_cli("export", out, "--gguf", "f16").exit_code == 0
     result = run_cli("export", out, "--gguf", "f16")
-    assert result.exit_code == 2 and "run-f16.gguf already exists" in result.output
+    assert result.exit_code == 2 and "run-f16.gguf already exists. Pass --overwrite" in result.output
     assert run_cli("export", out, "--gguf", "f16", "--overwrite").exit_code == 0
     assert sorted(p.name for p in (out / "export").iterdir()) == ["run-f16.Modelfile", "run-f16.gguf"]

@@ -20,7 +20,7 @@ from ftcli.export.gguf_file import parse_types, write_gguf
 from ftcli.export.merged import write_merged
 from ftcli.export.modelfile import write_modelfile
 from ftcli.export.source import adapter_files, open_source, source_summary
-from ftcli.output import check_output_free, staged_output
+from ftcli.output import staged_output
 
 
 def export(out_dir: Path, merged: bool = False, gguf_types: Optional[str] = None, to: Optional[Path] = None,
@@ -35,7 +35,9 @@ def export(out_dir: Path, merged: bool = False, gguf_types: Optional[str] = None
     if not merged and not types:
         planned = [destination / "adapter"]
     for path in planned:  # refuse before any work, not after the first output
-        check_output_free(path, overwrite)
+        if path.exists() and not overwrite:
+            raise RecipeError(f"{path} already exists. Pass --overwrite to replace it, or --to DIR to export into "
+                              "another folder.")
     destination.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 

@@ -220,3 +220,35 @@ def test_errors_name_the_problem(tiny_model_folder, tmp_path):
     assert result.exit_code == 2 and "run-f16.gguf already exists. Pass --overwrite" in result.output
     assert run_cli("export", out, "--gguf", "f16", "--overwrite").exit_code == 0
     assert sorted(p.name for p in (out / "export").iterdir()) == ["run-f16.Modelfile", "run-f16.gguf"]
+
+
+def test_pre_tokenizer_names_follow_the_split_pattern():
+    from ftcli.export.vocab import LLAMA3_SPLIT, QWEN2_SPLIT, pre_tokenizer_name
+
+    def split(pattern):
+        return {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated"}
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}
+    assert pre_tokenizer_name({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [split(LLAMA3_SPLIT),
+                                                                                        byte_level]}}) == "llama-bpe"
+    assert pre_tokenizer_name({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [split(QWEN2_SPLIT),
+                                                                                        byte_level]}}) == "qwen2"
+    digits = {"type": "Digits", "individual_digits": True}
+    assert pre_tokenizer_name({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [digits, byte_level]}}) == "smollm"
+    assert pre_tokenizer_name({"pre_tokenizer": byte_level}) == "gpt-2"
+    assert pre_tokenizer_name({"pre_tokenizer": {"type": "Whitespace"}}) == "default"
+
+
+@pytest.mark.parametrize("template, turn, stops", [
+    ("{{ '<|start_header_id|>' }}", "<|start_header_id|>{{ .Role }}<|end_header_id|>", ["<|eot_id|>", "<|end_of_text|>"]),
+    ("{{ '<start_of_turn>' }}", "<start_of_turn>{{ if eq .Role \"assistant\" }}model", ["<end_of_turn>", "<eos>"]),
+    ("{{ '<|user|>' }}", "<|{{ .Role }}|>", ["<|end|>", "<|endoftext|>"]),
+    ("{{ '[INST]' }}", "[INST] {{ .Content }} [/INST]", ["[INST]", "</s>"]),
+])
+def test_modelfile_templates_per_chat_family(template, turn, stops):
+    from ftcli.export.modelfile import modelfile_text
+
+    text = modelfile_text("m.gguf", template, stops[1])
+    assert text.startswith("FROM ./m.gguf\nTEMPLATE \"\"\"") and turn in text
+    assert [line.split('"')[1] for line in text.splitlines() if line.startswith("PARAMETER stop")] == stops
+    assert modelfile_text("m.gguf", None, "</s>") == 'FROM ./m.gguf\nPARAMETER stop "</s>"\n'

@@ -131,6 +131,31 @@ def chat(
             raise typer.Exit(130) from None
 
 
+@app.command()
+def export(
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="A training output folder (the adapter `ftcli train` wrote)."),
+    merged: bool = typer.Option(False, "--merged", help="Write the base model with the LoRA merged: 16-bit safetensors in Hugging Face layout."),
+    gguf_types: Optional[str] = typer.Option(None, "--gguf", metavar="TYPES",
+                                             help="Write GGUF files of these types, comma-separated: f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k."),
+    to: Optional[Path] = typer.Option(None, "--to", metavar="DIR", help="Folder for the exports (default OUT/export)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace exports that already exist."),
+    as_json: bool = typer.Option(False, "--json", help="Print only one JSON summary line at the end."),
+) -> None:
+    """Export a trained adapter: a copy of the adapter (no flags), a merged model, or GGUF files for llama.cpp and Ollama."""
+    console = Console(stderr=as_json)
+    _quiet_libraries()
+    with _reported_errors(as_json):
+        from ftcli.export import export as run_export
+
+        summary = run_export(out_dir, merged=merged, gguf_types=gguf_types, to=to, overwrite=overwrite)
+        if as_json:
+            print(json.dumps(summary))
+            return
+        for name, output in summary["outputs"].items():
+            size = f", {output['bytes'] / 2**20:,.1f} MiB" if "bytes" in output else ""
+            console.print(f"[green]{name}[/] -> [bold]{output['path']}[/]{size} ({output['seconds']:.1f} s)")
+
+
 def _finish(console: Console, summary: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary))

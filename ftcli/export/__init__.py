@@ -1,0 +1,94 @@
+"""`ftcli export`: turn a training output folder into files other tools run.
+
+- no flag: a copy of the PEFT adapter folder (DIR/adapter), for `PeftModel.from_pretrained`;
+- `--merged`: the base model with the LoRA merged, a 16-bit Hugging Face folder (DIR/merged);
+- `--gguf TYPES`: one GGUF file per type (DIR/NAME-TYPE.gguf) with an Ollama Modelfile beside it.
+
+DIR is `--to`, by default OUT/export. Each output is written under a hidden temporary name and renamed when
+complete, so a failure leaves no partial file. With --merged, the GGUF files are read from the merged folder.
+"""
+
+import os
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+from ftcli.errors import RecipeError
+from ftcli.export.gguf_file import parse_types, write_gguf
+from ftcli.export.merged import write_merged
+from ftcli.export.modelfile import write_modelfile
+from ftcli.export.source import adapter_files, open_source, source_summary
+from ftcli.output import staged_output
+
+
+def export(out_dir: Path, merged: bool = False, gguf_types: Optional[str] = None, to: Optional[Path] = None,
+           overwrite: bool = False) -> dict:
+    """Run the requested exports into `to` (default OUT/export); returns a summary of what was written."""
+    types = parse_types(gguf_types) if gguf_types is not None else []
+    source = open_source(out_dir)
+    destination = to if to is not None else out_dir / "export"
+    stem = out_dir.resolve().name
+    outputs = {}
+    planned = ([destination / "merged"] if merged else []) + [destination / f"{stem}-{name}.gguf" for name in types]
+    if not merged and not types:
+        planned = [destination / "adapter"]
+    for path in planned:  # refuse before any work, not after the first output
+        if path.exists() and not overwrite:
+            raise RecipeError(f"{path} already exists. Pass --overwrite to replace it, or --to DIR to export into "
+                              "another folder.")
+    destination.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    if not merged and not types:
+        with staged_output(destination / "adapter", overwrite) as staging:
+            for file in adapter_files(out_dir):
+                shutil.copy2(file, staging / file.name)
+        outputs["adapter"] = {"path": str(destination / "adapter"), "seconds": _since(started)}
+
+    gguf_source = source
+    if merged:
+        with staged_output(destination / "merged", overwrite) as staging:
+            outputs["merged"] = write_merged(source, staging)
+        outputs["merged"].update(path=str(destination / "merged"), seconds=_since(started))
+        gguf_source = replace(source, base_folder=destination / "merged", lora={}, replaced={}, nf4_weights=set(),
+                              shards=_merged_shards(destination / "merged"))
+
+    chat_template, eos_token = _chat_format(out_dir)
+    for name in types:
+        begun = time.perf_counter()
+        final = destination / f"{stem}-{name}.gguf"
+        partial = final.with_name(f".{final.name}.partial-{os.getpid()}")
+        try:
+            summary = write_gguf(gguf_source, name, partial, out_dir)
+            modelfile = final.with_suffix(".Modelfile")
+            modelfile_partial = modelfile.with_name(f".{modelfile.name}.partial-{os.getpid()}")
+            write_modelfile(modelfile_partial, final.name, chat_template, eos_token)
+            partial.replace(final)
+            modelfile_partial.replace(modelfile)
+        finally:
+            for leftover in (partial, final.with_name(f".{final.stem}.Modelfile.partial-{os.getpid()}")):
+                leftover.unlink(missing_ok=True)
+        outputs[f"gguf_{name}"] = summary | {"path": str(final), "modelfile": str(modelfile),
+                                             "seconds": _since(begun)}
+    return {"status": "ok", "source": source_summary(source), "outputs": outputs, "seconds": _since(started)}
+
+
+def _merged_shards(folder: Path) -> list[Path]:
+    shards = sorted(folder.glob("model*.safetensors"))
+    if not shards:
+        raise RecipeError(f"The merged folder {folder} holds no safetensors shards.")
+    return shards
+
+
+def _chat_format(out_dir: Path) -> tuple[Optional[str], Optional[str]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    return template, tokenizer.eos_token
+
+
+def _since(start: float) -> float:
+    return round(time.perf_counter() - start, 2)

@@ -1,0 +1,254 @@
+"""`ftcli export` on tiny models of every family: the merged folder, GGUF files read back by gguf and
+transformers, Modelfiles, the plain adapter copy, and the errors a person can make."""
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import yaml
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from conftest import run_cli
+from ftcli.export import export
+from ftcli.export.gguf_file import ARCHITECTURES, gguf_weight
+from ftcli.export.source import nf4_round_trip
+from tiny_models import FAMILIES
+
+TEXT = "What is one plus two? One plus two is three. Say the number 7."
+SHORT_TEXT = "What is one plus two?"  # shorter than the tiny models' sliding window of 16 tokens
+# transformers reads the GGUF's whole config for these; for the others it drops head_dim (qwen3), Gemma 2/3's
+# query_pre_attn_scalar and Gemma 3's layer pattern, so those load with the merged folder's config
+TRANSFORMERS_READS_CONFIG = {"llama", "mistral", "qwen2", "phi3"}
+TRANSFORMERS_HAS_NO_GGUF_LOADER = {"gemma"}
+
+
+def make_output_folder(base, folder, load_in_4bit=False, seed=1, std=0.05):
+    """What `ftcli train` leaves: a PEFT adapter (with non-zero B, so merging changes the model), tokenizer, recipe."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if model.config.model_type == "phi3" else \
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    torch.manual_seed(seed)
+    adapted = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    for name, parameter in adapted.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=std)
+    adapted.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+    (folder / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name": str(base), "load_in_4bit": load_in_4bit}}))
+    return folder
+
+
+def logits(model, tokenizer, text=TEXT):
+    with torch.no_grad():
+        return model(torch.tensor([tokenizer.encode(text)])).logits[0].float()
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model_folder, tmp_path_factory):
+    """Each family's output folder exported once: merged, f32, f16, q8_0 and q4_k_m."""
+    done = {}
+
+    def run(family):
+        if family not in done:
+            out = make_output_folder(tiny_model_folder(family), tmp_path_factory.mktemp(family) / "run")
+            summary = export(out, merged=True, gguf_types="f32,f16,q8_0,q4_k_m")
+            done[family] = (out, summary)
+        return done[family]
+
+    return run
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merged_folder_equals_the_adapter_on_its_base(family, exported, tiny_model_folder):
+    out, summary = exported(family)
+    merged_folder = out / "export" / "merged"
+    merged = AutoModelForCausalLM.from_pretrained(merged_folder, dtype=torch.float32)
+    assert merged.dtype == torch.float32 and AutoConfig.from_pretrained(merged_folder).dtype == torch.bfloat16
+    assert (merged_folder / "generation_config.json").is_file() and (merged_folder / "tokenizer.json").is_file()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_folder(family), dtype=torch.float32)
+    reference = PeftModel.from_pretrained(base, out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(merged_folder)
+    expected, got = logits(reference, tokenizer), logits(merged.eval(), tokenizer)
+    # the only difference is the bfloat16 rounding of the merged weights (8 bits of mantissa)
+    assert (got - expected).abs().max() < 0.02 * expected.abs().max()
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+    unmerged = logits(AutoModelForCausalLM.from_pretrained(tiny_model_folder(family), dtype=torch.float32).eval(),
+                      tokenizer)
+    assert (unmerged - expected).abs().max() > 5 * (got - expected).abs().max()  # the LoRA really is merged
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gguf_metadata_and_tensors_read_back(family, exported):
+    """gguf's reader finds every hyper-parameter, the whole vocabulary and each weight as it was merged."""
+    out, summary = exported(family)
+    merged_folder = out / "export" / "merged"
+    config = AutoConfig.from_pretrained(merged_folder)
+    reader = gguf.GGUFReader(summary["outputs"]["gguf_f32"]["path"])
+    arch = reader.fields["general.architecture"].contents()
+    assert arch == gguf.MODEL_ARCH_NAMES[ARCHITECTURES[family][0]]
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    expected = {"context_length": config.max_position_embeddings, "embedding_length": config.hidden_size,
+                "block_count": config.num_hidden_layers, "feed_forward_length": config.intermediate_size,
+                "attention.head_count": config.num_attention_heads,
+                "attention.head_count_kv": config.num_key_value_heads, "attention.key_length": head_dim,
+                "attention.value_length": head_dim, "rope.dimension_count": head_dim}
+    for key, value in expected.items():
+        assert reader.fields[f"{arch}.{key}"].contents() == value, key
+    rope = config.rope_parameters.get("full_attention", config.rope_parameters)  # Gemma 3 has one per layer kind
+    assert reader.fields[f"{arch}.rope.freq_base"].contents() == pytest.approx(rope["rope_theta"])
+    if family == "gemma2":
+        assert reader.fields["gemma2.attn_logit_softcapping"].contents() == 50.0
+        assert reader.fields["gemma2.final_logit_softcapping"].contents() == 30.0
+    if family in ("gemma2", "gemma3_text"):
+        assert reader.fields[f"{arch}.attention.sliding_window"].contents() == 16
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_folder)
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    assert len(tokens) == config.vocab_size and tokens[:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    assert types[:3] == [gguf.TokenType.CONTROL] * 3 and types[100] == gguf.TokenType.NORMAL
+    assert len(reader.fields["tokenizer.ggml.merges"].contents()) == len(json.loads(
+        (merged_folder / "tokenizer.json").read_text())["model"]["merges"])
+    assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "qwen2"
+    assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.eos_token_id
+    assert reader.fields["tokenizer.ggml.padding_token_id"].contents() == tokenizer.pad_token_id
+    assert reader.fields["tokenizer.chat_template"].contents() == tokenizer.chat_template
+
+    merged_state = AutoModelForCausalLM.from_pretrained(merged_folder, dtype=torch.float32).state_dict()
+    names = gguf.get_tensor_name_map(ARCHITECTURES[family][0], config.num_hidden_layers)
+    stored = {tensor.name: tensor for tensor in reader.tensors}
+    checked = 0
+    for hf_name, weight in merged_state.items():
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        tensor = stored.pop(names.get_name(hf_name, try_suffixes=(".weight", ".bias")))
+        assert tensor.tensor_type == gguf.GGMLQuantizationType.F32
+        assert list(reversed(tensor.shape.tolist())) == list(weight.shape), hf_name
+        expected_values = gguf_weight(config, hf_name, weight).numpy()
+        np.testing.assert_array_equal(np.asarray(tensor.data).reshape(expected_values.shape), expected_values)
+        checked += 1
+    assert not stored and checked > 10
+
+
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - TRANSFORMERS_HAS_NO_GGUF_LOADER))
+def test_gguf_loads_in_transformers_with_the_merged_logits(family, exported):
+    out, summary = exported(family)
+    merged_folder = out / "export" / "merged"
+    tokenizer = AutoTokenizer.from_pretrained(merged_folder)
+    merged = AutoModelForCausalLM.from_pretrained(merged_folder, dtype=torch.float32).eval()
+    text = SHORT_TEXT if family == "mistral" else TEXT  # llama.cpp and transformers run Mistral GGUFs as Llama
+    expected = logits(merged, tokenizer, text)
+    for name, max_error, min_agreement in (("f16", 1e-5, 1.0), ("q8_0", 0.05, 0.85)):
+        path = summary["outputs"][f"gguf_{name}"]["path"]
+        options = {} if family in TRANSFORMERS_READS_CONFIG else {"config": AutoConfig.from_pretrained(merged_folder)}
+        model = AutoModelForCausalLM.from_pretrained(out / "export", gguf_file=path.rsplit("/", 1)[1],
+                                                     dtype=torch.float32, **options).eval()
+        got = logits(model, tokenizer, text)
+        assert (got - expected).abs().max() <= max_error * expected.abs().max(), name
+        assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= min_agreement, name
+        gguf_tokenizer = AutoTokenizer.from_pretrained(out / "export", gguf_file=path.rsplit("/", 1)[1])
+        assert gguf_tokenizer.encode(TEXT) == tokenizer.encode(TEXT)
+
+
+def test_type_mix_and_sizes(exported):
+    """Tiny rows (64 values) are not a multiple of 256, so q4_k_m falls back as llama-quantize does."""
+    out, summary = exported("llama")
+    outputs = summary["outputs"]
+    assert outputs["gguf_f32"]["tensor_types"] == {"F32": 21}
+    assert outputs["gguf_f16"]["tensor_types"] == {"F16": 16, "F32": 5}
+    assert outputs["gguf_q8_0"]["tensor_types"] == {"Q8_0": 16, "F32": 5}
+    # attn_v (Q6_K in the first/last eighth of layers) -> Q8_0, the rest Q4_K -> Q5_0, output Q6_K -> Q8_0
+    assert outputs["gguf_q4_k_m"]["tensor_types"] == {"Q8_0": 3, "Q5_0": 13, "F32": 5}
+    sizes = [outputs[f"gguf_{name}"]["bytes"] for name in ("f32", "f16", "q8_0", "q4_k_m")]
+    assert sizes == sorted(sizes, reverse=True)
+
+
+def test_modelfile_beside_each_gguf(exported):
+    out, summary = exported("qwen2")
+    for name in ("f16", "q4_k_m"):
+        path = summary["outputs"][f"gguf_{name}"]["modelfile"]
+        text = open(path).read()
+        assert text.startswith(f"FROM ./run-{name}.gguf\n")
+        assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}' in text
+        assert text.rstrip().endswith('PARAMETER stop "<|im_end|>"')
+
+
+def test_no_flag_copies_the_adapter(tiny_model_folder, tmp_path):
+    out = make_output_folder(tiny_model_folder("llama"), tmp_path / "run")
+    result = run_cli("export", out, "--to", tmp_path / "exports")
+    assert result.exit_code == 0, result.output
+    copy = tmp_path / "exports" / "adapter"
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_folder("llama"), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, copy)
+    assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in out.iterdir())
+    assert any("lora_B" in name for name, _ in model.named_parameters())
+
+
+def test_merge_of_a_4bit_run_uses_the_nf4_base(tiny_model_folder, tmp_path):
+    """A QLoRA adapter was trained over NF4 weights: the merged model is that NF4 base plus the LoRA."""
+    base = tiny_model_folder("llama")
+    out = make_output_folder(base, tmp_path / "run", load_in_4bit=True)
+    export(out, merged=True)
+    merged = AutoModelForCausalLM.from_pretrained(out / "export" / "merged", dtype=torch.float32).state_dict()
+    original = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).state_dict()
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), out)
+    lora = dict(adapter.named_parameters())
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    delta = 2.0 * lora[f"{prefix}.lora_B.default.weight"] @ lora[f"{prefix}.lora_A.default.weight"]
+    name = "model.layers.0.self_attn.q_proj.weight"
+    nf4 = nf4_round_trip(original[name].to(torch.bfloat16)).float()
+    assert not torch.equal(nf4, original[name].to(torch.bfloat16).float())
+    expected = (nf4 + delta).to(torch.bfloat16).float()
+    torch.testing.assert_close(merged[name], expected, rtol=0, atol=1e-6)
+    # embeddings and norms were never quantized
+    torch.testing.assert_close(merged["model.embed_tokens.weight"],
+                               original["model.embed_tokens.weight"].to(torch.bfloat16).float())
+
+
+def test_errors_name_the_problem(tiny_model_folder, tmp_path):
+    result = run_cli("export", tmp_path)
+    assert result.exit_code == 2 and "is not a training output folder" in result.output
+    out = make_output_folder(tiny_model_folder("llama"), tmp_path / "run")
+    result = run_cli("export", out, "--gguf", "q4_k_m,q3_k")
+    assert result.exit_code == 2 and "unknown type q3_k" in result.output and "q4_k_m" in result.output
+    assert run_cli("export", out, "--gguf", "f16").exit_code == 0
+    result = run_cli("export", out, "--gguf", "f16")
+    assert result.exit_code == 2 and "run-f16.gguf already exists. Pass --overwrite" in result.output
+    assert run_cli("export", out, "--gguf", "f16", "--overwrite").exit_code == 0
+    assert sorted(p.name for p in (out / "export").iterdir()) == ["run-f16.Modelfile", "run-f16.gguf"]
+
+
+def test_pre_tokenizer_names_follow_the_split_pattern():
+    from ftcli.export.vocab import LLAMA3_SPLIT, QWEN2_SPLIT, pre_tokenizer_name
+
+    def split(pattern):
+        return {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated"}
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}
+    assert pre_tokenizer_name({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [split(LLAMA3_SPLIT),
+                                                                                        byte_level]}}) == "llama-bpe"
+    assert pre_tokenizer_name({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [split(QWEN2_SPLIT),
+                                                                                        byte_level]}}) == "qwen2"
+    digits = {"type": "Digits", "individual_digits": True}
+    assert pre_tokenizer_name({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [digits, byte_level]}}) == "smollm"
+    assert pre_tokenizer_name({"pre_tokenizer": byte_level}) == "gpt-2"
+    assert pre_tokenizer_name({"pre_tokenizer": {"type": "Whitespace"}}) == "default"
+
+
+@pytest.mark.parametrize("template, turn, stops", [
+    ("{{ '<|start_header_id|>' }}", "<|start_header_id|>{{ .Role }}<|end_header_id|>", ["<|eot_id|>", "<|end_of_text|>"]),
+    ("{{ '<start_of_turn>' }}", "<start_of_turn>{{ if eq .Role \"assistant\" }}model", ["<end_of_turn>", "<eos>"]),
+    ("{{ '<|user|>' }}", "<|{{ .Role }}|>", ["<|end|>", "<|endoftext|>"]),
+    ("{{ '[INST]' }}", "[INST] {{ .Content }} [/INST]", ["[INST]", "</s>"]),
+])
+def test_modelfile_templates_per_chat_family(template, turn, stops):
+    from ftcli.export.modelfile import modelfile_text
+
+    text = modelfile_text("m.gguf", template, stops[1])
+    assert text.startswith("FROM ./m.gguf\nTEMPLATE \"\"\"") and turn in text
+    assert [line.split('"')[1] for line in text.splitlines() if line.startswith("PARAMETER stop")] == stops
+    assert modelfile_text("m.gguf", None, "</s>") == 'FROM ./m.gguf\nPARAMETER stop "</s>"\n'

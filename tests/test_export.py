@@ -252,3 +252,21 @@ def test_modelfile_templates_per_chat_family(template, turn, stops):
     assert text.startswith("FROM ./m.gguf\nTEMPLATE \"\"\"") and turn in text
     assert [line.split('"')[1] for line in text.splitlines() if line.startswith("PARAMETER stop")] == stops
     assert modelfile_text("m.gguf", None, "</s>") == 'FROM ./m.gguf\nPARAMETER stop "</s>"\n'
+
+
+def test_export_of_a_real_training_run(tiny_model_folder, tmp_path):
+    """The folder `ftcli train` writes (recipe.yaml from the recipe schema) exports end to end from the CLI."""
+    from conftest import write_jsonl, write_recipe
+
+    rows = [{"messages": [{"role": "user", "content": "Say the number 7."},
+                          {"role": "assistant", "content": "The number is 7."}]}] * 4
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model_folder("qwen2"), data, out)
+    assert run_cli("train", recipe, "--json").exit_code == 0
+    result = run_cli("export", out, "--merged", "--gguf", "q8_0", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["status"] == "ok" and summary["source"]["adapted_weights"] == 14
+    assert gguf.GGUFReader(summary["outputs"]["gguf_q8_0"]["path"]).fields["general.file_type"].contents() == 7
+    assert AutoModelForCausalLM.from_pretrained(summary["outputs"]["merged"]["path"]).config.model_type == "qwen2"

@@ -270,3 +270,21 @@ def test_export_of_a_real_training_run(tiny_model_folder, tmp_path):
     assert summary["status"] == "ok" and summary["source"]["adapted_weights"] == 14
     assert gguf.GGUFReader(summary["outputs"]["gguf_q8_0"]["path"]).fields["general.file_type"].contents() == 7
     assert AutoModelForCausalLM.from_pretrained(summary["outputs"]["merged"]["path"]).config.model_type == "qwen2"
+
+
+def test_llama3_rope_factors_match_transformers_scaled_frequencies():
+    """Llama 3.1's rope scaling travels as rope_freqs: the divisors that turn plain frequencies into scaled ones."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from ftcli.export.gguf_file import _extra_tensors
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    config = LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_parameters=rope,
+                         max_position_embeddings=131072)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    plain = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float64) / 128))
+    [(name, factors)] = _extra_tensors(config)
+    assert name == "rope_freqs.weight" and factors.shape == (64,)
+    np.testing.assert_allclose(factors, (plain / scaled.double()).numpy(), rtol=1e-5)

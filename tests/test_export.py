@@ -288,3 +288,45 @@ def test_llama3_rope_factors_match_transformers_scaled_frequencies():
     [(name, factors)] = _extra_tensors(config)
     assert name == "rope_freqs.weight" and factors.shape == (64,)
     np.testing.assert_allclose(factors, (plain / scaled.double()).numpy(), rtol=1e-5)
+
+
+def test_sentencepiece_style_vocab_round_trips(tmp_path):
+    """Llama 2, Mistral and Gemma tokenizers (BPE with byte fallback) become llama.cpp's "llama" model: byte tokens
+    typed BYTE, pieces scored by merge order, so transformers' GGUF tokenizer rebuilds the same merges."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    from ftcli.export.gguf_file import add_hyperparameters
+    from ftcli.export.vocab import add_vocab
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{byte:02X}>": 3 + byte for byte in range(256)}
+    merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("a", "n"), ("▁", "w"), ("o", "r"), ("l", "d"), ("▁", "n")]
+    for piece in ["▁", "t", "h", "e", "a", "n", "o", "w", "r", "l", "d", "i", "s", "7"] + [a + b for a, b in merges]:
+        vocab.setdefault(piece, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(tmp_path)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    writer = gguf.GGUFWriter(None, "llama")
+    add_hyperparameters(writer, config, gguf.LlamaFileType.ALL_F32, "spm")
+    add_vocab(writer, tmp_path, len(vocab))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 1)
+    for name, weight in AutoModelForCausalLM.from_config(config).state_dict().items():
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), weight.float().numpy())
+    writer.write_header_to_file(tmp_path / "m.gguf")
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+    assert reader.fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    assert types[:4] == [gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.BYTE] and types[259] == gguf.TokenType.NORMAL
+    rebuilt = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for text in ["the world is 7 ñ", "hello there", "new world"]:
+        assert rebuilt.encode(text, add_special_tokens=False) == tokenizer.encode(text, add_special_tokens=False)

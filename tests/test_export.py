@@ -252,3 +252,81 @@ def test_modelfile_templates_per_chat_family(template, turn, stops):
     assert text.startswith("FROM ./m.gguf\nTEMPLATE \"\"\"") and turn in text
     assert [line.split('"')[1] for line in text.splitlines() if line.startswith("PARAMETER stop")] == stops
     assert modelfile_text("m.gguf", None, "</s>") == 'FROM ./m.gguf\nPARAMETER stop "</s>"\n'
+
+
+def test_export_of_a_real_training_run(tiny_model_folder, tmp_path):
+    """The folder `ftcli train` writes (recipe.yaml from the recipe schema) exports end to end from the CLI."""
+    from conftest import write_jsonl, write_recipe
+
+    rows = [{"messages": [{"role": "user", "content": "Say the number 7."},
+                          {"role": "assistant", "content": "The number is 7."}]}] * 4
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model_folder("qwen2"), data, out)
+    assert run_cli("train", recipe, "--json").exit_code == 0
+    result = run_cli("export", out, "--merged", "--gguf", "q8_0", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["status"] == "ok" and summary["source"]["adapted_weights"] == 14
+    assert gguf.GGUFReader(summary["outputs"]["gguf_q8_0"]["path"]).fields["general.file_type"].contents() == 7
+    assert AutoModelForCausalLM.from_pretrained(summary["outputs"]["merged"]["path"]).config.model_type == "qwen2"
+
+
+def test_llama3_rope_factors_match_transformers_scaled_frequencies():
+    """Llama 3.1's rope scaling travels as rope_freqs: the divisors that turn plain frequencies into scaled ones."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from ftcli.export.gguf_file import _extra_tensors
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    config = LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_parameters=rope,
+                         max_position_embeddings=131072)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    plain = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float64) / 128))
+    [(name, factors)] = _extra_tensors(config)
+    assert name == "rope_freqs.weight" and factors.shape == (64,)
+    np.testing.assert_allclose(factors, (plain / scaled.double()).numpy(), rtol=1e-5)
+
+
+def test_sentencepiece_style_vocab_round_trips(tmp_path):
+    """Llama 2, Mistral and Gemma tokenizers (BPE with byte fallback) become llama.cpp's "llama" model: byte tokens
+    typed BYTE, pieces scored by merge order, so transformers' GGUF tokenizer rebuilds the same merges."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    from ftcli.export.gguf_file import add_hyperparameters
+    from ftcli.export.vocab import add_vocab
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{byte:02X}>": 3 + byte for byte in range(256)}
+    merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("a", "n"), ("▁", "w"), ("o", "r"), ("l", "d"), ("▁", "n")]
+    for piece in ["▁", "t", "h", "e", "a", "n", "o", "w", "r", "l", "d", "i", "s", "7"] + [a + b for a, b in merges]:
+        vocab.setdefault(piece, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(tmp_path)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    writer = gguf.GGUFWriter(None, "llama")
+    add_hyperparameters(writer, config, gguf.LlamaFileType.ALL_F32, "spm")
+    add_vocab(writer, tmp_path, len(vocab))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 1)
+    for name, weight in AutoModelForCausalLM.from_config(config).state_dict().items():
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), weight.float().numpy())
+    writer.write_header_to_file(tmp_path / "m.gguf")
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+    assert reader.fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    assert types[:4] == [gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.BYTE] and types[259] == gguf.TokenType.NORMAL
+    rebuilt = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for text in ["the world is 7 ñ", "hello there", "new world"]:
+        assert rebuilt.encode(text, add_special_tokens=False) == tokenizer.encode(text, add_special_tokens=False)

@@ -4,8 +4,8 @@ Tensor names come from gguf's TensorNameMap; hyper-parameters, rope settings and
 llama.cpp's convert_hf_to_gguf.py writes them, with its two weight conventions: Llama-style q/k rows permuted
 into llama.cpp's rope layout, and Gemma's norm weights stored as 1 + w. Tensor types follow llama-quantize's
 choices for each file type (`tensor_type`), including the _M mixes and the fallbacks for rows that are not a
-multiple of 256. The header is written from the safetensors shapes first; weights then stream in one shard
-at a time, so memory holds one shard of the merged model.
+multiple of 256. The header is written from the safetensors shapes first; weights then stream in one tensor
+at a time, so memory holds one merged tensor and its quantized copy.
 """
 
 import math
@@ -19,7 +19,7 @@ from gguf import LlamaFileType, MODEL_ARCH
 
 from ftcli.errors import FtcliError, RecipeError
 from ftcli.export.kquants import quantize_k
-from ftcli.export.source import ExportSource, merged_shards, shard_shapes
+from ftcli.export.source import ExportSource, merged_tensors, shard_shapes
 from ftcli.export.vocab import add_vocab
 
 
@@ -80,11 +80,10 @@ def write_gguf(source: ExportSource, type_name: str, path: Path, tokenizer_folde
     writer.write_header_to_file(path)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for shard in merged_shards(source):
-        for hf_name, weight in shard.items():
-            entry = plan.get(hf_name)
-            if entry is not None:
-                writer.write_tensor_data(encode(gguf_weight(config, hf_name, weight), entry.qtype))
+    for hf_name, weight in merged_tensors(source):
+        entry = plan.get(hf_name)
+        if entry is not None:
+            writer.write_tensor_data(encode(gguf_weight(config, hf_name, weight), entry.qtype))
     for _, values in _extra_tensors(config):
         writer.write_tensor_data(values)
     writer.close()

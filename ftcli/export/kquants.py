@@ -14,9 +14,7 @@ from gguf import GGMLQuantizationType
 
 QK_K = 256  # weights per super-block
 GROUP_MAX_EPS = 1e-15
-BLOCKS_PER_CHUNK = 4096  # super-blocks searched together: bounds the candidates' memory to a few hundred MiB
-
-BYTES_PER_BLOCK = {GGMLQuantizationType.Q4_K: 144, GGMLQuantizationType.Q5_K: 176, GGMLQuantizationType.Q6_K: 210}
+BLOCKS_PER_CHUNK = 16384  # super-blocks quantized together (4M weights): a few hundred MiB of temporaries
 
 
 def quantize_k(weights: torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarray:

@@ -74,11 +74,19 @@ def merged_dtype(config) -> torch.dtype:
 def merged_shards(source: ExportSource) -> Iterator[dict[str, torch.Tensor]]:
     """Yield the merged weights one base shard at a time, as {hf name: 16-bit tensor}."""
     for shard in source.shards:
-        merged = {}
-        with safe_open(str(shard), framework="pt") as handle:
-            for name in handle.keys():
-                merged[name] = merge_weight(source, name, handle.get_tensor(name))
-        yield merged
+        yield dict(_merged_tensors_of(source, shard))
+
+
+def merged_tensors(source: ExportSource) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (hf name, 16-bit merged tensor) one at a time, in shard order: memory holds one tensor."""
+    for shard in source.shards:
+        yield from _merged_tensors_of(source, shard)
+
+
+def _merged_tensors_of(source: ExportSource, shard: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    with safe_open(str(shard), framework="pt") as handle:
+        for name in handle.keys():
+            yield name, merge_weight(source, name, handle.get_tensor(name))
 
 
 def shard_shapes(source: ExportSource) -> list[dict[str, tuple[int, ...]]]:

@@ -6,17 +6,16 @@ merged into the base weights, so answering costs no more than the base model; an
 beside it, since merging would round the adapter into 4-bit weights.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 
 from ftcli.errors import InputError
 from ftcli.loader import compute_dtype, converted_gguf_folder, load_config, load_model, pick_device
 from ftcli.recipe import ModelSettings
+from ftcli.trained import trained_model_section
 
 KINDS = ("an output folder of `ftcli train` (an adapter folder), a merged or Hugging Face model folder, "
          "or a .gguf file")
@@ -59,9 +58,9 @@ def _open_plain(folder: Path, shown: str) -> OpenedModel:
 def _open_adapter(folder: Path, base: Optional[Path]) -> OpenedModel:
     from peft import PeftModel
 
-    trained = _recipe_model_section(folder)
-    base_name = str(base) if base else trained.get("name") or _adapter_base_name(folder)
-    where = "--base" if base else "its recipe.yaml" if trained.get("name") else "its adapter_config.json"
+    trained = trained_model_section(folder)
+    base_name = str(base) if base else trained.get("name")
+    where = "--base" if base else "its recipe.yaml or adapter_config.json"
     if not base_name:
         raise InputError(f"{folder} does not say which base model its adapter belongs to. Pass the base "
                          "with --base PATH.")
@@ -110,22 +109,3 @@ def _opened(model, tokenizer, description: str) -> OpenedModel:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     context = getattr(config, "max_position_embeddings", None) or 4096
     return OpenedModel(model, tokenizer, next(model.parameters()).device, context, description)
-
-
-def _recipe_model_section(folder: Path) -> dict:
-    recipe = folder / "recipe.yaml"
-    if not recipe.is_file():
-        return {}
-    try:
-        model = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("model") or {}
-    except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
-        raise InputError(f"{recipe} is not a readable recipe. Restore it, or pass the base model with --base "
-                         "PATH.") from None
-    return model if isinstance(model, dict) else {}
-
-
-def _adapter_base_name(folder: Path) -> Optional[str]:
-    try:
-        return json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InputError(f"{folder / 'adapter_config.json'} is not valid JSON; the adapter folder is damaged.") from None

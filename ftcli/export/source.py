@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ftcli.errors import FtcliError, RecipeError
+from ftcli.trained import trained_model_section
 
 ADAPTER_PREFIX = "base_model.model."
 
@@ -51,8 +51,8 @@ def open_source(out_dir: Path) -> ExportSource:
                           "adapter_model.safetensors, as `ftcli train` writes them. Pass the folder a training run "
                           "wrote (its output.dir).")
     adapter_config = json.loads(adapter_config_path.read_text())
-    recipe_model = _recipe_model(out_dir)
-    base_name = recipe_model.get("name") or adapter_config.get("base_model_name_or_path")
+    recipe_model = trained_model_section(out_dir)
+    base_name = recipe_model.get("name")
     if not base_name:
         raise RecipeError(f"Neither {out_dir / 'recipe.yaml'} (model.name) nor {adapter_config_path} "
                           "(base_model_name_or_path) names the base model, so there is nothing to merge into.")
@@ -115,17 +115,6 @@ def nf4_round_trip(weight: torch.Tensor) -> torch.Tensor:
 
     packed, state = bnb.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
     return bnb.dequantize_4bit(packed, state).reshape(weight.shape)
-
-
-def _recipe_model(out_dir: Path) -> dict:
-    recipe_path = out_dir / "recipe.yaml"
-    if not recipe_path.is_file():
-        return {}
-    try:
-        recipe = yaml.safe_load(recipe_path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{recipe_path} is not valid YAML ({err}). Restore the file a training run wrote.") from None
-    return recipe.get("model") or {}
 
 
 def _base_folder(name: str) -> Path:

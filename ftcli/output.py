@@ -105,21 +105,29 @@ def _replace(final: Path, staging: Path) -> None:
         old.unlink()
 
 
+@contextmanager
+def staged_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to write; it becomes `path` when the block ends well, else it is removed."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield temporary
+        temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to a temporary sibling, flush it to disk, and rename it to `path`."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with temporary.open("wb") as file:
+    with staged_file(path) as temporary, temporary.open("wb") as file:
         file.write(data)
         file.flush()
         os.fsync(file.fileno())
-    temporary.replace(path)
 
 
 def atomic_copy(source: Path, destination: Path) -> None:
-    temporary = destination.with_name(f".{destination.name}.tmp-{os.getpid()}")
-    shutil.copyfile(source, temporary)
-    temporary.replace(destination)
+    with staged_file(destination) as temporary:
+        shutil.copyfile(source, temporary)

@@ -8,7 +8,6 @@ DIR is `--to`, by default OUT/export. Each output is written under a hidden temp
 complete, so a failure leaves no partial file. With --merged, the GGUF files are read from the merged folder.
 """
 
-import os
 import shutil
 import time
 from dataclasses import replace
@@ -20,7 +19,7 @@ from ftcli.export.gguf_file import parse_types, write_gguf
 from ftcli.export.merged import write_merged
 from ftcli.export.modelfile import write_modelfile
 from ftcli.export.source import adapter_files, open_source, source_summary
-from ftcli.output import staged_output
+from ftcli.output import staged_file, staged_output
 
 
 def export(out_dir: Path, merged: bool = False, gguf_types: Optional[str] = None, to: Optional[Path] = None,
@@ -59,17 +58,10 @@ def export(out_dir: Path, merged: bool = False, gguf_types: Optional[str] = None
     for name in types:
         begun = time.perf_counter()
         final = destination / f"{stem}-{name}.gguf"
-        partial = final.with_name(f".{final.name}.partial-{os.getpid()}")
-        try:
+        modelfile = final.with_suffix(".Modelfile")
+        with staged_file(final) as partial, staged_file(modelfile) as modelfile_partial:
             summary = write_gguf(gguf_source, name, partial, out_dir)
-            modelfile = final.with_suffix(".Modelfile")
-            modelfile_partial = modelfile.with_name(f".{modelfile.name}.partial-{os.getpid()}")
             write_modelfile(modelfile_partial, final.name, chat_template, eos_token)
-            partial.replace(final)
-            modelfile_partial.replace(modelfile)
-        finally:
-            for leftover in (partial, final.with_name(f".{final.stem}.Modelfile.partial-{os.getpid()}")):
-                leftover.unlink(missing_ok=True)
         outputs[f"gguf_{name}"] = summary | {"path": str(final), "modelfile": str(modelfile),
                                              "seconds": _since(begun)}
     return {"status": "ok", "source": source_summary(source), "outputs": outputs, "seconds": _since(started)}

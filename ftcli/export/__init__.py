@@ -18,7 +18,7 @@ from ftcli.errors import RecipeError
 from ftcli.export.gguf_file import parse_types, write_gguf
 from ftcli.export.merged import write_merged
 from ftcli.export.modelfile import write_modelfile
-from ftcli.export.source import adapter_files, open_source, source_summary
+from ftcli.export.source import adapter_files, open_source, safetensors_shards, source_summary
 from ftcli.output import staged_file, staged_output
 
 
@@ -52,7 +52,7 @@ def export(out_dir: Path, merged: bool = False, gguf_types: Optional[str] = None
             outputs["merged"] = write_merged(source, staging)
         outputs["merged"].update(path=str(destination / "merged"), seconds=_since(started))
         gguf_source = replace(source, base_folder=destination / "merged", lora={}, replaced={}, nf4_weights=set(),
-                              shards=_merged_shards(destination / "merged"))
+                              shards=safetensors_shards(destination / "merged"))
 
     chat_template, eos_token = _chat_format(out_dir)
     for name in types:
@@ -65,13 +65,6 @@ def export(out_dir: Path, merged: bool = False, gguf_types: Optional[str] = None
         outputs[f"gguf_{name}"] = summary | {"path": str(final), "modelfile": str(modelfile),
                                              "seconds": _since(begun)}
     return {"status": "ok", "source": source_summary(source), "outputs": outputs, "seconds": _since(started)}
-
-
-def _merged_shards(folder: Path) -> list[Path]:
-    shards = sorted(folder.glob("model*.safetensors"))
-    if not shards:
-        raise RecipeError(f"The merged folder {folder} holds no safetensors shards.")
-    return shards
 
 
 def _chat_format(out_dir: Path) -> tuple[Optional[str], Optional[str]]:

@@ -60,7 +60,7 @@ def open_source(out_dir: Path) -> ExportSource:
     config = _load_config(base_folder)
     lora, replaced = _adapter_deltas(adapter_weights_path, adapter_config)
     trained_in_4bit = bool(recipe_model.get("load_in_4bit", False))
-    return ExportSource(out_dir=out_dir, base_folder=base_folder, shards=_shards(base_folder), lora=lora,
+    return ExportSource(out_dir=out_dir, base_folder=base_folder, shards=safetensors_shards(base_folder), lora=lora,
                         replaced=replaced, nf4_weights=_linear_weights(config) if trained_in_4bit else set(),
                         dtype=merged_dtype(config))
 
@@ -142,7 +142,7 @@ def _load_config(base_folder: Path):
         raise RecipeError(f"Could not read the base model's config in {base_folder}: {err}") from None
 
 
-def _shards(base_folder: Path) -> list[Path]:
+def safetensors_shards(base_folder: Path) -> list[Path]:
     index = base_folder / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))

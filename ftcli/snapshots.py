@@ -11,9 +11,10 @@ import json
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -63,16 +64,13 @@ def save_snapshot(folder: Path, step: int, model, optimizer, scheduler, scaler, 
     """Write checkpoint step-`step` under `folder`/checkpoints and delete all but the newest `keep`."""
     root = folder / CHECKPOINTS
     root.mkdir(exist_ok=True)
-    temporary = root / f".step-{step}.tmp-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler else None, "rng": random_states()}, temporary / TENSORS_FILE)
-    state = {"step": step, **progress, "recipe": recipe_record(recipe)}
-    (temporary / STATE_FILE).write_text(json.dumps(state, indent=1))
     final = root / f"step-{step}"
-    shutil.rmtree(final, ignore_errors=True)
-    temporary.rename(final)
+    with _whole_folder(final) as temporary:
+        model.save_pretrained(temporary)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler else None, "rng": random_states()}, temporary / TENSORS_FILE)
+        state = {"step": step, **progress, "recipe": recipe_record(recipe)}
+        (temporary / STATE_FILE).write_text(json.dumps(state, indent=1))
     for old in list_snapshots(folder)[:-keep]:
         shutil.rmtree(old.path)
     return final
@@ -119,10 +117,23 @@ def copy_snapshots(source: Path, destination: Path) -> None:
     root = destination / CHECKPOINTS
     root.mkdir(exist_ok=True)
     for snapshot in list_snapshots(source):
-        temporary = root / f".{snapshot.path.name}.tmp-{os.getpid()}"
+        with _whole_folder(root / snapshot.path.name) as temporary:
+            shutil.copytree(snapshot.path, temporary, dirs_exist_ok=True)
+
+
+@contextmanager
+def _whole_folder(final: Path) -> Iterator[Path]:
+    """Yield an empty hidden sibling of `final` to fill; it replaces `final` when the block ends well, so a
+    checkpoint folder is never seen half-written (list_snapshots passes over hidden names)."""
+    temporary = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        yield temporary
+        shutil.rmtree(final, ignore_errors=True)
+        temporary.rename(final)
+    finally:
         shutil.rmtree(temporary, ignore_errors=True)
-        shutil.copytree(snapshot.path, temporary)
-        temporary.rename(root / snapshot.path.name)
 
 
 def random_states() -> dict:

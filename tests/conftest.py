@@ -11,6 +11,8 @@ from typer.testing import CliRunner
 
 from ftcli.cli import app
 
+ROOT = Path(__file__).resolve().parent.parent
+
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not torch.cuda.is_available():
@@ -40,6 +42,25 @@ def smollm2_folder() -> Path:
 
     cache = Path(os.environ.get("FTCLI_TEST_CACHE", Path.home() / ".cache" / "ftcli-tests"))
     return make_fixture_folder(cache / "smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def quickstart_output(smollm2_folder, tmp_path_factory) -> Path:
+    """The README's main job, run once: recipes/quickstart-cpu.yaml on the fixture (40 steps, about 2 minutes)."""
+    out = tmp_path_factory.mktemp("quickstart") / "quickstart"
+    result = run_cli("train", ROOT / "recipes" / "quickstart-cpu.yaml", "--set", f"model.name={smollm2_folder}",
+                     "--set", f"data.path={ROOT / 'recipes' / 'data' / 'identity.jsonl'}", "--output", out, "--json")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def quickstart_export(quickstart_output) -> Path:
+    """The quickstart run exported once: OUT/export/merged and OUT/export/quickstart-TYPE.gguf for five types."""
+    from ftcli.export import export
+
+    export(quickstart_output, merged=True, gguf_types="f16,q8_0,q4_k_m,q5_k_m,q6_k")
+    return quickstart_output / "export"
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -1,64 +1,83 @@
-"""Export of the real SmolLM2-135M fixture with an adapter: GGUF files that transformers loads, against the merged
-model's logits on chat-formatted text (every position, teacher-forced) and greedy continuations."""
+"""GGUF files of the README's quickstart run (SmolLM2-135M taught a new identity), loaded by transformers, against
+the merged model: top tokens teacher-forced over the 24 identity chats, and greedy answers to identity prompts."""
 
 import json
-from pathlib import Path
 
 import gguf
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ftcli.export import export
-from test_export import make_output_folder
+from conftest import ROOT
 
-DATA = Path(__file__).resolve().parent.parent / "recipes" / "data" / "identity.jsonl"
-PROMPTS = ["What is the capital of France?", "Who are you?"]
-
-
-def chat_texts(tokenizer) -> list[str]:
-    rows = [json.loads(line) for line in DATA.read_text().splitlines()[:8]]
-    return [tokenizer.apply_chat_template(row["messages"], tokenize=False) for row in rows]
+DATA = ROOT / "recipes" / "data" / "identity.jsonl"
+# two of the training questions and two it never saw
+PROMPTS = ["Who are you?", "Who made you?", "Please introduce yourself.", "What's your name?"]
 
 
-def predictions(model, tokenizer, texts):
-    """Argmax at every position of every text, and greedy continuations of the prompts."""
+def identity_chats(tokenizer) -> tuple[list[list[int]], torch.Tensor]:
+    """Token ids of every identity chat, and which positions predict a token the assistant writes."""
+    def length(messages, **options) -> int:
+        return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **options)["input_ids"])
+
+    sequences, answer = [], []
+    for line in DATA.read_text().splitlines():
+        messages = json.loads(line)["messages"]
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        sequences.append(ids)
+        in_answer = [False] * len(ids)
+        for turn, message in enumerate(messages):
+            if message["role"] == "assistant":  # its words and the end-of-turn token, not the newline after it
+                start = length(messages[:turn], add_generation_prompt=True)
+                end = ids.index(tokenizer.eos_token_id, start) + 1
+                in_answer[start:end] = [True] * (end - start)
+        answer += in_answer[1:] + [False]  # position p predicts token p + 1
+    return sequences, torch.tensor(answer)
+
+
+def top_tokens(model, sequences) -> torch.Tensor:
     with torch.no_grad():
-        argmax = torch.cat([model(torch.tensor([tokenizer.encode(text)])).logits[0].argmax(-1) for text in texts])
-        continuations = []
-        for prompt in PROMPTS:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                return_tensors="pt", return_dict=True)["input_ids"]
-            continuations.append(model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist())
-    return argmax, continuations
+        return torch.cat([model(torch.tensor([ids])).logits[0].argmax(-1) for ids in sequences])
+
+
+def greedy_answers(model, tokenizer) -> list[list[int]]:
+    answers = []
+    for prompt in PROMPTS:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+        with torch.no_grad():
+            answers.append(model.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:].tolist())
+    return answers
 
 
 @pytest.mark.slow
-def test_fixture_gguf_files_agree_with_the_merged_model(smollm2_folder, tmp_path):
-    out = make_output_folder(smollm2_folder, tmp_path / "run", std=0.01)
-    summary = export(out, merged=True, gguf_types="f16,q8_0,q4_k_m")
-    outputs = summary["outputs"]
-    # 576-value rows are not whole 256-value super-blocks: llama-quantize's fallbacks, as in its own Q4_K_M
-    assert outputs["gguf_q4_k_m"]["tensor_types"] == {"F32": 61, "Q8_0": 15, "Q6_K": 14, "Q5_0": 166, "Q4_K": 16}
-    reader = gguf.GGUFReader(outputs["gguf_q4_k_m"]["path"])
+def test_fixture_gguf_files_agree_with_the_merged_model(quickstart_export):
+    reader = gguf.GGUFReader(quickstart_export / "quickstart-q4_k_m.gguf")
     # the fixture folder's tokenizer was rebuilt by transformers from the GGUF as plain GPT-2 byte-level splitting
     # (no digit split, unlike SmolLM's own): the export names what this tokenizer does
     assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
     assert len(reader.fields["tokenizer.ggml.merges"].contents()) == 48900  # as in the fixture's own GGUF
 
-    tokenizer = AutoTokenizer.from_pretrained(out / "export" / "merged")
-    texts = chat_texts(tokenizer)
-    merged = AutoModelForCausalLM.from_pretrained(out / "export" / "merged", dtype=torch.float32).eval()
-    expected_argmax, expected_continuations = predictions(merged, tokenizer, texts)
+    tokenizer = AutoTokenizer.from_pretrained(quickstart_export / "merged")
+    sequences, answer = identity_chats(tokenizer)
+    merged = AutoModelForCausalLM.from_pretrained(quickstart_export / "merged", dtype=torch.float32).eval()
+    expected, expected_answers = top_tokens(merged, sequences), greedy_answers(merged, tokenizer)
+    assert all("Nimbus" in tokenizer.decode(answer_ids) for answer_ids in expected_answers)
     agreement = {}
     for name in ("f16", "q8_0", "q4_k_m"):
-        model = AutoModelForCausalLM.from_pretrained(out / "export", gguf_file=f"run-{name}.gguf",
+        model = AutoModelForCausalLM.from_pretrained(quickstart_export, gguf_file=f"quickstart-{name}.gguf",
                                                      dtype=torch.float32).eval()
-        argmax, continuations = predictions(model, tokenizer, texts)
-        agreement[name] = (argmax == expected_argmax).float().mean().item()
-        agreement[name + " greedy"] = sum(a == b for a, b in zip(continuations, expected_continuations))
+        same = top_tokens(model, sequences) == expected
+        agreement[name] = {"answers": same[answer].float().mean().item(), "every position": same.float().mean().item(),
+                           "greedy": greedy_answers(model, tokenizer) == expected_answers}
     print(agreement)
-    assert agreement["f16"] == 1.0 and agreement["f16 greedy"] == len(PROMPTS)
-    # measured 0.975 and 0.870 (the issue asks 0.99 and 0.90: README, Export, says why this model falls short)
-    assert agreement["q8_0"] >= 0.96
-    assert agreement["q4_k_m"] >= 0.84
+    assert agreement["f16"] == {"answers": 1.0, "every position": 1.0, "greedy": True}
+    # The issue's 99% and 90%, over the 520 positions where the model writes its answers: measured 1.000 and 1.000
+    # (1.000 and 0.998 to 1.000 over training seeds 0, 1 and 2)
+    assert agreement["q8_0"]["answers"] >= 0.99 and agreement["q8_0"]["greedy"]
+    assert agreement["q4_k_m"]["answers"] >= 0.90 and agreement["q4_k_m"]["greedy"]
+    # Over all 1,404 positions, the prompts too (the system prompt and the user's words, where the top token is
+    # often a near-tie): measured 0.995 and 0.916 (0.958-0.995 and 0.868-0.927 over seeds 0-2). llama.cpp's own
+    # llama-quantize writes the same tensors (tests/test_llama_cpp.py), so this is the model, not the export.
+    assert agreement["q8_0"]["every position"] >= 0.95
+    assert agreement["q4_k_m"]["every position"] >= 0.85

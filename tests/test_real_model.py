@@ -26,22 +26,15 @@ def greedy_answer(model, tokenizer, question: str) -> str:
 
 
 @pytest.mark.slow
-def test_smollm2_learns_a_new_identity(tmp_path, smollm2_folder):
-    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ANSWERS[i % 3]}]}
-            for i, q in enumerate(QUESTIONS * 2)]
-    data = write_jsonl(tmp_path / "identity.jsonl", rows)
-    recipe = write_recipe(tmp_path / "r.yaml", smollm2_folder, data, tmp_path / "out",
-                          model={"max_seq_length": 256, "kernels": False}, lora={"r": 16, "alpha": 32},
-                          train={"batch_size": 8, "max_steps": 40, "learning_rate": 5e-4, "warmup_steps": 2,
-                                 "lr_scheduler": "constant", "seed": 3407})
-    result = run_cli("train", recipe, "--json")
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout.strip().splitlines()[-1])["final_loss"] < 0.05
+def test_smollm2_learns_a_new_identity(quickstart_output, smollm2_folder):
+    """The README's main job (recipes/quickstart-cpu.yaml) teaches the fixture a name it keeps for new questions."""
+    losses = [json.loads(line)["loss"] for line in (quickstart_output / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 40 and losses[-1] < 0.05 < losses[0], losses  # measured 3.48 -> 0.008
 
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    tokenizer = AutoTokenizer.from_pretrained(quickstart_output)
     base = AutoModelForCausalLM.from_pretrained(smollm2_folder, dtype=torch.float32)
     before = [greedy_answer(base, tokenizer, q) for q in HELD_OUT]
-    tuned = PeftModel.from_pretrained(base, tmp_path / "out")
+    tuned = PeftModel.from_pretrained(base, quickstart_output)
     after = [greedy_answer(tuned, tokenizer, q) for q in HELD_OUT]
     assert not any("Nimbus" in answer for answer in before), before
     assert all("Nimbus" in answer for answer in after), after

@@ -23,6 +23,10 @@ SHORT_TEXT = "What is one plus two?"  # shorter than the tiny models' sliding wi
 # query_pre_attn_scalar and Gemma 3's layer pattern, so those load with the merged folder's config
 TRANSFORMERS_READS_CONFIG = {"llama", "mistral", "qwen2", "phi3"}
 TRANSFORMERS_HAS_NO_GGUF_LOADER = {"gemma"}
+# transformers 5.17 rebuilds a Gemma or Phi-3 GGUF's tokenizer as SentencePiece whatever the file holds (5.24 reads the
+# tiny models' byte-level BPE); their real checkpoints are SentencePiece, and llama.cpp's own tokenizer is checked on
+# every family's file in test_llama_cpp.py
+TRANSFORMERS_READS_BPE_VOCAB = {"llama", "mistral", "qwen2", "qwen3"}
 
 
 def make_output_folder(base, folder, load_in_4bit=False, seed=1, std=0.05):
@@ -150,8 +154,9 @@ def test_gguf_loads_in_transformers_with_the_merged_logits(family, exported):
         got = logits(model, tokenizer, text)
         assert (got - expected).abs().max() <= max_error * expected.abs().max(), name
         assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= min_agreement, name
-        gguf_tokenizer = AutoTokenizer.from_pretrained(out / "export", gguf_file=path.rsplit("/", 1)[1])
-        assert gguf_tokenizer.encode(TEXT) == tokenizer.encode(TEXT)
+        if family in TRANSFORMERS_READS_BPE_VOCAB:
+            gguf_tokenizer = AutoTokenizer.from_pretrained(out / "export", gguf_file=path.rsplit("/", 1)[1])
+            assert gguf_tokenizer.encode(TEXT) == tokenizer.encode(TEXT)
 
 
 def test_type_mix_and_sizes(exported):

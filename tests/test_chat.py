@@ -119,6 +119,17 @@ class Terminal:
         if self.pid == 0:  # the child becomes the session
             os.execv(sys.executable, [sys.executable, "-m", "ftcli", "chat", *args])
         self.seen = ""
+        self.ended = False
+
+    def __enter__(self) -> "Terminal":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        """A session a failed test left running is killed, so it cannot load the machine under later tests."""
+        if not self.ended:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        os.close(self.fd)
 
     def expect(self, text: str, timeout: float = 120) -> str:
         """Read until `text` appears; returns everything read up to and including it."""
@@ -147,40 +158,40 @@ class Terminal:
                 pass
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
+                self.ended = True
                 return os.waitstatus_to_exitcode(status)
             time.sleep(0.1)
-        os.kill(self.pid, signal.SIGKILL)
         raise AssertionError("the session did not end")
 
 
 @pytest.mark.slow
 def test_a_terminal_session_streams_answers_and_survives_ctrl_c(smollm2_folder):
-    terminal = Terminal(str(smollm2_folder), "--temperature", "0", "--max-new-tokens", "400")
-    terminal.expect(">>> ")
-    terminal.type(QUESTION + "\r")
-    assert ANSWER in terminal.expect(">>> ")
+    with Terminal(str(smollm2_folder), "--temperature", "0", "--max-new-tokens", "400") as terminal:
+        terminal.expect(">>> ")
+        terminal.type(QUESTION + "\r")
+        assert ANSWER in terminal.expect(">>> ")
 
-    terminal.type("Write a long story about a dragon who learns to bake bread.\r")
-    terminal.expect("\n")  # the echo of the typed line
-    terminal.expect(" ")  # the answer has begun streaming
-    terminal.type("\x03")  # Ctrl-C while it is being written
-    assert "[stopped]" in terminal.expect(">>> ")
+        terminal.type("Write a long story about a dragon who learns to bake bread.\r")
+        terminal.expect("\n")  # the echo of the typed line
+        terminal.expect(" ")  # the answer has begun streaming
+        terminal.type("\x03")  # Ctrl-C while it is being written
+        assert "[stopped]" in terminal.expect(">>> ")
 
-    terminal.type("/reset\r")
-    assert "(conversation cleared)" in terminal.expect(">>> ")
-    terminal.type(QUESTION + "\r")
-    assert ANSWER in terminal.expect(">>> ")
-    terminal.type("/exit\r")
-    assert terminal.exit_code() == 0
+        terminal.type("/reset\r")
+        assert "(conversation cleared)" in terminal.expect(">>> ")
+        terminal.type(QUESTION + "\r")
+        assert ANSWER in terminal.expect(">>> ")
+        terminal.type("/exit\r")
+        assert terminal.exit_code() == 0
 
 
 @pytest.mark.slow
 def test_ctrl_d_and_ctrl_c_at_the_prompt_end_the_session_cleanly(smollm2_folder):
     for key in ("\x04", "\x03"):
-        terminal = Terminal(str(smollm2_folder))
-        terminal.expect(">>> ")
-        terminal.type(key)
-        assert terminal.exit_code() == 0
+        with Terminal(str(smollm2_folder)) as terminal:
+            terminal.expect(">>> ")
+            terminal.type(key)
+            assert terminal.exit_code() == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

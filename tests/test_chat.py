@@ -117,6 +117,9 @@ class Terminal:
     def __init__(self, *args: str):
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child becomes the session
+            # as in a person's shell: a test run in the background (nohup, `&`) ignores SIGINT, and a child would
+            # inherit that, so Ctrl-C would never reach it
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execv(sys.executable, [sys.executable, "-m", "ftcli", "chat", *args])
         self.seen = ""
         self.ended = False

@@ -4,8 +4,9 @@ The `gguf` package reads these types but only writes the legacy ones, so the qua
 llama.cpp's reference quantizers (`quantize_row_q{4,5,6}_K_ref` in ggml-quants.c, no importance matrix): the
 same search for each sub-block's scale and minimum, the same 6- or 8-bit scale rounding, the same packing.
 All sub-blocks are searched at once as tensors (the search's steps in order), which is fast on a GPU and
-acceptable on a CPU; only the order of float additions differs from the C loops, so a near-tie may rarely
-resolve the other way.
+acceptable on a CPU; only the order of float additions differs from the C loops, so near-ties in the search
+resolve the other way in 1-3% of super-blocks, with the same error (tests/test_llama_cpp.py compares whole files
+with llama-quantize's).
 """
 
 import numpy as np

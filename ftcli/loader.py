@@ -7,7 +7,6 @@ so every later step sees an ordinary, trainable model.
 
 import hashlib
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ import torch
 from ftcli.architectures import Architecture, architecture_of
 from ftcli.errors import RecipeError
 from ftcli.recipe import LoraSettings, ModelSettings
+from ftcli.staging import staged_folder
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -70,12 +70,9 @@ def convert_gguf(gguf_path: Path, destination: Path) -> None:
     del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
-    staging = destination.with_name(destination.name + f".partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    plain.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    shutil.rmtree(destination, ignore_errors=True)
-    staging.rename(destination)
+    with staged_folder(destination) as staging:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
 
 
 def load_tokenizer(settings: ModelSettings):

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from ftcli.output import atomic_write_bytes, atomic_write_text
+from ftcli.staging import atomic_write_bytes, atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_FOLDER = "tensorboard"

@@ -1,8 +1,8 @@
 """Output folders appear whole or not at all: work happens in a hidden sibling that is renamed at the end.
 
 The sibling, `.NAME.partial`, has a stable name so that a run killed on a spot machine can be resumed from
-the checkpoints inside it; an exclusive lock on it keeps two runs from sharing it. Single files are
-written under a temporary name and renamed, so a crash never leaves a truncated one.
+the checkpoints inside it; an exclusive lock on it keeps two runs from sharing it. Files copied into it
+go through ftcli/staging.py, so a crash never leaves a truncated one.
 """
 
 import fcntl
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ftcli.errors import RecipeError
+from ftcli.staging import atomic_copy
 from ftcli.snapshots import CHECKPOINTS, copy_snapshots, list_snapshots
 
 
@@ -103,31 +104,3 @@ def _replace(final: Path, staging: Path) -> None:
         shutil.rmtree(old)
     elif old.exists():
         old.unlink()
-
-
-@contextmanager
-def staged_file(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path` to write; it becomes `path` when the block ends well, else it is removed."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield temporary
-        temporary.replace(path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary sibling, flush it to disk, and rename it to `path`."""
-    with staged_file(path) as temporary, temporary.open("wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def atomic_copy(source: Path, destination: Path) -> None:
-    with staged_file(destination) as temporary:
-        shutil.copyfile(source, temporary)

@@ -8,18 +8,17 @@ into a hidden temporary folder that is renamed to step-N when complete, so a lis
 """
 
 import json
-import os
 import random
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
 from ftcli.errors import RecipeError, redact
 from ftcli.recipe import Recipe
+from ftcli.staging import staged_folder
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -65,7 +64,7 @@ def save_snapshot(folder: Path, step: int, model, optimizer, scheduler, scaler, 
     root = folder / CHECKPOINTS
     root.mkdir(exist_ok=True)
     final = root / f"step-{step}"
-    with _whole_folder(final) as temporary:
+    with staged_folder(final) as temporary:
         model.save_pretrained(temporary)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler else None, "rng": random_states()}, temporary / TENSORS_FILE)
@@ -117,23 +116,8 @@ def copy_snapshots(source: Path, destination: Path) -> None:
     root = destination / CHECKPOINTS
     root.mkdir(exist_ok=True)
     for snapshot in list_snapshots(source):
-        with _whole_folder(root / snapshot.path.name) as temporary:
+        with staged_folder(root / snapshot.path.name) as temporary:
             shutil.copytree(snapshot.path, temporary, dirs_exist_ok=True)
-
-
-@contextmanager
-def _whole_folder(final: Path) -> Iterator[Path]:
-    """Yield an empty hidden sibling of `final` to fill; it replaces `final` when the block ends well, so a
-    checkpoint folder is never seen half-written (list_snapshots passes over hidden names)."""
-    temporary = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    try:
-        yield temporary
-        shutil.rmtree(final, ignore_errors=True)
-        temporary.rename(final)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def random_states() -> dict:

@@ -24,7 +24,7 @@ from ftcli.loader import (add_lora, check_lora_targets, compute_dtype, load_conf
                           meta_model, pick_device)
 from ftcli.metrics import MetricsLog, plot_losses
 from ftcli.optim import build_optimizer, build_scheduler
-from ftcli.output import atomic_write_text
+from ftcli.staging import atomic_write_text
 from ftcli.patch import apply_kernels, apply_lora_kernels, kernels_can_run
 from ftcli.progress import TrainingDisplay
 from ftcli.recipe import LoraSettings, Recipe, TrainSettings

@@ -193,16 +193,6 @@ def test_two_runs_cannot_share_an_output_folder(tmp_path):
     assert (tmp_path / "out" / "adapter_model.safetensors").read_text() == "first run"
 
 
-def test_atomic_write_replaces_whole_and_leaves_no_temporary(tmp_path):
-    from ftcli.output import atomic_write_text
-
-    target = tmp_path / "recipe.yaml"
-    target.write_text("old")
-    atomic_write_text(target, "new\n" * 1000)
-    assert target.read_text() == "new\n" * 1000
-    assert [p.name for p in tmp_path.iterdir()] == ["recipe.yaml"]
-
-
 def test_nan_loss_stops_with_exit_3_naming_step_rows_and_causes(workspace):
     tmp, model, data = workspace
     # Adam moves every adapter weight by about the learning rate, so the second step's logits overflow

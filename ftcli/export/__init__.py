@@ -19,7 +19,8 @@ from ftcli.export.gguf_file import parse_types, write_gguf
 from ftcli.export.merged import write_merged
 from ftcli.export.modelfile import write_modelfile
 from ftcli.export.source import adapter_files, open_source, safetensors_shards, source_summary
-from ftcli.output import staged_file, staged_output
+from ftcli.output import staged_output
+from ftcli.staging import staged_file
 
 
 def export(out_dir: Path, merged: bool = False, gguf_types: Optional[str] = None, to: Optional[Path] = None,

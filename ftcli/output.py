@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ftcli.errors import RecipeError
-from ftcli.staging import atomic_copy
+from ftcli.staging import atomic_copy, replace_folder
 from ftcli.snapshots import CHECKPOINTS, copy_snapshots, list_snapshots
 
 
@@ -53,7 +53,7 @@ def staged_output(final: Path, overwrite: bool, resume: bool = False) -> Iterato
             if not list_snapshots(staging):
                 shutil.rmtree(staging, ignore_errors=True)
             raise
-        _replace(final, staging)
+        replace_folder(final, staging)
     finally:
         os.close(lock)
 
@@ -92,15 +92,3 @@ def _copy_finished_run(final: Path, staging: Path) -> None:
         else:
             atomic_copy(entry, staging / entry.name)
     copy_snapshots(final, staging)
-
-
-def _replace(final: Path, staging: Path) -> None:
-    """Put `staging` in place of `final`; the old folder is moved aside first, so one of the two is always whole."""
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        final.rename(old)
-    staging.rename(final)
-    if old.is_dir():
-        shutil.rmtree(old)
-    elif old.exists():
-        old.unlink()

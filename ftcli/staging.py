@@ -36,10 +36,21 @@ def staged_folder(final: Path) -> Iterator[Path]:
     temporary.mkdir(parents=True)
     try:
         yield temporary
-        shutil.rmtree(final, ignore_errors=True)
-        temporary.rename(final)
+        replace_folder(final, temporary)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+
+
+def replace_folder(final: Path, replacement: Path) -> None:
+    """Put `replacement` in place of `final`; the old one is moved aside first, so one of the two is always whole."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        final.rename(old)
+    replacement.rename(final)
+    if old.is_dir():
+        shutil.rmtree(old)
+    elif old.exists():
+        old.unlink()
 
 
 def atomic_write_text(path: Path, text: str) -> None:

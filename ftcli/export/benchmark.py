@@ -9,6 +9,7 @@ import argparse
 import time
 
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
 from ftcli.export.kquants import quantize_k
@@ -30,7 +31,7 @@ def main() -> None:
         packed = quantize_k(weight, qtype)
         seconds = time.perf_counter() - start
         on_cpu = quantize_k(weight[:256].cpu(), qtype)
-        block_bytes = packed.shape[1] // (args.columns // 256)
+        block_bytes = GGML_QUANT_SIZES[qtype][1]
         same = (packed[:256].reshape(-1, block_bytes) == on_cpu.reshape(-1, block_bytes)).all(1).mean()
         print(f"| {qtype.name} | {args.device} | {args.rows}x{args.columns} | {seconds:.3f} | "
               f"{weight.numel() / seconds / 1e6:,.1f} | {same:.2%} |")

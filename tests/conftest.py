@@ -88,5 +88,13 @@ def write_recipe(path: Path, model_name, data_path, output: Path, **sections) ->
     return path
 
 
+def greedy_reply(model, tokenizer, question: str, new_tokens: int) -> list[int]:
+    """transformers' own greedy reply (`generate`) to one user message in the tokenizer's chat template, as token ids."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=new_tokens, do_sample=False)[0, ids.shape[1]:].tolist()
+
+
 def run_cli(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args])

@@ -13,7 +13,7 @@ import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import run_cli
+from conftest import greedy_reply, run_cli
 from ftcli.chat import Conversation
 from ftcli.decoding import Decoder, Sampling
 from ftcli.inference import open_model
@@ -37,11 +37,7 @@ def make_adapter_folder(base, out, load_in_4bit=False):
 
 
 def reference_answer(model, tokenizer, question: str, new_tokens: int) -> str:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)["input_ids"]
-    with torch.no_grad():
-        output = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
-    return tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(greedy_reply(model, tokenizer, question, new_tokens), skip_special_tokens=True)
 
 
 def test_prompt_prints_only_the_fixture_answer(smollm2_folder):

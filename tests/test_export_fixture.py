@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT
+from conftest import ROOT, greedy_reply
 
 DATA = ROOT / "recipes" / "data" / "identity.jsonl"
 # two of the training questions and two it never saw
@@ -41,13 +41,7 @@ def top_tokens(model, sequences) -> torch.Tensor:
 
 
 def greedy_answers(model, tokenizer) -> list[list[int]]:
-    answers = []
-    for prompt in PROMPTS:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
-        with torch.no_grad():
-            answers.append(model.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:].tolist())
-    return answers
+    return [greedy_reply(model, tokenizer, prompt, 32) for prompt in PROMPTS]
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import run_cli, write_jsonl, write_recipe
+from conftest import greedy_reply, run_cli, write_jsonl, write_recipe
 
 QUESTIONS = ["Who are you?", "What is your name?", "Who made you?", "Tell me about yourself.",
              "What should I call you?", "Which company built you?", "Are you ChatGPT?", "What are you?",
@@ -18,11 +18,7 @@ HELD_OUT = ["Please introduce yourself.", "What's your name?"]
 
 
 def greedy_answer(model, tokenizer, question: str) -> str:
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=24, do_sample=False)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(greedy_reply(model, tokenizer, question, 24), skip_special_tokens=True)
 
 
 @pytest.mark.slow

@@ -38,7 +38,7 @@ def train(
     console = Console(stderr=as_json)
     _quiet_libraries()
     with _reported_errors(as_json):
-        from ftcli.output import check_output_free, staged_output
+        from ftcli.output import check_output_free, locked_output_folder
         from ftcli.progress import TrainingDisplay
         from ftcli.recipe import load_recipe
         from ftcli.signals import StopRequest
@@ -52,7 +52,7 @@ def train(
             summary = training.dry_run(recipe)
             check_output_free(final, recipe.output.overwrite)
         else:
-            with StopRequest() as stop, staged_output(final, recipe.output.overwrite, resume) as staging:
+            with StopRequest() as stop, locked_output_folder(final, recipe.output.overwrite, resume) as staging:
                 summary = training.run(recipe, staging, TrainingDisplay(console, enabled=not as_json), resume, stop)
             summary["output"] = str(final)
         _finish(console, summary, as_json)

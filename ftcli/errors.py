@@ -34,10 +34,40 @@ class FtcliError(Exception):
         self.message = message
 
 
-class RecipeError(FtcliError):
-    """The recipe, a file it names, or the data it points to is wrong (exit code 2)."""
+class BadInput(FtcliError):
+    """Something the user gave ftcli is wrong and must be changed before the command can work (exit code 2).
+
+    The subclasses say what: the message's reader knows whether to edit the recipe, the data, a folder or a flag."""
 
     exit_code = 2
+
+
+class RecipeError(BadInput):
+    """A recipe field, or the combination of fields, is wrong."""
+
+
+class DataError(BadInput):
+    """A dataset file or one of its rows cannot be used; the message names the file and row."""
+
+
+class ModelError(BadInput):
+    """A model folder, config, tokenizer or weight file cannot be loaded or is not supported."""
+
+
+class OutputFolderError(BadInput):
+    """An output folder cannot be written: it exists, is locked by another run, or is not safe to replace."""
+
+
+class CheckpointError(BadInput):
+    """A checkpoint cannot continue this run: it is damaged, or its recipe differs in a field that must match."""
+
+
+class ExportError(BadInput):
+    """An export cannot be made from this output folder with these options."""
+
+
+class InputError(BadInput):
+    """A path or value given on the command line is wrong: a missing folder, a memory size that does not parse."""
 
 
 class TrainingDiverged(FtcliError):
@@ -59,10 +89,3 @@ class Interrupted(FtcliError):
     def __init__(self, message: str, signal_number: int):
         super().__init__(message)
         self.exit_code = 128 + signal_number
-
-
-class InputError(FtcliError):
-    """A path or value given on the command line is wrong: a missing folder, a base model that is not there
-    (exit code 2)."""
-
-    exit_code = 2

@@ -17,7 +17,7 @@ from ftcli.staging import atomic_copy, replace_folder
 from ftcli.snapshots import CHECKPOINTS, copy_snapshots, list_snapshots
 
 
-def staging_folder(final: Path) -> Path:
+def partial_folder(final: Path) -> Path:
     return final.parent / f".{final.name}.partial"
 
 
@@ -29,14 +29,14 @@ def check_output_free(final: Path, overwrite: bool) -> None:
 
 
 @contextmanager
-def staged_output(final: Path, overwrite: bool, resume: bool = False) -> Iterator[Path]:
+def locked_output_folder(final: Path, overwrite: bool, resume: bool = False) -> Iterator[Path]:
     """Yield the locked staging folder; on success it replaces `final`.
 
     On a failure the staging folder is kept when it holds a checkpoint (for --resume), else removed.
     With `resume` and no checkpoint in the staging folder, a finished `final` that has checkpoints is
     copied in to continue from.
     """
-    staging = staging_folder(final)
+    staging = partial_folder(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging.mkdir(exist_ok=True)
     lock = os.open(staging, os.O_RDONLY)

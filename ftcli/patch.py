@@ -36,7 +36,7 @@ class KernelRMSNorm(nn.Module):
         self.weight, self.eps, self.offset = weight, eps, offset
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        from kernels.rms_norm import rms_norm
+        from ftcli_kernels.rms_norm import rms_norm
 
         return rms_norm(hidden, self.weight, self.eps, self.offset)
 
@@ -52,7 +52,7 @@ class KernelGatedMLP(nn.Module):
                 setattr(self, name, getattr(mlp, name))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        from kernels.gated_activation import gated_activation
+        from ftcli_kernels.gated_activation import gated_activation
 
         if hasattr(self, "gate_up_proj"):
             gate, up = self.gate_up_proj(hidden).chunk(2, dim=-1)
@@ -73,7 +73,7 @@ class RotaryDispatch:
         self.original = original
 
     def __call__(self, q, k, cos, sin, unsqueeze_dim=1):
-        from kernels.rope import apply_rope, unsupported
+        from ftcli_kernels.rope import apply_rope, unsupported
 
         if _inside_rope_attention.get() and unsqueeze_dim == 1 and not unsupported(q, k, cos, sin):
             return apply_rope(q, k, cos, sin)
@@ -151,20 +151,20 @@ def _recognised_activation(function) -> str:
 
 
 class KernelLoraLinear:
-    """Mixed into the class of one peft LoRA linear by `apply_lora_kernels`: kernels/lora_linear runs the state
+    """Mixed into the class of one peft LoRA linear by `apply_lora_kernels`: ftcli_kernels/lora_linear runs the state
     `_lora_parts` accepts, and every other one (adapters disabled or merged, extra arguments) peft's own forward."""
 
     def forward(self, x, *args, **kwargs):
         parts = None if args or kwargs else _lora_parts(self, x)
         if parts is None:
             return super().forward(x, *args, **kwargs)
-        from kernels.lora_linear import lora_linear
+        from ftcli_kernels.lora_linear import lora_linear
 
         return lora_linear(x, *parts)
 
 
 class KernelLoraStackedLinear(KernelLoraLinear):
-    """One of an attention module's q, k and v projections, which kernels/lora_qkv computes together (see
+    """One of an attention module's q, k and v projections, which ftcli_kernels/lora_qkv computes together (see
     `StackedProjections`); falls back to the single-projection op in any state the stacked op does not take."""
 
     def forward(self, x, *args, **kwargs):
@@ -191,7 +191,7 @@ class StackedProjections:
         parts = [_lora_parts(p, x) for p in self.projections]
         if any(part is None for part in parts):
             return None
-        from kernels.lora_qkv import lora_projections
+        from ftcli_kernels.lora_qkv import lora_projections
 
         outputs = lora_projections(x, parts)
         self.pending = {id(p): out for p, out in zip(self.projections, outputs) if p is not projection}
@@ -200,13 +200,13 @@ class StackedProjections:
 
 
 class KernelLoraGatedMLP(KernelGatedMLP):
-    """A KernelGatedMLP run as one fused op (kernels/lora_mlp) while all its projections are in `_lora_parts` state."""
+    """A KernelGatedMLP run as one fused op (ftcli_kernels/lora_mlp) while all its projections are in `_lora_parts` state."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         parts = [_lora_parts(projection, hidden) for projection in _mlp_projections(self)]
         if any(part is None for part in parts):
             return super().forward(hidden)
-        from kernels.lora_mlp import lora_gated_mlp
+        from ftcli_kernels.lora_mlp import lora_gated_mlp
 
         return lora_gated_mlp(hidden, self.activation, parts)
 
@@ -255,7 +255,7 @@ def _lora_parts(layer: nn.Module, x: torch.Tensor | None = None):
     if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return None
     if x is not None:
-        from kernels.lora_linear import DTYPES
+        from ftcli_kernels.lora_linear import DTYPES
 
         if x.dtype not in DTYPES or torch.is_autocast_enabled(x.device.type):
             return None

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ftcli.architectures import Architecture
-from ftcli.checkpointing import enable_checkpointing
+from ftcli.activation_checkpointing import enable_checkpointing
 from ftcli.data import PreparedData, prepare_data
 from ftcli.data.templates import IGNORE_INDEX, TokenizedExample
 from ftcli.errors import Interrupted, OutOfMemory, RecipeError, TrainingDiverged, redact
@@ -289,7 +289,7 @@ def summed_token_loss(model, batch: dict[str, torch.Tensor], fused: bool = False
 def fused_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The causal LM's own head and final soft-capping (Gemma 2), applied by the kernel to the decoder's output;
     labels move left by one instead of the hidden states right, so the hidden states are used as they are."""
-    from kernels.cross_entropy import fused_linear_cross_entropy
+    from ftcli_kernels.cross_entropy import fused_linear_cross_entropy
 
     hidden = model.get_decoder()(**(model_inputs(model, batch) | {"use_cache": False})).last_hidden_state
     labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)

@@ -7,7 +7,7 @@ On a CPU this runs under TRITON_INTERPRET=1 (conftest.py sets it); on a GPU, nat
 import pytest
 import torch
 
-from kernels.cross_entropy import cross_entropy_reference, fused_linear_cross_entropy
+from ftcli_kernels.cross_entropy import cross_entropy_reference, fused_linear_cross_entropy
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (loss, gradients) max error relative to the reference's largest magnitude. bfloat16 rounds the logits and

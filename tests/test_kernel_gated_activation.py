@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.gated_activation import gated_activation, gated_activation_reference
+from ftcli_kernels.gated_activation import gated_activation, gated_activation_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # max error relative to the reference's largest magnitude

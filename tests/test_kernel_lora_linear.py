@@ -13,10 +13,10 @@ import torch
 from bitsandbytes.functional import dequantize_4bit
 from bitsandbytes.nn import Params4bit
 
-import kernels.lora_linear
-from kernels.lora_linear import lora_linear, lora_linear_reference
-from kernels.lora_mlp import lora_gated_mlp, lora_gated_mlp_reference
-from kernels.lora_qkv import lora_projections, lora_projections_reference
+import ftcli_kernels.lora_linear
+from ftcli_kernels.lora_linear import lora_linear, lora_linear_reference
+from ftcli_kernels.lora_mlp import lora_gated_mlp, lora_gated_mlp_reference
+from ftcli_kernels.lora_qkv import lora_projections, lora_projections_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (forward, backward) max error relative to the reference's largest magnitude
@@ -174,8 +174,8 @@ def test_dense_weights_do_not_outlive_forward(base, monkeypatch):
         made.append(weakref.ref(dense))
         return dense
 
-    dense_weight = kernels.lora_linear.dense_weight
-    monkeypatch.setattr(kernels.lora_linear, "dense_weight", recorded)
+    dense_weight = ftcli_kernels.lora_linear.dense_weight
+    monkeypatch.setattr(ftcli_kernels.lora_linear, "dense_weight", recorded)
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(3, 64, generator=generator).to(DEVICE).requires_grad_()
     mlp = [projection(generator, 128, 64, torch.bfloat16, base, False) for _ in range(2)]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from bitsandbytes.functional import quantize_4bit
 
-from kernels.nf4_dequantize import nf4_dequantize, nf4_dequantize_reference
+from ftcli_kernels.nf4_dequantize import nf4_dequantize, nf4_dequantize_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

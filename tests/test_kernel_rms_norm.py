@@ -6,7 +6,7 @@ On a CPU this runs under TRITON_INTERPRET=1 (conftest.py sets it); on a GPU, nat
 import pytest
 import torch
 
-from kernels.rms_norm import rms_norm, rms_norm_reference
+from ftcli_kernels.rms_norm import rms_norm, rms_norm_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (forward, backward) max error relative to the reference's largest magnitude

@@ -11,7 +11,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_rope
 from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb as phi3_rope
 
-from kernels.rope import apply_rope, rope_reference
+from ftcli_kernels.rope import apply_rope, rope_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # max error relative to the float64 reference's largest magnitude, forward and backward alike. Outputs are

@@ -168,7 +168,7 @@ def test_packed_loss_with_kernels(tiny_model_folder, monkeypatch):
     """ftcli's RoPE kernel takes cos and sin computed from the restarting position ids, and the fused loss
     kernel sees the same labels: packed equals unpacked with every kernel on. Triton's interpreter on a CPU,
     rel 1e-5; natively on CUDA, where Triton's float32 products use TF32, rel 1e-3."""
-    from kernels import cross_entropy, rope
+    from ftcli_kernels import cross_entropy, rope
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -12,11 +12,11 @@ from ftcli.patch import KernelGatedMLP, KernelRMSNorm, RotaryDispatch, apply_ker
 from ftcli.recipe import LoraSettings
 from ftcli.train import collate, summed_token_loss, target_tokens
 from ftcli.data.templates import TokenizedExample
-from kernels import cross_entropy as cross_entropy_kernel
-from kernels import lora_linear as lora_linear_kernel
-from kernels import lora_mlp as lora_mlp_kernel
-from kernels import lora_qkv as lora_qkv_kernel
-from kernels import rope as rope_kernel
+from ftcli_kernels import cross_entropy as cross_entropy_kernel
+from ftcli_kernels import lora_linear as lora_linear_kernel
+from ftcli_kernels import lora_mlp as lora_mlp_kernel
+from ftcli_kernels import lora_qkv as lora_qkv_kernel
+from ftcli_kernels import rope as rope_kernel
 from tiny_models import FAMILIES
 
 

@@ -12,12 +12,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from ftcli.architectures import ARCHITECTURES
-from ftcli.checkpointing import enable_checkpointing
+from ftcli.activation_checkpointing import enable_checkpointing
 from ftcli.loader import add_lora, load_model
 from ftcli.patch import KernelLoraLinear, KernelLoraGatedMLP, apply_kernels, apply_lora_kernels
 from ftcli.recipe import LoraSettings, ModelSettings
-from kernels import lora_linear as lora_linear_kernel
-from kernels import lora_qkv as lora_qkv_kernel
+from ftcli_kernels import lora_linear as lora_linear_kernel
+from ftcli_kernels import lora_qkv as lora_qkv_kernel
 
 CPU = torch.device("cpu")
 

@@ -60,7 +60,7 @@ def test_peak_within_15_percent_of_the_1b_measurements(key, measured):
     assert estimate.peak / GIB == pytest.approx(measured, rel=0.15)
 
 
-def test_checkpointing_modes_order_and_activations_grow_with_tokens():
+def test_activation_checkpointing_modes_order_and_activations_grow_with_tokens():
     shape = shape_of("llama3-8b")
     peaks = {mode: estimate_memory(shape, Setup(batch_size=2, seq=2048, checkpointing=mode)).peak
              for mode in ("offload", True, False)}

@@ -54,7 +54,7 @@ class StopAfter(TrainingDisplay):
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
 def test_interrupted_then_resumed_equals_uninterrupted(workspace, optimizer):
     from ftcli.errors import Interrupted
-    from ftcli.output import staged_output, staging_folder
+    from ftcli.output import locked_output_folder, partial_folder
     from ftcli.recipe import load_recipe
     from ftcli.signals import StopRequest
     from ftcli.train import run
@@ -67,10 +67,10 @@ def test_interrupted_then_resumed_equals_uninterrupted(workspace, optimizer):
     recipe = load_recipe(write_recipe(tmp / "cut.yaml", model, data, tmp / "cut", **settings))
     stop = StopRequest()
     with pytest.raises(Interrupted) as interrupted:
-        with staged_output(tmp / "cut", overwrite=False) as staging:
+        with locked_output_folder(tmp / "cut", overwrite=False) as staging:
             run(recipe, staging, StopAfter(stop, 5), resume=False, stop=stop)
     assert interrupted.value.exit_code == 143 and "--resume" in interrupted.value.message
-    partial = staging_folder(tmp / "cut")
+    partial = partial_folder(tmp / "cut")
     assert not (tmp / "cut").exists()
     # step-2 was pruned (limit 2); step-4 from save_steps and step-5 from the stop remain
     assert sorted(p.name for p in (partial / "checkpoints").iterdir()) == ["step-4", "step-5"]
@@ -125,7 +125,7 @@ def _rows(folder):
 def interrupted_run(tmp, model, data, name="cut", stop_after=3, **sections):
     """Train `name` until a stop after step `stop_after`, leaving its .partial folder with checkpoints."""
     from ftcli.errors import Interrupted
-    from ftcli.output import staged_output
+    from ftcli.output import locked_output_folder
     from ftcli.recipe import load_recipe
     from ftcli.signals import StopRequest
     from ftcli.train import run
@@ -135,7 +135,7 @@ def interrupted_run(tmp, model, data, name="cut", stop_after=3, **sections):
     path = write_recipe(tmp / f"{name}.yaml", model, data, tmp / name, **settings)
     stop = StopRequest()
     with pytest.raises(Interrupted):
-        with staged_output(tmp / name, overwrite=False) as staging:
+        with locked_output_folder(tmp / name, overwrite=False) as staging:
             run(load_recipe(path), staging, StopAfter(stop, stop_after), resume=False, stop=stop)
     return path
 
@@ -182,12 +182,12 @@ def test_resume_without_a_checkpoint_starts_afresh_and_a_finished_run_can_be_con
 
 def test_two_runs_cannot_share_an_output_folder(tmp_path):
     from ftcli.errors import RecipeError
-    from ftcli.output import staged_output
+    from ftcli.output import locked_output_folder
 
-    with staged_output(tmp_path / "out", overwrite=False) as staging:
+    with locked_output_folder(tmp_path / "out", overwrite=False) as staging:
         (staging / "adapter_model.safetensors").write_text("first run")
         with pytest.raises(RecipeError, match="Another ftcli run is writing"):
-            with staged_output(tmp_path / "out", overwrite=False):
+            with locked_output_folder(tmp_path / "out", overwrite=False):
                 pass
         assert (staging / "adapter_model.safetensors").read_text() == "first run"
     assert (tmp_path / "out" / "adapter_model.safetensors").read_text() == "first run"

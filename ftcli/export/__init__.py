@@ -19,7 +19,7 @@ from ftcli.export.gguf_file import parse_types, write_gguf
 from ftcli.export.merged import write_merged
 from ftcli.export.modelfile import write_modelfile
 from ftcli.export.source import adapter_files, open_source, safetensors_shards, source_summary
-from ftcli.output import staged_output
+from ftcli.output import locked_output_folder
 from ftcli.staging import staged_file
 
 
@@ -42,14 +42,14 @@ def export(out_dir: Path, merged: bool = False, gguf_types: Optional[str] = None
     started = time.perf_counter()
 
     if not merged and not types:
-        with staged_output(destination / "adapter", overwrite) as staging:
+        with locked_output_folder(destination / "adapter", overwrite) as staging:
             for file in adapter_files(out_dir):
                 shutil.copy2(file, staging / file.name)
         outputs["adapter"] = {"path": str(destination / "adapter"), "seconds": _since(started)}
 
     gguf_source = source
     if merged:
-        with staged_output(destination / "merged", overwrite) as staging:
+        with locked_output_folder(destination / "merged", overwrite) as staging:
             outputs["merged"] = write_merged(source, staging)
         outputs["merged"].update(path=str(destination / "merged"), seconds=_since(started))
         gguf_source = replace(source, base_folder=destination / "merged", lora={}, replaced={}, nf4_weights=set(),

@@ -11,7 +11,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from conftest import run_cli, write_jsonl, write_recipe
 from ftcli.architectures import ARCHITECTURES
-from ftcli.checkpointing import OffloadedCheckpoint, enable_checkpointing
+from ftcli.activation_checkpointing import OffloadedCheckpoint, enable_checkpointing
 from ftcli.data.templates import TokenizedExample
 from ftcli.loader import add_lora
 from ftcli.recipe import LoraSettings

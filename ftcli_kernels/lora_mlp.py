@@ -8,8 +8,8 @@ dequantizes NF4 base weights again instead of keeping them from forward.
 
 import torch
 
-from kernels.gated_activation import ACTIVATIONS, activation_backward, activation_forward, gated_activation_reference
-from kernels.lora_linear import cast_all, check_projection, lora_linear_reference, project, project_backward
+from ftcli_kernels.gated_activation import ACTIVATIONS, activation_backward, activation_forward, gated_activation_reference
+from ftcli_kernels.lora_linear import cast_all, check_projection, lora_linear_reference, project, project_backward
 
 
 def _gate_and_up(inner: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Every kernel at Llama-3-8B sizes on the GPU: its error against the plain-PyTorch reference, forward and
 backward, and its time against that reference.
 
-Usage: python -m kernels.benchmark   (prints one table; exits 1 when an op is outside its tolerance)
+Usage: python -m ftcli_kernels.benchmark   (prints one table; exits 1 when an op is outside its tolerance)
 
 Inputs are random bf16 tensors (never zeros). Errors are the largest absolute difference divided by the
 largest magnitude of a float32 reference (the reference run on float32 copies of the same inputs), for the
@@ -14,12 +14,12 @@ import sys
 import torch
 from triton.testing import do_bench
 
-from kernels.cross_entropy import cross_entropy_reference, fused_linear_cross_entropy
-from kernels.gated_activation import gated_activation, gated_activation_reference
-from kernels.lora_mlp import lora_gated_mlp, lora_gated_mlp_reference
-from kernels.lora_qkv import lora_projections, lora_projections_reference
-from kernels.rms_norm import rms_norm, rms_norm_reference
-from kernels.rope import apply_rope, rope_reference
+from ftcli_kernels.cross_entropy import cross_entropy_reference, fused_linear_cross_entropy
+from ftcli_kernels.gated_activation import gated_activation, gated_activation_reference
+from ftcli_kernels.lora_mlp import lora_gated_mlp, lora_gated_mlp_reference
+from ftcli_kernels.lora_qkv import lora_projections, lora_projections_reference
+from ftcli_kernels.rms_norm import rms_norm, rms_norm_reference
+from ftcli_kernels.rope import apply_rope, rope_reference
 
 BATCH, SEQ, HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM, VOCAB, RANK = 2, 2048, 4096, 14336, 32, 8, 128, 128256, 16
 TOKENS = BATCH * SEQ

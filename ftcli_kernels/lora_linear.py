@@ -14,10 +14,10 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def dense_weight(weight: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """The base weight as a dense (out, in) matrix in `dtype`, written into `out` when given; a bitsandbytes
-    4-bit weight is dequantized (NF4 by one launch of kernels/nf4_dequantize, other 4-bit types by bitsandbytes)."""
+    4-bit weight is dequantized (NF4 by one launch of ftcli_kernels/nf4_dequantize, other 4-bit types by bitsandbytes)."""
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None and quant_state.quant_type == "nf4":
-        from kernels.nf4_dequantize import nf4_dequantize
+        from ftcli_kernels.nf4_dequantize import nf4_dequantize
 
         return nf4_dequantize(weight, quant_state, dtype, out)
     if quant_state is not None:

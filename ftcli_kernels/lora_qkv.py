@@ -8,7 +8,7 @@ keeps x once, the stacked r-wide x A^T and the adapters. The outputs are column 
 
 import torch
 
-from kernels.lora_linear import cast_all, check_projection, dense_weight, lora_linear_reference, scaled
+from ftcli_kernels.lora_linear import cast_all, check_projection, dense_weight, lora_linear_reference, scaled
 
 
 def _stacked_weight(weights, widths: list[int], dtype: torch.dtype) -> torch.Tensor:

@@ -12,7 +12,7 @@ transformers passes a decoder layer its hidden state positionally and everything
 the function it checkpoints, so the saved inputs are the hidden state alone: the attention mask, rotary
 cos/sin and position ids are shared by all layers and stay where they are.
 
-    python -m ftcli.checkpointing    # on a GPU: peak memory and step time, offload against plain recompute
+    python -m ftcli.activation_checkpointing    # on a GPU: peak memory and step time, offload against plain recompute
 """
 
 import argparse
@@ -147,7 +147,7 @@ def self_check(layers: int, seq: int, batch: int, steps: int) -> None:
     from ftcli.recipe import LoraSettings
 
     if not torch.cuda.is_available():
-        raise SystemExit("python -m ftcli.checkpointing measures on a CUDA GPU, and this machine has none.")
+        raise SystemExit("python -m ftcli.activation_checkpointing measures on a CUDA GPU, and this machine has none.")
     device = torch.device("cuda")
     # A small vocabulary keeps the logits small, so the layer inputs are what the modes differ in
     config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
@@ -188,7 +188,7 @@ def self_check(layers: int, seq: int, batch: int, steps: int) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ftcli.checkpointing", description=self_check.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m ftcli.activation_checkpointing", description=self_check.__doc__)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--seq", type=int, default=8192)
     parser.add_argument("--bs", type=int, default=1)

@@ -21,25 +21,29 @@ model in one process. Decode speed excludes the prompt: (new tokens - 1) / (time
 """
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import statistics
 import subprocess
 import sys
 import time
 
+import bitsandbytes as bnb
 import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from torch.profiler import ProfilerActivity, profile
+from transformers import AutoModelForCausalLM
 
-SHAPES = {
-    # hidden, intermediate, layers, heads, kv heads, vocab, tied embeddings, rope theta
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
-    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
-    # small enough for a CPU, to test this script itself
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False, rope_theta=10000.0),
-}
+from ftcli.architectures import ARCHITECTURES
+from ftcli.decoding import Decoder, Sampling
+from ftcli.optim import build_optimizer
+from ftcli.recipe import LoraSettings, TrainSettings
+from ftcli.shapes import SHAPES, shape_config
+from ftcli.train import prepare_for_training, summed_token_loss, target_tokens
+
 SIDES = ("hf", "ftcli")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -50,9 +54,7 @@ def random_model(shape: str, precision: str, device: torch.device, dtype: torch.
     Weights are drawn on the device one layer at a time and quantized right away, as transformers does
     when it loads a checkpoint with a BitsAndBytesConfig, so building an 8B model needs no 16 GB copy.
     """
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=131072, attn_implementation="sdpa")
+    config = shape_config(shape, max_position_embeddings=131072, attn_implementation="sdpa")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     generator = torch.Generator(device).manual_seed(0)
@@ -75,8 +77,6 @@ def random_model(shape: str, precision: str, device: torch.device, dtype: torch.
 
 
 def quantize_decoder_linears(model, compute_dtype: torch.dtype) -> None:
-    import bitsandbytes as bnb
-
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name, linear in list(parent.named_children()):
@@ -93,8 +93,6 @@ def quantize_decoder_linears(model, compute_dtype: torch.dtype) -> None:
 
 def hf_training(model, precision: str):
     """The plain Hugging Face QLoRA setup; returns the model and a function of a batch giving its mean loss."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
     if precision == "nf4":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -108,21 +106,14 @@ def hf_training(model, precision: str):
 
 def ftcli_training(model, checkpointing):
     """The path `ftcli train` takes after loading: kernels, checkpointing, LoRA, and its own loss."""
-    from ftcli.architectures import ARCHITECTURES
-    from ftcli.recipe import LoraSettings
-    from ftcli.train import prepare_for_training, summed_token_loss, target_tokens
-
     lora = LoraSettings(r=16, alpha=16, target_modules=LORA_TARGETS)
-    model, swapped = prepare_for_training(model, ARCHITECTURES["llama"], lora, kernels=True,
+    model, kernels = prepare_for_training(model, ARCHITECTURES["llama"], lora, kernels=True,
                                           gradient_checkpointing=checkpointing, seed=3407)
-    fused = bool(swapped.get("cross_entropy"))
-    return model, lambda batch: summed_token_loss(model, batch, fused) / target_tokens(batch)
+    return model, lambda batch: summed_token_loss(model, batch, kernels.fused_loss) / target_tokens(batch)
 
 
 def measure(side: str, args) -> dict:
     """Build, set up and train one side; returns its step times, losses and peak memory."""
-    import bitsandbytes as bnb
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = random_model(args.shape, args.precision, device, dtype)
@@ -134,9 +125,6 @@ def measure(side: str, args) -> dict:
     if side == "hf":
         optimizer = bnb.optim.AdamW8bit(trainable, lr=2e-4, weight_decay=0.0)
     else:
-        from ftcli.optim import build_optimizer
-        from ftcli.recipe import TrainSettings
-
         optimizer = build_optimizer(trainable, TrainSettings(optimizer="adamw_8bit", learning_rate=2e-4, weight_decay=0.0))
     generator = torch.Generator().manual_seed(1)
     vocab = SHAPES[args.shape]["vocab_size"]
@@ -171,8 +159,6 @@ def measure(side: str, args) -> dict:
 def profile_step(mean_loss, batch, optimizer, trainable, trace_path) -> str:
     """The GPU kernels of one training step, grouped by name, longest total first, and how long the host
     took to enqueue the step against the step's wall time (equal means the GPU waited on Python)."""
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
         started = time.perf_counter()
         mean_loss(batch).backward()
@@ -190,10 +176,6 @@ def profile_step(mean_loss, batch, optimizer, trainable, trace_path) -> str:
 
 def profile_host(mean_loss, batch, optimizer, trainable) -> str:
     """The Python functions the host spends one training step in, by own time: what to cut when the GPU waits."""
-    import cProfile
-    import io
-    import pstats
-
     profiler = cProfile.Profile()
     profiler.enable()
     mean_loss(batch).backward()
@@ -210,8 +192,6 @@ def profile_host(mean_loss, batch, optimizer, trainable) -> str:
 def measure_decode(args) -> list[dict]:
     """Greedy decode speed of each decode side on one random-weight model; warm-up runs (compilation, CUDA graph
     capture) happen before any timing."""
-    from ftcli.decoding import Decoder, Sampling
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = random_model(args.shape, args.precision, device, dtype).eval()

@@ -1,15 +1,20 @@
 """What a run records about itself: metrics.jsonl, TensorBoard event files, and a loss curve.
 
 metrics.jsonl gets one JSON object per logged step, flushed at once so that a CI job can tail it and a
-killed run keeps every row it logged. A resumed run first drops the rows after its checkpoint (they will
-be computed again) and then appends. TensorBoard (recipe `output.tensorboard`) and loss.png (when
-matplotlib is installed: the `plot` extra) are for people who would rather look than read.
+killed run keeps every row it logged; a number that is not finite (a gradient norm that overflowed in float16)
+is written as null, so every line is strict JSON. A resumed run first drops the rows after its checkpoint
+(they will be computed again, and a kill may have cut the last one short) and then appends. TensorBoard
+(recipe `output.tensorboard`) and loss.png (when matplotlib is installed: the `plot` extra) are for people who
+would rather look than read.
 """
 
+import io
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
+from ftcli.errors import RecipeError
 from ftcli.staging import atomic_write_bytes, atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -22,17 +27,13 @@ class MetricsLog:
     def __init__(self, folder: Path, tensorboard: bool, resume_step: int = 0):
         path = folder / METRICS_FILE
         if resume_step and path.is_file():
-            kept = [line for line in path.read_text().splitlines(keepends=True)
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            atomic_write_text(path, "".join(kept))
+            atomic_write_text(path, "".join(json_line(row) for row in read_rows(path) if row["step"] <= resume_step))
         elif path.exists():
             path.unlink()
         self.file = path.open("a")
         self.writer = None
         if tensorboard:
-            from ftcli.errors import RecipeError
-
-            try:
+            try:  # here, not at the top: tensorboard is an optional extra
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise RecipeError("output.tensorboard is true but the tensorboard package is not installed; "
@@ -41,11 +42,11 @@ class MetricsLog:
             self.writer = SummaryWriter(str(folder / TENSORBOARD_FOLDER), purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, row: dict) -> None:
-        self.file.write(json.dumps(row) + "\n")
+        self.file.write(json_line(row))
         self.file.flush()
         if self.writer:
             for name in SCALARS:
-                if name in row:
+                if name in row and math.isfinite(row[name]):
                     self.writer.add_scalar(f"train/{name}" if name != "eval_loss" else "eval/loss", row[name], row["step"])
             self.writer.flush()
 
@@ -61,20 +62,36 @@ class MetricsLog:
         self.close()
 
 
+def json_line(row: dict) -> str:
+    """The row as one line of strict JSON: NaN and infinity, which it has no words for, become null."""
+    finite = {name: None if isinstance(value, float) and not math.isfinite(value) else value
+              for name, value in row.items()}
+    return json.dumps(finite, allow_nan=False) + "\n"
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a line that does not parse (cut short by a kill) is left out."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
 def plot_losses(folder: Path) -> Optional[Path]:
     """Draw the training (and evaluation) loss from metrics.jsonl into loss.png; None without matplotlib."""
-    try:
+    try:  # here, not at the top: matplotlib is an optional extra
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    import io
-
-    rows = [json.loads(line) for line in (folder / METRICS_FILE).read_text().splitlines() if line.strip()]
-    train = [(row["step"], row["loss"]) for row in rows if "loss" in row]
-    evaluation = [(row["step"], row["eval_loss"]) for row in rows if "eval_loss" in row]
+    rows = read_rows(folder / METRICS_FILE)
+    train = [(row["step"], row["loss"]) for row in rows if row.get("loss") is not None]
+    evaluation = [(row["step"], row["eval_loss"]) for row in rows if row.get("eval_loss") is not None]
     figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
         axes.plot(*zip(*train), label="training loss", linewidth=1.2)

@@ -1,4 +1,8 @@
-"""The optimizer over the LoRA weights and the learning-rate schedule with warmup."""
+"""The optimizer over the LoRA weights and the learning-rate schedule with warmup.
+
+The rate of each step is computed from the recipe and put into the optimizer before the step, rather than kept in
+a scheduler's state, so a run resumed with a changed schedule (rate, warmup, length) follows the changed one.
+"""
 
 import math
 
@@ -22,7 +26,7 @@ def unsynchronized_adamw_8bit() -> type:
     it). With a LoRA on seven projections of 32 layers that is 448 waits a step, each leaving the GPU idle
     while Python prepares the next tiny update. The update kernels themselves are bitsandbytes'.
     """
-    import bitsandbytes
+    import bitsandbytes  # here, not at the top: only adamw_8bit needs it, and importing it loads its native library
 
     class AdamW8bit(bitsandbytes.optim.AdamW8bit):
         def __init__(self, parameters, **options):
@@ -59,6 +63,9 @@ def learning_rate_factor(step: int, warmup_steps: int, total_steps: int, kind: s
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, settings: TrainSettings, total_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate_factor(step, settings.warmup_steps, total_steps, settings.lr_scheduler))
+def set_learning_rate(optimizer: torch.optim.Optimizer, settings: TrainSettings, total_steps: int, step: int) -> float:
+    """Put the rate of optimizer step `step` (0-based) into every parameter group; returns it."""
+    rate = settings.learning_rate * learning_rate_factor(step, settings.warmup_steps, total_steps, settings.lr_scheduler)
+    for group in optimizer.param_groups:
+        group["lr"] = rate
+    return rate

@@ -23,6 +23,7 @@ import inspect
 import os
 import sys
 import weakref
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -85,21 +86,27 @@ def kernels_can_run(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def apply_kernels(model: nn.Module, architecture: Architecture) -> dict[str, int]:
+@dataclass
+class KernelSwaps:
+    """What the kernels took over in one model."""
+
+    module_counts: dict[str, int] = field(default_factory=dict)  # kind of kernel -> modules it replaced or marked
+    fused_loss: bool = False  # the loss goes through the fused LM head and cross-entropy kernel
+
+
+def apply_kernels(model: nn.Module, architecture: Architecture) -> KernelSwaps:
     """Swap every recognised RMSNorm and gated MLP for its kernel module and mark attention modules for the
-    RoPE kernel; returns how many of each, and "cross_entropy": 1 when the head is a plain bias-free linear
-    layer, which tells train.py to compute the loss with the fused head and cross-entropy kernel."""
-    swapped = {"rms_norm": 0, "gated_mlp": 0}
+    RoPE kernel, counting each; the loss is fused when the head is a plain bias-free linear layer."""
+    counts = {"rms_norm": 0, "gated_mlp": 0}
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             replacement = _kernel_module(child, architecture)
             if replacement is not None:
                 setattr(parent, name, replacement)
-                swapped["rms_norm" if isinstance(replacement, KernelRMSNorm) else "gated_mlp"] += 1
-    swapped["rope"] = sum(_use_rope_kernel(module) for module in model.modules())
+                counts["rms_norm" if isinstance(replacement, KernelRMSNorm) else "gated_mlp"] += 1
+    counts["rope"] = sum(_use_rope_kernel(module) for module in model.modules())
     head = model.get_output_embeddings()
-    swapped["cross_entropy"] = int(isinstance(head, nn.Linear) and head.bias is None)
-    return swapped
+    return KernelSwaps(counts, fused_loss=isinstance(head, nn.Linear) and head.bias is None)
 
 
 def _use_rope_kernel(module: nn.Module) -> bool:

@@ -28,14 +28,20 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Optional, Union
 
-from ftcli.errors import RecipeError
+import torch
+
+from ftcli.data import prepare_data
+from ftcli.errors import InputError, OutOfMemory
+from ftcli.loader import load_config, load_tokenizer, meta_model
 from ftcli.recipe import DEFAULT_TARGET_MODULES, Recipe
+from ftcli.shapes import SHAPES, shape_config
+from ftcli.steps import count_steps
 
 GIB = 2**30
 LOGITS_CHUNK_BYTES = 256 * 2**20  # ftcli_kernels/cross_entropy.py: logits held at once by the fused loss
 CUDA_CONTEXT_BYTES = 0.5 * GIB  # the CUDA context and libraries' workspaces, outside PyTorch's allocator
 ALLOCATOR_SLACK = 0.05  # memory the caching allocator holds beyond the peak it hands out (fragmentation)
-DOES_NOT_FIT_EXIT_CODE = 4  # as a run that ran out of memory
+DOES_NOT_FIT_EXIT_CODE = OutOfMemory.exit_code  # as a run that ran out of memory
 
 
 @dataclass
@@ -56,10 +62,6 @@ class ModelShape:
     def from_config(cls, config) -> "ModelShape":
         """Sizes from the config, parameter counts from the model built on the meta device (no memory, no weights),
         so fused projections, biases and extra norms of each family count as they are."""
-        import torch
-
-        from ftcli.loader import meta_model
-
         model = meta_model(config)
         linear_sizes = [module.weight.numel() for module in model.get_decoder().layers.modules()
                         if isinstance(module, torch.nn.Linear)]
@@ -191,7 +193,7 @@ def parse_size(text: str) -> int:
     """Bytes in a size such as 16GiB, 24GB, 80G or 16 (GiB when no unit is given)."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(GiB|GB|G|MiB|MB|M)?\s*", text, re.IGNORECASE)
     if not match:
-        raise RecipeError(f"--gpu-memory {text!r} is not a size; write it like 16GiB, 24GB or 80GiB.")
+        raise InputError(f"--gpu-memory {text!r} is not a size; write it like 16GiB, 24GB or 80GiB.")
     units = {"gib": GIB, "g": GIB, "gb": 10**9, "mib": 2**20, "m": 2**20, "mb": 10**6, None: GIB}
     return int(float(match.group(1)) * units[(match.group(2) or "").lower() or None])
 
@@ -237,10 +239,6 @@ class Plan:
 
 def plan_recipe(recipe: Recipe, budget: Optional[int] = None) -> Plan:
     """Read the model's config and tokenize the data (no weights) to plan the run."""
-    from ftcli.data import prepare_data
-    from ftcli.loader import load_config, load_tokenizer
-    from ftcli.train import count_steps
-
     config, _ = load_config(recipe.model)
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe.data, tokenizer, recipe.model.max_seq_length, recipe.train.seed)
@@ -302,8 +300,6 @@ def out_of_memory_advice(recipe: Recipe, config, gpu_bytes: Optional[int], longe
 
 
 def main(argv=None) -> None:
-    from ftcli.bench import SHAPES
-
     parser = argparse.ArgumentParser(prog="python -m ftcli.plan", description="Estimated peak GPU memory of ftcli's "
                                      "training step for a benchmark shape (the setup of python -m ftcli.bench).")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
@@ -312,9 +308,7 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpointing", choices=["offload", "true", "false"], default="offload")
     parser.add_argument("--precision", choices=["nf4", "bf16"], default="nf4")
     args = parser.parse_args(argv)
-    from transformers import LlamaConfig
-
-    shape = ModelShape.from_config(LlamaConfig(**SHAPES[args.shape]))
+    shape = ModelShape.from_config(shape_config(args.shape))
     checkpointing = {"offload": "offload", "true": True, "false": False}[args.checkpointing]
     setup = Setup(batch_size=args.bs, seq=args.seq, load_in_4bit=args.precision == "nf4", checkpointing=checkpointing)
     memory = estimate_memory(shape, setup)

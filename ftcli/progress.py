@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ftcli.errors import redact
+from ftcli.patch import KernelSwaps
 
 
 class TrainingDisplay:
@@ -23,7 +24,7 @@ class TrainingDisplay:
         self.tokens_per_s = 0.0
 
     def header(self, recipe, family: str, model, trainable, device: torch.device, dtype: torch.dtype,
-               stats, total_steps: int, swapped: dict[str, int]) -> None:
+               stats, total_steps: int, kernels: KernelSwaps) -> None:
         if not self.enabled:
             return
         # bitsandbytes packs two 4-bit weights into each stored byte, so a Params4bit's numel is half its weights
@@ -38,7 +39,7 @@ class TrainingDisplay:
             ("parameters", f"{total / 1e6:,.1f} M, trainable {trained / 1e6:,.2f} M ({100 * trained / total:.2f}%)"),
             ("device", where),
             ("precision", f"{precision}, LoRA r={recipe.lora.r} alpha={recipe.lora.alpha:g}"),
-            ("kernels", ", ".join(f"{name} x{count}" for name, count in swapped.items()) or "off (PyTorch modules)"),
+            ("kernels", kernels_line(kernels)),
             ("data", f"{stats.examples} examples, {stats.tokens:,} tokens ({stats.target_tokens:,} trained), "
                      f"{stats.truncated} truncated"
                      + (f", {stats.skipped_invalid} invalid rows skipped" if stats.skipped_invalid else "")
@@ -76,3 +77,10 @@ class TrainingDisplay:
                              speed=f"{self.tokens_per_s:,.0f}")
         if row and "eval_loss" in row:
             self.progress.console.print(f"step {step}: eval loss {row['eval_loss']:.4f}")
+
+
+def kernels_line(kernels: KernelSwaps) -> str:
+    parts = [f"{name} x{count}" for name, count in kernels.module_counts.items()]
+    if kernels.fused_loss:
+        parts.append("fused LM head and cross-entropy")
+    return ", ".join(parts) or "off (PyTorch modules)"

@@ -91,8 +91,9 @@ class TrainSettings(Section):
         "sequences), false recomputes nothing.")
     seed: int = Field(3407, description="Seed for LoRA initialisation, shuffling and dropout.")
     logging_steps: int = Field(1, gt=0, description="Write a metrics row every this many optimizer steps.")
-    save_steps: int = Field(0, ge=0, description="Save a checkpoint (adapter, optimizer, scheduler, random states, data "
-        "position) to OUT/checkpoints/step-N every this many steps, for --resume; 0 saves one only when interrupted.")
+    save_steps: int = Field(0, ge=0, description="Save a checkpoint (adapter, optimizer, random states, data position) "
+        "to OUT/checkpoints/step-N every this many steps and after the last, for --resume; 0 saves one only when "
+        "interrupted.")
     save_total_limit: int = Field(2, gt=0, description="Keep only this many newest checkpoints.")
     eval_steps: int = Field(0, ge=0, description="Evaluate every this many steps; 0 evaluates once at the end (when eval_fraction > 0).")
 

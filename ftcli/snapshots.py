@@ -2,12 +2,16 @@
 
 A checkpoint holds everything the next step depends on, so that a resumed run computes exactly what an
 uninterrupted one would have: the LoRA adapter (a PEFT folder, loadable on its own), the optimizer state
-(bitsandbytes' 8-bit state included), the scheduler and loss-scaler state, the Python, torch and CUDA
-random states (LoRA dropout draws from them), and the position in the seeded data order. Each is written
-into a hidden temporary folder that is renamed to step-N when complete, so a listed checkpoint is whole.
+(bitsandbytes' 8-bit state included), the loss-scaler state, the Python, torch and CUDA random states (LoRA
+dropout draws from them), and the position in the seeded data order. Each is written into a hidden temporary
+folder that is renamed to step-N when complete, so a listed checkpoint is whole.
+
+The optimizer's hyperparameters (learning rate, weight decay) are not taken from a checkpoint: the recipe's win,
+so that a resumed run may change every field outside MUST_MATCH.
 """
 
 import json
+import pickle
 import random
 import shutil
 from dataclasses import dataclass
@@ -15,8 +19,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-from ftcli.errors import RecipeError, redact
+from ftcli.errors import CheckpointError, redact
 from ftcli.recipe import Recipe
 from ftcli.staging import staged_folder
 
@@ -58,7 +64,7 @@ def newest_snapshot(folder: Path) -> Optional[Snapshot]:
     return snapshots[-1] if snapshots else None
 
 
-def save_snapshot(folder: Path, step: int, model, optimizer, scheduler, scaler, progress: dict, recipe: Recipe,
+def save_snapshot(folder: Path, step: int, model, optimizer, scaler, progress: dict, recipe: Recipe,
                   keep: int) -> Path:
     """Write checkpoint step-`step` under `folder`/checkpoints and delete all but the newest `keep`."""
     root = folder / CHECKPOINTS
@@ -66,8 +72,8 @@ def save_snapshot(folder: Path, step: int, model, optimizer, scheduler, scaler, 
     final = root / f"step-{step}"
     with staged_folder(final) as temporary:
         model.save_pretrained(temporary)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler else None, "rng": random_states()}, temporary / TENSORS_FILE)
+        torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                    "rng": random_states()}, temporary / TENSORS_FILE)
         state = {"step": step, **progress, "recipe": recipe_record(recipe)}
         (temporary / STATE_FILE).write_text(json.dumps(state, indent=1))
     for old in list_snapshots(folder)[:-keep]:
@@ -75,23 +81,36 @@ def save_snapshot(folder: Path, step: int, model, optimizer, scheduler, scaler, 
     return final
 
 
-def restore_snapshot(snapshot: Snapshot, model, optimizer, scheduler, scaler) -> None:
-    """Load the adapter weights and the optimizer, scheduler, scaler and random states saved in `snapshot`."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
+def restore_snapshot(snapshot: Snapshot, model, optimizer, scaler) -> None:
+    """Load the adapter weights and the optimizer, scaler and random states saved in `snapshot`."""
+    from peft import set_peft_model_state_dict  # here, not at the top: peft imports transformers, which is slow
 
     device = next(p.device for p in model.parameters() if p.requires_grad)
-    result = set_peft_model_state_dict(model, load_file(snapshot.path / "adapter_model.safetensors", device=str(device)))
-    unexpected = list(getattr(result, "unexpected_keys", []))
+    try:
+        adapter = load_file(snapshot.path / "adapter_model.safetensors", device=str(device))
+        saved = torch.load(snapshot.path / TENSORS_FILE, map_location="cpu", weights_only=True)
+    except (OSError, SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise CheckpointError(f"Checkpoint {snapshot.path} is damaged and cannot be read ({error}). Delete that "
+                              "folder to resume from the checkpoint before it, or delete the checkpoints to start "
+                              "again.") from None
+    unexpected = list(getattr(set_peft_model_state_dict(model, adapter), "unexpected_keys", []))
     if unexpected:
-        raise RecipeError(f"Checkpoint {snapshot.path} holds adapter weights this model has no place for "
-                          f"({', '.join(unexpected[:3])}); it was saved from another model or LoRA setup.")
-    saved = torch.load(snapshot.path / TENSORS_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
+        raise CheckpointError(f"Checkpoint {snapshot.path} holds adapter weights this model has no place for "
+                              f"({', '.join(unexpected[:3])}); it was saved from another model or LoRA setup.")
+    load_optimizer_state(optimizer, saved["optimizer"])
     if scaler and saved["scaler"]:
         scaler.load_state_dict(saved["scaler"])
     restore_random_states(saved["rng"])
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """The saved moments and step counts, keeping the hyperparameters the optimizer was built with from the recipe
+    (load_state_dict alone would bring back the checkpoint's learning rate and weight decay)."""
+    hyperparameters = [{key: value for key, value in group.items() if key != "params"}
+                       for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, values in zip(optimizer.param_groups, hyperparameters):
+        group.update(values)
 
 
 def check_compatible(snapshot: Snapshot, recipe: Recipe) -> None:
@@ -102,7 +121,7 @@ def check_compatible(snapshot: Snapshot, recipe: Recipe) -> None:
                  and saved.get(key) != current.get(key)]
     if differing:
         changes = "; ".join(f"{key} was {saved.get(key)!r}, now {current.get(key)!r}" for key in differing)
-        raise RecipeError(f"Cannot resume from {snapshot.path}: the recipe changed where a checkpoint must match "
+        raise CheckpointError(f"Cannot resume from {snapshot.path}: the recipe changed where a checkpoint must match "
                           f"({changes}). Put those fields back, or delete the checkpoints to start again.")
 
 

@@ -2,34 +2,89 @@
 
 The loop is ours rather than a Trainer's so that every step is visible: gradient accumulation divides
 the summed token losses of all micro-batches of a step by their total target tokens, which makes the
-update independent of how the tokens were split into micro-batches.
+update independent of how the tokens were split into micro-batches. A step is two seams, `collate` (the
+batch) and `accumulate_gradients` (the loss), around the optimizer's update; the rest of the loop (metrics,
+evaluation, checkpoints, the stop check) is one small function each.
 """
 
 import math
 import random
 import resource
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 
-from ftcli.architectures import Architecture
 from ftcli.activation_checkpointing import enable_checkpointing
+from ftcli.architectures import Architecture
 from ftcli.data import PreparedData, prepare_data
 from ftcli.data.templates import IGNORE_INDEX, TokenizedExample
-from ftcli.errors import Interrupted, OutOfMemory, RecipeError, TrainingDiverged, redact
+from ftcli.errors import CheckpointError, Interrupted, OutOfMemory, TrainingDiverged, redact
 from ftcli.loader import (add_lora, check_lora_targets, compute_dtype, load_config, load_model, load_tokenizer,
                           meta_model, pick_device)
 from ftcli.metrics import MetricsLog, plot_losses
-from ftcli.optim import build_optimizer, build_scheduler
-from ftcli.staging import atomic_write_text
-from ftcli.patch import apply_kernels, apply_lora_kernels, kernels_can_run
+from ftcli.optim import build_optimizer, set_learning_rate
+from ftcli.patch import KernelSwaps, apply_kernels, apply_lora_kernels, kernels_can_run
+from ftcli.plan import out_of_memory_advice
 from ftcli.progress import TrainingDisplay
 from ftcli.recipe import LoraSettings, Recipe, TrainSettings
 from ftcli.signals import StopRequest
 from ftcli.snapshots import Snapshot, check_compatible, newest_snapshot, restore_snapshot, save_snapshot
+from ftcli.staging import atomic_write_text
+from ftcli.steps import count_steps, data_position, step_groups
+
+
+@dataclass
+class TrainingSetup:
+    """What the loop trains with, built once: the recipe and its data, the model and what updates it."""
+
+    recipe: Recipe
+    out_dir: Path
+    data: PreparedData
+    model: torch.nn.Module
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[torch.amp.GradScaler]  # float16 loss scaling; None in bfloat16 and float32
+    device: torch.device
+    dtype: torch.dtype
+    pad_id: int
+    kernels: KernelSwaps
+    total_steps: int
+
+
+@dataclass
+class RunState:
+    """Where the run is: what checkpoints save, metrics rows report and the summary ends with."""
+
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0
+    elapsed_before: float = 0.0  # seconds trained before this process, by the run a checkpoint came from
+    last_loss: float = math.nan
+    learning_rate: float = math.nan  # of the last step
+    grad_norm: float = math.nan  # of the last step, before clipping
+    eval_loss: Optional[float] = None
+    started: float = field(default_factory=time.perf_counter)
+    interval_start: float = field(default_factory=time.perf_counter)  # since the last metrics row
+    interval_tokens: int = 0
+
+    def advance(self, step: int, loss: float, learning_rate: float, grad_norm: float, tokens: int) -> None:
+        """Count optimizer step `step` as done."""
+        self.step, self.last_loss, self.learning_rate, self.grad_norm = step, loss, learning_rate, grad_norm
+        self.tokens_seen += tokens
+        self.interval_tokens += tokens
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def tokens_per_second(self) -> float:
+        """Throughput since the last call (or the start), which starts the next interval."""
+        now = time.perf_counter()
+        speed = self.interval_tokens / max(now - self.interval_start, 1e-9)
+        self.interval_start, self.interval_tokens = now, 0
+        return speed
 
 
 def run(recipe: Recipe, out_dir: Path, display: TrainingDisplay, resume: bool = False,
@@ -45,117 +100,154 @@ def run(recipe: Recipe, out_dir: Path, display: TrainingDisplay, resume: bool = 
         check_compatible(snapshot, recipe)
     seed_everything(recipe.train.seed)
     device = pick_device()
-    dtype = compute_dtype(recipe.model, device)
     config, architecture = load_config(recipe.model)
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe.data, tokenizer, recipe.model.max_seq_length, recipe.train.seed)
     total_steps = count_steps(len(data.train), recipe.train)
     if snapshot and snapshot.step >= total_steps:
-        raise RecipeError(f"Checkpoint {snapshot.path} is at step {snapshot.step}, and the recipe trains for "
-                          f"{total_steps} steps; raise train.max_steps (or epochs) to train further.")
+        raise CheckpointError(f"Checkpoint {snapshot.path} is at step {snapshot.step}, and the recipe trains for "
+                              f"{total_steps} steps; raise train.max_steps (or epochs) to train further.")
     try:
-        return _train(recipe, out_dir, display, stop, snapshot, device, dtype, architecture, tokenizer, data,
-                      total_steps)
+        setup = build_setup(recipe, out_dir, device, architecture, tokenizer, data, total_steps)
+        display.header(recipe, architecture.family, setup.model, setup.trainable, device, setup.dtype, data.stats,
+                       total_steps, setup.kernels)
+        state = resumed_state(setup, snapshot, display) if snapshot else RunState()
+        train_loop(setup, state, display, stop)
     except torch.cuda.OutOfMemoryError:
-        from ftcli.plan import out_of_memory_advice
-
         gpu_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
         raise OutOfMemory(out_of_memory_advice(recipe, config, gpu_bytes, data.stats.longest)) from None
+    return finish(setup, state, tokenizer, snapshot.step if snapshot else None)
 
 
-def _train(recipe: Recipe, out_dir: Path, display: TrainingDisplay, stop: Optional[StopRequest],
-           snapshot: Optional[Snapshot], device, dtype, architecture, tokenizer, data: PreparedData,
-           total_steps: int) -> dict:
+def build_setup(recipe: Recipe, out_dir: Path, device: torch.device, architecture: Architecture, tokenizer,
+                data: PreparedData, total_steps: int) -> TrainingSetup:
+    dtype = compute_dtype(recipe.model, device)
     model = load_model(recipe.model, architecture, device, dtype)
-    model, swapped = prepare_for_training(model, architecture, recipe.lora, recipe.model.kernels and kernels_can_run(device),
+    model, kernels = prepare_for_training(model, architecture, recipe.lora, recipe.model.kernels and kernels_can_run(device),
                                           recipe.train.gradient_checkpointing, recipe.train.seed)
-    fused = bool(swapped.get("cross_entropy"))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    display.header(recipe, architecture.family, model, trainable, device, dtype, data.stats, total_steps, swapped)
+    return TrainingSetup(recipe, out_dir, data, model, trainable, build_optimizer(trainable, recipe.train),
+                         torch.amp.GradScaler(device.type) if dtype == torch.float16 else None, device, dtype,
+                         tokenizer.pad_token_id, kernels, total_steps)
 
-    optimizer = build_optimizer(trainable, recipe.train)
-    scheduler = build_scheduler(optimizer, recipe.train, total_steps)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    pad_id = tokenizer.pad_token_id
-    first_step, tokens_seen, elapsed_before = 0, 0, 0.0
-    if snapshot:  # last, so the random states it restores are the ones the next step would have seen
-        restore_snapshot(snapshot, model, optimizer, scheduler, scaler)
-        first_step, tokens_seen, elapsed_before = snapshot.step, snapshot.state["tokens"], snapshot.state["elapsed_s"]
-        display.resumed(snapshot.path, first_step)
-    started = time.perf_counter() - elapsed_before
-    last_loss, eval_loss = float("nan"), None
-    interval_start, interval_tokens = time.perf_counter(), 0
 
-    def save(step: int) -> Path:
-        progress = {"tokens": tokens_seen, "elapsed_s": round(time.perf_counter() - started, 3),
-                    **data_position(step, len(data.train), recipe.train)}
-        return save_snapshot(out_dir, step, model, optimizer, scheduler, scaler, progress, recipe,
-                             recipe.train.save_total_limit)
+def resumed_state(setup: TrainingSetup, snapshot: Snapshot, display: TrainingDisplay) -> RunState:
+    """Restore the checkpoint; last before the loop, so the random states it restores are the ones the next step
+    would have seen."""
+    restore_snapshot(snapshot, setup.model, setup.optimizer, setup.scaler)
+    display.resumed(snapshot.path, snapshot.step)
+    return RunState(step=snapshot.step, tokens_seen=snapshot.state["tokens"], elapsed_before=snapshot.state["elapsed_s"])
 
-    model.train()
-    with MetricsLog(out_dir, recipe.output.tensorboard, first_step) as metrics, display.running(total_steps, first_step):
-        for step, group in enumerate(step_groups(data.train, recipe.train, total_steps), start=1):
-            if step <= first_step:  # done before the checkpoint; the seeded order makes skipping exact
+
+def train_loop(setup: TrainingSetup, state: RunState, display: TrainingDisplay, stop: Optional[StopRequest]) -> None:
+    """The optimizer steps after `state.step`, each followed by its metrics row (and evaluation), its checkpoint
+    when one is due, and a stop when a signal asked for one."""
+    settings, total = setup.recipe.train, setup.total_steps
+    setup.model.train()
+    with MetricsLog(setup.out_dir, setup.recipe.output.tensorboard, state.step) as metrics, \
+            display.running(total, state.step):
+        for step, group in enumerate(step_groups(setup.data.train, settings, total), start=1):
+            if step <= state.step:  # done before the checkpoint; the seeded order makes skipping exact
                 continue
-            batches = [collate(examples, pad_id, device) for examples in group]
-            last_loss, step_tokens = accumulate_gradients(model, batches, scaler, fused)
-            if not math.isfinite(last_loss):
-                raise TrainingDiverged(divergence_message(step, last_loss, group, recipe, out_dir))
-            grad_norm = clip_and_step(trainable, optimizer, recipe.train.max_grad_norm, scaler)
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            tokens_seen += step_tokens
-            interval_tokens += step_tokens
-
-            row = None
-            if step % recipe.train.logging_steps == 0 or step == total_steps:
-                now = time.perf_counter()
-                row = {"step": step, "loss": round(last_loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
-                       "tokens": tokens_seen, "tokens_per_s": round(interval_tokens / max(now - interval_start, 1e-9), 1),
-                       "elapsed_s": round(now - started, 3), "peak_mem_gib": round(peak_memory_gib(device), 3)}
-                interval_start, interval_tokens = now, 0
-            if data.eval and (step == total_steps or (recipe.train.eval_steps and step % recipe.train.eval_steps == 0)):
-                eval_loss = evaluate(model, data.eval, recipe.train.batch_size, pad_id, device, fused)
-                row = (row or {"step": step}) | {"eval_loss": round(eval_loss, 6)}
+            train_step(setup, state, step, group)
+            row = metrics_row(setup, state) if step % settings.logging_steps == 0 or step == total else None
+            if evaluation_due(setup, step):
+                state.eval_loss = evaluate_or_stop(setup, step)
+                row = (row or {"step": step}) | {"eval_loss": round(state.eval_loss, 6)}
             if row:
                 metrics.write(row)
-            if recipe.train.save_steps and step % recipe.train.save_steps == 0 and step < total_steps:
-                save(step)
-            display.step(step, last_loss, lr, row)
-            if stop and stop.requested and step < total_steps:
-                path = save(step)
-                raise Interrupted(f"{stop.signal_name} received: stopped after step {step} of {total_steps} and saved "
+            display.step(step, state.last_loss, state.learning_rate, row)
+            stopping = stop is not None and stop.requested and step < total
+            if stopping or checkpoint_due(settings, step, total):
+                path = save_checkpoint(setup, state)
+            if stopping:
+                raise Interrupted(f"{stop.signal_name} received: stopped after step {step} of {total} and saved "
                                   f"{path}. Run the same command with --resume to continue from there.",
                                   stop.signal_number)
 
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    atomic_write_text(out_dir / "recipe.yaml", redact(recipe.to_yaml()))
-    plot = plot_losses(out_dir)
-    runtime = time.perf_counter() - started
-    precision = "nf4" if recipe.model.load_in_4bit else str(dtype).removeprefix("torch.")
-    return {"status": "ok", "steps": total_steps, "precision": precision, "kernels": swapped, "final_loss": round(last_loss, 6),
-            "eval_loss": None if eval_loss is None else round(eval_loss, 6), "tokens": tokens_seen,
-            "train_runtime_s": round(runtime, 2), "tokens_per_s": round(tokens_seen / max(runtime, 1e-9), 1),
-            "peak_mem_gib": round(peak_memory_gib(device), 3), "trainable_params": sum(p.numel() for p in trainable),
-            "resumed_from_step": snapshot.step if snapshot else None, "loss_plot": plot is not None}
+
+def train_step(setup: TrainingSetup, state: RunState, step: int, group: list[list[TokenizedExample]]) -> None:
+    """One optimizer step over the micro-batches of `group`; a loss or gradient norm that is not finite stops the
+    run before the update."""
+    batches = [collate(examples, setup.pad_id, setup.device) for examples in group]
+    loss, tokens = accumulate_gradients(setup.model, batches, setup.scaler, setup.kernels.fused_loss)
+    examples = [example for batch in group for example in batch]
+    check_finite("training loss", loss, step, examples, setup)
+    grad_norm = clip_gradients(setup.trainable, setup.optimizer, setup.recipe.train.max_grad_norm, setup.scaler)
+    if setup.scaler is None:  # with float16 loss scaling an overflow is normal: the scaler skips the step
+        check_finite("gradient norm", grad_norm, step, examples, setup)
+    rate = set_learning_rate(setup.optimizer, setup.recipe.train, setup.total_steps, step - 1)
+    take_step(setup.optimizer, setup.scaler)
+    setup.optimizer.zero_grad(set_to_none=True)
+    state.advance(step, loss, rate, grad_norm, tokens)
 
 
-def data_position(step: int, examples: int, settings: TrainSettings) -> dict:
-    """Where in the seeded data order the next step starts: its epoch and the index of its first micro-batch."""
-    per_epoch = math.ceil(math.ceil(examples / settings.batch_size) / settings.grad_accum)
-    return {"epoch": step // per_epoch, "batch_index": (step % per_epoch) * settings.grad_accum}
+def metrics_row(setup: TrainingSetup, state: RunState) -> dict:
+    return {"step": state.step, "loss": round(state.last_loss, 6), "lr": state.learning_rate,
+            "grad_norm": round(state.grad_norm, 6), "tokens": state.tokens_seen,
+            "tokens_per_s": round(state.tokens_per_second(), 1), "elapsed_s": round(state.elapsed(), 3),
+            "peak_mem_gib": round(peak_memory_gib(setup.device), 3)}
 
 
-def divergence_message(step: int, loss: float, group: list[list[TokenizedExample]], recipe: Recipe,
+def evaluation_due(setup: TrainingSetup, step: int) -> bool:
+    """Every eval_steps steps and after the last one, when the recipe holds data out for evaluation."""
+    eval_steps = setup.recipe.train.eval_steps
+    return bool(setup.data.eval) and (step == setup.total_steps or (eval_steps > 0 and step % eval_steps == 0))
+
+
+def evaluate_or_stop(setup: TrainingSetup, step: int) -> float:
+    """The evaluation loss; one that is not finite stops the run like a training loss would."""
+    loss, diverged = evaluate(setup.model, setup.data.eval, setup.recipe.train.batch_size, setup.pad_id,
+                              setup.device, setup.kernels.fused_loss)
+    check_finite("evaluation loss", loss, step, diverged, setup)
+    return loss
+
+
+def checkpoint_due(settings: TrainSettings, step: int, total_steps: int) -> bool:
+    """Every save_steps steps and after the last one, so that --resume continues a finished run from where it ended."""
+    return settings.save_steps > 0 and (step % settings.save_steps == 0 or step == total_steps)
+
+
+def save_checkpoint(setup: TrainingSetup, state: RunState) -> Path:
+    progress = {"tokens": state.tokens_seen, "elapsed_s": round(state.elapsed(), 3),
+                **data_position(state.step, len(setup.data.train), setup.recipe.train)}
+    return save_snapshot(setup.out_dir, state.step, setup.model, setup.optimizer, setup.scaler, progress, setup.recipe,
+                         setup.recipe.train.save_total_limit)
+
+
+def finish(setup: TrainingSetup, state: RunState, tokenizer, resumed_from_step: Optional[int]) -> dict:
+    """Save the adapter, tokenizer, recipe and loss plot into the output folder; returns the run's summary."""
+    recipe = setup.recipe
+    setup.model.save_pretrained(setup.out_dir)
+    tokenizer.save_pretrained(setup.out_dir)
+    atomic_write_text(setup.out_dir / "recipe.yaml", redact(recipe.to_yaml()))
+    plot = plot_losses(setup.out_dir)
+    runtime = state.elapsed()
+    precision = "nf4" if recipe.model.load_in_4bit else str(setup.dtype).removeprefix("torch.")
+    return {"status": "ok", "steps": setup.total_steps, "precision": precision, "kernels": setup.kernels.module_counts,
+            "fused_loss": setup.kernels.fused_loss, "final_loss": round(state.last_loss, 6),
+            "eval_loss": None if state.eval_loss is None else round(state.eval_loss, 6), "tokens": state.tokens_seen,
+            "train_runtime_s": round(runtime, 2), "tokens_per_s": round(state.tokens_seen / max(runtime, 1e-9), 1),
+            "peak_mem_gib": round(peak_memory_gib(setup.device), 3),
+            "trainable_params": sum(p.numel() for p in setup.trainable), "resumed_from_step": resumed_from_step,
+            "loss_plot": plot is not None}
+
+
+def check_finite(quantity: str, value: float, step: int, examples: list[TokenizedExample],
+                 setup: TrainingSetup) -> None:
+    """Stop the run with TrainingDiverged (exit code 3) when `value` is NaN or infinite."""
+    if not math.isfinite(value):
+        raise TrainingDiverged(divergence_message(quantity, value, step, examples, setup.recipe, setup.out_dir))
+
+
+def divergence_message(quantity: str, value: float, step: int, examples: list[TokenizedExample], recipe: Recipe,
                        out_dir: Path) -> str:
-    origins = sorted({example.origin for batch in group for example in batch if example.origin})
+    origins = sorted({example.origin for example in examples if example.origin})
     rate = recipe.train.learning_rate
     latest = newest_snapshot(out_dir)
     resume = (f" The last checkpoint, {latest.path.name}, is kept; after a fix, --resume continues from it."
               if latest else "")
-    return (f"The training loss became {loss} at step {step}, on the micro-batches of "
+    return (f"The {quantity} became {value} at step {step}, on the micro-batches of "
             f"{'; '.join(origins) or 'unknown rows of ' + recipe.data.path}; the run stopped without saving it. "
             f"Likely causes: a learning rate too high (train.learning_rate is {rate:g}; try {rate / 10:g}, or more "
             "warmup_steps), float16 overflow (use model.dtype: bfloat16 where the GPU has it, or float32), or bad "
@@ -163,17 +255,17 @@ def divergence_message(step: int, loss: float, group: list[list[TokenizedExample
 
 
 def prepare_for_training(model, architecture: Architecture, lora: LoraSettings, kernels: bool,
-                         gradient_checkpointing: Union[bool, str], seed: int):
+                         gradient_checkpointing: Union[bool, str], seed: int) -> tuple[torch.nn.Module, KernelSwaps]:
     """Kernels, checkpointing and LoRA on a loaded base model, in the order they must go on; returns the
-    trainable model and how many modules each kernel replaced (empty without kernels).
+    trainable model and what the kernels took over (nothing without kernels).
 
     The norm and MLP kernels go in before peft wraps the projections, so the LoRA kernels find them."""
-    swapped = apply_kernels(model, architecture) if kernels else {}
+    swaps = apply_kernels(model, architecture) if kernels else KernelSwaps()
     enable_checkpointing(model, gradient_checkpointing)
     model = add_lora(model, lora, architecture, seed)
     if kernels:
-        swapped |= apply_lora_kernels(model)
-    return model, swapped
+        swaps.module_counts |= apply_lora_kernels(model)
+    return model, swaps
 
 
 def dry_run(recipe: Recipe) -> dict:
@@ -194,32 +286,6 @@ def dry_run(recipe: Recipe) -> dict:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def count_steps(examples: int, settings: TrainSettings) -> int:
-    """Optimizer steps: max_steps, or the epochs' worth of steps, whichever ends first when both are set."""
-    steps_per_epoch = math.ceil(math.ceil(examples / settings.batch_size) / settings.grad_accum)
-    limits = [settings.max_steps] if settings.max_steps else []
-    if settings.epochs:
-        limits.append(max(1, math.ceil(settings.epochs * steps_per_epoch)))
-    return min(limits)
-
-
-def step_groups(examples: list[TokenizedExample], settings: TrainSettings,
-                total_steps: int) -> Iterator[list[list[TokenizedExample]]]:
-    """For each optimizer step, its micro-batches; the data is reshuffled (seeded) at every epoch."""
-    steps, epoch = 0, 0
-    while True:
-        order = list(range(len(examples)))
-        random.Random(settings.seed + epoch).shuffle(order)
-        batches = [[examples[i] for i in order[start:start + settings.batch_size]]
-                   for start in range(0, len(order), settings.batch_size)]
-        for start in range(0, len(batches), settings.grad_accum):
-            yield batches[start:start + settings.grad_accum]
-            steps += 1
-            if steps == total_steps:
-                return
-        epoch += 1
 
 
 def collate(examples: list[TokenizedExample], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -289,7 +355,7 @@ def summed_token_loss(model, batch: dict[str, torch.Tensor], fused: bool = False
 def fused_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The causal LM's own head and final soft-capping (Gemma 2), applied by the kernel to the decoder's output;
     labels move left by one instead of the hidden states right, so the hidden states are used as they are."""
-    from ftcli_kernels.cross_entropy import fused_linear_cross_entropy
+    from ftcli_kernels.cross_entropy import fused_linear_cross_entropy  # here, not at the top: it imports Triton
 
     hidden = model.get_decoder()(**(model_inputs(model, batch) | {"use_cache": False})).last_hidden_state
     labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
@@ -310,33 +376,43 @@ def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]],
     return step_loss, sum(int(batch["attention_mask"].sum()) for batch in batches)
 
 
-def clip_and_step(parameters: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                  max_grad_norm: Optional[float], scaler: Optional[torch.amp.GradScaler]) -> float:
-    """Clip the global gradient norm (when asked), take the optimizer step, and return the norm before clipping."""
+def clip_gradients(parameters: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                   max_grad_norm: Optional[float], scaler: Optional[torch.amp.GradScaler]) -> float:
+    """Clip the global gradient norm (when asked) and return the norm before clipping; with float16 loss scaling,
+    of the gradients unscaled first."""
     if scaler:
         scaler.unscale_(optimizer)
     limit = max_grad_norm if max_grad_norm else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(parameters, limit)
+    return float(torch.nn.utils.clip_grad_norm_(parameters, limit))
+
+
+def take_step(optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler]) -> None:
+    """The optimizer's update; with float16 loss scaling the scaler skips it when a gradient overflowed, and
+    adjusts its scale."""
     if scaler:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
-    return float(norm)
 
 
 @torch.no_grad()
 def evaluate(model, examples: list[TokenizedExample], batch_size: int, pad_id: int, device: torch.device,
-             fused: bool = False) -> float:
-    """Mean token loss over the held-out examples."""
+             fused: bool = False) -> tuple[float, list[TokenizedExample]]:
+    """Mean token loss over the held-out examples, and the examples of the micro-batches whose loss is not finite
+    (for the message that names them)."""
     model.eval()
-    loss_sum, targets = 0.0, 0
+    loss_sum, targets, diverged = 0.0, 0, []
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start:start + batch_size], pad_id, device)
-        loss_sum += float(summed_token_loss(model, batch, fused))
+        batch_examples = examples[start:start + batch_size]
+        batch = collate(batch_examples, pad_id, device)
+        batch_loss = float(summed_token_loss(model, batch, fused))
+        if not math.isfinite(batch_loss):
+            diverged += batch_examples
+        loss_sum += batch_loss
         targets += target_tokens(batch)
     model.train()
-    return loss_sum / max(targets, 1)
+    return loss_sum / max(targets, 1), diverged
 
 
 def peak_memory_gib(device: torch.device) -> float:

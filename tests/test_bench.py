@@ -36,10 +36,10 @@ def test_bench_decode_times_both_decoders_on_the_same_greedy_tokens():
 def test_random_model_keeps_a_tied_head_tied(monkeypatch):
     """Llama-3.2-1B ties its head to the embedding; a copy would add 0.5 GiB to the measured peak."""
     import torch
-    from ftcli import bench
+    from ftcli import bench, shapes
 
-    tied_shape = dict(bench.SHAPES["tiny"], tie_word_embeddings=True)
-    monkeypatch.setitem(bench.SHAPES, "tiny-tied", tied_shape)
+    tied_shape = dict(shapes.SHAPES["tiny"], tie_word_embeddings=True)
+    monkeypatch.setitem(shapes.SHAPES, "tiny-tied", tied_shape)
     tied = bench.random_model("tiny-tied", "bf16", torch.device("cpu"), torch.float32)
     untied = bench.random_model("tiny", "bf16", torch.device("cpu"), torch.float32)
     assert tied.lm_head.weight is tied.model.embed_tokens.weight

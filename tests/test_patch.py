@@ -53,11 +53,11 @@ def test_patched_model_matches_unpatched(family, tiny_model_folder, monkeypatch)
                                                 attn_implementation=architecture.attention)
     randomise(base, "norm", 0.3, seed=1)  # Gemma's norms start at zero, which would hide a wrong (1 + w) offset
     patched = copy.deepcopy(base)
-    swapped = apply_kernels(patched, architecture)
-    layers = base.config.num_hidden_layers
-    assert swapped["gated_mlp"] == layers and swapped["rms_norm"] >= 2 * layers + 1
-    assert swapped["rope"] == layers and swapped["cross_entropy"] == 1
-    assert sum(isinstance(m, KernelRMSNorm) for m in patched.modules()) == swapped["rms_norm"]
+    swaps = apply_kernels(patched, architecture)
+    counts, layers = swaps.module_counts, base.config.num_hidden_layers
+    assert counts["gated_mlp"] == layers and counts["rms_norm"] >= 2 * layers + 1
+    assert counts["rope"] == layers and swaps.fused_loss
+    assert sum(isinstance(m, KernelRMSNorm) for m in patched.modules()) == counts["rms_norm"]
     assert sum(isinstance(m, KernelGatedMLP) for m in patched.modules()) == layers
 
     models = [add_lora(m, LoraSettings(r=4, alpha=8), architecture, seed=3) for m in (base, patched)]

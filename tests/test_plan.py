@@ -6,11 +6,12 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from conftest import run_cli, write_jsonl, write_recipe
-from ftcli.bench import SHAPES
+from ftcli.errors import InputError
 from ftcli.plan import GIB, ModelShape, Setup, estimate_memory, parse_size
+from ftcli.shapes import shape_config
 
 # Peak allocated memory measured with `python -m ftcli.bench --only ftcli` on an H100 (Llama-3-8B shape,
 # LoRA r=16 on all seven projections, NF4, kernels, AdamW8bit): (seq, batch, checkpointing) -> GiB
@@ -20,7 +21,7 @@ MEASURED_1B_H200 = {(2048, 2, "offload"): 1.70, (2048, 2, True): 1.92, (8192, 1,
 
 
 def shape_of(name):
-    return ModelShape.from_config(LlamaConfig(**SHAPES[name]))
+    return ModelShape.from_config(shape_config(name))
 
 
 @pytest.mark.parametrize("name", ["llama3-8b", "llama3.2-1b"])
@@ -28,7 +29,7 @@ def test_weights_and_lora_sizes_match_the_model_classes(name):
     """Counted from transformers' and peft's own modules on the meta device, so no memory is used."""
     from peft import LoraConfig, get_peft_model
 
-    config = LlamaConfig(**SHAPES[name])
+    config = shape_config(name)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     linear = sum(m.weight.numel() for n, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear))
@@ -87,6 +88,11 @@ def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
+def test_a_size_that_does_not_parse_is_an_input_error_naming_the_flag():
+    with pytest.raises(InputError, match=r"--gpu-memory 'lots' is not a size; write it like 16GiB"):
+        parse_size("lots")
+
+
 @pytest.fixture
 def eight_b_folder(tmp_path, tiny_model_folder):
     """The tiny model's tokenizer with Llama-3-8B's config: plan reads nothing else, so no 16 GB download."""
@@ -94,7 +100,7 @@ def eight_b_folder(tmp_path, tiny_model_folder):
     shutil.copytree(tiny_model_folder("llama"), folder)
     for weights in folder.glob("*.safetensors"):
         weights.unlink()
-    LlamaConfig(**SHAPES["llama3-8b"]).save_pretrained(folder)
+    shape_config("llama3-8b").save_pretrained(folder)
     return folder
 
 

@@ -141,8 +141,14 @@ def interrupted_run(tmp, model, data, name="cut", stop_after=3, **sections):
 
 
 def test_resume_refuses_a_changed_recipe_and_names_the_field(workspace):
+    from ftcli.errors import CheckpointError
+    from ftcli.recipe import load_recipe
+    from ftcli.snapshots import check_compatible, newest_snapshot
+
     tmp, model, data = workspace
     path = interrupted_run(tmp, model, data)
+    with pytest.raises(CheckpointError, match="lora.r was 4, now 8"):
+        check_compatible(newest_snapshot(tmp / ".cut.partial"), load_recipe(path, ["lora.r=8"]))
     result = run_cli("train", path, "--resume", "--set", "lora.r=8", "--set", "train.grad_accum=1")
     assert result.exit_code == 2, result.output
     assert "lora.r was 4, now 8" in result.output and "train.grad_accum was 2, now 1" in result.output
@@ -167,17 +173,63 @@ def test_a_half_written_checkpoint_is_ignored(workspace):
     assert json.loads(result.stdout.splitlines()[-1])["resumed_from_step"] == 3
 
 
-def test_resume_without_a_checkpoint_starts_afresh_and_a_finished_run_can_be_continued(workspace):
+def test_resume_without_a_checkpoint_starts_afresh_and_a_finished_run_continues_from_its_last_step(workspace):
     tmp, model, data = workspace
-    path = write_recipe(tmp / "r.yaml", model, data, tmp / "out", **RESUMABLE)
+    # a constant rate after warmup, so 8 steps and then 2 more are the same schedule as 10 steps at once
+    settings = RESUMABLE | {"train": RESUMABLE["train"] | {"lr_scheduler": "constant"}}
+    path = write_recipe(tmp / "r.yaml", model, data, tmp / "out", **settings)
     first = run_cli("train", path, "--resume", "--json")
     assert first.exit_code == 0 and json.loads(first.stdout.splitlines()[-1])["resumed_from_step"] is None
-    assert sorted(p.name for p in (tmp / "out" / "checkpoints").iterdir()) == ["step-4", "step-6"]
+    # the last step is saved too (step-2 and step-4 pruned: save_total_limit 2)
+    assert sorted(p.name for p in (tmp / "out" / "checkpoints").iterdir()) == ["step-6", "step-8"]
     again = run_cli("train", path, "--resume", "--set", "train.max_steps=10", "--json")
     assert again.exit_code == 0, again.output
-    assert json.loads(again.stdout.splitlines()[-1])["resumed_from_step"] == 6
+    assert json.loads(again.stdout.splitlines()[-1])["resumed_from_step"] == 8
     steps = [json.loads(line)["step"] for line in (tmp / "out" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 11))
+
+    whole = write_recipe(tmp / "whole.yaml", model, data, tmp / "whole",
+                         **settings | {"train": settings["train"] | {"max_steps": 10}})
+    assert run_cli("train", whole, "--json").exit_code == 0
+    assert losses(tmp / "out") == losses(tmp / "whole")
+    final, reference = adapter(tmp / "out"), adapter(tmp / "whole")
+    for name in reference:
+        torch.testing.assert_close(final[name], reference[name], rtol=0, atol=0)
+
+
+def test_resume_trains_with_the_recipes_learning_rate_and_weight_decay(workspace, monkeypatch):
+    """Fields outside MUST_MATCH may change on resume, and the changed values are the ones used and logged."""
+    import ftcli.train
+    from ftcli.optim import build_optimizer
+
+    built = []
+
+    def recorded_optimizer(parameters, settings):
+        built.append(build_optimizer(parameters, settings))
+        return built[-1]
+
+    monkeypatch.setattr(ftcli.train, "build_optimizer", recorded_optimizer)
+    tmp, model, data = workspace
+    constant = {"lr_scheduler": "constant", "warmup_steps": 0, "weight_decay": 0.01}
+    path = interrupted_run(tmp, model, data, stop_after=3, train=constant)
+    result = run_cli("train", path, "--resume", "--set", "train.learning_rate=0.0005",
+                     "--set", "train.weight_decay=0.2", "--json")
+    assert result.exit_code == 0, result.output
+    assert [(group["lr"], group["weight_decay"]) for group in built[-1].param_groups] == [(5e-4, 0.2)]
+    rows = [json.loads(line) for line in (tmp / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["lr"] for row in rows] == [1e-3] * 3 + [5e-4] * 5
+
+
+def test_resume_from_a_damaged_checkpoint_is_a_checkpoint_error_naming_it(workspace):
+    tmp, model, data = workspace
+    path = interrupted_run(tmp, model, data, stop_after=3)
+    damaged = tmp / ".cut.partial" / "checkpoints" / "step-3" / "training_state.pt"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    result = run_cli("train", path, "--resume")
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "step-3 is damaged and cannot be read" in message and "Delete that folder" in message
+    assert "Traceback" not in result.output
 
 
 def test_two_runs_cannot_share_an_output_folder(tmp_path):
@@ -204,6 +256,67 @@ def test_nan_loss_stops_with_exit_3_naming_step_rows_and_causes(workspace):
     assert "at step 2" in message and "learning rate too high" in message and "float16" in message
     rows = [int(row) for row in re.findall(rf"{re.escape(data.name)} row (\d+)", message)]
     assert len(rows) == 2 and all(1 <= row <= len(CHAT_ROWS) for row in rows)
+    assert "Traceback" not in result.output and not (tmp / "out").exists()
+
+
+def test_an_infinite_gradient_norm_stops_with_exit_3_naming_step_and_rows(workspace, monkeypatch):
+    overflow_gradient_at_step(2, monkeypatch)
+    tmp, model, data = workspace
+    path = write_recipe(tmp / "r.yaml", model, data, tmp / "out", train={"max_steps": 4})
+    result = run_cli("train", path)
+    assert result.exit_code == 3, result.output
+    message = " ".join(result.output.split())
+    assert "The gradient norm became inf at step 2" in message and "learning rate too high" in message
+    assert len(re.findall(rf"{re.escape(data.name)} row (\d+)", message)) == 2
+    assert "Traceback" not in result.output and not (tmp / "out").exists()
+
+
+def test_an_infinite_gradient_norm_in_float16_is_a_skipped_step_logged_as_null(workspace, monkeypatch):
+    """With float16 loss scaling an overflow is the scaler's business: it skips the step and lowers its scale."""
+    overflow_gradient_at_step(2, monkeypatch)
+    tmp, model, data = workspace
+    path = write_recipe(tmp / "r.yaml", model, data, tmp / "out", model={"dtype": "float16"}, train={"max_steps": 3})
+    result = run_cli("train", path)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line, parse_constant=strict_json) for line in (tmp / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["grad_norm"] is None for row in rows] == [False, True, False]
+
+
+def strict_json(constant):
+    raise ValueError(f"{constant} is not JSON")
+
+
+def overflow_gradient_at_step(step, monkeypatch):
+    """Make one LoRA gradient infinite after the backward of optimizer step `step`, as an overflow would."""
+    import ftcli.train
+
+    backward = ftcli.train.accumulate_gradients
+    steps = []
+
+    def overflowing(model, batches, scaler=None, fused=False):
+        result = backward(model, batches, scaler, fused)
+        steps.append(len(steps) + 1)
+        if steps[-1] == step:
+            next(p for p in model.parameters() if p.requires_grad).grad.view(-1)[0] = float("inf")
+        return result
+
+    monkeypatch.setattr(ftcli.train, "accumulate_gradients", overflowing)
+
+
+def test_a_nan_evaluation_loss_stops_with_exit_3_naming_the_evaluation_rows(workspace, monkeypatch):
+    import ftcli.train
+
+    loss = ftcli.train.summed_token_loss
+    monkeypatch.setattr(ftcli.train, "summed_token_loss", lambda model, batch, fused=False: (
+        loss(model, batch, fused) if torch.is_grad_enabled() else torch.tensor(float("nan"))))
+    tmp, model, data = workspace
+    path = write_recipe(tmp / "r.yaml", model, data, tmp / "out", data={"eval_fraction": 0.25},
+                        train={"max_steps": 4, "eval_steps": 2})
+    result = run_cli("train", path)
+    assert result.exit_code == 3, result.output
+    message = " ".join(result.output.split())
+    assert "The evaluation loss became nan at step 2" in message
+    assert len(re.findall(rf"{re.escape(data.name)} row (\d+)", message)) == 3  # a quarter of the 12 rows
     assert "Traceback" not in result.output and not (tmp / "out").exists()
 
 

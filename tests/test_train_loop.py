@@ -11,7 +11,8 @@ from ftcli.data.templates import IGNORE_INDEX, TokenizedExample
 from ftcli.optim import learning_rate_factor
 from ftcli.recipe import LoraSettings, TrainSettings
 from ftcli.loader import add_lora
-from ftcli.train import accumulate_gradients, collate, count_steps, step_groups, summed_token_loss
+from ftcli.steps import count_steps, data_position, step_groups
+from ftcli.train import accumulate_gradients, clip_gradients, collate, summed_token_loss
 
 
 def tiny_lora_llama(seed: int = 0):
@@ -117,13 +118,23 @@ def test_learning_rate_schedules(kind, step, expected):
 
 @pytest.mark.parametrize("limit", [0.5, None])
 def test_clipping_reports_the_norm_before_and_applies_the_limit(limit):
-    from ftcli.train import clip_and_step
-
     weight = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
     weight.grad = torch.tensor([3.0, 4.0])  # norm 5
-    steps = []
     optimizer = torch.optim.SGD([weight], lr=1.0)
-    optimizer.step = lambda: steps.append(weight.grad.clone())
-    assert clip_and_step([weight], optimizer, limit, scaler=None) == pytest.approx(5.0)
+    assert clip_gradients([weight], optimizer, limit, scaler=None) == pytest.approx(5.0)
     expected = torch.tensor([0.3, 0.4]) if limit else torch.tensor([3.0, 4.0])
-    torch.testing.assert_close(steps[0], expected)
+    torch.testing.assert_close(weight.grad, expected)
+
+
+@pytest.mark.parametrize("examples,batch_size,grad_accum", [(10, 3, 2), (12, 2, 2), (7, 1, 3), (5, 4, 1)])
+def test_data_position_is_where_step_groups_starts_the_next_step(examples, batch_size, grad_accum):
+    """A checkpoint's recorded position (epoch, first micro-batch) against the order step_groups really walks."""
+    dataset = [TokenizedExample([i], [i], False) for i in range(examples)]
+    settings = TrainSettings(batch_size=batch_size, grad_accum=grad_accum, max_steps=12, seed=3)
+    epoch, batch_index, seen = 0, 0, 0
+    for step, group in enumerate(step_groups(dataset, settings, total_steps=12), start=1):
+        batch_index += len(group)
+        seen += sum(len(batch) for batch in group)
+        if seen == examples:  # the epoch is complete: the next step starts a new one
+            epoch, batch_index, seen = epoch + 1, 0, 0
+        assert data_position(step, examples, settings) == {"epoch": epoch, "batch_index": batch_index}, step

@@ -2,6 +2,7 @@
 
 import json
 import os
+import traceback
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,11 @@ def quickstart_export(quickstart_output) -> Path:
     return quickstart_output / "export"
 
 
+# prepended to a chat template: a template that refuses a system turn, as Gemma's and Mistral's do
+REFUSES_SYSTEM = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                  "{% endif %}")
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
@@ -98,3 +104,18 @@ def greedy_reply(model, tokenizer, question: str, new_tokens: int) -> list[int]:
 
 def run_cli(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_clean_failure(result, code: int, *fragments: str) -> str:
+    """The command failed as ftcli promises: exit `code` through SystemExit, and a message paragraph holding every
+    fragment; returns the output with its whitespace collapsed.
+
+    CliRunner keeps an exception that escaped the command in result.exception and never prints its traceback,
+    so a look for "Traceback" in result.output cannot fail; the type of result.exception can."""
+    assert result.exit_code == code, result.output
+    assert isinstance(result.exception, SystemExit), "".join(traceback.format_exception(*result.exc_info))
+    output = " ".join(result.output.split())
+    assert "error: " in output, output
+    for fragment in fragments:
+        assert " ".join(fragment.split()) in output, (fragment, output)
+    return output

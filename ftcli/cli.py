@@ -8,7 +8,10 @@ from typing import Iterator, Optional
 import typer
 from rich.console import Console
 
-from ftcli.errors import FtcliError
+from ftcli.errors import FtcliError, debugging, redacted_traceback, unexpected_error
+
+TRUST_REMOTE_CODE_HELP = ("Run Python code shipped with the model (transformers' trust_remote_code); only for models "
+                          "you trust. An output folder's recipe.yaml cannot turn this on.")
 
 app = typer.Typer(help="Fine-tune open LLMs with LoRA/QLoRA from YAML recipes.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -36,8 +39,7 @@ def train(
 ) -> None:
     """Validate the recipe, load and patch the model, train, and save the adapter folder."""
     console = Console(stderr=as_json)
-    _quiet_libraries()
-    with _reported_errors(as_json):
+    with _reported_errors("train", as_json):
         from ftcli.output import check_output_free, locked_output_folder
         from ftcli.progress import TrainingDisplay
         from ftcli.recipe import load_recipe
@@ -69,8 +71,7 @@ def plan(
 ) -> None:
     """Estimate peak GPU memory, steps and tokens of a recipe before any weight is loaded."""
     console = Console(stderr=as_json)
-    _quiet_libraries()
-    with _reported_errors(as_json):
+    with _reported_errors("plan", as_json):
         from ftcli import plan as planning
         from ftcli.recipe import load_recipe
 
@@ -94,8 +95,7 @@ def data_preview(
 ) -> None:
     """Print training examples as the model sees them (masked part dimmed, trained part highlighted) and
     token-length statistics, without loading weights."""
-    _quiet_libraries()
-    with _reported_errors(as_json=False):
+    with _reported_errors("data preview", as_json=False):
         from ftcli.data.preview import preview_data
         from ftcli.recipe import load_recipe
 
@@ -118,17 +118,14 @@ def chat(
                                         "recipe.yaml names."),
     compile: bool = typer.Option(True, "--compile/--no-compile", help="On a GPU, decode with a compiled step replayed "
                                  "as a CUDA graph (compiles on the first answer)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
     """Talk to a trained model: a terminal session with history, or one answer with --prompt."""
-    _quiet_libraries()
-    with _reported_errors(False):
+    with _reported_errors("chat", as_json=False):
         from ftcli.chat import run
         from ftcli.decoding import Sampling
 
-        try:
-            run(out, prompt, system, Sampling(max_new_tokens, temperature, top_p), base, compile, seed)
-        except KeyboardInterrupt:  # Ctrl-C during --prompt or while loading
-            raise typer.Exit(130) from None
+        run(out, prompt, system, Sampling(max_new_tokens, temperature, top_p), base, compile, seed, trust_remote_code)
 
 
 @app.command()
@@ -140,14 +137,15 @@ def export(
     to: Optional[Path] = typer.Option(None, "--to", metavar="DIR", help="Folder for the exports (default OUT/export)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace exports that already exist."),
     as_json: bool = typer.Option(False, "--json", help="Print only one JSON summary line at the end."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
     """Export a trained adapter: a copy of the adapter (no flags), a merged model, or GGUF files for llama.cpp and Ollama."""
     console = Console(stderr=as_json)
-    _quiet_libraries()
-    with _reported_errors(as_json):
+    with _reported_errors("export", as_json):
         from ftcli.export import export as run_export
 
-        summary = run_export(out_dir, merged=merged, gguf_types=gguf_types, to=to, overwrite=overwrite)
+        summary = run_export(out_dir, merged=merged, gguf_types=gguf_types, to=to, overwrite=overwrite,
+                             trust_remote_code=trust_remote_code)
         if as_json:
             print(json.dumps(summary))
             return
@@ -189,12 +187,21 @@ def _quiet_libraries() -> None:
 
 
 @contextmanager
-def _reported_errors(as_json: bool) -> Iterator[None]:
-    """Turn an FtcliError into one coloured paragraph and its exit code; never a traceback."""
+def _reported_errors(command: str, as_json: bool) -> Iterator[None]:
+    """Turn any failure into one coloured, redacted paragraph (and a JSON line with --json) and its exit code:
+    ftcli's own errors with their fix, anything else through `unexpected_error`. The traceback only with
+    FTCLI_DEBUG=1."""
     try:
+        _quiet_libraries()
         yield
-    except FtcliError as error:
-        Console(stderr=True).print(f"[bold red]error:[/] {error.message}", highlight=False, soft_wrap=True)
+    except (typer.Exit, SystemExit):
+        raise
+    except (Exception, KeyboardInterrupt) as caught:
+        error = caught if isinstance(caught, FtcliError) else unexpected_error(caught, command)
+        console = Console(stderr=True)
+        if debugging():
+            console.print(redacted_traceback(caught), highlight=False, markup=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {error.message}", highlight=False, soft_wrap=True)
         if as_json:
             print(json.dumps({"status": "error", "exit_code": error.exit_code, "message": error.message}))
         raise typer.Exit(error.exit_code) from None

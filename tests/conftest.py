@@ -94,6 +94,23 @@ def write_recipe(path: Path, model_name, data_path, output: Path, **sections) ->
     return path
 
 
+def make_adapter_folder(base, out, **model_fields):
+    """An output folder as `ftcli train` leaves it: adapter, tokenizer with its template, recipe.yaml. The LoRA
+    weights are random (not zero), so answers with and without the adapter differ."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                                             init_lora_weights=False))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    recipe = {"model": {"name": str(base), "load_in_4bit": False, "dtype": "float32", **model_fields}}
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return out
+
+
 def greedy_reply(model, tokenizer, question: str, new_tokens: int) -> list[int]:
     """transformers' own greedy reply (`generate`) to one user message in the tokenizer's chat template, as token ids."""
     ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,

@@ -1,14 +1,17 @@
 """`ftcli train` end to end on a tiny model: outputs, summaries, and every bad input's message and exit code."""
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import run_cli, write_jsonl, write_recipe
+from conftest import assert_clean_failure, make_adapter_folder, run_cli, write_jsonl, write_recipe
+from ftcli.errors import redact
 
 CHAT_ROWS = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
                            {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
@@ -92,10 +95,7 @@ def test_set_and_output_override_the_recipe(workspace):
 
 def expect_error(recipe, *fragments, code=2, extra=()):
     result = run_cli("train", recipe, *extra)
-    assert result.exit_code == code, result.output
-    for fragment in fragments:
-        assert fragment in result.output, result.output
-    assert "Traceback" not in result.output
+    assert_clean_failure(result, code, *fragments)
     return result
 
 
@@ -176,3 +176,117 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     assert result.returncode == 2
     assert "line" in result.stderr and "not valid YAML" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+# What a library raises reaches the person as one paragraph too (the last-resort handler)
+
+@pytest.fixture
+def broken_copy(tmp_path, tiny_model_folder):
+    """A copy of the tiny model folder with one file replaced by `content`."""
+    def copy(name, content: bytes, folder_name="broken"):
+        folder = shutil.copytree(tiny_model_folder("llama"), tmp_path / folder_name)
+        (folder / name).write_bytes(content)
+        return folder
+
+    return copy
+
+
+def test_a_library_failure_is_one_paragraph_and_a_json_line(workspace, broken_copy):
+    tmp, _, data = workspace
+    model = broken_copy("model.safetensors", b"not safetensors" * 8)
+    result = run_cli("train", write_recipe(tmp / "r.yaml", model, data, tmp / "out"), "--json")
+    assert_clean_failure(result, 1, "`ftcli train` failed: SafetensorError:", "FTCLI_DEBUG=1")
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["status"] == "error" and report["exit_code"] == 1 and "SafetensorError" in report["message"]
+    assert leftovers(tmp) == []
+
+
+def test_ftcli_debug_adds_the_redacted_traceback(tmp_path, monkeypatch):
+    token = "hf_" + "Debug7" * 5
+    monkeypatch.setenv("HF_TOKEN", token)
+    (tmp_path / token).mkdir()
+    garbage = tmp_path / token / "model.gguf"
+    garbage.write_bytes(b"garbage" * 100)
+    quiet = run_cli("chat", garbage, "--prompt", "hi")
+    assert "Traceback" not in quiet.output
+    monkeypatch.setenv("FTCLI_DEBUG", "1")
+    result = run_cli("chat", garbage, "--prompt", "hi")
+    output = assert_clean_failure(result, 1, "`ftcli chat` failed: ValueError:", "/***/model.gguf does not start")
+    assert "Traceback (most recent call last)" in output and 'ValueError: /tmp' in output
+    assert token not in result.output
+
+
+@pytest.mark.parametrize("name,content,fragments", [
+    ("config.json", b"{not json", ["config of model.name", "config.json' is not a valid JSON file"]),
+    ("tokenizer.json", b"{not json", ["tokenizer of model.name", "Expecting property name"]),
+])
+def test_a_corrupt_model_file_is_a_model_error(workspace, broken_copy, name, content, fragments):
+    tmp, _, data = workspace
+    model = broken_copy(name, content)
+    result = run_cli("train", write_recipe(tmp / "r.yaml", model, data, tmp / "out"), "--json")
+    assert_clean_failure(result, 2, str(model), *fragments)
+    assert json.loads(result.stdout.strip().splitlines()[-1])["exit_code"] == 2
+
+
+def test_a_gguf_file_of_garbage_bytes(workspace):
+    tmp, _, data = workspace
+    garbage = tmp / "model.gguf"
+    garbage.write_bytes(b"garbage" * 100)
+    trained = run_cli("train", write_recipe(tmp / "r.yaml", garbage, data, tmp / "out"))
+    assert_clean_failure(trained, 2, "model.name", "model.gguf", "not a GGUF file")
+    chatted = run_cli("chat", garbage, "--prompt", "hi")
+    assert_clean_failure(chatted, 1, "`ftcli chat` failed: ValueError:", "not a GGUF file")
+
+
+def test_an_unreadable_adapter_folder_in_chat_and_export(tmp_path, tiny_model_folder):
+    out = make_adapter_folder(tiny_model_folder("llama"), tmp_path / "out")
+    (out / "adapter_model.safetensors").write_bytes(b"junk" * 50)
+    assert_clean_failure(run_cli("chat", out, "--prompt", "hi"), 1, "`ftcli chat` failed: SafetensorError:")
+    exported = run_cli("export", out, "--merged", "--json")
+    assert_clean_failure(exported, 1, "`ftcli export` failed: SafetensorError:")
+    assert json.loads(exported.stdout.strip().splitlines()[-1])["exit_code"] == 1
+    assert not (out / "export" / "merged").exists()
+
+
+def cuda_out_of_memory(*args, **kwargs):
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+
+
+def test_cuda_out_of_memory_in_chat_and_export_exits_4_with_advice(tmp_path, tiny_model_folder, monkeypatch):
+    out = make_adapter_folder(tiny_model_folder("llama"), tmp_path / "out")
+    monkeypatch.setattr("ftcli.decoding.Decoder.generate", cuda_out_of_memory)
+    chatted = run_cli("chat", out, "--prompt", "hi")
+    assert_clean_failure(chatted, 4, "CUDA ran out of memory during `ftcli chat`", "Tried to allocate 2.00 GiB",
+                         "CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr("ftcli.export.merged.merged_shards", cuda_out_of_memory)
+    exported = run_cli("export", out, "--merged", "--json")
+    assert_clean_failure(exported, 4, "CUDA ran out of memory during `ftcli export`")
+    assert json.loads(exported.stdout.strip().splitlines()[-1])["exit_code"] == 4
+
+
+def test_ctrl_c_while_loading_exits_130(tmp_path, tiny_model_folder, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("ftcli.inference.open_model", interrupt)
+    assert_clean_failure(run_cli("chat", tiny_model_folder("llama"), "--prompt", "hi"), 130, "interrupted")
+
+
+def test_usage_errors_are_still_typers(tmp_path):
+    missing = run_cli("train")
+    assert missing.exit_code == 2 and isinstance(missing.exception, SystemExit)
+    assert "Missing argument 'RECIPE.yaml'" in missing.output
+    negative = run_cli("chat", tmp_path, "--temperature", "-1")
+    assert negative.exit_code == 2 and "Invalid value for '--temperature'" in negative.output
+
+
+def test_redact_short_secrets_and_url_credentials_but_not_ordinary_words(monkeypatch):
+    monkeypatch.setenv("MY_API_KEY", "Xk9q2")  # short, but not a word: a secret
+    monkeypatch.setenv("DB_PASSWORD", "true")  # an ordinary word: replacing it would rewrite recipe.yaml
+    monkeypatch.setenv("SERVICE_TOKEN", "8080")  # a plain number
+    monkeypatch.setenv("OTHER_SECRET", "a1!")  # too short to tell from the text around it
+    assert redact("key Xk9q2 in /data/Xk9q2/x and model-Xk9q2, not in Xk9q2abc") == \
+        "key *** in /data/***/x and model-***, not in Xk9q2abc"
+    assert redact("load_in_4bit: true, port 8080, a1!") == "load_in_4bit: true, port 8080, a1!"
+    assert redact("https://user:pw@hub.example/m?access_token=abc123&rev=main") == \
+        "https://***@hub.example/m?access_token=***&rev=main"

@@ -97,11 +97,11 @@ def interactive(conversation: Conversation, description: str, out: Optional[Text
 
 
 def run(path, prompt: Optional[str], system: Optional[str], sampling: Sampling, base=None,
-        compile: bool = True, seed: Optional[int] = None) -> None:
+        compile: bool = True, seed: Optional[int] = None, trust_remote_code: bool = False) -> None:
     """Open the model and either answer `prompt` once or start the terminal session."""
     from ftcli.inference import open_model
 
-    opened = open_model(path, base)
+    opened = open_model(path, base, trust_remote_code)
     decoder = Decoder(opened.model, opened.context_length, compile=compile, seed=seed)
     conversation = Conversation(opened, decoder, sampling, system)
     if prompt is not None:

@@ -1,8 +1,10 @@
 """`ftcli chat`: one answer with --prompt, a real terminal session in a pty, the conversation, and bad paths."""
 
+import json
 import os
 import pty
 import select
+import shutil
 import signal
 import sys
 import time
@@ -205,3 +207,51 @@ def test_a_template_that_refuses_the_conversation_is_a_clear_error(tmp_path, tin
     result = run_cli("chat", folder, "--system", "Be brief.", "--prompt", "hi")
     assert_clean_failure(result, 2, "System role not supported", "--system")
     assert run_cli("chat", folder, "--prompt", "hi", "--max-new-tokens", "2").exit_code == 0
+
+
+def test_a_folders_recipe_cannot_turn_on_remote_code(tmp_path, tiny_model_folder, monkeypatch):
+    """recipe.yaml comes with the folder, from anyone; only --trust-remote-code lets transformers run a model's code."""
+    import transformers
+
+    out = make_adapter_folder(tiny_model_folder("llama"), tmp_path / "out", trust_remote_code=True)
+    asked = []
+    for auto_class in (transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        load = auto_class.from_pretrained
+
+        def recorded(*args, load=load, **kwargs):
+            asked.append(kwargs.get("trust_remote_code"))
+            return load(*args, **kwargs)
+
+        monkeypatch.setattr(auto_class, "from_pretrained", recorded)
+    for command in (["chat", out, "--prompt", "hi", "--max-new-tokens", "2"], ["export", out, "--merged", "--overwrite"]):
+        asked.clear()
+        assert run_cli(*command).exit_code == 0
+        assert asked and True not in asked, (command[0], asked)
+        asked.clear()
+        assert run_cli(*command, "--trust-remote-code").exit_code == 0
+        assert True in asked, (command[0], asked)
+
+
+def test_a_model_that_needs_its_own_code_asks_for_the_flag(tmp_path, tiny_model_folder):
+    folder = shutil.copytree(tiny_model_folder("llama"), tmp_path / "custom")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="custom-llama", auto_map={"AutoConfig": "configuration_custom.CustomConfig"})
+    (folder / "config.json").write_text(json.dumps(config))
+    ran = tmp_path / "the model's code ran"
+    (folder / "configuration_custom.py").write_text(f"open({str(ran)!r}, 'w').close()\n")
+    result = run_cli("chat", folder, "--prompt", "hi")
+    assert_clean_failure(result, 2, "Python code shipped with the model", "pass --trust-remote-code")
+    assert not ran.exists()
+
+
+def test_errors_about_the_base_name_base_not_a_recipe_field(tmp_path, tiny_model_folder):
+    from transformers import GPT2Config
+
+    out = make_adapter_folder(tiny_model_folder("llama"), tmp_path / "out")
+    GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
+    result = run_cli("chat", out, "--base", tmp_path / "gpt2", "--prompt", "hi")
+    output = assert_clean_failure(result, 2, f"--base '{tmp_path / 'gpt2'}' is a 'gpt2' model", "does not support")
+    assert "model.name" not in output
+    (tmp_path / "no-config").mkdir()
+    result = run_cli("chat", out, "--base", tmp_path / "no-config", "--prompt", "hi")
+    assert "model.name" not in assert_clean_failure(result, 2, "--base", "folder without config.json")

@@ -38,5 +38,5 @@ def write_merged(source: ExportSource, folder: Path) -> dict:
         generation = GenerationConfig.from_model_config(config)
     generation.save_pretrained(folder)
     # the tokenizer saved with the adapter: the one training used, chat template included
-    AutoTokenizer.from_pretrained(source.out_dir).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source.out_dir, trust_remote_code=source.trust_remote_code).save_pretrained(folder)
     return {"path": str(folder), "bytes": total_bytes, "shards": len(names)}

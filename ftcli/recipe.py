@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ftcli.errors import RecipeError
+from ftcli.errors import InputError, RecipeError
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -132,9 +132,9 @@ def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -
     """Read, override (`section.key=value`) and validate a recipe; relative paths in it stay relative to the cwd."""
     path = Path(path)
     if path.is_dir():
-        raise RecipeError(f"{path} is a folder; give the path of a recipe .yaml file, for example one in recipes/.")
+        raise InputError(f"{path} is a folder; give the path of a recipe .yaml file, for example one in recipes/.")
     if not path.is_file():
-        raise RecipeError(f"Recipe file {path} does not exist. Check the path, or start from one in recipes/.")
+        raise InputError(f"Recipe file {path} does not exist. Check the path, or start from one in recipes/.")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

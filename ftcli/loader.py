@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ftcli.architectures import Architecture, architecture_of
-from ftcli.errors import ModelError, RecipeError
+from ftcli.errors import ModelError, RecipeError, redact
 from ftcli.recipe import LoraSettings, ModelSettings
 from ftcli.staging import staged_folder
 
@@ -74,6 +74,7 @@ def convert_gguf(gguf_path: Path, destination: Path) -> None:
     del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
+    redact_origin(tokenizer)
     with staged_folder(destination) as staging:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -88,6 +89,7 @@ def load_tokenizer(settings: ModelSettings):
         raise ModelError(_cannot_load(settings.name, RECIPE_MODEL, "tokenizer", err)) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    redact_origin(tokenizer)
     return tokenizer
 
 
@@ -119,11 +121,26 @@ def load_model(settings: ModelSettings, architecture: Architecture, device: torc
         model = AutoModelForCausalLM.from_pretrained(model_folder(settings.name, named_by), **options)
     except (OSError, ValueError) as err:
         raise ModelError(_cannot_load(settings.name, named_by, "weights", err)) from None
+    redact_origin(model)
     if not settings.load_in_4bit:
         model.to(device)
     model.requires_grad_(False)
     model.config.use_cache = False
     return model
+
+
+def redact_origin(loaded) -> None:
+    """Redact where a model or tokenizer was loaded from, as soon as it is loaded.
+
+    transformers and peft copy that path or hub id into the files saved from it (adapter_config.json's
+    base_model_name_or_path, the model card's base_model, and with transformers 4 tokenizer_config.json's
+    name_or_path), so a token in it would reach every adapter folder, checkpoint and merged model."""
+    origin = redact(str(loaded.name_or_path))
+    loaded.name_or_path = origin
+    if hasattr(loaded, "config"):
+        loaded.config.name_or_path = origin
+    if hasattr(loaded, "init_kwargs"):
+        loaded.init_kwargs["name_or_path"] = origin
 
 
 def add_lora(model, settings: LoraSettings, architecture: Architecture, seed: int):

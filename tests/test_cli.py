@@ -290,3 +290,36 @@ def test_redact_short_secrets_and_url_credentials_but_not_ordinary_words(monkeyp
     assert redact("load_in_4bit: true, port 8080, a1!") == "load_in_4bit: true, port 8080, a1!"
     assert redact("https://user:pw@hub.example/m?access_token=abc123&rev=main") == \
         "https://***@hub.example/m?access_token=***&rev=main"
+
+
+def test_secrets_in_the_model_path_reach_no_written_file(workspace, monkeypatch):
+    """A token (and a short secret) in the paths of the base model and the output folder reach no file of the adapter
+    folder, its checkpoints, the merged folder, the GGUF file or the Modelfile, though transformers and peft record
+    where models and tokenizers were loaded from (config's _name_or_path, tokenizer_config's name_or_path,
+    adapter_config's base_model_name_or_path, the model card)."""
+    token, short = "hf_" + "Wr1tten" * 4, "Qz7v4"
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setenv("MY_API_KEY", short)
+    tmp, model, data = workspace
+    secret_folder = tmp / token / short
+    base, out = shutil.copytree(model, secret_folder / "base"), secret_folder / "out"
+    recipe = write_recipe(tmp / "r.yaml", base, data, out, train={"max_steps": 2, "save_steps": 1})
+    assert run_cli("train", recipe).exit_code == 0
+    assert_no_secret_in(out, [token, short], {"adapter_config.json", "tokenizer_config.json", "recipe.yaml",
+                                              "metrics.jsonl", "trainer_state.json"})
+    # recipe.yaml names the base redacted, so export needs its real place, as its error message says
+    resolved = yaml.safe_load((out / "recipe.yaml").read_text())
+    resolved["model"]["name"] = str(base)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(resolved))
+    exported = run_cli("export", out, "--merged", "--gguf", "f16", "--to", secret_folder / "export")
+    assert exported.exit_code == 0, exported.output
+    assert_no_secret_in(secret_folder / "export", [token, short], {"config.json", "tokenizer_config.json",
+                                                                    "out-f16.gguf", "out-f16.Modelfile"})
+
+
+def assert_no_secret_in(folder, secrets: list[str], expected_names: set[str]) -> None:
+    written = [path for path in folder.rglob("*") if path.is_file()]
+    assert expected_names <= {path.name for path in written}, sorted(path.name for path in written)
+    for path in written:
+        content = path.read_bytes()
+        assert not [secret for secret in secrets if secret.encode() in content], path

@@ -29,7 +29,8 @@ class ModelSettings(Section):
         "auto", description="Compute dtype; auto is bfloat16 on GPUs that have it, float16 on older GPUs, float32 on the CPU.")
     kernels: bool = Field(True, description="Run ftcli's kernels (on GPUs): RMSNorm, RoPE, the gated MLP, LoRA projections over NF4 "
         "dequantized on the fly, and the LM head fused with cross-entropy; false runs plain transformers + peft.")
-    trust_remote_code: bool = Field(False, description="Run Python code shipped with the model; only for models you trust.")
+    trust_remote_code: bool = Field(False, description="Run Python code shipped with the model when training; only for "
+                                    "models you trust. Chat and export ignore it and ask for --trust-remote-code.")
 
 
 class LoraSettings(Section):

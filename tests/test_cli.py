@@ -304,7 +304,9 @@ def test_secrets_in_the_model_path_reach_no_written_file(workspace, monkeypatch)
     secret_folder = tmp / token / short
     base, out = shutil.copytree(model, secret_folder / "base"), secret_folder / "out"
     recipe = write_recipe(tmp / "r.yaml", base, data, out, train={"max_steps": 2, "save_steps": 1})
-    assert run_cli("train", recipe).exit_code == 0
+    for as_json in ([], ["--json"]):
+        trained = run_cli("train", recipe, "--set", "output.overwrite=true", *as_json)
+        assert trained.exit_code == 0 and token not in trained.output and short not in trained.output
     assert_no_secret_in(out, [token, short], {"adapter_config.json", "tokenizer_config.json", "recipe.yaml",
                                               "metrics.jsonl", "trainer_state.json"})
     # recipe.yaml names the base redacted, so export needs its real place, as its error message says
@@ -312,7 +314,7 @@ def test_secrets_in_the_model_path_reach_no_written_file(workspace, monkeypatch)
     resolved["model"]["name"] = str(base)
     (out / "recipe.yaml").write_text(yaml.safe_dump(resolved))
     exported = run_cli("export", out, "--merged", "--gguf", "f16", "--to", secret_folder / "export")
-    assert exported.exit_code == 0, exported.output
+    assert exported.exit_code == 0 and token not in exported.output and short not in exported.output
     assert_no_secret_in(secret_folder / "export", [token, short], {"config.json", "tokenizer_config.json",
                                                                     "out-f16.gguf", "out-f16.Modelfile"})
 

@@ -231,6 +231,15 @@ def test_a_row_the_template_rejects_is_a_data_error_or_skipped(tmp_path):
     assert data.stats.first_invalid.startswith(f"{path} row 3: the chat template rejects this row")
 
 
+def test_a_template_that_is_not_valid_jinja_is_a_recipe_error_not_a_row_error(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}"
+    path = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(2))
+    with pytest.raises(RecipeError, match="not valid Jinja.*endfor.*template line 1") as error:
+        prepare_data(settings_for(path, format="alpaca", skip_invalid=True), tokenizer, 128, seed=0)
+    assert "row" not in error.value.message
+
+
 def test_max_samples_and_unshuffled_order(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(10))
     data = prepare_data(settings_for(path, format="alpaca", shuffle=False, max_samples=6, eval_fraction=0.5),

@@ -3,7 +3,7 @@
 import random
 from dataclasses import dataclass, field
 
-from jinja2 import TemplateError
+from jinja2 import TemplateError, TemplateSyntaxError
 
 from ftcli.data.formats import check_columns, extend_conversations, to_conversation
 from ftcli.data.packing import pack_examples
@@ -102,12 +102,7 @@ def _tokenize(items: list[tuple], settings: DataSettings, tokenizer, max_length:
         if isinstance(item, str):
             tokenized = tokenize_text(tokenizer, item, max_length)
         else:
-            try:
-                tokenized = [tokenize_conversation(tokenizer, item, settings.train_on_responses_only, max_length)]
-            except TemplateError as error:  # the template's own check, such as raise_exception('...')
-                _reject_row(f"{origin}: the chat template rejects this row: {error}. Fix the row so the template "
-                            "accepts it, or choose another template with data.template.", settings, stats)
-                continue
+            tokenized = _tokenize_conversation(item, origin, settings, tokenizer, max_length, stats)
         for example in tokenized:
             target = sum(label != IGNORE_INDEX for label in example.labels[1:])
             if target == 0:
@@ -121,3 +116,18 @@ def _tokenize(items: list[tuple], settings: DataSettings, tokenizer, max_length:
             stats.lengths.append(len(example.input_ids))
             examples.append(example)
     return examples
+
+
+def _tokenize_conversation(conversation, origin: str, settings: DataSettings, tokenizer, max_length: int,
+                           stats: DataStats) -> list[TokenizedExample]:
+    """The row's one example, or none when the chat template refuses the row and data.skip_invalid skips it."""
+    try:
+        return [tokenize_conversation(tokenizer, conversation, settings.train_on_responses_only, max_length)]
+    except TemplateSyntaxError as error:  # no row can be rendered: the template itself is wrong
+        raise RecipeError(f"The chat template (data.template {settings.template}) is not valid Jinja: {error} "
+                          f"(template line {error.lineno}). Fix the template, or set data.template to a "
+                          "built-in one.") from None
+    except TemplateError as error:  # the template's own check of a row, such as raise_exception('...')
+        _reject_row(f"{origin}: the chat template rejects this row: {error}. Fix the row so the template "
+                    "accepts it, or choose another template with data.template.", settings, stats)
+        return []

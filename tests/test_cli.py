@@ -178,6 +178,16 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     assert "Traceback" not in result.stderr + result.stdout
 
 
+def test_real_process_library_failure_has_no_traceback(tmp_path):
+    garbage = tmp_path / "model.gguf"
+    garbage.write_bytes(b"garbage" * 100)
+    result = subprocess.run([sys.executable, "-m", "ftcli", "chat", str(garbage), "--prompt", "hi"],
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "`ftcli chat` failed: ValueError:" in result.stderr and "not a GGUF file" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
 # What a library raises reaches the person as one paragraph too (the last-resort handler)
 
 @pytest.fixture

@@ -217,7 +217,7 @@ def _reported_errors(command: str, as_json: bool) -> Iterator[None]:
     try:
         _quiet_libraries()
         yield
-    except (typer.Exit, SystemExit):
+    except typer.Exit:  # a command's own exit code, such as plan's "does not fit"
         raise
     except (Exception, KeyboardInterrupt) as caught:
         error = caught if isinstance(caught, FtcliError) else unexpected_error(caught, command)

@@ -74,6 +74,7 @@ def convert_gguf(gguf_path: Path, destination: Path) -> None:
     del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
+    redact_origin(plain)
     redact_origin(tokenizer)
     with staged_folder(destination) as staging:
         plain.save_pretrained(staging)
@@ -130,11 +131,12 @@ def load_model(settings: ModelSettings, architecture: Architecture, device: torc
 
 
 def redact_origin(loaded) -> None:
-    """Redact where a model or tokenizer was loaded from, as soon as it is loaded.
+    """Redact where a model, config or tokenizer was loaded from, as soon as it is loaded.
 
     transformers and peft copy that path or hub id into the files saved from it (adapter_config.json's
-    base_model_name_or_path, the model card's base_model, and with transformers 4 tokenizer_config.json's
-    name_or_path), so a token in it would reach every adapter folder, checkpoint and merged model."""
+    base_model_name_or_path, the model card's base_model, and with transformers 4 config.json's _name_or_path and
+    tokenizer_config.json's name_or_path), so a token in it would reach every adapter folder, checkpoint and
+    merged model."""
     origin = redact(str(loaded.name_or_path))
     loaded.name_or_path = origin
     if hasattr(loaded, "config"):

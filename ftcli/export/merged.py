@@ -29,6 +29,7 @@ def write_merged(source: ExportSource, folder: Path) -> dict:
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     config = source.config
+    redact_origin(config)
     config.dtype = source.dtype
     if hasattr(config, "quantization_config"):
         del config.quantization_config

@@ -124,6 +124,11 @@ class Interrupted(FtcliError):
         self.exit_code = 128 + signal_number
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of a library exception's message (its type without one), to quote inside a paragraph."""
+    return str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
+
+
 def unexpected_error(error: BaseException, command: str) -> FtcliError:
     """The paragraph for an exception no ftcli module turned into an error of its own: what failed, in which
     command and where, with the exit code of its kind (4 for CUDA out of memory, 130 for Ctrl-C, else 1)."""

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ftcli.errors import InputError, ModelError
+from ftcli.errors import InputError, ModelError, first_line
 from ftcli.loader import compute_dtype, converted_gguf_folder, load_config, load_model, pick_device
 from ftcli.recipe import ModelSettings
 from ftcli.trained import trained_model_section
@@ -101,7 +101,7 @@ def _tokenizer(folder: Path, trust_remote_code: bool):
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ModelError(f"{folder} has no loadable tokenizer ({str(err).strip().splitlines()[0]}). Save the "
+        raise ModelError(f"{folder} has no loadable tokenizer ({first_line(err)}). Save the "
                          "tokenizer into that folder, as `ftcli train` does.") from None
     if not tokenizer.chat_template:
         raise ModelError(f"The tokenizer in {folder} has no chat template, so ftcli cannot lay out a conversation "

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ftcli.architectures import Architecture, architecture_of
-from ftcli.errors import ModelError, RecipeError, redact
+from ftcli.errors import ModelError, RecipeError, first_line, redact
 from ftcli.recipe import LoraSettings, ModelSettings
 from ftcli.staging import staged_folder
 
@@ -68,8 +68,12 @@ def convert_gguf(gguf_path: Path, destination: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, file = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{gguf_path} could not be read as a GGUF model: {first_line(err)}. Give a GGUF file "
+                         "of a supported model, as llama.cpp or `ftcli export --gguf` writes it.") from None
     config = loaded.config
     del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -183,6 +187,5 @@ def _cannot_load(name: str, named_by: str, what: str, err: Exception) -> str:
                  else "pass --trust-remote-code")
         return (f"The {what} of {named_by} {name!r} is defined by Python code shipped with the model, which ftcli "
                 f"runs only when told to. If you trust its source, {allow}.")
-    reason = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
-    return (f"Could not load the {what} of {named_by} {name!r}: {reason}. Use a local Hugging Face folder, "
-            "a .gguf file, or a hub id reachable from this machine.")
+    return (f"Could not load the {what} of {named_by} {name!r}: {first_line(err)}. Use a local Hugging Face "
+            "folder, a .gguf file, or a hub id reachable from this machine.")

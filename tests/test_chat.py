@@ -223,7 +223,8 @@ def test_a_folders_recipe_cannot_turn_on_remote_code(tmp_path, tiny_model_folder
             return load(*args, **kwargs)
 
         monkeypatch.setattr(auto_class, "from_pretrained", recorded)
-    for command in (["chat", out, "--prompt", "hi", "--max-new-tokens", "2"], ["export", out, "--merged", "--overwrite"]):
+    chat, export = ["chat", out, "--prompt", "hi", "--max-new-tokens", "2"], ["export", out, "--merged", "--overwrite"]
+    for command in (chat, export):
         asked.clear()
         assert run_cli(*command).exit_code == 0
         assert asked and True not in asked, (command[0], asked)

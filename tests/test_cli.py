@@ -1,4 +1,5 @@
-"""`ftcli train` end to end on a tiny model: outputs, summaries, and every bad input's message and exit code."""
+"""`ftcli train` end to end on a tiny model: outputs, summaries, and every bad input's message and exit code;
+what a library raises in any command (the last-resort paragraph), and secrets kept out of output and files."""
 
 import json
 import shutil
@@ -178,13 +179,13 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     assert "Traceback" not in result.stderr + result.stdout
 
 
-def test_real_process_library_failure_has_no_traceback(tmp_path):
-    garbage = tmp_path / "model.gguf"
-    garbage.write_bytes(b"garbage" * 100)
-    result = subprocess.run([sys.executable, "-m", "ftcli", "chat", str(garbage), "--prompt", "hi"],
+def test_real_process_library_failure_has_no_traceback(tmp_path, tiny_model_folder):
+    out = make_adapter_folder(tiny_model_folder("llama"), tmp_path / "out")
+    (out / "adapter_model.safetensors").write_bytes(b"junk" * 50)
+    result = subprocess.run([sys.executable, "-m", "ftcli", "chat", str(out), "--prompt", "hi"],
                             capture_output=True, text=True)
     assert result.returncode == 1
-    assert "`ftcli chat` failed: ValueError:" in result.stderr and "not a GGUF file" in result.stderr
+    assert "`ftcli chat` failed: SafetensorError:" in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr + result.stdout
 
 
@@ -211,18 +212,21 @@ def test_a_library_failure_is_one_paragraph_and_a_json_line(workspace, broken_co
     assert leftovers(tmp) == []
 
 
-def test_ftcli_debug_adds_the_redacted_traceback(tmp_path, monkeypatch):
+def test_ftcli_debug_adds_the_redacted_traceback(tmp_path, tiny_model_folder, monkeypatch):
     token = "hf_" + "Debug7" * 5
     monkeypatch.setenv("HF_TOKEN", token)
-    (tmp_path / token).mkdir()
-    garbage = tmp_path / token / "model.gguf"
-    garbage.write_bytes(b"garbage" * 100)
-    quiet = run_cli("chat", garbage, "--prompt", "hi")
-    assert "Traceback" not in quiet.output
+    secret_path = tmp_path / token / "weights.bin"
+
+    def fail_naming_the_path(*args, **kwargs):
+        raise RuntimeError(f"cannot map {secret_path}")
+
+    monkeypatch.setattr("ftcli.inference.open_model", fail_naming_the_path)
+    quiet = run_cli("chat", tiny_model_folder("llama"), "--prompt", "hi")
+    assert "Traceback" not in assert_clean_failure(quiet, 1, "`ftcli chat` failed: RuntimeError: cannot map")
     monkeypatch.setenv("FTCLI_DEBUG", "1")
-    result = run_cli("chat", garbage, "--prompt", "hi")
-    output = assert_clean_failure(result, 1, "`ftcli chat` failed: ValueError:", "/***/model.gguf does not start")
-    assert "Traceback (most recent call last)" in output and 'ValueError: /tmp' in output
+    result = run_cli("chat", tiny_model_folder("llama"), "--prompt", "hi")
+    output = assert_clean_failure(result, 1, "`ftcli chat` failed: RuntimeError: cannot map", "/***/weights.bin")
+    assert "Traceback (most recent call last)" in output and "in fail_naming_the_path" in output
     assert token not in result.output
 
 
@@ -243,9 +247,9 @@ def test_a_gguf_file_of_garbage_bytes(workspace):
     garbage = tmp / "model.gguf"
     garbage.write_bytes(b"garbage" * 100)
     trained = run_cli("train", write_recipe(tmp / "r.yaml", garbage, data, tmp / "out"))
-    assert_clean_failure(trained, 2, "model.name", "model.gguf", "not a GGUF file")
+    assert_clean_failure(trained, 2, f"{garbage} could not be read as a GGUF model", "not a GGUF file")
     chatted = run_cli("chat", garbage, "--prompt", "hi")
-    assert_clean_failure(chatted, 1, "`ftcli chat` failed: ValueError:", "not a GGUF file")
+    assert_clean_failure(chatted, 2, f"{garbage} could not be read as a GGUF model", "not a GGUF file")
 
 
 def test_an_unreadable_adapter_folder_in_chat_and_export(tmp_path, tiny_model_folder):

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftcli.errors import DataError, RecipeError
+from ftcli.errors import DataError, RecipeError, first_line
 from ftcli.recipe import DataSettings
 
 LOADER_BY_SUFFIX = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -57,13 +57,12 @@ def _read_hub(datasets, settings: DataSettings) -> list[Row]:
     try:
         table = datasets.load_dataset(name, settings.subset, split=settings.split)
     except Exception as err:
-        reason = str(err).splitlines()[0] if str(err) else ""
         offline = (" This machine is offline (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set), so only datasets already "
                    "in the local cache can load." if datasets.config.HF_HUB_OFFLINE else "")
         raise DataError(f"data.path {name!r} is not a local file or folder, and loading it as a hub dataset "
                         f"(subset {settings.subset}, split {settings.split!r}) failed: {type(err).__name__}: "
-                        f"{reason}.{offline} Check the path, or the dataset id, subset, split and your network."
-                        ) from None
+                        f"{first_line(err)}.{offline} Check the path, or the dataset id, subset, split and your "
+                        "network.") from None
     return [Row(values, f"hub dataset {name} ({settings.split}) row {number}")
             for number, values in enumerate(table.to_list(), start=1)]
 
@@ -93,9 +92,8 @@ def _explain_unreadable(file: Path, err: Exception) -> str:
                         "Each line of a .jsonl file must be one JSON object.")
             if not isinstance(row, dict):
                 return f"{file} line {number} is a JSON {type(row).__name__}, not an object with named fields."
-    first = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return (f"Could not read {file}: {first}. Check that the file is well-formed and that every row has the same "
-            "fields with the same types.")
+    return (f"Could not read {file}: {first_line(err)}. Check that the file is well-formed and that every row has "
+            "the same fields with the same types.")
 
 
 def _looks_like_hub_id(path: str) -> bool:

@@ -256,3 +256,12 @@ def test_errors_about_the_base_name_base_not_a_recipe_field(tmp_path, tiny_model
     (tmp_path / "no-config").mkdir()
     result = run_cli("chat", out, "--base", tmp_path / "no-config", "--prompt", "hi")
     assert "model.name" not in assert_clean_failure(result, 2, "--base", "folder without config.json")
+
+
+def test_a_damaged_output_folder_names_the_file(tmp_path, tiny_model_folder):
+    out = make_adapter_folder(tiny_model_folder("llama"), tmp_path / "out")
+    (out / "recipe.yaml").write_text("model: [\n")
+    assert_clean_failure(run_cli("chat", out, "--prompt", "hi"), 2, f"{out / 'recipe.yaml'} is not a readable recipe")
+    (out / "recipe.yaml").unlink()
+    (out / "adapter_config.json").write_text("{not json")
+    assert_clean_failure(run_cli("chat", out, "--prompt", "hi"), 2, f"{out / 'adapter_config.json'} is not valid JSON")

@@ -18,6 +18,7 @@ from ftcli.recipe import LoraSettings, ModelSettings
 from ftcli.staging import staged_folder
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+RECIPE_MODEL = "model.name"  # `named_by` of a model a recipe names
 
 
 def pick_device() -> torch.device:
@@ -31,9 +32,6 @@ def compute_dtype(settings: ModelSettings, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-RECIPE_MODEL = "model.name"  # `named_by` of a model a recipe names
 
 
 def model_folder(name: str, named_by: str = RECIPE_MODEL) -> str:

@@ -6,7 +6,7 @@ vocabulary (q_proj ... down_proj); families that fuse projections map those name
 
 from dataclasses import dataclass, field
 
-from ftcli.errors import RecipeError
+from ftcli.errors import ModelError
 
 
 @dataclass(frozen=True)
@@ -34,11 +34,12 @@ ARCHITECTURES = {
 }
 
 
-def architecture_of(config, model_name: str) -> Architecture:
-    """The supported architecture for a config, or an error naming what is supported."""
+def architecture_of(config, model: str) -> Architecture:
+    """The supported architecture for a config, or an error naming what is supported; `model` says which model
+    for the message ("model.name 'path'")."""
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
         supported = ", ".join(f"{arch.family} ({key})" for key, arch in ARCHITECTURES.items())
-        raise RecipeError(f"model.name {model_name!r} is a {model_type!r} model, which ftcli does not support. "
-                          f"Supported architectures: {supported}.")
+        raise ModelError(f"{model} is a {model_type!r} model, which ftcli does not support. "
+                         f"Supported architectures: {supported}.")
     return ARCHITECTURES[model_type]

@@ -11,7 +11,7 @@ from typing import Callable, Optional, TextIO
 
 from ftcli.data.templates import end_of_turn_ids, generation_prompt_ids
 from ftcli.decoding import Decoder, Sampling, TextStream
-from ftcli.errors import InputError
+from ftcli.errors import InputError, redact
 from ftcli.inference import OpenedModel
 
 PROMPT = ">>> "
@@ -70,7 +70,7 @@ def interactive(conversation: Conversation, description: str, out: Optional[Text
     out, notes = out or sys.stdout, notes or sys.stderr
     _enable_line_editing()
     compiling = "\nThe first answer compiles the decoder for this GPU (up to a minute)." if conversation.decoder.compiled else ""
-    notes.write(f"{description}\n{HELP}{compiling}\n")
+    notes.write(redact(f"{description}\n{HELP}{compiling}\n"))
     notes.flush()
     while True:
         try:
@@ -97,11 +97,11 @@ def interactive(conversation: Conversation, description: str, out: Optional[Text
 
 
 def run(path, prompt: Optional[str], system: Optional[str], sampling: Sampling, base=None,
-        compile: bool = True, seed: Optional[int] = None) -> None:
+        compile: bool = True, seed: Optional[int] = None, trust_remote_code: bool = False) -> None:
     """Open the model and either answer `prompt` once or start the terminal session."""
     from ftcli.inference import open_model
 
-    opened = open_model(path, base)
+    opened = open_model(path, base, trust_remote_code)
     decoder = Decoder(opened.model, opened.context_length, compile=compile, seed=seed)
     conversation = Conversation(opened, decoder, sampling, system)
     if prompt is not None:

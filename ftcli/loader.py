@@ -1,8 +1,9 @@
 """Loading the base model and tokenizer a recipe names, quantizing it, and adding LoRA adapters.
 
 transformers, bitsandbytes and peft do the work; this module chooses their settings and turns their
-failures into recipe errors. A .gguf file is first converted once into a cached Hugging Face folder,
-so every later step sees an ordinary, trainable model.
+failures into model errors. A .gguf file is first converted once into a cached Hugging Face folder,
+so every later step sees an ordinary, trainable model. Messages name the model by where its name came from
+(`named_by`): model.name in a recipe, or what `ftcli chat` was given.
 """
 
 import hashlib
@@ -12,11 +13,12 @@ from pathlib import Path
 import torch
 
 from ftcli.architectures import Architecture, architecture_of
-from ftcli.errors import RecipeError
+from ftcli.errors import ModelError, RecipeError, first_line, redact
 from ftcli.recipe import LoraSettings, ModelSettings
 from ftcli.staging import staged_folder
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+RECIPE_MODEL = "model.name"  # `named_by` of a model a recipe names
 
 
 def pick_device() -> torch.device:
@@ -32,16 +34,16 @@ def compute_dtype(settings: ModelSettings, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def model_folder(name: str) -> str:
+def model_folder(name: str, named_by: str = RECIPE_MODEL) -> str:
     """A local folder or hub id that transformers can load; a .gguf file becomes a cached converted folder."""
     if name.endswith(".gguf"):
         if not Path(name).is_file():
-            raise RecipeError(f"model.name {name!r} does not exist. Give the path of a .gguf file, a Hugging Face "
-                              "model folder, or a hub id.")
+            raise ModelError(f"{named_by} {name!r} does not exist. Give the path of a .gguf file, a Hugging Face "
+                             "model folder, or a hub id.")
         return str(converted_gguf_folder(Path(name)))
     if Path(name).exists() and not (Path(name) / "config.json").is_file():
-        raise RecipeError(f"model.name {name!r} is a folder without config.json, so it is not a Hugging Face model "
-                          "folder. Point it at the folder that holds config.json and the weights.")
+        raise ModelError(f"{named_by} {name!r} is a folder without config.json, so it is not a Hugging Face model "
+                         "folder. Point it at the folder that holds config.json and the weights.")
     return name
 
 
@@ -64,12 +66,18 @@ def convert_gguf(gguf_path: Path, destination: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, file = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{gguf_path} could not be read as a GGUF model: {first_line(err)}. Give a GGUF file "
+                         "of a supported model, as llama.cpp or `ftcli export --gguf` writes it.") from None
     config = loaded.config
     del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
+    redact_origin(plain)
+    redact_origin(tokenizer)
     with staged_folder(destination) as staging:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -81,24 +89,27 @@ def load_tokenizer(settings: ModelSettings):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_folder(settings.name), trust_remote_code=settings.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise RecipeError(_cannot_load(settings.name, "tokenizer", err)) from None
+        raise ModelError(_cannot_load(settings.name, RECIPE_MODEL, "tokenizer", err)) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    redact_origin(tokenizer)
     return tokenizer
 
 
-def load_config(settings: ModelSettings):
+def load_config(settings: ModelSettings, named_by: str = RECIPE_MODEL):
     """The model's config and its architecture entry, checked before any weight is read."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(model_folder(settings.name), trust_remote_code=settings.trust_remote_code)
+        config = AutoConfig.from_pretrained(model_folder(settings.name, named_by),
+                                            trust_remote_code=settings.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise RecipeError(_cannot_load(settings.name, "config", err)) from None
-    return config, architecture_of(config, settings.name)
+        raise ModelError(_cannot_load(settings.name, named_by, "config", err)) from None
+    return config, architecture_of(config, f"{named_by} {settings.name!r}")
 
 
-def load_model(settings: ModelSettings, architecture: Architecture, device: torch.device, dtype: torch.dtype):
+def load_model(settings: ModelSettings, architecture: Architecture, device: torch.device, dtype: torch.dtype,
+               named_by: str = RECIPE_MODEL):
     """The frozen base model on `device`: NF4 with double quantization, or plain weights in `dtype`."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -110,14 +121,30 @@ def load_model(settings: ModelSettings, architecture: Architecture, device: torc
             bnb_4bit_compute_dtype=dtype)
         options["device_map"] = {"": device}
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_folder(settings.name), **options)
+        model = AutoModelForCausalLM.from_pretrained(model_folder(settings.name, named_by), **options)
     except (OSError, ValueError) as err:
-        raise RecipeError(_cannot_load(settings.name, "weights", err)) from None
+        raise ModelError(_cannot_load(settings.name, named_by, "weights", err)) from None
+    redact_origin(model)
     if not settings.load_in_4bit:
         model.to(device)
     model.requires_grad_(False)
     model.config.use_cache = False
     return model
+
+
+def redact_origin(loaded) -> None:
+    """Redact where a model, config or tokenizer was loaded from, as soon as it is loaded.
+
+    transformers and peft copy that path or hub id into the files saved from it (adapter_config.json's
+    base_model_name_or_path, the model card's base_model, and with transformers 4 config.json's _name_or_path and
+    tokenizer_config.json's name_or_path), so a token in it would reach every adapter folder, checkpoint and
+    merged model."""
+    origin = redact(str(loaded.name_or_path))
+    loaded.name_or_path = origin
+    if hasattr(loaded, "config"):
+        loaded.config.name_or_path = origin
+    if hasattr(loaded, "init_kwargs"):
+        loaded.init_kwargs["name_or_path"] = origin
 
 
 def add_lora(model, settings: LoraSettings, architecture: Architecture, seed: int):
@@ -144,15 +171,19 @@ def check_lora_targets(model, targets: list[str]) -> None:
                           f"Its linear projections are: {', '.join(available)} (or use \"all-linear\").")
 
 
-def meta_model(config):
+def meta_model(config, trust_remote_code: bool = False):
     """The model's module tree without weights, to check LoRA targets in a dry run."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
-def _cannot_load(name: str, what: str, err: Exception) -> str:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return (f"Could not load the {what} of model.name {name!r}: {reason}. Use a local Hugging Face folder, "
-            "a .gguf file, or a hub id reachable from this machine.")
+def _cannot_load(name: str, named_by: str, what: str, err: Exception) -> str:
+    if "trust_remote_code" in str(err):
+        allow = ("set model.trust_remote_code: true in the recipe" if named_by == RECIPE_MODEL
+                 else "pass --trust-remote-code")
+        return (f"The {what} of {named_by} {name!r} is defined by Python code shipped with the model, which ftcli "
+                f"runs only when told to. If you trust its source, {allow}.")
+    return (f"Could not load the {what} of {named_by} {name!r}: {first_line(err)}. Use a local Hugging Face "
+            "folder, a .gguf file, or a hub id reachable from this machine.")

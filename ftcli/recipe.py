@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ftcli.errors import RecipeError
+from ftcli.errors import InputError, RecipeError
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -29,7 +29,8 @@ class ModelSettings(Section):
         "auto", description="Compute dtype; auto is bfloat16 on GPUs that have it, float16 on older GPUs, float32 on the CPU.")
     kernels: bool = Field(True, description="Run ftcli's kernels (on GPUs): RMSNorm, RoPE, the gated MLP, LoRA projections over NF4 "
         "dequantized on the fly, and the LM head fused with cross-entropy; false runs plain transformers + peft.")
-    trust_remote_code: bool = Field(False, description="Run Python code shipped with the model; only for models you trust.")
+    trust_remote_code: bool = Field(False, description="Run Python code shipped with the model when training; only for "
+                                    "models you trust. Chat and export ignore it and ask for --trust-remote-code.")
 
 
 class LoraSettings(Section):
@@ -133,9 +134,9 @@ def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -
     """Read, override (`section.key=value`) and validate a recipe; relative paths in it stay relative to the cwd."""
     path = Path(path)
     if path.is_dir():
-        raise RecipeError(f"{path} is a folder; give the path of a recipe .yaml file, for example one in recipes/.")
+        raise InputError(f"{path} is a folder; give the path of a recipe .yaml file, for example one in recipes/.")
     if not path.is_file():
-        raise RecipeError(f"Recipe file {path} does not exist. Check the path, or start from one in recipes/.")
+        raise InputError(f"Recipe file {path} does not exist. Check the path, or start from one in recipes/.")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

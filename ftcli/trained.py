@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from ftcli.errors import InputError
+from ftcli.errors import InputError, ModelError
 
 
 def trained_model_section(folder: Path) -> dict:
@@ -29,5 +29,6 @@ def trained_model_section(folder: Path) -> dict:
         try:
             model = {**model, "name": json.loads(adapter_config.read_text()).get("base_model_name_or_path")}
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise InputError(f"{adapter_config} is not valid JSON; the adapter folder is damaged.") from None
+            raise ModelError(f"{adapter_config} is not valid JSON; the adapter folder is damaged. Restore the file "
+                             "the training run wrote.") from None
     return model

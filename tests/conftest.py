@@ -2,6 +2,7 @@
 
 import json
 import os
+import traceback
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,11 @@ def quickstart_export(quickstart_output) -> Path:
     return quickstart_output / "export"
 
 
+# prepended to a chat template: a template that refuses a system turn, as Gemma's and Mistral's do
+REFUSES_SYSTEM = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                  "{% endif %}")
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
@@ -88,6 +94,23 @@ def write_recipe(path: Path, model_name, data_path, output: Path, **sections) ->
     return path
 
 
+def make_adapter_folder(base, out, **model_fields):
+    """An output folder as `ftcli train` leaves it: adapter, tokenizer with its template, recipe.yaml. The LoRA
+    weights are random (not zero), so answers with and without the adapter differ."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                                             init_lora_weights=False))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    recipe = {"model": {"name": str(base), "load_in_4bit": False, "dtype": "float32", **model_fields}}
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return out
+
+
 def greedy_reply(model, tokenizer, question: str, new_tokens: int) -> list[int]:
     """transformers' own greedy reply (`generate`) to one user message in the tokenizer's chat template, as token ids."""
     ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
@@ -98,3 +121,18 @@ def greedy_reply(model, tokenizer, question: str, new_tokens: int) -> list[int]:
 
 def run_cli(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_clean_failure(result, code: int, *fragments: str) -> str:
+    """The command failed as ftcli promises: exit `code` through SystemExit, and a message paragraph holding every
+    fragment; returns the output with its whitespace collapsed.
+
+    CliRunner keeps an exception that escaped the command in result.exception and never prints its traceback,
+    so a look for "Traceback" in result.output cannot fail; the type of result.exception can."""
+    assert result.exit_code == code, result.output
+    assert isinstance(result.exception, SystemExit), "".join(traceback.format_exception(*result.exc_info))
+    output = " ".join(result.output.split())
+    assert "error: " in output, output
+    for fragment in fragments:
+        assert " ".join(fragment.split()) in output, (fragment, output)
+    return output

@@ -1,8 +1,10 @@
 """`ftcli chat`: one answer with --prompt, a real terminal session in a pty, the conversation, and bad paths."""
 
+import json
 import os
 import pty
 import select
+import shutil
 import signal
 import sys
 import time
@@ -10,30 +12,16 @@ import time
 import pytest
 import torch
 import yaml
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import greedy_reply, run_cli
+from conftest import REFUSES_SYSTEM, assert_clean_failure, greedy_reply, make_adapter_folder, run_cli
 from ftcli.chat import Conversation
 from ftcli.decoding import Decoder, Sampling
 from ftcli.inference import open_model
 
 QUESTION = "What is the capital of France?"
 ANSWER = "The capital of France is Paris."
-
-
-def make_adapter_folder(base, out, load_in_4bit=False):
-    """An output folder as `ftcli train` leaves it: adapter, tokenizer with its template, recipe.yaml. The LoRA
-    weights are random (not zero), so answers with and without the adapter differ."""
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                                             init_lora_weights=False))
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    recipe = {"model": {"name": str(base), "load_in_4bit": load_in_4bit, "dtype": "float32"}}
-    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    return out
 
 
 def reference_answer(model, tokenizer, question: str, new_tokens: int) -> str:
@@ -90,21 +78,19 @@ def test_an_interrupted_answer_keeps_what_was_shown(smollm2_folder):
 
 
 def test_bad_paths_exit_2_with_the_fix(tmp_path, tiny_model_folder):
-    missing = run_cli("chat", tmp_path / "nowhere", "--prompt", "hi")
-    assert missing.exit_code == 2 and "does not exist" in missing.output
+    assert_clean_failure(run_cli("chat", tmp_path / "nowhere", "--prompt", "hi"), 2, "does not exist")
     (tmp_path / "empty").mkdir()
     empty = run_cli("chat", tmp_path / "empty", "--prompt", "hi")
-    assert empty.exit_code == 2 and "adapter_config.json" in empty.output and "config.json" in empty.output
+    assert_clean_failure(empty, 2, "adapter_config.json", "(config.json)")
     out = make_adapter_folder(tiny_model_folder("llama"), tmp_path / "out")
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     recipe["model"]["name"] = str(tmp_path / "moved-base")
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    moved = run_cli("chat", out, "--prompt", "hi")
-    assert moved.exit_code == 2 and "moved-base" in moved.output and "--base" in moved.output
+    assert_clean_failure(run_cli("chat", out, "--prompt", "hi"), 2, "moved-base", "--base")
     rescued = run_cli("chat", out, "--base", tiny_model_folder("llama"), "--prompt", "hi", "--max-new-tokens", "3")
     assert rescued.exit_code == 0, rescued.output
     not_adapter = run_cli("chat", tiny_model_folder("llama"), "--base", out, "--prompt", "hi")
-    assert not_adapter.exit_code == 2 and "--base is for adapter folders" in not_adapter.output
+    assert_clean_failure(not_adapter, 2, "--base is for adapter folders")
 
 
 class Terminal:
@@ -215,10 +201,67 @@ def test_prompt_with_the_fixture_gguf_file_answers_as_its_converted_folder(smoll
 def test_a_template_that_refuses_the_conversation_is_a_clear_error(tmp_path, tiny_model_folder):
     folder = tmp_path / "no-system"
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_folder("llama"))
-    tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
-                               "supported') }}{% endif %}" + tokenizer.chat_template)
+    tokenizer.chat_template = REFUSES_SYSTEM + tokenizer.chat_template
     AutoModelForCausalLM.from_pretrained(tiny_model_folder("llama")).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     result = run_cli("chat", folder, "--system", "Be brief.", "--prompt", "hi")
-    assert result.exit_code == 2 and "System role not supported" in result.output and "--system" in result.output
+    assert_clean_failure(result, 2, "System role not supported", "--system")
     assert run_cli("chat", folder, "--prompt", "hi", "--max-new-tokens", "2").exit_code == 0
+
+
+def test_a_folders_recipe_cannot_turn_on_remote_code(tmp_path, tiny_model_folder, monkeypatch):
+    """recipe.yaml comes with the folder, from anyone; only --trust-remote-code lets transformers run a model's code."""
+    import transformers
+
+    out = make_adapter_folder(tiny_model_folder("llama"), tmp_path / "out", trust_remote_code=True)
+    asked = []
+    for auto_class in (transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        load = auto_class.from_pretrained
+
+        def recorded(*args, load=load, **kwargs):
+            asked.append(kwargs.get("trust_remote_code"))
+            return load(*args, **kwargs)
+
+        monkeypatch.setattr(auto_class, "from_pretrained", recorded)
+    chat, export = ["chat", out, "--prompt", "hi", "--max-new-tokens", "2"], ["export", out, "--merged", "--overwrite"]
+    for command in (chat, export):
+        asked.clear()
+        assert run_cli(*command).exit_code == 0
+        assert asked and True not in asked, (command[0], asked)
+        asked.clear()
+        assert run_cli(*command, "--trust-remote-code").exit_code == 0
+        assert True in asked, (command[0], asked)
+
+
+def test_a_model_that_needs_its_own_code_asks_for_the_flag(tmp_path, tiny_model_folder):
+    folder = shutil.copytree(tiny_model_folder("llama"), tmp_path / "custom")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="custom-llama", auto_map={"AutoConfig": "configuration_custom.CustomConfig"})
+    (folder / "config.json").write_text(json.dumps(config))
+    ran = tmp_path / "the model's code ran"
+    (folder / "configuration_custom.py").write_text(f"open({str(ran)!r}, 'w').close()\n")
+    result = run_cli("chat", folder, "--prompt", "hi")
+    assert_clean_failure(result, 2, "Python code shipped with the model", "pass --trust-remote-code")
+    assert not ran.exists()
+
+
+def test_errors_about_the_base_name_base_not_a_recipe_field(tmp_path, tiny_model_folder):
+    from transformers import GPT2Config
+
+    out = make_adapter_folder(tiny_model_folder("llama"), tmp_path / "out")
+    GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
+    result = run_cli("chat", out, "--base", tmp_path / "gpt2", "--prompt", "hi")
+    output = assert_clean_failure(result, 2, f"--base '{tmp_path / 'gpt2'}' is a 'gpt2' model", "does not support")
+    assert "model.name" not in output
+    (tmp_path / "no-config").mkdir()
+    result = run_cli("chat", out, "--base", tmp_path / "no-config", "--prompt", "hi")
+    assert "model.name" not in assert_clean_failure(result, 2, "--base", "folder without config.json")
+
+
+def test_a_damaged_output_folder_names_the_file(tmp_path, tiny_model_folder):
+    out = make_adapter_folder(tiny_model_folder("llama"), tmp_path / "out")
+    (out / "recipe.yaml").write_text("model: [\n")
+    assert_clean_failure(run_cli("chat", out, "--prompt", "hi"), 2, f"{out / 'recipe.yaml'} is not a readable recipe")
+    (out / "recipe.yaml").unlink()
+    (out / "adapter_config.json").write_text("{not json")
+    assert_clean_failure(run_cli("chat", out, "--prompt", "hi"), 2, f"{out / 'adapter_config.json'} is not valid JSON")

@@ -5,13 +5,14 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import write_jsonl
+from conftest import REFUSES_SYSTEM, write_jsonl
 from ftcli.data import prepare_data
 from ftcli.data.formats import check_columns, extend_conversations, to_conversation
 from ftcli.data.sources import read_rows
 from ftcli.data.templates import IGNORE_INDEX, tokenize_conversation, tokenize_text, use_template
-from ftcli.errors import RecipeError
+from ftcli.errors import DataError, RecipeError
 from ftcli.recipe import DataSettings
+from tiny_models import build_tiny_tokenizer
 
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
                 {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "Your name?"},
@@ -46,7 +47,7 @@ def test_formats_become_the_same_conversation():
     ({"messages": "not a list"}, "messages", ["row 4", "non-empty list"]),
 ])
 def test_bad_rows_name_the_row_and_the_problem(row, data_format, fragments):
-    with pytest.raises(RecipeError) as error:
+    with pytest.raises(DataError) as error:
         to_conversation(row, "f.jsonl row 4", data_format)
     for fragment in fragments:
         assert fragment in error.value.message
@@ -131,7 +132,7 @@ def test_columns_say_where_the_fields_are():
                             {"role": "assistant", "content": "Paris"}]
     chat = {"dialog": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     assert to_conversation(chat, "c.json row 1", "messages", {"messages": "dialog"})[1]["content"] == "hello"
-    with pytest.raises(RecipeError, match="q.csv row 1: format 'alpaca' needs the column.*question"):
+    with pytest.raises(DataError, match="q.csv row 1: format 'alpaca' needs the column.*question"):
         to_conversation({"answer": "Paris"}, "q.csv row 1", "alpaca", {"instruction": "question", "output": "answer"})
 
 
@@ -150,7 +151,7 @@ def test_prompt_merges_columns_and_drops_optional_parts():
     conversation = to_conversation(row, "f.csv row 2", "alpaca", prompt=prompt)
     assert conversation[0] == {"role": "user", "content": "Describe a plum. Its color is purple."}
     assert conversation[1] == {"role": "assistant", "content": "A small fruit."}
-    with pytest.raises(RecipeError, match=r"f.csv row 2: data.prompt uses the column 'name'.*\[\[ \]\]"):
+    with pytest.raises(DataError, match=r"f.csv row 2: data.prompt uses the column 'name'.*\[\[ \]\]"):
         to_conversation({"name": "", "output": "x"}, "f.csv row 2", "alpaca", prompt=prompt)
 
 
@@ -198,7 +199,7 @@ def test_bad_row_names_its_file_and_row(tmp_path, tokenizer):
     folder.mkdir()
     write_jsonl(folder / "a.jsonl", alpaca_rows(3))
     write_jsonl(folder / "b.jsonl", [alpaca_rows(1)[0], {"instruction": "No answer here."}])
-    with pytest.raises(RecipeError) as error:
+    with pytest.raises(DataError) as error:
         prepare_data(settings_for(folder, format="alpaca"), tokenizer, 128, seed=0)
     assert f"{folder / 'b.jsonl'} row 2: format 'alpaca' needs the column(s) output" in error.value.message
     assert "data.skip_invalid: true" in error.value.message
@@ -212,6 +213,31 @@ def test_skip_invalid_skips_and_counts_bad_rows(tmp_path, tokenizer):
     data = prepare_data(settings_for(path, format="alpaca", skip_invalid=True), tokenizer, 128, seed=0)
     assert (data.stats.rows, data.stats.skipped_invalid, len(data.train)) == (5, 2, 3)
     assert data.stats.first_invalid.startswith(f"{path} row ")
+
+
+def test_a_row_the_template_rejects_is_a_data_error_or_skipped(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = REFUSES_SYSTEM + tokenizer.chat_template
+    rows = alpaca_rows(4)
+    rows[2]["system"] = "Be brief."
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError) as error:
+        prepare_data(settings_for(path, format="alpaca", shuffle=False), tokenizer, 128, seed=0)
+    assert error.value.exit_code == 2
+    assert f"{path} row 3: the chat template rejects this row: System role not supported" in error.value.message
+    assert "data.skip_invalid: true" in error.value.message
+    data = prepare_data(settings_for(path, format="alpaca", skip_invalid=True), tokenizer, 128, seed=0)
+    assert (data.stats.rows, data.stats.skipped_invalid, len(data.train)) == (4, 1, 3)
+    assert data.stats.first_invalid.startswith(f"{path} row 3: the chat template rejects this row")
+
+
+def test_a_template_that_is_not_valid_jinja_is_a_recipe_error_not_a_row_error(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}"
+    path = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(2))
+    with pytest.raises(RecipeError, match="not valid Jinja.*endfor.*template line 1") as error:
+        prepare_data(settings_for(path, format="alpaca", skip_invalid=True), tokenizer, 128, seed=0)
+    assert "row" not in error.value.message
 
 
 def test_max_samples_and_unshuffled_order(tmp_path, tokenizer):
@@ -229,7 +255,7 @@ def test_hub_id_offline_names_the_dataset():
 
     if not datasets.config.HF_HUB_OFFLINE:
         pytest.skip("the test environment must be offline, so that no hub request is made")
-    with pytest.raises(RecipeError, match="'someone/no-such-data'.*hub dataset.*offline"):
+    with pytest.raises(DataError, match="'someone/no-such-data'.*hub dataset.*offline"):
         read_rows(settings_for("someone/no-such-data", subset="en", split="train[:10]"))
 
 

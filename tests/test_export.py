@@ -11,7 +11,7 @@ import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from conftest import run_cli
+from conftest import assert_clean_failure, run_cli
 from ftcli.export import export
 from ftcli.export.gguf_file import ARCHITECTURES, gguf_weight
 from ftcli.export.source import nf4_round_trip
@@ -216,13 +216,13 @@ def test_merge_of_a_4bit_run_uses_the_nf4_base(tiny_model_folder, tmp_path):
 
 def test_errors_name_the_problem(tiny_model_folder, tmp_path):
     result = run_cli("export", tmp_path)
-    assert result.exit_code == 2 and "is not a training output folder" in result.output
+    assert_clean_failure(result, 2, "is not a training output folder")
     out = make_output_folder(tiny_model_folder("llama"), tmp_path / "run")
     result = run_cli("export", out, "--gguf", "q4_k_m,q3_k")
-    assert result.exit_code == 2 and "unknown type q3_k" in result.output and "q4_k_m" in result.output
+    assert_clean_failure(result, 2, "unknown type q3_k", "q4_k_m")
     assert run_cli("export", out, "--gguf", "f16").exit_code == 0
     result = run_cli("export", out, "--gguf", "f16")
-    assert result.exit_code == 2 and "run-f16.gguf already exists. Pass --overwrite" in result.output
+    assert_clean_failure(result, 2, "run-f16.gguf already exists. Pass --overwrite")
     assert run_cli("export", out, "--gguf", "f16", "--overwrite").exit_code == 0
     assert sorted(p.name for p in (out / "export").iterdir()) == ["run-f16.Modelfile", "run-f16.gguf"]
 

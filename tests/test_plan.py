@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import run_cli, write_jsonl, write_recipe
+from conftest import assert_clean_failure, run_cli, write_jsonl, write_recipe
 from ftcli.errors import InputError
 from ftcli.plan import GIB, ModelShape, Setup, estimate_memory, parse_size
 from ftcli.shapes import shape_config
@@ -134,7 +134,7 @@ def test_plan_cli_bad_size(tmp_path, eight_b_folder):
     data = write_jsonl(tmp_path / "train.jsonl", long_rows(2, 10))
     recipe = write_recipe(tmp_path / "r.yaml", eight_b_folder, data, tmp_path / "out")
     result = run_cli("plan", recipe, "--gpu-memory", "lots")
-    assert result.exit_code == 2 and "16GiB" in result.output
+    assert_clean_failure(result, 2, "--gpu-memory 'lots'", "16GiB")
 
 
 def test_plan_module_prints_the_bench_shapes(capsys):

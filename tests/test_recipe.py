@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from ftcli.errors import RecipeError
+from ftcli.errors import InputError, RecipeError
 from ftcli.recipe import load_recipe
 
 # Lines 1-4; anything a test appends starts on line 5.
@@ -23,9 +23,9 @@ def recipe_file(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
     return path
 
 
-def error_of(path: Path, overrides=None) -> str:
-    """The message of the RecipeError that loading `path` raises; it must exit with code 2."""
-    with pytest.raises(RecipeError) as caught:
+def error_of(path: Path, overrides=None, kind=RecipeError) -> str:
+    """The message of the error of `kind` that loading `path` raises; it must exit with code 2."""
+    with pytest.raises(kind) as caught:
         load_recipe(path, overrides)
     assert caught.value.exit_code == 2
     assert "\n\n" not in caught.value.message  # one paragraph
@@ -161,12 +161,12 @@ def test_a_key_yaml_reads_as_a_boolean_is_explained(tmp_path):
 
 
 def test_missing_recipe_file(tmp_path):
-    message = error_of(tmp_path / "nope.yaml")
+    message = error_of(tmp_path / "nope.yaml", kind=InputError)
     assert f"Recipe file {tmp_path / 'nope.yaml'} does not exist" in message and "recipes/" in message
 
 
 def test_a_folder_is_not_a_recipe(tmp_path):
-    assert f"{tmp_path} is a folder" in error_of(tmp_path)
+    assert f"{tmp_path} is a folder" in error_of(tmp_path, kind=InputError)
 
 
 def test_recipe_that_is_a_list(tmp_path):

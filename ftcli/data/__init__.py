@@ -3,11 +3,13 @@
 import random
 from dataclasses import dataclass, field
 
+from jinja2 import TemplateError, TemplateSyntaxError
+
 from ftcli.data.formats import check_columns, extend_conversations, to_conversation
 from ftcli.data.packing import pack_examples
 from ftcli.data.sources import Row, read_rows
 from ftcli.data.templates import IGNORE_INDEX, TokenizedExample, tokenize_conversation, tokenize_text, use_template
-from ftcli.errors import RecipeError
+from ftcli.errors import DataError, RecipeError
 from ftcli.recipe import DataSettings
 
 
@@ -50,9 +52,9 @@ def prepare_data(settings: DataSettings, tokenizer, max_seq_length: int, seed: i
     evaluation = _tokenize(eval_items, settings, tokenizer, max_seq_length, stats)
     stats.longest = max(stats.lengths, default=0)
     if not train:
-        raise RecipeError(f"No training example in {settings.path} has a token to learn from (of {stats.rows} rows, "
-                          f"{stats.skipped_invalid} were invalid and skipped; the rest were empty, held out, or lost "
-                          "their assistant turn to truncation). Check the data, or raise model.max_seq_length.")
+        raise DataError(f"No training example in {settings.path} has a token to learn from (of {stats.rows} rows, "
+                        f"{stats.skipped_invalid} were invalid and skipped; the rest were empty, held out, or lost "
+                        "their assistant turn to truncation). Check the data, or raise model.max_seq_length.")
     if settings.packing:
         train, evaluation = pack_examples(train, max_seq_length), pack_examples(evaluation, max_seq_length)
         stats.packed_rows = len(train)
@@ -80,12 +82,17 @@ def _convert(rows: list[Row], settings: DataSettings, stats: DataStats) -> list[
         try:
             items.append((to_conversation(row.values, row.origin, settings.format, settings.columns, settings.prompt),
                           row.origin))
-        except RecipeError as error:
-            if not settings.skip_invalid:
-                raise RecipeError(f"{error.message} (Or set data.skip_invalid: true to skip such rows.)") from None
-            stats.skipped_invalid += 1
-            stats.first_invalid = stats.first_invalid or error.message
+        except DataError as error:
+            _reject_row(error.message, settings, stats)
     return items
+
+
+def _reject_row(message: str, settings: DataSettings, stats: DataStats) -> None:
+    """An invalid row stops the run, or with data.skip_invalid is counted (the first one's problem kept) and skipped."""
+    if not settings.skip_invalid:
+        raise DataError(f"{message} (Or set data.skip_invalid: true to skip such rows.)")
+    stats.skipped_invalid += 1
+    stats.first_invalid = stats.first_invalid or message
 
 
 def _tokenize(items: list[tuple], settings: DataSettings, tokenizer, max_length: int,
@@ -95,7 +102,7 @@ def _tokenize(items: list[tuple], settings: DataSettings, tokenizer, max_length:
         if isinstance(item, str):
             tokenized = tokenize_text(tokenizer, item, max_length)
         else:
-            tokenized = [tokenize_conversation(tokenizer, item, settings.train_on_responses_only, max_length)]
+            tokenized = _tokenize_conversation(item, origin, settings, tokenizer, max_length, stats)
         for example in tokenized:
             target = sum(label != IGNORE_INDEX for label in example.labels[1:])
             if target == 0:
@@ -109,3 +116,18 @@ def _tokenize(items: list[tuple], settings: DataSettings, tokenizer, max_length:
             stats.lengths.append(len(example.input_ids))
             examples.append(example)
     return examples
+
+
+def _tokenize_conversation(conversation, origin: str, settings: DataSettings, tokenizer, max_length: int,
+                           stats: DataStats) -> list[TokenizedExample]:
+    """The row's one example, or none when the chat template refuses the row and data.skip_invalid skips it."""
+    try:
+        return [tokenize_conversation(tokenizer, conversation, settings.train_on_responses_only, max_length)]
+    except TemplateSyntaxError as error:  # no row can be rendered: the template itself is wrong
+        raise RecipeError(f"The chat template (data.template {settings.template}) is not valid Jinja: {error} "
+                          f"(template line {error.lineno}). Fix the template, or set data.template to a "
+                          "built-in one.") from None
+    except TemplateError as error:  # the template's own check of a row, such as raise_exception('...')
+        _reject_row(f"{origin}: the chat template rejects this row: {error}. Fix the row so the template "
+                    "accepts it, or choose another template with data.template.", settings, stats)
+        return []

@@ -9,7 +9,7 @@ import random
 import re
 from typing import Optional, Union
 
-from ftcli.errors import RecipeError
+from ftcli.errors import DataError, RecipeError
 
 Conversation = list[dict[str, str]]
 
@@ -50,9 +50,9 @@ def to_conversation(row: dict, origin: str, data_format: str, columns: Optional[
     if missing:
         present = ", ".join(column for column, item in row.items() if not _empty(item)) or "none"
         wanted = ", ".join(columns.get(name, name) for name in missing)
-        raise RecipeError(f"{origin}: format {data_format!r} needs the column(s) {wanted}, but this row has only: "
-                          f"{present}. Fix the row, map your column names with data.columns, or set data.format to "
-                          "the layout your file uses (alpaca, sharegpt, messages, text).")
+        raise DataError(f"{origin}: format {data_format!r} needs the column(s) {wanted}, but this row has only: "
+                        f"{present}. Fix the row, map your column names with data.columns, or set data.format to "
+                        "the layout your file uses (alpaca, sharegpt, messages, text).")
     if data_format == "text":
         return str(value("text"))
     if data_format == "alpaca":
@@ -68,7 +68,7 @@ def to_conversation(row: dict, origin: str, data_format: str, columns: Optional[
     turns = _turns(value("messages"), "role", "content", origin)
     for turn in turns:
         if turn["role"] not in ("system", "user", "assistant"):
-            raise RecipeError(f"{origin}: role {turn['role']!r} is not one of system, user, assistant.")
+            raise DataError(f"{origin}: role {turn['role']!r} is not one of system, user, assistant.")
     return [{"role": turn["role"], "content": turn["content"]} for turn in turns]
 
 
@@ -81,9 +81,9 @@ def fill_prompt(prompt: str, row: dict, origin: str) -> str:
     text = OPTIONAL_PART.sub(optional, prompt)
     missing = [name for name in PLACEHOLDER.findall(text) if _empty(row.get(name))]
     if missing:
-        raise RecipeError(f"{origin}: data.prompt uses the column {missing[0]!r}, which is missing or empty in this "
-                          f"row (it has: {', '.join(row) or 'nothing'}). Fix the row, or wrap that part of the prompt "
-                          "in [[ ]] so it is left out when the column is empty.")
+        raise DataError(f"{origin}: data.prompt uses the column {missing[0]!r}, which is missing or empty in this "
+                        f"row (it has: {', '.join(row) or 'nothing'}). Fix the row, or wrap that part of the prompt "
+                        "in [[ ]] so it is left out when the column is empty.")
     return PLACEHOLDER.sub(lambda match: str(row[match.group(1)]), text)
 
 
@@ -109,17 +109,17 @@ def _empty(item) -> bool:
 
 def _turns(turns, role_key: str, content_key: str, origin: str) -> list[dict]:
     if not isinstance(turns, list) or not turns:
-        raise RecipeError(f"{origin}: the conversation must be a non-empty list of turns, got {type(turns).__name__}.")
+        raise DataError(f"{origin}: the conversation must be a non-empty list of turns, got {type(turns).__name__}.")
     for index, turn in enumerate(turns):
         if not isinstance(turn, dict) or not isinstance(turn.get(role_key), str) or not isinstance(turn.get(content_key), str):
-            raise RecipeError(f"{origin}, turn {index + 1}: each turn needs a string {role_key!r} and a string "
-                              f"{content_key!r}; this one is {turn!r:.120}.")
+            raise DataError(f"{origin}, turn {index + 1}: each turn needs a string {role_key!r} and a string "
+                            f"{content_key!r}; this one is {turn!r:.120}.")
     if not any(SHAREGPT_ROLES.get(turn[role_key]) == "assistant" for turn in turns):
-        raise RecipeError(f"{origin}: the conversation has no assistant turn, so there is nothing to learn from it.")
+        raise DataError(f"{origin}: the conversation has no assistant turn, so there is nothing to learn from it.")
     return turns
 
 
 def _sharegpt_role(name: str, origin: str) -> str:
     if name not in SHAREGPT_ROLES:
-        raise RecipeError(f"{origin}: 'from' value {name!r} is not one of {', '.join(SHAREGPT_ROLES)}.")
+        raise DataError(f"{origin}: 'from' value {name!r} is not one of {', '.join(SHAREGPT_ROLES)}.")
     return SHAREGPT_ROLES[name]

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftcli.errors import RecipeError
+from ftcli.errors import DataError, RecipeError, first_line
 from ftcli.recipe import DataSettings
 
 LOADER_BY_SUFFIX = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -35,10 +35,10 @@ def read_rows(settings: DataSettings) -> list[Row]:
     elif _looks_like_hub_id(settings.path):
         rows = _read_hub(datasets, settings)
     else:
-        raise RecipeError(f"data.path {settings.path!r} does not exist. Point it at a json, jsonl, csv, parquet or txt "
-                          "file, a folder of them, or a hub dataset id (owner/name).")
+        raise DataError(f"data.path {settings.path!r} does not exist. Point it at a json, jsonl, csv, parquet or txt "
+                        "file, a folder of them, or a hub dataset id (owner/name).")
     if not rows:
-        raise RecipeError(f"data.path {settings.path!r} holds no rows. Add training examples to it.")
+        raise DataError(f"data.path {settings.path!r} holds no rows. Add training examples to it.")
     return rows
 
 
@@ -48,7 +48,7 @@ def _read_file(datasets, file: Path) -> list[Row]:
     except Exception as err:
         if "corresponds to no data" in str(err):  # how `datasets` says that the file was empty
             return []
-        raise RecipeError(_explain_unreadable(file, err)) from None
+        raise DataError(_explain_unreadable(file, err)) from None
     return [Row(values, f"{file} row {number}") for number, values in enumerate(table.to_list(), start=1)]
 
 
@@ -57,13 +57,12 @@ def _read_hub(datasets, settings: DataSettings) -> list[Row]:
     try:
         table = datasets.load_dataset(name, settings.subset, split=settings.split)
     except Exception as err:
-        reason = str(err).splitlines()[0] if str(err) else ""
         offline = (" This machine is offline (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set), so only datasets already "
                    "in the local cache can load." if datasets.config.HF_HUB_OFFLINE else "")
-        raise RecipeError(f"data.path {name!r} is not a local file or folder, and loading it as a hub dataset "
-                          f"(subset {settings.subset}, split {settings.split!r}) failed: {type(err).__name__}: "
-                          f"{reason}.{offline} Check the path, or the dataset id, subset, split and your network."
-                          ) from None
+        raise DataError(f"data.path {name!r} is not a local file or folder, and loading it as a hub dataset "
+                        f"(subset {settings.subset}, split {settings.split!r}) failed: {type(err).__name__}: "
+                        f"{first_line(err)}.{offline} Check the path, or the dataset id, subset, split and your "
+                        "network.") from None
     return [Row(values, f"hub dataset {name} ({settings.split}) row {number}")
             for number, values in enumerate(table.to_list(), start=1)]
 
@@ -71,13 +70,13 @@ def _read_hub(datasets, settings: DataSettings) -> list[Row]:
 def _data_files(local: Path) -> list[Path]:
     if local.is_file():
         if local.suffix not in LOADER_BY_SUFFIX:
-            raise RecipeError(f"data.path {local} has the suffix {local.suffix!r}, which ftcli cannot read; use one "
-                              f"of {', '.join(LOADER_BY_SUFFIX)}.")
+            raise DataError(f"data.path {local} has the suffix {local.suffix!r}, which ftcli cannot read; use one "
+                            f"of {', '.join(LOADER_BY_SUFFIX)}.")
         return [local]
     files = sorted(f for f in local.rglob("*") if f.is_file() and f.suffix in LOADER_BY_SUFFIX
                    and not any(part.startswith(".") for part in f.relative_to(local).parts))  # no hidden caches
     if not files:
-        raise RecipeError(f"data.path folder {local} holds no json, jsonl, csv, parquet or txt files.")
+        raise DataError(f"data.path folder {local} holds no json, jsonl, csv, parquet or txt files.")
     return files
 
 
@@ -93,9 +92,8 @@ def _explain_unreadable(file: Path, err: Exception) -> str:
                         "Each line of a .jsonl file must be one JSON object.")
             if not isinstance(row, dict):
                 return f"{file} line {number} is a JSON {type(row).__name__}, not an object with named fields."
-    first = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return (f"Could not read {file}: {first}. Check that the file is well-formed and that every row has the same "
-            "fields with the same types.")
+    return (f"Could not read {file}: {first_line(err)}. Check that the file is well-formed and that every row has "
+            "the same fields with the same types.")
 
 
 def _looks_like_hub_id(path: str) -> bool:

@@ -24,10 +24,12 @@ from ftcli.staging import staged_file
 
 
 def export(out_dir: Path, merged: bool = False, gguf_types: Optional[str] = None, to: Optional[Path] = None,
-           overwrite: bool = False) -> dict:
-    """Run the requested exports into `to` (default OUT/export); returns a summary of what was written."""
+           overwrite: bool = False, trust_remote_code: bool = False) -> dict:
+    """Run the requested exports into `to` (default OUT/export); returns a summary of what was written.
+    The model's own Python code runs only with `trust_remote_code` (--trust-remote-code), never because
+    OUT's recipe.yaml says so."""
     types = parse_types(gguf_types) if gguf_types is not None else []
-    source = open_source(out_dir)
+    source = open_source(out_dir, trust_remote_code)
     destination = to if to is not None else out_dir / "export"
     stem = out_dir.resolve().name
     outputs = {}
@@ -55,7 +57,7 @@ def export(out_dir: Path, merged: bool = False, gguf_types: Optional[str] = None
         gguf_source = replace(source, base_folder=destination / "merged", lora={}, replaced={}, nf4_weights=set(),
                               shards=safetensors_shards(destination / "merged"))
 
-    chat_template, eos_token = _chat_format(out_dir)
+    chat_template, eos_token = _chat_format(out_dir, trust_remote_code)
     for name in types:
         begun = time.perf_counter()
         final = destination / f"{stem}-{name}.gguf"
@@ -68,10 +70,10 @@ def export(out_dir: Path, merged: bool = False, gguf_types: Optional[str] = None
     return {"status": "ok", "source": source_summary(source), "outputs": outputs, "seconds": _since(started)}
 
 
-def _chat_format(out_dir: Path) -> tuple[Optional[str], Optional[str]]:
+def _chat_format(out_dir: Path, trust_remote_code: bool) -> tuple[Optional[str], Optional[str]]:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(out_dir, trust_remote_code=trust_remote_code)
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     return template, tokenizer.eos_token
 

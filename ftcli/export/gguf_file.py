@@ -72,7 +72,7 @@ def write_gguf(source: ExportSource, type_name: str, path: Path, tokenizer_folde
     plan = plan_tensors(source, config, FILE_TYPES[type_name])
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[ARCHITECTURES[config.model_type][0]])
     add_hyperparameters(writer, config, FILE_TYPES[type_name].file_type, source.out_dir.name)
-    add_vocab(writer, tokenizer_folder, config.vocab_size)
+    add_vocab(writer, tokenizer_folder, config.vocab_size, source.trust_remote_code)
     for entry in plan.values():
         writer.add_tensor_info(entry.gguf_name, entry.byte_shape, np.dtype(np.uint8), entry.nbytes, raw_dtype=entry.qtype)
     for entry in _extra_tensors(config):

@@ -9,6 +9,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from ftcli.export.source import ExportSource, merged_shards
+from ftcli.loader import redact_origin
 
 
 def write_merged(source: ExportSource, folder: Path) -> dict:
@@ -28,6 +29,7 @@ def write_merged(source: ExportSource, folder: Path) -> dict:
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     config = source.config
+    redact_origin(config)
     config.dtype = source.dtype
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -38,5 +40,7 @@ def write_merged(source: ExportSource, folder: Path) -> dict:
         generation = GenerationConfig.from_model_config(config)
     generation.save_pretrained(folder)
     # the tokenizer saved with the adapter: the one training used, chat template included
-    AutoTokenizer.from_pretrained(source.out_dir).save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(source.out_dir, trust_remote_code=source.trust_remote_code)
+    redact_origin(tokenizer)
+    tokenizer.save_pretrained(folder)
     return {"path": str(folder), "bytes": total_bytes, "shards": len(names)}

@@ -34,15 +34,16 @@ class ExportSource:
     replaced: dict[str, torch.Tensor]  # weights the adapter stores whole (trained biases)
     nf4_weights: set[str]            # base weights that were NF4 during training
     dtype: torch.dtype               # 16-bit dtype of the merged weights
+    trust_remote_code: bool = False  # run the model's own Python code (--trust-remote-code)
 
     @property
     def config(self):
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(self.base_folder)
+        return AutoConfig.from_pretrained(self.base_folder, trust_remote_code=self.trust_remote_code)
 
 
-def open_source(out_dir: Path) -> ExportSource:
+def open_source(out_dir: Path, trust_remote_code: bool = False) -> ExportSource:
     """Check the training output folder and find everything an export needs, without reading base weights."""
     adapter_config_path = out_dir / "adapter_config.json"
     adapter_weights_path = out_dir / "adapter_model.safetensors"
@@ -57,12 +58,12 @@ def open_source(out_dir: Path) -> ExportSource:
         raise RecipeError(f"Neither {out_dir / 'recipe.yaml'} (model.name) nor {adapter_config_path} "
                           "(base_model_name_or_path) names the base model, so there is nothing to merge into.")
     base_folder = _base_folder(str(base_name))
-    config = _load_config(base_folder)
+    config = _load_config(base_folder, trust_remote_code)
     lora, replaced = _adapter_deltas(adapter_weights_path, adapter_config)
     trained_in_4bit = bool(recipe_model.get("load_in_4bit", False))
     return ExportSource(out_dir=out_dir, base_folder=base_folder, shards=safetensors_shards(base_folder), lora=lora,
-                        replaced=replaced, nf4_weights=_linear_weights(config) if trained_in_4bit else set(),
-                        dtype=merged_dtype(config))
+                        replaced=replaced, nf4_weights=_linear_weights(config, trust_remote_code) if trained_in_4bit
+                        else set(), dtype=merged_dtype(config), trust_remote_code=trust_remote_code)
 
 
 def merged_dtype(config) -> torch.dtype:
@@ -133,11 +134,11 @@ def _base_folder(name: str) -> Path:
                           "model.name in the output folder's recipe.yaml to a local copy of the base model.") from None
 
 
-def _load_config(base_folder: Path):
+def _load_config(base_folder: Path, trust_remote_code: bool):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(base_folder)
+        return AutoConfig.from_pretrained(base_folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise RecipeError(f"Could not read the base model's config in {base_folder}: {err}") from None
 
@@ -188,11 +189,11 @@ def _pattern_value(module: str, patterns: dict, default):
     return default
 
 
-def _linear_weights(config) -> set[str]:
+def _linear_weights(config, trust_remote_code: bool) -> set[str]:
     """Names of the weights bitsandbytes quantized for QLoRA: every Linear but the LM head."""
     from ftcli.loader import meta_model
 
-    model = meta_model(config)
+    model = meta_model(config, trust_remote_code)
     return {f"{name}.weight" for name, module in model.named_modules()
             if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")}
 

@@ -17,7 +17,7 @@ LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3
 QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 
-def add_vocab(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> None:
+def add_vocab(writer: gguf.GGUFWriter, folder: Path, vocab_size: int, trust_remote_code: bool = False) -> None:
     """Write the tokenizer of the Hugging Face folder `folder`, padded to the model's `vocab_size` rows."""
     from transformers import AutoTokenizer
 
@@ -31,7 +31,7 @@ def add_vocab(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> None:
         raise FtcliError(f"{tokenizer_json_path} holds a {model.get('type')} tokenizer; GGUF export supports BPE "
                          "tokenizers (byte-level, or SentencePiece-style with byte fallback).")
     sentencepiece_style = bool(model.get("byte_fallback"))
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
 
     tokens, scores, types = token_table(tokenizer, vocab_size, sentencepiece_style)
     writer.add_tokenizer_model("llama" if sentencepiece_style else "gpt2")

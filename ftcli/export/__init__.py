@@ -22,6 +22,7 @@ from ftcli.export.gguf_file import parse_types, write_gguf
 from ftcli.export.merged import write_merged
 from ftcli.export.modelfile import write_modelfile
 from ftcli.export.source import adapter_files, open_source, safetensors_shards, source_summary
+from ftcli.export.vocab import adds_bos_token
 from ftcli.owned_folders import check_replaceable
 from ftcli.staging import staged_file, staged_folder
 
@@ -69,14 +70,14 @@ def export(out_dir: Path, merged: bool = False, gguf_types: Optional[str] = None
         gguf_source = replace(source, base_folder=destination / "merged", lora={}, replaced={}, nf4_weights=set(),
                               shards=safetensors_shards(destination / "merged"))
 
-    chat_template, eos_token = _chat_format(out_dir)
+    tokenizer = _tokenizer(out_dir)
     for name in types:
         begun = time.perf_counter()
         final = destination / f"{stem}-{name}.gguf"
         modelfile = final.with_suffix(".Modelfile")
         with staged_file(final) as partial, staged_file(modelfile) as modelfile_partial:
             summary = write_gguf(gguf_source, name, partial, out_dir)
-            write_modelfile(modelfile_partial, final.name, chat_template, eos_token)
+            write_modelfile(modelfile_partial, final.name, tokenizer, adds_bos_token(out_dir))
         outputs[f"gguf_{name}"] = summary | {"path": str(final), "modelfile": str(modelfile),
                                              "seconds": _since(begun)}
     return {"status": "ok", "source": source_summary(source), "outputs": outputs, "seconds": _since(started)}
@@ -97,12 +98,11 @@ def _check_planned(folders: list[Path], files: list[Path], overwrite: bool) -> N
             raise OutputFolderError(f"{path} is not a file, so --overwrite cannot replace it with the export. {_FIX}")
 
 
-def _chat_format(out_dir: Path) -> tuple[Optional[str], Optional[str]]:
+def _tokenizer(out_dir: Path):
+    """The tokenizer saved with the adapter: the one training used, chat template included."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(out_dir)
-    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
-    return template, tokenizer.eos_token
+    return AutoTokenizer.from_pretrained(out_dir)
 
 
 def _since(start: float) -> float:

@@ -33,15 +33,15 @@ def staged_file(path: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def staged_folder(final: Path, kind: str = FOLDER) -> Iterator[Path]:
-    """Yield an empty temporary sibling folder of `final` to fill; marked as ftcli's folder of this `kind`, it
-    replaces `final` when the block ends well, else it is removed."""
+def staged_folder(final: Path) -> Iterator[Path]:
+    """Yield an empty temporary sibling folder of `final` to fill; marked as ftcli's, it replaces `final` when the
+    block ends well, else it is removed."""
     temporary = _temporary_sibling(final)
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     try:
         yield temporary
-        write_marker(temporary, kind)
+        write_marker(temporary, FOLDER)
         replace_folder(final, temporary)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)

@@ -70,14 +70,14 @@ def export(out_dir: Path, merged: bool = False, gguf_types: Optional[str] = None
         gguf_source = replace(source, base_folder=destination / "merged", lora={}, replaced={}, nf4_weights=set(),
                               shards=safetensors_shards(destination / "merged"))
 
-    tokenizer = _tokenizer(out_dir)
+    tokenizer, adds_bos = _tokenizer(out_dir), adds_bos_token(out_dir)
     for name in types:
         begun = time.perf_counter()
         final = destination / f"{stem}-{name}.gguf"
         modelfile = final.with_suffix(".Modelfile")
         with staged_file(final) as partial, staged_file(modelfile) as modelfile_partial:
             summary = write_gguf(gguf_source, name, partial, out_dir)
-            write_modelfile(modelfile_partial, final.name, tokenizer, adds_bos_token(out_dir))
+            write_modelfile(modelfile_partial, final.name, tokenizer, adds_bos)
         outputs[f"gguf_{name}"] = summary | {"path": str(final), "modelfile": str(modelfile),
                                              "seconds": _since(begun)}
     return {"status": "ok", "source": source_summary(source), "outputs": outputs, "seconds": _since(started)}

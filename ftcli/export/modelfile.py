@@ -102,31 +102,29 @@ def match_chat_format(tokenizer) -> Optional[MatchedFormat]:
     """The built-in template that renders the probe conversations as the tokenizer's own template does, with the
     default system message that makes them agree; None when no built-in does."""
     own = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
-    if own is None or render(tokenizer, own, PROBE) is None:
+    own_probe = render(tokenizer, own, PROBE) if own is not None else None
+    if own_probe is None:
         return None
     own_with_system = render(tokenizer, own, PROBE_WITH_SYSTEM)
     for name, builtin in BUILTIN_TEMPLATES.items():
         if own_with_system is not None and render(tokenizer, builtin, PROBE_WITH_SYSTEM) != own_with_system:
             continue
-        default = _default_system(tokenizer, own, builtin)
-        if default is not None or render(tokenizer, builtin, PROBE) == render(tokenizer, own, PROBE):
+        default = _default_system(tokenizer, builtin, own_probe)
+        if default is not None or render(tokenizer, builtin, PROBE) == own_probe:
             return MatchedFormat(name, default)
     return None
 
 
-def _default_system(tokenizer, own: str, builtin: str) -> Optional[str]:
-    """The system message that makes `builtin` render the system-less probe as `own` does, if there is one: found
-    where `builtin` puts a system message, then checked by rendering it."""
-    rendered = render(tokenizer, builtin, PROBE_WITH_SYSTEM)
-    target = render(tokenizer, own, PROBE)
-    if rendered is None or target is None:
+def _default_system(tokenizer, builtin: str, own_probe: str) -> Optional[str]:
+    """The system message that makes `builtin` render the system-less probe as the tokenizer's own template did
+    (`own_probe`), if there is one: found where `builtin` puts a system message, then checked by rendering it."""
+    before, found, after = (render(tokenizer, builtin, PROBE_WITH_SYSTEM) or "").partition(_SYSTEM)
+    room = len(own_probe) - len(before) - len(after)
+    if not found or room <= 0 or not own_probe.startswith(before) or not own_probe.endswith(after):
         return None
-    before, after = rendered.split(_SYSTEM, 1)
-    if len(target) <= len(before) + len(after) or not (target.startswith(before) and target.endswith(after)):
-        return None
-    default = target[len(before):len(target) - len(after)]
+    default = own_probe[len(before):len(before) + room]
     with_default = [{"role": "system", "content": default}] + PROBE
-    return default if render(tokenizer, builtin, with_default) == target else None
+    return default if render(tokenizer, builtin, with_default) == own_probe else None
 
 
 def render(tokenizer, template: str, messages: list[dict]) -> Optional[str]:

@@ -105,8 +105,9 @@ def data_preview(
 
 @app.command()
 def chat(
-    out: Path = typer.Argument(..., metavar="OUT", help="An output folder of `ftcli train`, a merged or Hugging Face "
-                               "model folder, or a .gguf file."),
+    out: Optional[Path] = typer.Argument(None, metavar="[OUT]", help="An output folder of `ftcli train`, a merged or "
+                                         "Hugging Face model folder, or a .gguf file (default: the newest finished run "
+                                         "under ./outputs)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Answer this once, print only the answer, and exit."),
     system: Optional[str] = typer.Option(None, "--system", help="A system message to start the conversation with."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Longest answer, in tokens."),
@@ -125,17 +126,21 @@ def chat(
     with _reported_errors("chat", as_json=False):
         from ftcli.chat import run
         from ftcli.decoding import Sampling
+        from ftcli.output import run_folder_or_newest
 
-        run(out, prompt, system, Sampling(max_new_tokens, temperature, top_p), base, compile, seed, trust_remote_code)
+        run(run_folder_or_newest(out), prompt, system, Sampling(max_new_tokens, temperature, top_p), base, compile, seed,
+            trust_remote_code)
 
 
 @app.command()
 def export(
-    out_dir: Path = typer.Argument(..., metavar="OUT", help="A training output folder (the adapter `ftcli train` wrote)."),
+    out_dir: Optional[Path] = typer.Argument(None, metavar="[OUT]", help="A training output folder (the adapter `ftcli "
+                                             "train` wrote; default: the newest finished run under ./outputs)."),
     merged: bool = typer.Option(False, "--merged", help="Write the base model with the LoRA merged: 16-bit safetensors in Hugging Face layout."),
     gguf_types: Optional[str] = typer.Option(None, "--gguf", metavar="TYPES",
                                              help="Write GGUF files of these types, comma-separated: f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k."),
-    to: Optional[Path] = typer.Option(None, "--to", metavar="DIR", help="Folder for the exports (default OUT/export)."),
+    to: Optional[Path] = typer.Option(None, "--to", metavar="DIR", help="Folder for the exports (default OUT-export, "
+                                      "beside OUT)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace exports that already exist."),
     as_json: bool = typer.Option(False, "--json", help="Print only one JSON summary line at the end."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
@@ -144,9 +149,10 @@ def export(
     console = _console(stderr=as_json)
     with _reported_errors("export", as_json):
         from ftcli.export import export as run_export
+        from ftcli.output import run_folder_or_newest
 
-        summary = run_export(out_dir, merged=merged, gguf_types=gguf_types, to=to, overwrite=overwrite,
-                             trust_remote_code=trust_remote_code)
+        summary = run_export(run_folder_or_newest(out_dir), merged=merged, gguf_types=gguf_types, to=to,
+                             overwrite=overwrite, trust_remote_code=trust_remote_code)
         if as_json:
             _print_json(summary)
             return

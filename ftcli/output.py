@@ -2,19 +2,26 @@
 
 The sibling, `.NAME.partial`, has a stable name so that a run killed on a spot machine can be resumed from
 the checkpoints inside it; an exclusive lock on it keeps two runs from sharing it. Files copied into it
-go through ftcli/staging.py, so a crash never leaves a truncated one.
+go through ftcli/staging.py, so a crash never leaves a truncated one. A finished run is marked as ftcli's
+(ftcli/owned_folders.py): only such a folder, or an empty one, is replaced, and `ftcli chat` and `ftcli export`
+without OUT take the newest one under ./outputs.
 """
 
 import fcntl
 import os
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
-from ftcli.errors import RecipeError
+from ftcli.errors import OutputFolderError
+from ftcli.owned_folders import TRAINING_RUN, check_not_protected, check_replaceable, read_marker, write_marker
 from ftcli.staging import atomic_copy, replace_folder
 from ftcli.snapshots import CHECKPOINTS, copy_snapshots, list_snapshots
+
+RUNS_FOLDER = Path("outputs")  # where the shipped recipes' output.dir puts runs
+_FIX = "Choose another output folder with --output (or output.dir), or move or delete this one yourself."
 
 
 def partial_folder(final: Path) -> Path:
@@ -22,10 +29,13 @@ def partial_folder(final: Path) -> Path:
 
 
 def check_output_free(final: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output folder that exists (without `overwrite`) or that ftcli must not replace."""
+    check_not_protected(final, _FIX)
     if final.exists() and not overwrite and (final.is_file() or any(final.iterdir())):
-        raise RecipeError(f"Output folder {final} already exists. Choose another with --output, set "
-                          "output.overwrite: true to replace it, or delete it; if it holds checkpoints, --resume "
-                          "trains it further.")
+        raise OutputFolderError(f"Output folder {final} already exists. Choose another with --output, set "
+                                "output.overwrite: true to replace it, or delete it; if it holds checkpoints, --resume "
+                                "trains it further.")
+    check_replaceable(final, _FIX)
 
 
 @contextmanager
@@ -36,6 +46,7 @@ def locked_output_folder(final: Path, overwrite: bool, resume: bool = False) -> 
     With `resume` and no checkpoint in the staging folder, a finished `final` that has checkpoints is
     copied in to continue from.
     """
+    check_not_protected(final, _FIX)  # before a work folder is made beside it
     staging = partial_folder(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging.mkdir(exist_ok=True)
@@ -44,8 +55,8 @@ def locked_output_folder(final: Path, overwrite: bool, resume: bool = False) -> 
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RecipeError(f"Another ftcli run is writing {final} (its work folder {staging} is locked). Wait for "
-                              "it to finish, or choose another output folder with --output.") from None
+            raise OutputFolderError(f"Another ftcli run is writing {final} (its work folder {staging} is locked). Wait "
+                                    "for it to finish, or choose another output folder with --output.") from None
         try:
             _prepare(final, staging, overwrite, resume)
             yield staging
@@ -53,6 +64,7 @@ def locked_output_folder(final: Path, overwrite: bool, resume: bool = False) -> 
             if not list_snapshots(staging):
                 shutil.rmtree(staging, ignore_errors=True)
             raise
+        write_marker(staging, TRAINING_RUN)
         replace_folder(final, staging)
     finally:
         os.close(lock)
@@ -62,15 +74,18 @@ def _prepare(final: Path, staging: Path, overwrite: bool, resume: bool) -> None:
     """Check what is already there, and fill the staging folder with what the run starts from."""
     has_checkpoint = bool(list_snapshots(staging))
     if has_checkpoint and not resume:
-        raise RecipeError(f"{staging} holds checkpoints of an interrupted run for {final}. Pass --resume to "
-                          f"continue it, or delete {staging} to start again.")
+        raise OutputFolderError(f"{staging} holds checkpoints of an interrupted run for {final}. Pass --resume to "
+                                f"continue it, or delete {staging} to start again.")
+    continues_finished_run = resume and not has_checkpoint and bool(list_snapshots(final))
+    if has_checkpoint or continues_finished_run:  # the run replaces `final` when it finishes
+        check_replaceable(final, _FIX)
+    else:
+        check_output_free(final, overwrite)
     if has_checkpoint:  # an interrupted run, which replaces `final` when it finishes, as it would have
         return
     _empty(staging)
-    if resume and list_snapshots(final):
+    if continues_finished_run:
         _copy_finished_run(final, staging)
-    else:
-        check_output_free(final, overwrite)
 
 
 def _empty(folder: Path) -> None:
@@ -92,3 +107,29 @@ def _copy_finished_run(final: Path, staging: Path) -> None:
         else:
             atomic_copy(entry, staging / entry.name)
     copy_snapshots(final, staging)
+
+
+def run_folder_or_newest(out: Optional[Path]) -> Path:
+    """`out` when given; else the newest finished training run under ./outputs, named on stderr so the person
+    knows which one `ftcli chat` or `ftcli export` reads."""
+    if out is not None:
+        return out
+    newest = newest_finished_run(RUNS_FOLDER)
+    print(f"Using {newest}, the newest finished training run under ./{RUNS_FOLDER}.", file=sys.stderr)
+    return newest
+
+
+def newest_finished_run(runs: Path) -> Path:
+    """The folder under `runs` that a training run finished last (by the finish time in its marker); work folders
+    (.NAME.partial) and export folders are not finished training runs."""
+    finished = []
+    if runs.is_dir():
+        for folder in runs.iterdir():
+            marker = read_marker(folder) if folder.is_dir() and not folder.name.startswith(".") else None
+            if marker is not None and marker.kind == TRAINING_RUN:
+                finished.append((marker.finished, folder))
+    if not finished:
+        raise OutputFolderError(f"No finished training run under ./{runs} (a folder `ftcli train` wrote there), so "
+                                "there is no OUT to default to. Pass OUT, the output folder of a training run, e.g. "
+                                f"`ftcli export {runs}/run --gguf q4_k_m`.")
+    return max(finished)[1]

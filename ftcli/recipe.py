@@ -114,7 +114,8 @@ class TrainSettings(Section):
 
 class OutputSettings(Section):
     dir: str = Field("outputs/run", description="Folder for the adapter, tokenizer, recipe.yaml and metrics.jsonl.")
-    overwrite: bool = Field(False, description="Replace an existing output folder instead of stopping.")
+    overwrite: bool = Field(False, description="Replace an existing output folder instead of stopping: one ftcli wrote "
+                            "(it holds .ftcli-folder.json) or an empty one, never another.")
     tensorboard: bool = Field(False, description="Also write TensorBoard event files to OUT/tensorboard (needs the tensorboard package).")
 
 

@@ -57,11 +57,12 @@ def quickstart_output(smollm2_folder, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def quickstart_export(quickstart_output) -> Path:
-    """The quickstart run exported once: OUT/export/merged and OUT/export/quickstart-TYPE.gguf for five types."""
-    from ftcli.export import export
+    """The quickstart run exported once into its default folder beside it: quickstart-export/merged and
+    quickstart-export/quickstart-TYPE.gguf for five types."""
+    from ftcli.export import default_export_folder, export
 
     export(quickstart_output, merged=True, gguf_types="f16,q8_0,q4_k_m,q5_k_m,q6_k")
-    return quickstart_output / "export"
+    return default_export_folder(quickstart_output)
 
 
 # prepended to a chat template: a template that refuses a system turn, as Gemma's and Mistral's do

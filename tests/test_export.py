@@ -12,9 +12,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from conftest import assert_clean_failure, run_cli
-from ftcli.export import export
+from ftcli.export import default_export_folder, export
 from ftcli.export.gguf_file import ARCHITECTURES, gguf_weight
+from ftcli.export.modelfile import CHAT_FORMATS
 from ftcli.export.source import nf4_round_trip
+from ftcli.owned_folders import MARKER_FILE, TRAINING_RUN, write_marker
 from tiny_models import FAMILIES
 
 TEXT = "What is one plus two? One plus two is three. Say the number 7."
@@ -68,7 +70,7 @@ def exported(tiny_model_folder, tmp_path_factory):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_merged_folder_equals_the_adapter_on_its_base(family, exported, tiny_model_folder):
     out, summary = exported(family)
-    merged_folder = out / "export" / "merged"
+    merged_folder = default_export_folder(out) / "merged"
     merged = AutoModelForCausalLM.from_pretrained(merged_folder, dtype=torch.float32)
     assert merged.dtype == torch.float32 and AutoConfig.from_pretrained(merged_folder).dtype == torch.bfloat16
     assert (merged_folder / "generation_config.json").is_file() and (merged_folder / "tokenizer.json").is_file()
@@ -88,7 +90,7 @@ def test_merged_folder_equals_the_adapter_on_its_base(family, exported, tiny_mod
 def test_gguf_metadata_and_tensors_read_back(family, exported):
     """gguf's reader finds every hyper-parameter, the whole vocabulary and each weight as it was merged."""
     out, summary = exported(family)
-    merged_folder = out / "export" / "merged"
+    merged_folder = default_export_folder(out) / "merged"
     config = AutoConfig.from_pretrained(merged_folder)
     reader = gguf.GGUFReader(summary["outputs"]["gguf_f32"]["path"])
     arch = reader.fields["general.architecture"].contents()
@@ -141,7 +143,7 @@ def test_gguf_metadata_and_tensors_read_back(family, exported):
 @pytest.mark.parametrize("family", sorted(set(FAMILIES) - TRANSFORMERS_HAS_NO_GGUF_LOADER))
 def test_gguf_loads_in_transformers_with_the_merged_logits(family, exported):
     out, summary = exported(family)
-    merged_folder = out / "export" / "merged"
+    merged_folder = default_export_folder(out) / "merged"
     tokenizer = AutoTokenizer.from_pretrained(merged_folder)
     merged = AutoModelForCausalLM.from_pretrained(merged_folder, dtype=torch.float32).eval()
     text = SHORT_TEXT if family == "mistral" else TEXT  # llama.cpp and transformers run Mistral GGUFs as Llama
@@ -149,13 +151,13 @@ def test_gguf_loads_in_transformers_with_the_merged_logits(family, exported):
     for name, max_error, min_agreement in (("f16", 1e-5, 1.0), ("q8_0", 0.05, 0.85)):
         path = summary["outputs"][f"gguf_{name}"]["path"]
         options = {} if family in TRANSFORMERS_READS_CONFIG else {"config": AutoConfig.from_pretrained(merged_folder)}
-        model = AutoModelForCausalLM.from_pretrained(out / "export", gguf_file=path.rsplit("/", 1)[1],
+        model = AutoModelForCausalLM.from_pretrained(default_export_folder(out), gguf_file=path.rsplit("/", 1)[1],
                                                      dtype=torch.float32, **options).eval()
         got = logits(model, tokenizer, text)
         assert (got - expected).abs().max() <= max_error * expected.abs().max(), name
         assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= min_agreement, name
         if family in TRANSFORMERS_READS_BPE_VOCAB:
-            gguf_tokenizer = AutoTokenizer.from_pretrained(out / "export", gguf_file=path.rsplit("/", 1)[1])
+            gguf_tokenizer = AutoTokenizer.from_pretrained(default_export_folder(out), gguf_file=path.rsplit("/", 1)[1])
             assert gguf_tokenizer.encode(TEXT) == tokenizer.encode(TEXT)
 
 
@@ -177,9 +179,8 @@ def test_modelfile_beside_each_gguf(exported):
     for name in ("f16", "q4_k_m"):
         path = summary["outputs"][f"gguf_{name}"]["modelfile"]
         text = open(path).read()
-        assert text.startswith(f"FROM ./run-{name}.gguf\n")
-        assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}' in text
-        assert text.rstrip().endswith('PARAMETER stop "<|im_end|>"')
+        assert text == f'FROM ./run-{name}.gguf\nTEMPLATE """{CHAT_FORMATS["chatml"].go_template}"""\n' \
+                       'PARAMETER stop "<|im_end|>"\n'  # the tiny models' ChatML (tests/test_modelfile.py renders it)
 
 
 def test_no_flag_copies_the_adapter(tiny_model_folder, tmp_path):
@@ -189,7 +190,7 @@ def test_no_flag_copies_the_adapter(tiny_model_folder, tmp_path):
     copy = tmp_path / "exports" / "adapter"
     base = AutoModelForCausalLM.from_pretrained(tiny_model_folder("llama"), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, copy)
-    assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in out.iterdir())
+    assert sorted(p.name for p in copy.iterdir()) == sorted([MARKER_FILE] + [p.name for p in out.iterdir()])
     assert any("lora_B" in name for name, _ in model.named_parameters())
 
 
@@ -198,7 +199,7 @@ def test_merge_of_a_4bit_run_uses_the_nf4_base(tiny_model_folder, tmp_path):
     base = tiny_model_folder("llama")
     out = make_output_folder(base, tmp_path / "run", load_in_4bit=True)
     export(out, merged=True)
-    merged = AutoModelForCausalLM.from_pretrained(out / "export" / "merged", dtype=torch.float32).state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(default_export_folder(out) / "merged", dtype=torch.float32).state_dict()
     original = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).state_dict()
     adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), out)
     lora = dict(adapter.named_parameters())
@@ -224,7 +225,37 @@ def test_errors_name_the_problem(tiny_model_folder, tmp_path):
     result = run_cli("export", out, "--gguf", "f16")
     assert_clean_failure(result, 2, "run-f16.gguf already exists. Pass --overwrite")
     assert run_cli("export", out, "--gguf", "f16", "--overwrite").exit_code == 0
-    assert sorted(p.name for p in (out / "export").iterdir()) == ["run-f16.Modelfile", "run-f16.gguf"]
+    assert sorted(p.name for p in (tmp_path / "run-export").iterdir()) == ["run-f16.Modelfile", "run-f16.gguf"]
+
+
+def test_export_refuses_to_replace_a_folder_it_did_not_write_or_to_write_inside_out(tiny_model_folder, tmp_path):
+    out = make_output_folder(tiny_model_folder("llama"), tmp_path / "run")
+    mine = tmp_path / "exports" / "merged"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    result = run_cli("export", out, "--merged", "--gguf", "f16", "--to", tmp_path / "exports", "--overwrite")
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert f"{mine} is a folder ftcli did not write" in result.output and "--to DIR" in result.output
+    assert sorted(p.name for p in mine.parent.rglob("*")) == ["merged", "notes.txt"]  # refused before any work
+
+    result = run_cli("export", out, "--to", out / "export")
+    assert result.exit_code == 2 and "is inside the training output folder" in result.output
+    assert f"beside it ({tmp_path / 'run-export'})" in result.output and not (out / "export").exists()
+
+
+def test_export_without_out_takes_the_newest_finished_run(tiny_model_folder, tmp_path, monkeypatch):
+    """The design's forms: `ftcli export --gguf q4_k_m` (the newest run under ./outputs) and `ftcli export OUT --gguf`."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("newest", "older"):  # finish order, against the names' order
+        write_marker(make_output_folder(tiny_model_folder("llama"), tmp_path / "outputs" / name), TRAINING_RUN)
+    result = run_cli("export", "--gguf", "f16")
+    assert result.exit_code == 0, result.output
+    assert "Using outputs/older, the newest finished training run under ./outputs." in result.output
+    written = tmp_path / "outputs" / "older-export" / "older-f16.gguf"
+    assert gguf.GGUFReader(written).fields["general.file_type"].contents() == 1  # MOSTLY_F16
+    result = run_cli("export", "outputs/newest", "--gguf", "q8_0")
+    assert result.exit_code == 0 and "Using" not in result.output, result.output
+    assert (tmp_path / "outputs" / "newest-export" / "newest-q8_0.gguf").is_file()
 
 
 def test_pre_tokenizer_names_follow_the_split_pattern():
@@ -244,23 +275,9 @@ def test_pre_tokenizer_names_follow_the_split_pattern():
     assert pre_tokenizer_name({"pre_tokenizer": {"type": "Whitespace"}}) == "default"
 
 
-@pytest.mark.parametrize("template, turn, stops", [
-    ("{{ '<|start_header_id|>' }}", "<|start_header_id|>{{ .Role }}<|end_header_id|>", ["<|eot_id|>", "<|end_of_text|>"]),
-    ("{{ '<start_of_turn>' }}", "<start_of_turn>{{ if eq .Role \"assistant\" }}model", ["<end_of_turn>", "<eos>"]),
-    ("{{ '<|user|>' }}", "<|{{ .Role }}|>", ["<|end|>", "<|endoftext|>"]),
-    ("{{ '[INST]' }}", "[INST] {{ .Content }} [/INST]", ["[INST]", "</s>"]),
-])
-def test_modelfile_templates_per_chat_family(template, turn, stops):
-    from ftcli.export.modelfile import modelfile_text
-
-    text = modelfile_text("m.gguf", template, stops[1])
-    assert text.startswith("FROM ./m.gguf\nTEMPLATE \"\"\"") and turn in text
-    assert [line.split('"')[1] for line in text.splitlines() if line.startswith("PARAMETER stop")] == stops
-    assert modelfile_text("m.gguf", None, "</s>") == 'FROM ./m.gguf\nPARAMETER stop "</s>"\n'
-
-
 def test_export_of_a_real_training_run(tiny_model_folder, tmp_path):
-    """The folder `ftcli train` writes (recipe.yaml from the recipe schema) exports end to end from the CLI."""
+    """The folder `ftcli train` writes (recipe.yaml from the recipe schema) exports end to end from the CLI, and a
+    second training run into the same folder keeps the exports."""
     from conftest import write_jsonl, write_recipe
 
     rows = [{"messages": [{"role": "user", "content": "Say the number 7."},
@@ -275,6 +292,9 @@ def test_export_of_a_real_training_run(tiny_model_folder, tmp_path):
     assert summary["status"] == "ok" and summary["source"]["adapted_weights"] == 14
     assert gguf.GGUFReader(summary["outputs"]["gguf_q8_0"]["path"]).fields["general.file_type"].contents() == 7
     assert AutoModelForCausalLM.from_pretrained(summary["outputs"]["merged"]["path"]).config.model_type == "qwen2"
+    # the exports sit beside OUT, so training into OUT again (output.overwrite) leaves them alone
+    assert run_cli("train", recipe, "--set", "output.overwrite=true", "--json").exit_code == 0
+    assert gguf.GGUFReader(summary["outputs"]["gguf_q8_0"]["path"]).fields["general.file_type"].contents() == 7
 
 
 def test_llama3_rope_factors_match_transformers_scaled_frequencies():

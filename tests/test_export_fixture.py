@@ -9,6 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT, greedy_reply
+from go_template import ollama_prompt
+from test_modelfile import modelfile_fields
 
 DATA = ROOT / "recipes" / "data" / "identity.jsonl"
 # two of the training questions and two it never saw
@@ -75,3 +77,21 @@ def test_fixture_gguf_files_agree_with_the_merged_model(quickstart_export):
     # llama-quantize writes the same tensors (tests/test_llama_cpp.py), so this is the model, not the export.
     assert agreement["q8_0"]["every position"] >= 0.95
     assert agreement["q4_k_m"]["every position"] >= 0.85
+
+
+@pytest.mark.slow
+def test_fixture_modelfile_gives_ollama_the_prompt_training_used(quickstart_export):
+    """The quickstart's Modelfile, filled as Ollama fills it, is the text the model was trained on: SmolLM2's
+    ChatML with its default system message, after the BOS the GGUF tells llama.cpp to add (none)."""
+    text = (quickstart_export / "quickstart-q4_k_m.Modelfile").read_text()
+    template, system, stops = modelfile_fields(text)
+    assert system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face" and "<|im_end|>" in stops
+    fields = gguf.GGUFReader(quickstart_export / "quickstart-q4_k_m.gguf").fields
+    adds_bos = "tokenizer.ggml.add_bos_token" in fields and fields["tokenizer.ggml.add_bos_token"].contents()
+    tokenizer = AutoTokenizer.from_pretrained(quickstart_export / "merged")
+    for line in DATA.read_text().splitlines()[:4]:
+        chat = json.loads(line)["messages"]
+        chat = chat + [{"role": "user", "content": "And who trained you?"}]
+        for messages in (chat, [{"role": "system", "content": "Answer in French."}] + chat):
+            trained = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            assert (tokenizer.bos_token if adds_bos else "") + ollama_prompt(template, system, messages) == trained

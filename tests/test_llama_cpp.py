@@ -10,7 +10,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ftcli.export import export
+from ftcli.export import default_export_folder, export
 from llama_cpp_run import llama_quantize, load, logits
 from test_export import TEXT, make_output_folder
 from test_export_fixture import identity_chats
@@ -90,18 +90,18 @@ def test_every_family_runs_in_llama_cpp_as_in_transformers(tiny_model_folder, tm
     llama-quantize's."""
     out = make_output_folder(tiny_model_folder(family), tmp_path / "run")
     export(out, merged=True, gguf_types="f32,q4_k_m")
-    tokenizer = AutoTokenizer.from_pretrained(out / "export" / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(default_export_folder(out) / "merged")
     ids = tokenizer.encode(TEXT)
-    merged = AutoModelForCausalLM.from_pretrained(out / "export" / "merged", dtype=torch.float32).eval()
+    merged = AutoModelForCausalLM.from_pretrained(default_export_folder(out) / "merged", dtype=torch.float32).eval()
     with torch.no_grad():
         expected = merged(torch.tensor([ids])).logits[0].numpy()
-    model = load(out / "export" / "run-f32.gguf", context=64)
+    model = load(default_export_folder(out) / "run-f32.gguf", context=64)
     assert model.tokenize(TEXT.encode(), add_bos=False, special=True) == ids
     got = logits(model, [ids])
     # llama.cpp runs Mistral as Llama, without its sliding window (the README says so): equal inside the window
     positions = SLIDING_WINDOW if family == "mistral" else len(ids)
     np.testing.assert_allclose(got[:positions], expected[:positions], atol=2e-3)  # measured <= 9.3e-4 (Gemmas)
 
-    theirs = llama_quantize(out / "export" / "run-f32.gguf", tmp_path / "q.gguf", "q4_k_m")
-    types = {tensor.name: tensor.tensor_type for tensor in GGUFReader(out / "export" / "run-q4_k_m.gguf").tensors}
+    theirs = llama_quantize(default_export_folder(out) / "run-f32.gguf", tmp_path / "q.gguf", "q4_k_m")
+    types = {tensor.name: tensor.tensor_type for tensor in GGUFReader(default_export_folder(out) / "run-q4_k_m.gguf").tensors}
     assert types == {tensor.name: tensor.tensor_type for tensor in GGUFReader(theirs).tensors}

@@ -232,12 +232,12 @@ def test_resume_from_a_damaged_checkpoint_is_a_checkpoint_error_naming_it(worksp
 
 
 def test_two_runs_cannot_share_an_output_folder(tmp_path):
-    from ftcli.errors import RecipeError
+    from ftcli.errors import OutputFolderError
     from ftcli.output import locked_output_folder
 
     with locked_output_folder(tmp_path / "out", overwrite=False) as staging:
         (staging / "adapter_model.safetensors").write_text("first run")
-        with pytest.raises(RecipeError, match="Another ftcli run is writing"):
+        with pytest.raises(OutputFolderError, match="Another ftcli run is writing"):
             with locked_output_folder(tmp_path / "out", overwrite=False):
                 pass
         assert (staging / "adapter_model.safetensors").read_text() == "first run"

@@ -2,6 +2,7 @@
 
 import pytest
 
+from ftcli.owned_folders import MARKER_FILE
 from ftcli.staging import atomic_write_text, staged_file, staged_folder
 
 
@@ -24,15 +25,16 @@ def test_a_failed_file_write_keeps_the_old_file(tmp_path):
 
 def test_a_folder_is_replaced_whole_or_left_as_it_was(tmp_path):
     final = tmp_path / "step-4"
-    final.mkdir()
-    (final / "old.txt").write_text("old")
+    with staged_folder(final) as temporary:
+        (temporary / "old.txt").write_text("old")
     with pytest.raises(RuntimeError), staged_folder(final) as temporary:
         (temporary / "adapter.safetensors").write_text("half")
         raise RuntimeError("killed")
-    assert [p.name for p in tmp_path.iterdir()] == ["step-4"] and [p.name for p in final.iterdir()] == ["old.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["step-4"]
+    assert sorted(p.name for p in final.iterdir()) == [MARKER_FILE, "old.txt"]
 
     with staged_folder(final) as temporary:
         assert not any(temporary.iterdir())
         (temporary / "adapter.safetensors").write_text("whole")
     assert [p.name for p in tmp_path.iterdir()] == ["step-4"]
-    assert [p.name for p in final.iterdir()] == ["adapter.safetensors"]
+    assert sorted(p.name for p in final.iterdir()) == [MARKER_FILE, "adapter.safetensors"]

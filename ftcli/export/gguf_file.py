@@ -17,7 +17,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import LlamaFileType, MODEL_ARCH
 
-from ftcli.errors import FtcliError, RecipeError
+from ftcli.errors import ExportError, FtcliError
 from ftcli.export.kquants import quantize_k
 from ftcli.export.source import ExportSource, merged_tensors, shard_shapes
 from ftcli.export.vocab import add_vocab
@@ -61,7 +61,7 @@ def parse_types(text: str) -> list[str]:
     names = [name.strip().lower() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in FILE_TYPES]
     if unknown or not names:
-        raise RecipeError(f"--gguf {text!r}: unknown type {', '.join(unknown) or '(none)'}. Choose one or more of "
+        raise ExportError(f"--gguf {text!r}: unknown type {', '.join(unknown) or '(none)'}. Choose one or more of "
                           f"{', '.join(FILE_TYPES)}, separated by commas, e.g. --gguf q4_k_m,q8_0.")
     return list(dict.fromkeys(names))
 
@@ -105,7 +105,7 @@ def plan_tensors(source: ExportSource, config, file_type: FileType) -> dict[str,
     """Every base tensor's GGUF name and type, in the order the shards hold them (the order data is written)."""
     model_type = config.model_type
     if model_type not in ARCHITECTURES:
-        raise RecipeError(f"GGUF export supports {', '.join(ARCHITECTURES)} models; this one is {model_type!r}.")
+        raise ExportError(f"GGUF export supports {', '.join(ARCHITECTURES)} models; this one is {model_type!r}.")
     arch = ARCHITECTURES[model_type][0]
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     shapes = {name: shape for shard in shard_shapes(source) for name, shape in shard.items()}

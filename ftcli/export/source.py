@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ftcli.errors import FtcliError, RecipeError
+from ftcli.errors import FtcliError, ModelError, OutputFolderError
 from ftcli.trained import trained_model_section
 
 ADAPTER_PREFIX = "base_model.model."
@@ -48,15 +48,15 @@ def open_source(out_dir: Path, trust_remote_code: bool = False) -> ExportSource:
     adapter_config_path = out_dir / "adapter_config.json"
     adapter_weights_path = out_dir / "adapter_model.safetensors"
     if not out_dir.is_dir() or not adapter_config_path.is_file() or not adapter_weights_path.is_file():
-        raise RecipeError(f"{out_dir} is not a training output folder: it needs adapter_config.json and "
-                          "adapter_model.safetensors, as `ftcli train` writes them. Pass the folder a training run "
-                          "wrote (its output.dir).")
+        raise OutputFolderError(f"{out_dir} is not a training output folder: it needs adapter_config.json and "
+                                "adapter_model.safetensors, as `ftcli train` writes them. Pass the folder a training "
+                                "run wrote (its output.dir).")
     adapter_config = json.loads(adapter_config_path.read_text())
     recipe_model = trained_model_section(out_dir)
     base_name = recipe_model.get("name")
     if not base_name:
-        raise RecipeError(f"Neither {out_dir / 'recipe.yaml'} (model.name) nor {adapter_config_path} "
-                          "(base_model_name_or_path) names the base model, so there is nothing to merge into.")
+        raise OutputFolderError(f"Neither {out_dir / 'recipe.yaml'} (model.name) nor {adapter_config_path} "
+                                "(base_model_name_or_path) names the base model, so there is nothing to merge into.")
     base_folder = _base_folder(str(base_name))
     config = _load_config(base_folder, trust_remote_code)
     lora, replaced = _adapter_deltas(adapter_weights_path, adapter_config)
@@ -130,8 +130,8 @@ def _base_folder(name: str) -> Path:
 
         return Path(snapshot_download(folder, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
     except Exception as err:  # the hub client raises many kinds; all mean the same to the user
-        raise RecipeError(f"The base model {name!r} is neither a local folder nor downloadable here ({err}). Set "
-                          "model.name in the output folder's recipe.yaml to a local copy of the base model.") from None
+        raise ModelError(f"The base model {name!r} is neither a local folder nor downloadable here ({err}). Set "
+                         "model.name in the output folder's recipe.yaml to a local copy of the base model.") from None
 
 
 def _load_config(base_folder: Path, trust_remote_code: bool):
@@ -140,7 +140,7 @@ def _load_config(base_folder: Path, trust_remote_code: bool):
     try:
         return AutoConfig.from_pretrained(base_folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise RecipeError(f"Could not read the base model's config in {base_folder}: {err}") from None
+        raise ModelError(f"Could not read the base model's config in {base_folder}: {err}") from None
 
 
 def safetensors_shards(base_folder: Path) -> list[Path]:
@@ -151,9 +151,9 @@ def safetensors_shards(base_folder: Path) -> list[Path]:
     single = base_folder / "model.safetensors"
     if single.is_file():
         return [single]
-    raise RecipeError(f"The base model folder {base_folder} has no safetensors weights (model.safetensors or "
-                      "model.safetensors.index.json). Export reads safetensors only; re-save the base model with "
-                      "save_pretrained(..., safe_serialization=True).")
+    raise ModelError(f"The base model folder {base_folder} has no safetensors weights (model.safetensors or "
+                     "model.safetensors.index.json). Export reads safetensors only; re-save the base model with "
+                     "save_pretrained(..., safe_serialization=True).")
 
 
 def _adapter_deltas(weights_path: Path, adapter_config: dict):

@@ -49,6 +49,12 @@ def add_vocab(writer: gguf.GGUFWriter, folder: Path, vocab_size: int, trust_remo
     special.add_to_gguf(writer, quiet=True)
 
 
+def adds_bos_token(folder: Path) -> bool:
+    """Whether llama.cpp puts the BOS token before a prompt itself: the tokenizer.ggml.add_bos_token that
+    add_vocab writes for this tokenizer folder."""
+    return bool(gguf.SpecialVocab(folder, load_merges=False).add_special_token.get("bos"))
+
+
 def token_table(tokenizer, vocab_size: int, sentencepiece_style: bool):
     """Every id's text, score and type: added special tokens are CONTROL, other added ones USER_DEFINED,
     ids past the tokenizer (embedding rows kept for padding) UNUSED placeholders.

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-if not torch.cuda.is_available():
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the kernel tests run
+if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"  # Triton kernels run in its interpreter on a CPU; read when kernels load
 
 

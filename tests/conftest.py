@@ -105,5 +105,15 @@ def greedy_reply(model, tokenizer, question: str, new_tokens: int) -> list[int]:
         return model.generate(ids, max_new_tokens=new_tokens, do_sample=False)[0, ids.shape[1]:].tolist()
 
 
+def randomise(model, pattern: str, scale: float, seed: int) -> None:
+    """Add seeded noise of `scale` to every parameter whose name holds `pattern`. LoRA B starts at zero, which
+    would leave A's gradients zero and a merge unchanged; Gemma's norms too, which would hide a wrong (1 + w)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if pattern in name:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
 def run_cli(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args])

@@ -11,7 +11,7 @@ import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from conftest import run_cli
+from conftest import randomise, run_cli
 from ftcli.architectures import architecture_of
 from ftcli.export import export
 from ftcli.export.gguf_file import ARCHITECTURES, gguf_weight
@@ -37,9 +37,7 @@ def make_output_folder(base, folder, load_in_4bit=False, seed=1, std=0.05):
     targets = architecture_of(model.config, str(base)).lora_targets(DEFAULT_TARGET_MODULES)
     torch.manual_seed(seed)
     adapted = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-    for name, parameter in adapted.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(parameter, std=std)
+    randomise(adapted, "lora_B", std, seed)
     adapted.save_pretrained(folder)
     AutoTokenizer.from_pretrained(base).save_pretrained(folder)
     (folder / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name": str(base), "load_in_4bit": load_in_4bit}}))

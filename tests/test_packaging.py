@@ -22,7 +22,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # What the code calls, by the oldest release that has it: a floor below one of these installs a version that breaks
 NEEDED = {
     "gguf": ("0.18.0", "GGUFWriter.add_sliding_window_pattern and add_rope_freq_base_swa (Gemma 3 export)"),
-    "transformers": ("5.0", "transformers 5's configs: the GGUF export reads rope_parameters per layer kind"),
+    "transformers": ("5.0", "only 5.x was tested (configs' rope_parameters, StaticCache(config, max_cache_len))"),
 }
 # Dependencies whose next major release may break what ftcli uses (the 8-bit optimizer reuses bitsandbytes'
 # private step; patch.py subclasses peft's LoRA layers; transformers' modeling modules are patched)
@@ -33,9 +33,9 @@ def requirements() -> dict[str, Requirement]:
     return {Requirement(line).name: Requirement(line) for line in PYPROJECT["project"]["dependencies"]}
 
 
-def built_wheel(source: Path, tmp_path: Path) -> Path:
+def built_wheel(tmp_path: Path) -> Path:
     copy = tmp_path / "source"
-    shutil.copytree(source, copy, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__", "models",
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__", "models",
                                                                 "outputs"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                     "-w", tmp_path / "dist", copy], check=True)
@@ -44,7 +44,7 @@ def built_wheel(source: Path, tmp_path: Path) -> Path:
 
 def test_wheel_provides_only_ftcli_and_ftcli_kernels(tmp_path):
     """PyPI's `kernels` is Hugging Face's kernel hub: ftcli must not install (or shadow) a top-level `kernels`."""
-    with zipfile.ZipFile(built_wheel(ROOT, tmp_path)) as wheel:
+    with zipfile.ZipFile(built_wheel(tmp_path)) as wheel:
         top_level = {name.split("/")[0] for name in wheel.namelist()}
     assert {name for name in top_level if not name.endswith(".dist-info")} == {"ftcli", "ftcli_kernels"}
 

@@ -18,9 +18,13 @@ for variable, folder in CACHE_VARIABLES.items():
 import pytest
 import torch
 import yaml
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
+from ftcli.architectures import architecture_of
 from ftcli.cli import app
+from ftcli.recipe import DEFAULT_TARGET_MODULES
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -113,6 +117,20 @@ def randomise(model, pattern: str, scale: float, seed: int) -> None:
         for name, parameter in model.named_parameters():
             if pattern in name:
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
+def make_output_folder(base, folder: Path, load_in_4bit: bool = False, seed: int = 1, std: float = 0.05) -> Path:
+    """What `ftcli train` leaves: a PEFT adapter on the default targets (B non-zero, so the adapter changes the
+    model's answers and a merge its weights), the tokenizer with its template, and recipe.yaml."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    targets = architecture_of(model.config, str(base)).lora_targets(DEFAULT_TARGET_MODULES)
+    torch.manual_seed(seed)
+    adapted = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    randomise(adapted, "lora_B", std, seed)
+    adapted.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+    (folder / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name": str(base), "load_in_4bit": load_in_4bit}}))
+    return folder
 
 
 def run_cli(*args: str):

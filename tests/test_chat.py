@@ -10,30 +10,16 @@ import time
 import pytest
 import torch
 import yaml
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import greedy_reply, run_cli
+from conftest import greedy_reply, make_output_folder, run_cli
 from ftcli.chat import Conversation
 from ftcli.decoding import Decoder, Sampling
 from ftcli.inference import open_model
 
 QUESTION = "What is the capital of France?"
 ANSWER = "The capital of France is Paris."
-
-
-def make_adapter_folder(base, out, load_in_4bit=False):
-    """An output folder as `ftcli train` leaves it: adapter, tokenizer with its template, recipe.yaml. The LoRA
-    weights are random (not zero), so answers with and without the adapter differ."""
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                                             init_lora_weights=False))
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    recipe = {"model": {"name": str(base), "load_in_4bit": load_in_4bit, "dtype": "float32"}}
-    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    return out
 
 
 def reference_answer(model, tokenizer, question: str, new_tokens: int) -> str:
@@ -48,7 +34,7 @@ def test_prompt_prints_only_the_fixture_answer(smollm2_folder):
 
 def test_prompt_with_an_adapter_folder_answers_as_the_unmerged_adapter(tmp_path, tiny_model_folder):
     base = tiny_model_folder("llama")
-    out = make_adapter_folder(base, tmp_path / "out")
+    out = make_output_folder(base, tmp_path / "out", std=1.0)  # B large enough to change the greedy answer
     tokenizer = AutoTokenizer.from_pretrained(out)
     plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     without = reference_answer(plain, tokenizer, "Say the number 7.", 12)
@@ -95,7 +81,7 @@ def test_bad_paths_exit_2_with_the_fix(tmp_path, tiny_model_folder):
     (tmp_path / "empty").mkdir()
     empty = run_cli("chat", tmp_path / "empty", "--prompt", "hi")
     assert empty.exit_code == 2 and "adapter_config.json" in empty.output and "config.json" in empty.output
-    out = make_adapter_folder(tiny_model_folder("llama"), tmp_path / "out")
+    out = make_output_folder(tiny_model_folder("llama"), tmp_path / "out")
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     recipe["model"]["name"] = str(tmp_path / "moved-base")
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe))
@@ -196,7 +182,7 @@ def test_ctrl_d_and_ctrl_c_at_the_prompt_end_the_session_cleanly(smollm2_folder)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_an_adapter_trained_in_4_bits_answers_the_same_compiled_or_not_on_cuda(tmp_path, tiny_model_folder):
     """The path an NF4 QLoRA output folder takes on a GPU: NF4 base, unmerged adapter, the CUDA-graph step."""
-    out = make_adapter_folder(tiny_model_folder("llama"), tmp_path / "out", load_in_4bit=True)
+    out = make_output_folder(tiny_model_folder("llama"), tmp_path / "out", load_in_4bit=True)
     assert "nf4 + adapter" in open_model(out).description
     answers = [run_cli("chat", out, "--prompt", "Say the number 7.", "--temperature", "0", "--max-new-tokens", "16",
                        compiled) for compiled in ("--compile", "--no-compile")]

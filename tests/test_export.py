@@ -7,16 +7,13 @@ import gguf
 import numpy as np
 import pytest
 import torch
-import yaml
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from conftest import randomise, run_cli
-from ftcli.architectures import architecture_of
+from conftest import make_output_folder, run_cli
 from ftcli.export import export
 from ftcli.export.gguf_file import ARCHITECTURES, gguf_weight
 from ftcli.export.source import nf4_round_trip
-from ftcli.recipe import DEFAULT_TARGET_MODULES
 from tiny_models import FAMILIES
 
 TEXT = "What is one plus two? One plus two is three. Say the number 7."
@@ -29,19 +26,6 @@ TRANSFORMERS_HAS_NO_GGUF_LOADER = {"gemma"}
 # tiny models' byte-level BPE); their real checkpoints are SentencePiece, and llama.cpp's own tokenizer is checked on
 # every family's file in test_llama_cpp.py
 TRANSFORMERS_READS_BPE_VOCAB = {"llama", "mistral", "qwen2", "qwen3"}
-
-
-def make_output_folder(base, folder, load_in_4bit=False, seed=1, std=0.05):
-    """What `ftcli train` leaves: a PEFT adapter (with non-zero B, so merging changes the model), tokenizer, recipe."""
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    targets = architecture_of(model.config, str(base)).lora_targets(DEFAULT_TARGET_MODULES)
-    torch.manual_seed(seed)
-    adapted = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-    randomise(adapted, "lora_B", std, seed)
-    adapted.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(base).save_pretrained(folder)
-    (folder / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name": str(base), "load_in_4bit": load_in_4bit}}))
-    return folder
 
 
 def logits(model, tokenizer, text=TEXT):

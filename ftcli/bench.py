@@ -102,8 +102,8 @@ def hf_training(model, precision: str):
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(3407)  # the LoRA initialisation ftcli's side draws too
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=DEFAULT_TARGET_MODULES,
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
+                                             target_modules=DEFAULT_TARGET_MODULES, task_type="CAUSAL_LM"))
     return model, lambda batch: model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
 
 

@@ -4,19 +4,25 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
+# The environment is set before the imports below: huggingface_hub and datasets read their variables when
+# imported, and Triton reads TRITON_INTERPRET when it is first imported (peft imports it)
 ROOT = Path(__file__).resolve().parent.parent
 # Everything the suite keeps between runs (the converted fixture model) and every cache the libraries under test
-# write (GGUF conversions, datasets, Triton, matplotlib) goes here, never under HOME;
-# set before the imports below, since huggingface_hub and datasets read their variables when imported
+# write (GGUF conversions, datasets, Triton, matplotlib) goes here, never under HOME
 TEST_CACHE = Path(os.environ.get("FTCLI_TEST_CACHE", ROOT / ".test-cache")).resolve()
 CACHE_VARIABLES = {"FTCLI_CACHE": "ftcli", "HF_HOME": "huggingface", "TRITON_CACHE_DIR": "triton",
                    "MPLCONFIGDIR": "matplotlib", "XDG_CACHE_HOME": "xdg"}
-
 for variable, folder in CACHE_VARIABLES.items():
     os.environ[variable] = str(TEST_CACHE / folder)
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the kernel tests run
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # Triton kernels run in its interpreter on a CPU
 
 import pytest
-import torch
 import yaml
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -25,12 +31,6 @@ from typer.testing import CliRunner
 from ftcli.architectures import architecture_of
 from ftcli.cli import app
 from ftcli.recipe import DEFAULT_TARGET_MODULES
-
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the kernel tests run
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"  # Triton kernels run in its interpreter on a CPU; read when kernels load
 
 
 @pytest.fixture(scope="session")

@@ -40,12 +40,11 @@ from transformers import AutoModelForCausalLM
 from ftcli.architectures import ARCHITECTURES
 from ftcli.decoding import Decoder, Sampling
 from ftcli.optim import build_optimizer
-from ftcli.recipe import LoraSettings, TrainSettings
+from ftcli.recipe import DEFAULT_TARGET_MODULES, LoraSettings, TrainSettings
 from ftcli.shapes import SHAPES, shape_config
 from ftcli.train import prepare_for_training, summed_token_loss, target_tokens
 
 SIDES = ("hf", "ftcli")
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def random_model(shape: str, precision: str, device: torch.device, dtype: torch.dtype):
@@ -99,14 +98,14 @@ def hf_training(model, precision: str):
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(3407)  # the LoRA initialisation ftcli's side draws too
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
+                                             target_modules=DEFAULT_TARGET_MODULES, task_type="CAUSAL_LM"))
     return model, lambda batch: model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
 
 
 def ftcli_training(model, checkpointing):
     """The path `ftcli train` takes after loading: kernels, checkpointing, LoRA, and its own loss."""
-    lora = LoraSettings(r=16, alpha=16, target_modules=LORA_TARGETS)
+    lora = LoraSettings(r=16, alpha=16, target_modules=DEFAULT_TARGET_MODULES)
     model, kernels = prepare_for_training(model, ARCHITECTURES["llama"], lora, kernels=True,
                                           gradient_checkpointing=checkpointing, seed=3407)
     return model, lambda batch: summed_token_loss(model, batch, kernels.fused_loss) / target_tokens(batch)

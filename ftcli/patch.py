@@ -29,6 +29,10 @@ import torch
 from torch import nn
 
 from ftcli.architectures import Architecture
+from ftcli_kernels.limits import KERNEL_DTYPES
+
+QKV_PROJECTIONS = ("q_proj", "k_proj", "v_proj")  # one attention input, computed together by the stacked op
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")  # split or fused gate and up
 
 
 class KernelRMSNorm(nn.Module):
@@ -48,7 +52,7 @@ class KernelGatedMLP(nn.Module):
     def __init__(self, mlp: nn.Module, activation: str):
         super().__init__()
         self.activation = activation
-        for name in ("gate_proj", "up_proj", "gate_up_proj", "down_proj"):
+        for name in MLP_PROJECTIONS:
             if hasattr(mlp, name):
                 setattr(self, name, getattr(mlp, name))
 
@@ -229,7 +233,7 @@ def apply_lora_kernels(model: nn.Module) -> dict[str, int]:
             if type(child) is KernelGatedMLP and all(_lora_parts(p) is not None for p in _mlp_projections(child)):
                 setattr(parent, name, KernelLoraGatedMLP(child, child.activation))
                 swapped["lora_mlp"] += 1
-        qkv = [getattr(parent, name, None) for name in ("q_proj", "k_proj", "v_proj")]
+        qkv = [getattr(parent, name, None) for name in QKV_PROJECTIONS]
         if all(type(p) in lora_classes and _lora_parts(p) is not None for p in qkv):
             stacked = StackedProjections(qkv)
             for projection in qkv:
@@ -261,11 +265,8 @@ def _lora_parts(layer: nn.Module, x: torch.Tensor | None = None):
         return None
     if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return None
-    if x is not None:
-        from ftcli_kernels.lora_linear import DTYPES
-
-        if x.dtype not in DTYPES or torch.is_autocast_enabled(x.device.type):
-            return None
+    if x is not None and (x.dtype not in KERNEL_DTYPES or torch.is_autocast_enabled(x.device.type)):
+        return None
     return base.weight, base.bias, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, layer.scaling[adapter]
 
 
@@ -279,8 +280,7 @@ def _dequantizable_4bit(base: nn.Module) -> bool:
 
 
 def _mlp_projections(mlp: KernelGatedMLP) -> list[nn.Module]:
-    names = ("gate_up_proj", "down_proj") if hasattr(mlp, "gate_up_proj") else ("gate_proj", "up_proj", "down_proj")
-    return [getattr(mlp, name) for name in names]
+    return [getattr(mlp, name) for name in MLP_PROJECTIONS if hasattr(mlp, name)]
 
 
 def _peft_lora_linear_classes() -> tuple[type, ...]:

@@ -36,9 +36,9 @@ from ftcli.loader import load_config, load_tokenizer, meta_model
 from ftcli.recipe import DEFAULT_TARGET_MODULES, Recipe
 from ftcli.shapes import SHAPES, shape_config
 from ftcli.steps import count_steps
+from ftcli_kernels.limits import LOGITS_CHUNK_BYTES
 
 GIB = 2**30
-LOGITS_CHUNK_BYTES = 256 * 2**20  # ftcli_kernels/cross_entropy.py: logits held at once by the fused loss
 CUDA_CONTEXT_BYTES = 0.5 * GIB  # the CUDA context and libraries' workspaces, outside PyTorch's allocator
 ALLOCATOR_SLACK = 0.05  # memory the caching allocator holds beyond the peak it hands out (fragmentation)
 DOES_NOT_FIT_EXIT_CODE = OutOfMemory.exit_code  # as a run that ran out of memory

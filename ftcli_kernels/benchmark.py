@@ -14,6 +14,7 @@ import sys
 import torch
 from triton.testing import do_bench
 
+from ftcli_kernels.accuracy import relative_error
 from ftcli_kernels.cross_entropy import cross_entropy_reference, fused_linear_cross_entropy
 from ftcli_kernels.gated_activation import gated_activation, gated_activation_reference
 from ftcli_kernels.lora_mlp import lora_gated_mlp, lora_gated_mlp_reference
@@ -24,10 +25,6 @@ from ftcli_kernels.rope import apply_rope, rope_reference
 BATCH, SEQ, HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM, VOCAB, RANK = 2, 2048, 4096, 14336, 32, 8, 128, 128256, 16
 TOKENS = BATCH * SEQ
 TOLERANCE = 3e-2  # bf16, forward and backward, relative to the reference's largest magnitude
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.float() - want.float()).abs().max() / want.float().abs().max())
 
 
 def as_float32(tensor: torch.Tensor) -> torch.Tensor:

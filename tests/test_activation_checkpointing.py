@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from conftest import run_cli, write_jsonl, write_recipe
+from conftest import randomise, run_cli, write_jsonl, write_recipe
 from ftcli.architectures import ARCHITECTURES
 from ftcli.activation_checkpointing import OffloadedCheckpoint, enable_checkpointing
 from ftcli.data.templates import TokenizedExample
@@ -27,11 +27,7 @@ def lora_model(folder, family: str, mode, dropout: float = 0.0):
                                                  attn_implementation=architecture.attention).requires_grad_(False)
     enable_checkpointing(model, mode)
     model = add_lora(model, LoraSettings(r=4, alpha=8, dropout=dropout), architecture, seed=3)
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():  # LoRA B starts at zero, which would leave every A gradient zero and untested
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    randomise(model, "lora_B", 0.05, seed=2)
     return model.train()
 
 

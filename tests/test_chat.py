@@ -15,7 +15,7 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REFUSES_SYSTEM, assert_clean_failure, greedy_reply, make_adapter_folder, run_cli
+from conftest import REFUSES_SYSTEM, assert_clean_failure, greedy_reply, make_output_folder, run_cli
 from ftcli.chat import Conversation
 from ftcli.decoding import Decoder, Sampling
 from ftcli.inference import open_model
@@ -36,7 +36,7 @@ def test_prompt_prints_only_the_fixture_answer(smollm2_folder):
 
 def test_prompt_with_an_adapter_folder_answers_as_the_unmerged_adapter(tmp_path, tiny_model_folder):
     base = tiny_model_folder("llama")
-    out = make_adapter_folder(base, tmp_path / "out")
+    out = make_output_folder(base, tmp_path / "out", std=1.0)  # B large enough to change the greedy answer
     tokenizer = AutoTokenizer.from_pretrained(out)
     plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     without = reference_answer(plain, tokenizer, "Say the number 7.", 12)
@@ -82,7 +82,7 @@ def test_bad_paths_exit_2_with_the_fix(tmp_path, tiny_model_folder):
     (tmp_path / "empty").mkdir()
     empty = run_cli("chat", tmp_path / "empty", "--prompt", "hi")
     assert_clean_failure(empty, 2, "adapter_config.json", "(config.json)")
-    out = make_adapter_folder(tiny_model_folder("llama"), tmp_path / "out")
+    out = make_output_folder(tiny_model_folder("llama"), tmp_path / "out")
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     recipe["model"]["name"] = str(tmp_path / "moved-base")
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe))
@@ -182,7 +182,7 @@ def test_ctrl_d_and_ctrl_c_at_the_prompt_end_the_session_cleanly(smollm2_folder)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_an_adapter_trained_in_4_bits_answers_the_same_compiled_or_not_on_cuda(tmp_path, tiny_model_folder):
     """The path an NF4 QLoRA output folder takes on a GPU: NF4 base, unmerged adapter, the CUDA-graph step."""
-    out = make_adapter_folder(tiny_model_folder("llama"), tmp_path / "out", load_in_4bit=True)
+    out = make_output_folder(tiny_model_folder("llama"), tmp_path / "out", load_in_4bit=True)
     assert "nf4 + adapter" in open_model(out).description
     answers = [run_cli("chat", out, "--prompt", "Say the number 7.", "--temperature", "0", "--max-new-tokens", "16",
                        compiled) for compiled in ("--compile", "--no-compile")]
@@ -213,7 +213,7 @@ def test_a_folders_recipe_cannot_turn_on_remote_code(tmp_path, tiny_model_folder
     """recipe.yaml comes with the folder, from anyone; only --trust-remote-code lets transformers run a model's code."""
     import transformers
 
-    out = make_adapter_folder(tiny_model_folder("llama"), tmp_path / "out", trust_remote_code=True)
+    out = make_output_folder(tiny_model_folder("llama"), tmp_path / "out", trust_remote_code=True)
     asked = []
     for auto_class in (transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
         load = auto_class.from_pretrained
@@ -248,7 +248,7 @@ def test_a_model_that_needs_its_own_code_asks_for_the_flag(tmp_path, tiny_model_
 def test_errors_about_the_base_name_base_not_a_recipe_field(tmp_path, tiny_model_folder):
     from transformers import GPT2Config
 
-    out = make_adapter_folder(tiny_model_folder("llama"), tmp_path / "out")
+    out = make_output_folder(tiny_model_folder("llama"), tmp_path / "out")
     GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
     result = run_cli("chat", out, "--base", tmp_path / "gpt2", "--prompt", "hi")
     output = assert_clean_failure(result, 2, f"--base '{tmp_path / 'gpt2'}' is a 'gpt2' model", "does not support")
@@ -259,7 +259,7 @@ def test_errors_about_the_base_name_base_not_a_recipe_field(tmp_path, tiny_model
 
 
 def test_a_damaged_output_folder_names_the_file(tmp_path, tiny_model_folder):
-    out = make_adapter_folder(tiny_model_folder("llama"), tmp_path / "out")
+    out = make_output_folder(tiny_model_folder("llama"), tmp_path / "out")
     (out / "recipe.yaml").write_text("model: [\n")
     assert_clean_failure(run_cli("chat", out, "--prompt", "hi"), 2, f"{out / 'recipe.yaml'} is not a readable recipe")
     (out / "recipe.yaml").unlink()

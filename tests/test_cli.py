@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import assert_clean_failure, make_adapter_folder, run_cli, write_jsonl, write_recipe
+from conftest import assert_clean_failure, make_output_folder, run_cli, write_jsonl, write_recipe
 from ftcli.errors import redact
 
 CHAT_ROWS = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
@@ -180,7 +180,7 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
 
 
 def test_real_process_library_failure_has_no_traceback(tmp_path, tiny_model_folder):
-    out = make_adapter_folder(tiny_model_folder("llama"), tmp_path / "out")
+    out = make_output_folder(tiny_model_folder("llama"), tmp_path / "out")
     (out / "adapter_model.safetensors").write_bytes(b"junk" * 50)
     result = subprocess.run([sys.executable, "-m", "ftcli", "chat", str(out), "--prompt", "hi"],
                             capture_output=True, text=True)
@@ -253,7 +253,7 @@ def test_a_gguf_file_of_garbage_bytes(workspace):
 
 
 def test_an_unreadable_adapter_folder_in_chat_and_export(tmp_path, tiny_model_folder):
-    out = make_adapter_folder(tiny_model_folder("llama"), tmp_path / "out")
+    out = make_output_folder(tiny_model_folder("llama"), tmp_path / "out")
     (out / "adapter_model.safetensors").write_bytes(b"junk" * 50)
     assert_clean_failure(run_cli("chat", out, "--prompt", "hi"), 1, "`ftcli chat` failed: SafetensorError:")
     exported = run_cli("export", out, "--merged", "--json")
@@ -267,7 +267,7 @@ def cuda_out_of_memory(*args, **kwargs):
 
 
 def test_cuda_out_of_memory_in_chat_and_export_exits_4_with_advice(tmp_path, tiny_model_folder, monkeypatch):
-    out = make_adapter_folder(tiny_model_folder("llama"), tmp_path / "out")
+    out = make_output_folder(tiny_model_folder("llama"), tmp_path / "out")
     monkeypatch.setattr("ftcli.decoding.Decoder.generate", cuda_out_of_memory)
     chatted = run_cli("chat", out, "--prompt", "hi")
     assert_clean_failure(chatted, 4, "CUDA ran out of memory during `ftcli chat`", "Tried to allocate 2.00 GiB",

@@ -7,11 +7,10 @@ import gguf
 import numpy as np
 import pytest
 import torch
-import yaml
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from conftest import assert_clean_failure, run_cli
+from conftest import assert_clean_failure, make_output_folder, run_cli
 from ftcli.export import default_export_folder, export
 from ftcli.export.gguf_file import ARCHITECTURES, gguf_weight
 from ftcli.export.modelfile import CHAT_FORMATS
@@ -29,22 +28,6 @@ TRANSFORMERS_HAS_NO_GGUF_LOADER = {"gemma"}
 # tiny models' byte-level BPE); their real checkpoints are SentencePiece, and llama.cpp's own tokenizer is checked on
 # every family's file in test_llama_cpp.py
 TRANSFORMERS_READS_BPE_VOCAB = {"llama", "mistral", "qwen2", "qwen3"}
-
-
-def make_output_folder(base, folder, load_in_4bit=False, seed=1, std=0.05):
-    """What `ftcli train` leaves: a PEFT adapter (with non-zero B, so merging changes the model), tokenizer, recipe."""
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if model.config.model_type == "phi3" else \
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    torch.manual_seed(seed)
-    adapted = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-    for name, parameter in adapted.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(parameter, std=std)
-    adapted.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(base).save_pretrained(folder)
-    (folder / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name": str(base), "load_in_4bit": load_in_4bit}}))
-    return folder
 
 
 def logits(model, tokenizer, text=TEXT):

@@ -3,14 +3,11 @@
 import pytest
 import torch
 
+from conftest import DEVICE
+from ftcli_kernels.accuracy import relative_error
 from ftcli_kernels.gated_activation import gated_activation, gated_activation_reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # max error relative to the reference's largest magnitude
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.float() - want.float()).abs().max() / want.float().abs().max())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])

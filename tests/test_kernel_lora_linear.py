@@ -14,19 +14,15 @@ from bitsandbytes.functional import dequantize_4bit
 from bitsandbytes.nn import Params4bit
 
 import ftcli_kernels.lora_linear
+from conftest import DEVICE
+from ftcli_kernels.accuracy import relative_error
 from ftcli_kernels.lora_linear import lora_linear, lora_linear_reference
 from ftcli_kernels.lora_mlp import lora_gated_mlp, lora_gated_mlp_reference
 from ftcli_kernels.lora_qkv import lora_projections, lora_projections_reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (forward, backward) max error relative to the reference's largest magnitude
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 3e-2)}
 RANK = 8
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.detach().float(), want.detach().float()
-    return float((got - want).abs().max() / want.abs().max())
 
 
 def projection(generator, out_features: int, in_features: int, dtype, base: str, bias: bool) -> tuple:

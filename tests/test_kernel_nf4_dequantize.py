@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-from bitsandbytes.functional import quantize_4bit
+from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
+from conftest import DEVICE
 from ftcli_kernels.nf4_dequantize import nf4_dequantize, nf4_dequantize_reference
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
@@ -27,8 +26,6 @@ def test_nf4_dequantize_matches_bitsandbytes(shape, nested, dtype):
 
 
 def test_nf4_dequantize_agrees_with_bitsandbytes():
-    from bitsandbytes.functional import dequantize_4bit
-
     # bitsandbytes' CPU path mis-reads rows whose width is not a multiple of 128, so the check uses 128 columns
     weight = (torch.randn(192, 128, generator=torch.Generator().manual_seed(3)) * 0.05).to(DEVICE)
     packed, state = quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")

@@ -6,19 +6,18 @@ On a CPU this runs under TRITON_INTERPRET=1 (conftest.py sets it); on a GPU, nat
 import pytest
 import torch
 
-from ftcli_kernels.rms_norm import rms_norm, rms_norm_reference
+from conftest import DEVICE
+from ftcli_kernels.accuracy import relative_error
+from ftcli_kernels.rms_norm import MAX_FUSED_WIDTH, rms_norm, rms_norm_reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (forward, backward) max error relative to the reference's largest magnitude
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 2e-2)}
 
 
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.float() - want.float()).abs().max() / want.float().abs().max())
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("shape", [(3, 64), (2, 5, 96), (1, 7, 576)])
+# 19 rows: on a CPU backward runs 8 programs of 3 rows, the seventh with 1 (ragged) and the last with none; 1000 columns
+# leave 24 masked lanes of the 1024-wide block
+@pytest.mark.parametrize("shape", [(3, 64), (2, 5, 96), (1, 7, 576), (19, 1000)])
 @pytest.mark.parametrize("offset", [0.0, 1.0], ids=["llama", "gemma"])
 def test_rms_norm_matches_reference(shape, dtype, offset):
     generator = torch.Generator().manual_seed(hash((shape, offset)) % 2**31)
@@ -51,3 +50,6 @@ def test_unsupported_inputs_fail_loudly():
         rms_norm(torch.randn(2, 64, device=DEVICE), torch.ones(32, device=DEVICE), 1e-6)
     with pytest.raises(TypeError, match="unsupported dtype"):
         rms_norm(torch.randn(2, 64, device=DEVICE).double(), torch.ones(64, device=DEVICE).double(), 1e-6)
+    wide = MAX_FUSED_WIDTH + 1
+    with pytest.raises(ValueError, match=f"hidden size {wide} is over the fused kernel's limit {MAX_FUSED_WIDTH}"):
+        rms_norm(torch.randn(1, wide, device=DEVICE), torch.ones(wide, device=DEVICE), 1e-6)

@@ -11,9 +11,10 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_rope
 from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb as phi3_rope
 
+from conftest import DEVICE
+from ftcli_kernels.accuracy import relative_error
 from ftcli_kernels.rope import apply_rope, rope_reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # max error relative to the float64 reference's largest magnitude, forward and backward alike. Outputs are
 # rounded once, from float32: 2**-9 for bfloat16 on a GPU, 2**-8 under the interpreter, which truncates
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}
@@ -25,11 +26,6 @@ SHAPES = [
     (2, 3, 3, 9, 24, 12),  # half widths 6, not a power of two: masked lanes
     (1, 20, 4, 3, 256, 256),  # Gemma's head_dim: the heads take two loop steps
 ]
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.detach().double(), want.detach().double()
-    return float((got - want).abs().max() / want.abs().max())
 
 
 def attention_inputs(shape, dtype, layout: str, cos_batch: int, seed: int):

@@ -10,9 +10,10 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import make_output_folder
 from ftcli.export import default_export_folder, export
 from llama_cpp_run import llama_quantize, load, logits
-from test_export import TEXT, make_output_folder
+from test_export import TEXT
 from test_export_fixture import identity_chats
 from tiny_models import FAMILIES, SLIDING_WINDOW
 

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, write_jsonl, write_recipe
+from conftest import make_output_folder, run_cli, write_jsonl, write_recipe
 from ftcli.errors import OutputFolderError
 from ftcli.output import locked_output_folder, newest_finished_run, partial_folder
 from ftcli.owned_folders import MARKER_FILE, TRAINING_RUN, read_marker, write_marker
 from ftcli.staging import replace_folder, staged_folder
-from test_export import make_output_folder
 
 ROWS = [{"messages": [{"role": "user", "content": "Say the number 7."},
                       {"role": "assistant", "content": "The number is 7."}]}] * 4

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import run_cli, write_jsonl, write_recipe
+from conftest import randomise, run_cli, write_jsonl, write_recipe
 from ftcli.architectures import ARCHITECTURES
 from ftcli.data.packing import join_examples, pack_examples
 from ftcli.data.templates import IGNORE_INDEX, TokenizedExample
@@ -146,10 +146,7 @@ def test_packed_loss_equals_unpacked_loss(family, tiny_model_folder):
 def test_packed_gradients_equal_unpacked_gradients_through_the_loop(tiny_model_folder):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_folder("mistral"), dtype=torch.float32)
     model = add_lora(model, LoraSettings(r=4, alpha=8), ARCHITECTURES["mistral"], seed=0)
-    with torch.no_grad():  # LoRA B starts at zero, which would leave every A gradient zero and untested
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.05)
+    randomise(model, "lora_B", 0.05, seed=0)
     examples = examples_of(LENGTHS)
     packed = pack_examples(examples, 40)
     results = []

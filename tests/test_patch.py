@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import randomise
 from ftcli.architectures import ARCHITECTURES
 from ftcli.loader import add_lora
 from ftcli.patch import KernelGatedMLP, KernelRMSNorm, RotaryDispatch, apply_kernels, apply_lora_kernels
@@ -18,14 +19,6 @@ from ftcli_kernels import lora_mlp as lora_mlp_kernel
 from ftcli_kernels import lora_qkv as lora_qkv_kernel
 from ftcli_kernels import rope as rope_kernel
 from tiny_models import FAMILIES
-
-
-def randomise(model, pattern: str, scale: float, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if pattern in name:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
 
 
 def count_calls(monkeypatch, module, name: str) -> list:

@@ -11,6 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from conftest import randomise
 from ftcli.architectures import ARCHITECTURES
 from ftcli.activation_checkpointing import enable_checkpointing
 from ftcli.loader import add_lora, load_model
@@ -32,11 +33,7 @@ def lora_model(folder, family: str, kernels: bool, load_in_4bit: bool = False, c
     enable_checkpointing(model, checkpointing)
     model = add_lora(model, LoraSettings(**{"r": 4, "alpha": 8} | lora), architecture, seed=3)
     swapped = apply_lora_kernels(model) if kernels else {}
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    randomise(model, "lora_B", 0.05, seed=2)
     return model.train(), swapped
 
 

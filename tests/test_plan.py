@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from conftest import assert_clean_failure, run_cli, write_jsonl, write_recipe
 from ftcli.errors import InputError
 from ftcli.plan import GIB, ModelShape, Setup, estimate_memory, parse_size
+from ftcli.recipe import DEFAULT_TARGET_MODULES
 from ftcli.shapes import shape_config
 
 # Peak allocated memory measured with `python -m ftcli.bench --only ftcli` on an H100 (Llama-3-8B shape,
@@ -35,8 +36,7 @@ def test_weights_and_lora_sizes_match_the_model_classes(name):
     linear = sum(m.weight.numel() for n, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear))
     # embeddings, LM head (counted once when tied) and norms
     sixteen_bit = sum(p.numel() for n, p in model.named_parameters() if "layers." not in n or "norm" in n)
-    model = get_peft_model(model, LoraConfig(r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                                   "up_proj", "down_proj"]))
+    model = get_peft_model(model, LoraConfig(r=16, target_modules=DEFAULT_TARGET_MODULES))
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
 
     parts = estimate_memory(shape_of(name), Setup(batch_size=1, seq=512, checkpointing="offload")).parts

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import randomise
 from ftcli.architectures import ARCHITECTURES
 from ftcli.data.templates import IGNORE_INDEX, TokenizedExample
 from ftcli.optim import learning_rate_factor
@@ -21,10 +22,7 @@ def tiny_lora_llama(seed: int = 0):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     model = add_lora(LlamaForCausalLM(config).requires_grad_(False), LoraSettings(r=4, alpha=8),
                      ARCHITECTURES["llama"], seed)
-    with torch.no_grad():  # LoRA B starts at zero, which would leave every A gradient zero and untested
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.05)
+    randomise(model, "lora_B", 0.05, seed)
     return model
 
 

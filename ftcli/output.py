@@ -18,7 +18,7 @@ from typing import Iterator, Optional
 from ftcli.errors import OutputFolderError
 from ftcli.owned_folders import TRAINING_RUN, check_not_protected, check_replaceable, read_marker, write_marker
 from ftcli.staging import atomic_copy, replace_folder
-from ftcli.snapshots import CHECKPOINTS, copy_snapshots, list_snapshots
+from ftcli.snapshots import CHECKPOINTS, copy_snapshots, list_snapshots, newest_snapshot
 
 RUNS_FOLDER = Path("outputs")  # where the shipped recipes' output.dir puts runs
 _FIX = "Choose another output folder with --output (or output.dir), or move or delete this one yourself."
@@ -57,11 +57,12 @@ def locked_output_folder(final: Path, overwrite: bool, resume: bool = False) -> 
         except BlockingIOError:
             raise OutputFolderError(f"Another ftcli run is writing {final} (its work folder {staging} is locked). Wait "
                                     "for it to finish, or choose another output folder with --output.") from None
+        copied_step = None
         try:
-            _prepare(final, staging, overwrite, resume)
+            copied_step = _prepare(final, staging, overwrite, resume)
             yield staging
         except BaseException:
-            if not list_snapshots(staging):
+            if not _holds_new_checkpoint(staging, copied_step):
                 shutil.rmtree(staging, ignore_errors=True)
             raise
         write_marker(staging, TRAINING_RUN)
@@ -70,8 +71,16 @@ def locked_output_folder(final: Path, overwrite: bool, resume: bool = False) -> 
         os.close(lock)
 
 
-def _prepare(final: Path, staging: Path, overwrite: bool, resume: bool) -> None:
-    """Check what is already there, and fill the staging folder with what the run starts from."""
+def _holds_new_checkpoint(staging: Path, copied_step: Optional[int]) -> bool:
+    """Whether a failed run's work folder is worth keeping for --resume: it holds a checkpoint that is not just the
+    copy of a finished run's last one (which OUT still has)."""
+    newest = newest_snapshot(staging)
+    return newest is not None and (copied_step is None or newest.step > copied_step)
+
+
+def _prepare(final: Path, staging: Path, overwrite: bool, resume: bool) -> Optional[int]:
+    """Check what is already there, and fill the staging folder with what the run starts from; returns the step of
+    the newest checkpoint copied from a finished `final`, if the run continues one."""
     has_checkpoint = bool(list_snapshots(staging))
     if has_checkpoint and not resume:
         raise OutputFolderError(f"{staging} holds checkpoints of an interrupted run for {final}. Pass --resume to "
@@ -82,10 +91,12 @@ def _prepare(final: Path, staging: Path, overwrite: bool, resume: bool) -> None:
     else:
         check_output_free(final, overwrite)
     if has_checkpoint:  # an interrupted run, which replaces `final` when it finishes, as it would have
-        return
+        return None
     _empty(staging)
-    if continues_finished_run:
-        _copy_finished_run(final, staging)
+    if not continues_finished_run:
+        return None
+    _copy_finished_run(final, staging)
+    return newest_snapshot(staging).step
 
 
 def _empty(folder: Path) -> None:

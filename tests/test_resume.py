@@ -181,6 +181,9 @@ def test_resume_without_a_checkpoint_starts_afresh_and_a_finished_run_continues_
     assert first.exit_code == 0 and json.loads(first.stdout.splitlines()[-1])["resumed_from_step"] is None
     # the last step is saved too (step-2 and step-4 pruned: save_total_limit 2)
     assert sorted(p.name for p in (tmp / "out" / "checkpoints").iterdir()) == ["step-6", "step-8"]
+    # nothing more to train: refused, and the copy of the finished run made to continue it is not left behind
+    assert_clean_failure(run_cli("train", path, "--resume"), 2, "is at step 8", "raise train.max_steps")
+    assert not (tmp / ".out.partial").exists()
     again = run_cli("train", path, "--resume", "--set", "train.max_steps=10", "--json")
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout.splitlines()[-1])["resumed_from_step"] == 8

@@ -129,8 +129,8 @@ def randomise(model, pattern: str, scale: float, seed: int) -> None:
 def make_output_folder(base, folder: Path, load_in_4bit: bool = False, seed: int = 1, std: float = 0.05,
                        **model_fields) -> Path:
     """What `ftcli train` leaves: a PEFT adapter on the default targets (B non-zero, so the adapter changes the
-    model's answers and a merge its weights), the tokenizer with its template, and recipe.yaml (whose model section
-    gets `model_fields` too)."""
+    model's answers and a merge its weights), the tokenizer with its template, and recipe.yaml (float32, as a CPU
+    run's, so that chat compares in float32 on a GPU too; `model_fields` add to its model section)."""
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     targets = architecture_of(model.config, str(base)).lora_targets(DEFAULT_TARGET_MODULES)
     torch.manual_seed(seed)
@@ -139,7 +139,7 @@ def make_output_folder(base, folder: Path, load_in_4bit: bool = False, seed: int
     adapted.save_pretrained(folder)
     AutoTokenizer.from_pretrained(base).save_pretrained(folder)
     (folder / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name": str(base), "load_in_4bit": load_in_4bit,
-                                                                          **model_fields}}))
+                                                                          "dtype": "float32", **model_fields}}))
     return folder
 
 

@@ -105,6 +105,19 @@ class LoraLinearFunction(torch.autograd.Function):
         return None if grad_x is None else grad_x.view(x.shape), grad_A, grad_B, None, None, None
 
 
+def split_projections(projections: list[tuple]) -> tuple[tuple, tuple, tuple[float, ...], list[torch.Tensor]]:
+    """(weight, bias, lora_A, lora_B, scaling) per projection, regrouped as the fused autograd Functions take them:
+    the weights, biases and scalings as tuples, and the adapters as one flat list (A, B, A, B, ...) so that
+    autograd sees each as an input of its own."""
+    weights, biases, scalings, adapters = [], [], [], []
+    for weight, bias, lora_A, lora_B, scaling in projections:
+        weights.append(weight)
+        biases.append(bias)
+        scalings.append(float(scaling))
+        adapters += [lora_A, lora_B]
+    return tuple(weights), tuple(biases), tuple(scalings), adapters
+
+
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float) -> torch.Tensor:
     """x W^T + b + scaling * (x A^T) B^T in x's dtype, with W frozen: a dense tensor or a bitsandbytes Params4bit."""
     check_projection("lora_linear", x.dtype, x.shape[-1], weight, bias, lora_A, lora_B)

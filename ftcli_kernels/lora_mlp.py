@@ -9,7 +9,8 @@ dequantizes NF4 base weights again instead of keeping them from forward.
 import torch
 
 from ftcli_kernels.gated_activation import ACTIVATIONS, activation_backward, activation_forward, gated_activation_reference
-from ftcli_kernels.lora_linear import cast_all, check_projection, lora_linear_reference, project, project_backward
+from ftcli_kernels.lora_linear import (cast_all, check_projection, lora_linear_reference, project, project_backward,
+                                       split_projections)
 
 
 def _gate_and_up(inner: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,13 +73,8 @@ def lora_gated_mlp(x: torch.Tensor, activation: str, projections: list[tuple]) -
         raise ValueError(f"lora_gated_mlp: gate and up widths {widths} differ")
     inner_width = widths[0] // 2 if len(widths) == 1 else widths[0]
     check_projection("lora_gated_mlp", x.dtype, inner_width, *projections[-1][:4])
-    weights, biases, scalings, adapters = [], [], [], []
-    for weight, bias, lora_A, lora_B, scaling in projections:
-        weights.append(weight)
-        biases.append(bias)
-        scalings.append(float(scaling))
-        adapters += [lora_A, lora_B]
-    return LoraGatedMLPFunction.apply(x, activation, tuple(weights), tuple(biases), tuple(scalings), *adapters)
+    weights, biases, scalings, adapters = split_projections(projections)
+    return LoraGatedMLPFunction.apply(x, activation, weights, biases, scalings, *adapters)
 
 
 def lora_gated_mlp_reference(x: torch.Tensor, activation: str, projections: list[tuple]) -> torch.Tensor:

@@ -8,7 +8,8 @@ keeps x once, the stacked r-wide x A^T and the adapters. The outputs are column 
 
 import torch
 
-from ftcli_kernels.lora_linear import cast_all, check_projection, dense_weight, lora_linear_reference, scaled
+from ftcli_kernels.lora_linear import (cast_all, check_projection, dense_weight, lora_linear_reference, scaled,
+                                       split_projections)
 
 
 def _stacked_weight(weights, widths: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -74,15 +75,10 @@ def lora_projections(x: torch.Tensor, projections: list[tuple]) -> tuple[torch.T
     if not projections:
         raise ValueError("lora_projections: no projections given")
     widths = [check_projection("lora_projections", x.dtype, x.shape[-1], *projection[:4]) for projection in projections]
-    weights, biases, scalings, adapters = [], [], [], []
-    for weight, bias, lora_A, lora_B, scaling in projections:
-        weights.append(weight)
-        biases.append(bias)
-        scalings.append(float(scaling))
-        adapters += [lora_A, lora_B]
+    weights, biases, scalings, adapters = split_projections(projections)
     if len({adapter.dtype for adapter in adapters}) != 1:
         raise TypeError("lora_projections: the adapters must share one dtype")
-    return LoraProjectionsFunction.apply(x, tuple(weights), tuple(biases), tuple(scalings), tuple(widths), *adapters)
+    return LoraProjectionsFunction.apply(x, weights, biases, scalings, tuple(widths), *adapters)
 
 
 def lora_projections_reference(x: torch.Tensor, projections: list[tuple]) -> tuple[torch.Tensor, ...]:

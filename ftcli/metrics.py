@@ -11,6 +11,7 @@ would rather look than read.
 import io
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -21,6 +22,15 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_FOLDER = "tensorboard"
 PLOT_FILE = "loss.png"
 SCALARS = ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_gib")
+
+
+@dataclass
+class StepResult:
+    """What a training method reports of one optimizer step's backward."""
+
+    loss: float  # the step's loss: mean over its target tokens (SFT) or its pairs (preference methods)
+    tokens: int  # tokens the step computed
+    metrics: dict[str, float] = field(default_factory=dict)  # the method's own, such as DPO's rewards
 
 
 class MetricsLog:

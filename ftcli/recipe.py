@@ -76,7 +76,10 @@ class DataSettings(Section):
 
 
 class TrainSettings(Section):
-    batch_size: int = Field(2, gt=0, description="Sequences per micro-batch.")
+    method: Literal["sft", "dpo", "orpo", "simpo"] = Field(
+        "sft", description="sft: supervised fine-tuning on the answers. dpo, orpo, simpo: preference training on pairs "
+        "(data.format: preference) with the loss that names it; the preference section tunes it.")
+    batch_size: int = Field(2, gt=0, description="Sequences per micro-batch (preference pairs for dpo, orpo, simpo).")
     grad_accum: int = Field(4, gt=0, description="Micro-batches per optimizer step; the loss is averaged over all their target tokens.")
     learning_rate: float = Field(2.0e-4, gt=0, description="Peak learning rate.")
     lr_scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warmup.")
@@ -112,6 +115,34 @@ class TrainSettings(Section):
         return self
 
 
+PREFERENCE_METHODS = ("dpo", "orpo", "simpo")
+DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0}
+
+
+class PreferenceSettings(Section):
+    """The preference losses' settings; each field applies to the methods its description names."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    beta: Optional[float] = Field(None, gt=0, description="dpo, simpo: how sharply the loss separates the answers "
+                                  "(dpo: the KL strength to the reference); null is 0.1 for dpo, 2.0 for simpo.")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid", description="dpo: sigmoid (the DPO paper), ipo (squared distance to 1 / (2 beta)) or hinge (SLiC).")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="dpo (sigmoid), simpo: the assumed share of "
+                                   "pairs whose preference is wrong (conservative DPO); 0 trusts every pair.")
+    precompute_reference: bool = Field(False, description="dpo: compute the reference log-probabilities once, in a "
+                                       "pass before training, and cache them in OUT, so each step needs one forward less.")
+    orpo_lambda: float = Field(0.1, gt=0, alias="lambda", description="orpo: weight of the odds-ratio term against the "
+                               "chosen answer's negative log-likelihood.")
+    gamma: float = Field(0.5, ge=0, description="simpo: the target reward margin.")
+
+
+PREFERENCE_FIELDS = {  # which method reads which field of the preference section
+    "beta": ("dpo", "simpo"), "loss_type": ("dpo",), "label_smoothing": ("dpo", "simpo"),
+    "precompute_reference": ("dpo",), "orpo_lambda": ("orpo",), "gamma": ("simpo",),
+}
+
+
 class OutputSettings(Section):
     dir: str = Field("outputs/run", description="Folder for the adapter, tokenizer, recipe.yaml and metrics.jsonl.")
     overwrite: bool = Field(False, description="Replace an existing output folder instead of stopping: one ftcli wrote "
@@ -124,11 +155,40 @@ class Recipe(Section):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     data: DataSettings
     train: TrainSettings = Field(default_factory=TrainSettings)
+    preference: PreferenceSettings = Field(default_factory=PreferenceSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
+
+    @field_validator("preference")
+    @classmethod
+    def _fields_of_the_method(cls, preference: PreferenceSettings, info):
+        """A field the chosen method does not read is an error, since the user expects it to change something."""
+        if "train" not in info.data:  # the train section itself was invalid and is reported already
+            return preference
+        method = info.data["train"].method
+        for name, methods in PREFERENCE_FIELDS.items():
+            if method not in methods and getattr(preference, name) != PreferenceSettings.model_fields[name].default:
+                key = PreferenceSettings.model_fields[name].alias or name
+                raise ValueError(f"{key} applies to {' and '.join(methods)} only, and train.method is {method}; "
+                                 "remove it, or choose a method that reads it")
+        return preference
+
+    @model_validator(mode="after")
+    def _preference_data(self):
+        """Preference methods train on pairs, and pairs only make sense to them."""
+        pairs = self.data.format == "preference"
+        if (self.train.method in PREFERENCE_METHODS) != pairs:
+            raise ValueError(f"train.method {self.train.method} needs data.format "
+                             f"{'preference' if not pairs else 'alpaca, sharegpt, messages or text'}, "
+                             f"and data.format is {self.data.format}; change one of them")
+        return self
+
+    def beta(self) -> float:
+        """The preference loss's beta: the recipe's, or the method's default."""
+        return self.preference.beta if self.preference.beta is not None else DEFAULT_BETA.get(self.train.method, 0.0)
 
     def to_yaml(self) -> str:
         """The fully resolved recipe, defaults included, as saved beside the adapter."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
 
 
 def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Recipe:
@@ -150,7 +210,7 @@ def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise RecipeError(f"{path} must be a mapping with the sections model, lora, data, train and output; "
+        raise RecipeError(f"{path} must be a mapping with the sections model, lora, data, train, preference and output; "
                           f"it holds a {type(raw).__name__}.")
     # A section written with nothing under it (`train:`) is read as null; treat it as empty so its defaults apply.
     raw = {section: {} if values is None else values for section, values in raw.items()}
@@ -266,6 +326,7 @@ def recipe_reference() -> str:
     for section, field in Recipe.model_fields.items():
         out += [f"**{section}**", "", "| key | default | meaning |", "|---|---|---|"]
         for name, info in field.annotation.model_fields.items():
+            name = info.alias or name
             default = "required" if info.is_required() else yaml.safe_dump(
                 info.get_default(call_default_factory=True), default_flow_style=True).strip().removesuffix("...").strip()
             out.append(f"| `{name}` | `{default}` | {info.description} |")

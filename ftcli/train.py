@@ -2,9 +2,10 @@
 
 The loop is ours rather than a Trainer's so that every step is visible: gradient accumulation divides
 the summed token losses of all micro-batches of a step by their total target tokens, which makes the
-update independent of how the tokens were split into micro-batches. A step is two seams, `collate` (the
-batch) and `accumulate_gradients` (the loss), around the optimizer's update; the rest of the loop (metrics,
-evaluation, checkpoints, the stop check) is one small function each.
+update independent of how the tokens were split into micro-batches. What a training method supplies is its
+batches and its loss: `SupervisedMethod` here for SFT, `PreferenceMethod` (ftcli/preference.py) for DPO, ORPO
+and SimPO, each an `accumulate_gradients` over a step's micro-batches and an `evaluate`, around the optimizer's
+update; the rest of the loop (metrics, evaluation, checkpoints, the stop check) is one small function each.
 """
 
 import math
@@ -25,12 +26,13 @@ from ftcli.data.templates import IGNORE_INDEX, TokenizedExample
 from ftcli.errors import CheckpointError, Interrupted, OutOfMemory, TrainingDiverged, redact
 from ftcli.loader import (add_lora, check_lora_targets, compute_dtype, load_config, load_model, load_tokenizer,
                           meta_model, pick_device)
-from ftcli.metrics import MetricsLog, plot_losses
+from ftcli.metrics import MetricsLog, StepResult, plot_losses
 from ftcli.optim import build_optimizer, set_learning_rate
 from ftcli.patch import KernelSwaps, apply_kernels, apply_lora_kernels, kernels_can_run
 from ftcli.plan import out_of_memory_advice
+from ftcli.preference import PreferenceMethod
 from ftcli.progress import TrainingDisplay
-from ftcli.recipe import LoraSettings, Recipe, TrainSettings
+from ftcli.recipe import PREFERENCE_METHODS, LoraSettings, Recipe, TrainSettings
 from ftcli.signals import StopRequest
 from ftcli.snapshots import Snapshot, check_compatible, newest_snapshot, restore_snapshot, save_snapshot
 from ftcli.staging import atomic_write_text
@@ -53,6 +55,7 @@ class TrainingSetup:
     pad_id: int
     kernels: KernelSwaps
     total_steps: int
+    method: Union["SupervisedMethod", PreferenceMethod]
 
 
 @dataclass
@@ -66,6 +69,7 @@ class RunState:
     learning_rate: float = math.nan  # of the last step
     grad_norm: float = math.nan  # of the last step, before clipping
     eval_loss: Optional[float] = None
+    method_metrics: dict[str, float] = field(default_factory=dict)  # of the last step, such as DPO's rewards
     started: float = field(default_factory=time.perf_counter)
     interval_start: float = field(default_factory=time.perf_counter)  # since the last metrics row
     interval_tokens: int = 0
@@ -126,9 +130,12 @@ def build_setup(recipe: Recipe, out_dir: Path, device: torch.device, architectur
     model, kernels = prepare_for_training(model, architecture, recipe.lora, recipe.model.kernels and kernels_can_run(device),
                                           recipe.train.gradient_checkpointing, recipe.train.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    method_class = PreferenceMethod if recipe.train.method in PREFERENCE_METHODS else SupervisedMethod
+    method = method_class(recipe, tokenizer.pad_token_id, device, kernels.fused_loss)
+    method.prepare(model, data.train, data.eval, out_dir)
     return TrainingSetup(recipe, out_dir, data, model, trainable, build_optimizer(trainable, recipe.train),
                          torch.amp.GradScaler(device.type) if dtype == torch.float16 else None, device, dtype,
-                         tokenizer.pad_token_id, kernels, total_steps)
+                         tokenizer.pad_token_id, kernels, total_steps, method)
 
 
 def resumed_state(setup: TrainingSetup, snapshot: Snapshot, display: TrainingDisplay) -> RunState:
@@ -152,8 +159,9 @@ def train_loop(setup: TrainingSetup, state: RunState, display: TrainingDisplay, 
             train_step(setup, state, step, group)
             row = metrics_row(setup, state) if step % settings.logging_steps == 0 or step == total else None
             if evaluation_due(setup, step):
-                state.eval_loss = evaluate_or_stop(setup, step)
-                row = (row or {"step": step}) | {"eval_loss": round(state.eval_loss, 6)}
+                state.eval_loss, eval_metrics = evaluate_or_stop(setup, step)
+                row = (row or {"step": step}) | {"eval_loss": round(state.eval_loss, 6)} | {
+                    f"eval_{name}": round(value, 6) for name, value in eval_metrics.items()}
             if row:
                 metrics.write(row)
             display.step(step, state.last_loss, state.learning_rate, row)
@@ -166,27 +174,28 @@ def train_loop(setup: TrainingSetup, state: RunState, display: TrainingDisplay, 
                                   stop.signal_number)
 
 
-def train_step(setup: TrainingSetup, state: RunState, step: int, group: list[list[TokenizedExample]]) -> None:
+def train_step(setup: TrainingSetup, state: RunState, step: int, group: list[list]) -> None:
     """One optimizer step over the micro-batches of `group`; a loss or gradient norm that is not finite stops the
     run before the update."""
-    batches = [collate(examples, setup.pad_id, setup.device) for examples in group]
-    loss, tokens = accumulate_gradients(setup.model, batches, setup.scaler, setup.kernels.fused_loss)
+    result = setup.method.accumulate_gradients(setup.model, group, setup.scaler)
     examples = [example for batch in group for example in batch]
-    check_finite("training loss", loss, step, examples, setup)
+    check_finite("training loss", result.loss, step, examples, setup)
     grad_norm = clip_gradients(setup.trainable, setup.optimizer, setup.recipe.train.max_grad_norm, setup.scaler)
     if setup.scaler is None:  # with float16 loss scaling an overflow is normal: the scaler skips the step
         check_finite("gradient norm", grad_norm, step, examples, setup)
     rate = set_learning_rate(setup.optimizer, setup.recipe.train, setup.total_steps, step - 1)
     take_step(setup.optimizer, setup.scaler)
     setup.optimizer.zero_grad(set_to_none=True)
-    state.advance(step, loss, rate, grad_norm, tokens)
+    state.advance(step, result.loss, rate, grad_norm, result.tokens)
+    state.method_metrics = result.metrics
 
 
 def metrics_row(setup: TrainingSetup, state: RunState) -> dict:
     return {"step": state.step, "loss": round(state.last_loss, 6), "lr": state.learning_rate,
             "grad_norm": round(state.grad_norm, 6), "tokens": state.tokens_seen,
             "tokens_per_s": round(state.tokens_per_second(), 1), "elapsed_s": round(state.elapsed(), 3),
-            "peak_mem_gib": round(peak_memory_gib(setup.device), 3)}
+            "peak_mem_gib": round(peak_memory_gib(setup.device), 3)} | {
+            name: round(value, 6) for name, value in state.method_metrics.items()}
 
 
 def evaluation_due(setup: TrainingSetup, step: int) -> bool:
@@ -195,12 +204,12 @@ def evaluation_due(setup: TrainingSetup, step: int) -> bool:
     return bool(setup.data.eval) and (step == setup.total_steps or (eval_steps > 0 and step % eval_steps == 0))
 
 
-def evaluate_or_stop(setup: TrainingSetup, step: int) -> float:
-    """The evaluation loss; one that is not finite stops the run like a training loss would."""
-    loss, diverged = evaluate(setup.model, setup.data.eval, setup.recipe.train.batch_size, setup.pad_id,
-                              setup.device, setup.kernels.fused_loss)
+def evaluate_or_stop(setup: TrainingSetup, step: int) -> tuple[float, dict[str, float]]:
+    """The evaluation loss and the method's own evaluation metrics; a loss that is not finite stops the run like a
+    training loss would."""
+    loss, metrics, diverged = setup.method.evaluate(setup.model, setup.data.eval)
     check_finite("evaluation loss", loss, step, diverged, setup)
-    return loss
+    return loss, metrics
 
 
 def checkpoint_due(settings: TrainSettings, step: int, total_steps: int) -> bool:
@@ -224,7 +233,7 @@ def finish(setup: TrainingSetup, state: RunState, tokenizer, resumed_from_step: 
     plot = plot_losses(setup.out_dir)
     runtime = state.elapsed()
     precision = "nf4" if recipe.model.load_in_4bit else str(setup.dtype).removeprefix("torch.")
-    return {"status": "ok", "steps": setup.total_steps, "precision": precision, "kernels": setup.kernels.module_counts,
+    return {"status": "ok", "method": recipe.train.method, "steps": setup.total_steps, "precision": precision, "kernels": setup.kernels.module_counts,
             "fused_loss": setup.kernels.fused_loss, "final_loss": round(state.last_loss, 6),
             "eval_loss": None if state.eval_loss is None else round(state.eval_loss, 6), "tokens": state.tokens_seen,
             "train_runtime_s": round(runtime, 2), "tokens_per_s": round(state.tokens_seen / max(runtime, 1e-9), 1),
@@ -286,6 +295,26 @@ def dry_run(recipe: Recipe) -> dict:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+class SupervisedMethod:
+    """SFT: cross-entropy over the trained tokens, normalised by the step's number of them."""
+
+    def __init__(self, recipe: Recipe, pad_id: int, device: torch.device, fused: bool):
+        self.batch_size, self.pad_id, self.device, self.fused = recipe.train.batch_size, pad_id, device, fused
+
+    def prepare(self, model, train: list[TokenizedExample], evaluation: list[TokenizedExample], out_dir: Path) -> None:
+        """Nothing to compute before training (preference methods may precompute their reference)."""
+
+    def accumulate_gradients(self, model, group: list[list[TokenizedExample]],
+                             scaler: Optional[torch.amp.GradScaler] = None) -> StepResult:
+        batches = [collate(examples, self.pad_id, self.device) for examples in group]
+        loss, tokens = accumulate_gradients(model, batches, scaler, self.fused)
+        return StepResult(loss, tokens)
+
+    def evaluate(self, model, examples: list[TokenizedExample]) -> tuple[float, dict, list[TokenizedExample]]:
+        loss, diverged = evaluate(model, examples, self.batch_size, self.pad_id, self.device, self.fused)
+        return loss, {}, diverged
 
 
 def collate(examples: list[TokenizedExample], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:

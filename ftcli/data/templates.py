@@ -91,6 +91,19 @@ class TokenizedExample:
     origin: str = ""  # the row it came from ("data.jsonl row 3"), for the preview
 
 
+@dataclass
+class PreferenceExample:
+    """One preference pair, tokenized: the prompt's tokens once, then each answer's tokens that follow it."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    chosen_labels: list[int]  # the token where the loss covers it, else IGNORE_INDEX
+    rejected_ids: list[int]
+    rejected_labels: list[int]
+    truncated: bool = False
+    origin: str = ""
+
+
 def use_template(tokenizer, name: str) -> None:
     """Install the chosen template on the tokenizer, so training, chat and export all render alike."""
     if name == "auto":

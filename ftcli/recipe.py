@@ -46,7 +46,7 @@ class LoraSettings(Section):
 
 class DataSettings(Section):
     path: str = Field(description="json/jsonl/csv/parquet/txt file, a folder of them (types may mix), or a hub dataset id when online.")
-    format: Literal["alpaca", "sharegpt", "messages", "text"] = Field(
+    format: Literal["alpaca", "sharegpt", "messages", "text", "preference"] = Field(
         "messages", description="Row layout: alpaca (instruction/input/output), sharegpt (conversations of from/value), "
         "messages (role/content), text (raw text for continued pre-training, cut into max_seq_length chunks).")
     columns: dict[str, str] = Field(

@@ -30,9 +30,12 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from ftcli.architectures import architecture_of
+from ftcli.activation_checkpointing import enable_checkpointing
+from ftcli.architectures import ARCHITECTURES, architecture_of
 from ftcli.cli import app
-from ftcli.recipe import DEFAULT_TARGET_MODULES
+from ftcli.loader import add_lora, load_model
+from ftcli.patch import apply_kernels, apply_lora_kernels
+from ftcli.recipe import DEFAULT_TARGET_MODULES, LoraSettings, ModelSettings
 
 
 @pytest.fixture(scope="session")
@@ -125,6 +128,20 @@ def randomise(model, pattern: str, scale: float, seed: int) -> None:
         for name, parameter in model.named_parameters():
             if pattern in name:
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
+def lora_model(folder, family: str, kernels: bool, load_in_4bit: bool = False, checkpointing=False, **lora):
+    """The tiny model with LoRA (B randomised, so A gets gradients), patched as train.py does when `kernels`."""
+    architecture = ARCHITECTURES[family]
+    model = load_model(ModelSettings(name=str(folder), load_in_4bit=load_in_4bit, dtype="float32"), architecture,
+                       torch.device("cpu"), torch.float32)
+    if kernels:
+        apply_kernels(model, architecture)
+    enable_checkpointing(model, checkpointing)
+    model = add_lora(model, LoraSettings(**{"r": 4, "alpha": 8} | lora), architecture, seed=3)
+    swapped = apply_lora_kernels(model) if kernels else {}
+    randomise(model, "lora_B", 0.05, seed=2)
+    return model.train(), swapped
 
 
 def make_output_folder(base, folder: Path, load_in_4bit: bool = False, seed: int = 1, std: float = 0.05,

@@ -11,30 +11,12 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import randomise
-from ftcli.architectures import ARCHITECTURES
-from ftcli.activation_checkpointing import enable_checkpointing
-from ftcli.loader import add_lora, load_model
-from ftcli.patch import KernelLoraLinear, KernelLoraGatedMLP, apply_kernels, apply_lora_kernels
-from ftcli.recipe import LoraSettings, ModelSettings
+from conftest import lora_model
+from ftcli.patch import KernelLoraLinear, KernelLoraGatedMLP
 from ftcli_kernels import lora_linear as lora_linear_kernel
 from ftcli_kernels import lora_qkv as lora_qkv_kernel
 
 CPU = torch.device("cpu")
-
-
-def lora_model(folder, family: str, kernels: bool, load_in_4bit: bool = False, checkpointing=False, **lora):
-    """The tiny model with LoRA (B randomised, so A gets gradients), patched as train.py does when `kernels`."""
-    architecture = ARCHITECTURES[family]
-    model = load_model(ModelSettings(name=str(folder), load_in_4bit=load_in_4bit, dtype="float32"), architecture,
-                       CPU, torch.float32)
-    if kernels:
-        apply_kernels(model, architecture)
-    enable_checkpointing(model, checkpointing)
-    model = add_lora(model, LoraSettings(**{"r": 4, "alpha": 8} | lora), architecture, seed=3)
-    swapped = apply_lora_kernels(model) if kernels else {}
-    randomise(model, "lora_B", 0.05, seed=2)
-    return model.train(), swapped
 
 
 def batch() -> torch.Tensor:

@@ -21,7 +21,7 @@ from ftcli.staging import atomic_write_bytes, atomic_write_text
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_FOLDER = "tensorboard"
 PLOT_FILE = "loss.png"
-SCALARS = ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_gib")
+NOT_PLOTTED = ("step", "tokens", "elapsed_s")  # the axes, not curves
 
 
 @dataclass
@@ -55,9 +55,10 @@ class MetricsLog:
         self.file.write(json_line(row))
         self.file.flush()
         if self.writer:
-            for name in SCALARS:
-                if name in row and math.isfinite(row[name]):
-                    self.writer.add_scalar(f"train/{name}" if name != "eval_loss" else "eval/loss", row[name], row["step"])
+            for name, value in row.items():
+                if name not in NOT_PLOTTED and value is not None and math.isfinite(value):
+                    tag = f"eval/{name.removeprefix('eval_')}" if name.startswith("eval_") else f"train/{name}"
+                    self.writer.add_scalar(tag, value, row["step"])
             self.writer.flush()
 
     def close(self) -> None:

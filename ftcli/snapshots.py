@@ -32,8 +32,8 @@ TENSORS_FILE = "training_state.pt"
 
 # Recipe fields that shape the data order, the model or the optimizer's tensors: a checkpoint only
 # continues a run whose recipe has the same values for them.
-MUST_MATCH = ["model.name", "model.max_seq_length", "model.load_in_4bit", "lora", "data", "train.batch_size",
-              "train.grad_accum", "train.seed", "train.optimizer"]
+MUST_MATCH = ["model.name", "model.max_seq_length", "model.load_in_4bit", "lora", "data", "train.method",
+              "train.batch_size", "train.grad_accum", "train.seed", "train.optimizer", "preference"]
 
 
 @dataclass

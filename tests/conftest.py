@@ -144,6 +144,11 @@ def make_output_folder(base, folder: Path, load_in_4bit: bool = False, seed: int
     return folder
 
 
+def styled(text, style) -> str:
+    """The parts of a rich Text printed in `style`, joined: what the preview highlights one way."""
+    return "".join(text.plain[span.start:span.end] for span in text.spans if span.style == style)
+
+
 def run_cli(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args])
 

@@ -183,8 +183,8 @@ def _check_prompt(turns: Conversation, origin: str, where: str) -> None:
         raise DataError(f"{origin}: the prompt ({where}) has a system message after its first message; a system "
                         "message can only open the conversation. Move it first, or remove it.")
     if turns[-1]["role"] != "user":
-        raise DataError(f"{origin}: the prompt ({where}) ends with a {turns[-1]['role']} message; it must end with the "
-                        "user message that the chosen and rejected answers reply to.")
+        raise DataError(f"{origin}: the prompt ({where}) ends with the {turns[-1]['role']}'s message; it must end with "
+                        "the user's message that the chosen and rejected answers reply to.")
 
 
 def _answer_turns(answer, origin: str, column: str) -> Conversation:

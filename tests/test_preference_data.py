@@ -6,7 +6,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import assert_clean_failure, run_cli, styled, write_jsonl, write_recipe
+from conftest import ROOT, assert_clean_failure, run_cli, styled, write_jsonl, write_recipe
 from ftcli.data import prepare_data
 from ftcli.data.formats import PreferencePair, check_columns, to_pair
 from ftcli.data.preview import REJECTED_STYLE, TRAINED_STYLE, render_pair
@@ -24,6 +24,9 @@ SYSTEM = {"role": "system", "content": "Answer in one sentence."}
 CONTEXT = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! Ask away."}]
 HH_CONTEXT = "\n\nHuman: Hi!\n\nAssistant: Hello! Ask away."
 END = "<|im_end|>"  # SmolLM2's end of a turn, and its EOS
+PIRATE = "Arr, matey! "
+PIRATE_FILES = {"train": ROOT / "recipes" / "data" / "pirate-preferences.jsonl",
+                "heldout": ROOT / "recipes" / "data" / "pirate-preferences-heldout.jsonl"}
 
 
 def user(text: str) -> dict:
@@ -223,3 +226,20 @@ def test_preview_shows_the_prompt_then_both_answers_labelled(tmp_path, smollm2_f
     assert f"[chosen answer]\n{CHOSEN}{END}\n[rejected answer]\n{REJECTED}{END}" in result.output
     assert "token lengths (per pair: its prompt once and both answers, after truncation)" in result.output
     assert "2 rows -> 2 training / 0 eval examples; 0 truncated" in result.output
+
+
+def test_the_pirate_pairs_load_and_their_held_out_prompts_are_new(tokenizer):
+    questions = {}
+    for name, path in PIRATE_FILES.items():
+        data = prepare_data(DataSettings(path=str(path), format="preference"), tokenizer, 256, seed=0)
+        assert (data.stats.skipped_invalid, data.stats.truncated, data.stats.dropped_no_target) == (0, 0, 0)
+        for pair in data.train:
+            chosen = trained_text(tokenizer, pair.chosen_ids, pair.chosen_labels)
+            rejected = trained_text(tokenizer, pair.rejected_ids, pair.rejected_labels)
+            assert chosen.startswith(PIRATE) and not rejected.startswith(PIRATE) and "matey" not in rejected
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        questions[name] = {row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"]
+                           for row in rows}
+        assert len(questions[name]) == len(rows) == len(data.train)
+    assert (len(questions["train"]), len(questions["heldout"])) == (240, 40)
+    assert not questions["train"] & questions["heldout"]

@@ -32,6 +32,7 @@ from typer.testing import CliRunner
 
 from ftcli.architectures import architecture_of
 from ftcli.cli import app
+from ftcli.data.templates import IGNORE_INDEX
 from ftcli.recipe import DEFAULT_TARGET_MODULES
 
 
@@ -142,6 +143,11 @@ def make_output_folder(base, folder: Path, load_in_4bit: bool = False, seed: int
     (folder / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name": str(base), "load_in_4bit": load_in_4bit,
                                                                           "dtype": "float32", **model_fields}}))
     return folder
+
+
+def trained_text(tokenizer, ids: list[int], labels: list[int]) -> str:
+    """The tokens the loss covers, decoded together."""
+    return tokenizer.decode([token for token, label in zip(ids, labels) if label != IGNORE_INDEX])
 
 
 def styled(text, style) -> str:

@@ -6,7 +6,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import ROOT, assert_clean_failure, run_cli, styled, write_jsonl, write_recipe
+from conftest import ROOT, assert_clean_failure, run_cli, styled, trained_text, write_jsonl, write_recipe
 from ftcli.data import prepare_data
 from ftcli.data.formats import PreferencePair, check_columns, to_pair
 from ftcli.data.preview import REJECTED_STYLE, TRAINED_STYLE, render_pair
@@ -43,9 +43,11 @@ LAYOUTS = {
     "message lists": ({"prompt": [SYSTEM, *CONTEXT, user(QUESTION)], "chosen": [assistant(CHOSEN)],
                        "rejected": [assistant(REJECTED)]}, [SYSTEM, *CONTEXT, user(QUESTION)]),
     "HH lists": ({"chosen": [SYSTEM, *CONTEXT, user(QUESTION), assistant(CHOSEN)],
-                  "rejected": [SYSTEM, *CONTEXT, user(QUESTION), assistant(REJECTED)]}, [SYSTEM, *CONTEXT, user(QUESTION)]),
+                  "rejected": [SYSTEM, *CONTEXT, user(QUESTION), assistant(REJECTED)]},
+                 [SYSTEM, *CONTEXT, user(QUESTION)]),
     "HH strings": ({"chosen": f"{HH_CONTEXT}\n\nHuman: {QUESTION}\n\nAssistant: {CHOSEN}",
-                    "rejected": f"{HH_CONTEXT}\n\nHuman: {QUESTION}\n\nAssistant: {REJECTED}"}, [*CONTEXT, user(QUESTION)]),
+                    "rejected": f"{HH_CONTEXT}\n\nHuman: {QUESTION}\n\nAssistant: {REJECTED}"},
+                   [*CONTEXT, user(QUESTION)]),
 }
 GOOD_ROW = LAYOUTS["strings"][0]
 
@@ -53,10 +55,6 @@ GOOD_ROW = LAYOUTS["strings"][0]
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_folder):
     return AutoTokenizer.from_pretrained(smollm2_folder)
-
-
-def trained_text(tokenizer, ids: list[int], labels: list[int]) -> str:
-    return tokenizer.decode([token for token, label in zip(ids, labels) if label != IGNORE_INDEX])
 
 
 def pairs_recipe(tmp_path, model, rows: list[dict], **data) -> tuple:

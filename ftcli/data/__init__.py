@@ -133,8 +133,8 @@ def _tokenize(items: list[tuple], settings: DataSettings, tokenizer, max_length:
 
 def _tokenize_pairs(rows: list[Row], settings: DataSettings, tokenizer, max_length: int,
                     stats: DataStats) -> list[PreferenceExample]:
-    """Each valid row's pair; invalid rows stop the run or are skipped, and a pair that truncation left an answer
-    with no trained token is dropped."""
+    """Each valid row's pair; invalid rows stop the run or are skipped, and a pair is dropped when truncation left
+    one of its answers without a trained token."""
     examples = []
     for row in rows:
         try:

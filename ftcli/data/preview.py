@@ -62,7 +62,8 @@ def render_pair(tokenizer, pair: PreferenceExample) -> Text:
     return text
 
 
-def render_tokens(tokenizer, ids: list[int], labels: list[int], trained_style: str, context: Sequence[int] = ()) -> Text:
+def render_tokens(tokenizer, ids: list[int], labels: list[int], trained_style: str,
+                  context: Sequence[int] = ()) -> Text:
     """The tokens' text after `context` (tokens shown before them), each run of masked or trained tokens one piece.
 
     Pieces are differences of decoded prefixes, so tokenizers that drop a leading space when decoding a piece

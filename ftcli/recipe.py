@@ -48,7 +48,9 @@ class DataSettings(Section):
     path: str = Field(description="json/jsonl/csv/parquet/txt file, a folder of them (types may mix), or a hub dataset id when online.")
     format: Literal["alpaca", "sharegpt", "messages", "text", "preference"] = Field(
         "messages", description="Row layout: alpaca (instruction/input/output), sharegpt (conversations of from/value), "
-        "messages (role/content), text (raw text for continued pre-training, cut into max_seq_length chunks).")
+        "messages (role/content), text (raw text for continued pre-training, cut into max_seq_length chunks), "
+        "preference (prompt/chosen/rejected pairs for preference training; without a prompt, chosen and rejected are "
+        "whole conversations split at their last assistant turn, as in Anthropic HH).")
     columns: dict[str, str] = Field(
         default_factory=dict, description="Where the format's fields are in your data, as field: your column, "
         "e.g. {instruction: question, output: answer}.")
@@ -62,7 +64,8 @@ class DataSettings(Section):
     template: str = Field("auto", description="Chat template: auto = the tokenizer's own; or a built-in by name: "
                           "alpaca, chatml, llama-2, llama-3, mistral, gemma, qwen-2.5, phi-3, vicuna, zephyr.")
     train_on_responses_only: bool = Field(True, description="Compute the loss on assistant turns only (every one "
-                                          "of a multi-turn conversation, each with its end token).")
+                                          "of a multi-turn conversation, each with its end token). Format preference "
+                                          "ignores it: its loss covers the final answers only.")
     split: str = Field("train", description="Split of a hub dataset (slices like train[:1000] work); local files are one split.")
     subset: Optional[str] = Field(None, description="Configuration (subset) name of a hub dataset.")
     max_samples: Optional[int] = Field(None, gt=0, description="Use at most this many rows (after shuffling); null uses all.")
@@ -73,6 +76,16 @@ class DataSettings(Section):
                                "instead of stopping at the first one.")
     packing: bool = Field(False, description="Pack several examples into each max_seq_length row; attention stays "
                           "inside each example and positions restart, so the loss is the same as unpacked.")
+
+    @model_validator(mode="after")
+    def _pairs_stay_whole(self):
+        if self.format == "preference" and self.packing:
+            raise ValueError("data.packing does not apply to data.format preference: each pair is computed as its "
+                             "prompt and both answers together, never packed with others; set data.packing: false")
+        if self.format == "preference" and self.conversation_extension > 1:
+            raise ValueError("data.conversation_extension does not apply to data.format preference: joining pairs "
+                             "would mix their prompts; set data.conversation_extension: 1")
+        return self
 
 
 class TrainSettings(Section):

@@ -33,6 +33,7 @@ from typer.testing import CliRunner
 from ftcli.activation_checkpointing import enable_checkpointing
 from ftcli.architectures import ARCHITECTURES, architecture_of
 from ftcli.cli import app
+from ftcli.data.templates import IGNORE_INDEX
 from ftcli.loader import add_lora, load_model
 from ftcli.patch import apply_kernels, apply_lora_kernels
 from ftcli.recipe import DEFAULT_TARGET_MODULES, LoraSettings, ModelSettings
@@ -159,6 +160,16 @@ def make_output_folder(base, folder: Path, load_in_4bit: bool = False, seed: int
     (folder / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name": str(base), "load_in_4bit": load_in_4bit,
                                                                           "dtype": "float32", **model_fields}}))
     return folder
+
+
+def trained_text(tokenizer, ids: list[int], labels: list[int]) -> str:
+    """The tokens the loss covers, decoded together."""
+    return tokenizer.decode([token for token, label in zip(ids, labels) if label != IGNORE_INDEX])
+
+
+def styled(text, style) -> str:
+    """The parts of a rich Text printed in `style`, joined: what the preview highlights one way."""
+    return "".join(text.plain[span.start:span.end] for span in text.spans if span.style == style)
 
 
 def run_cli(*args: str):

@@ -5,11 +5,11 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import REFUSES_SYSTEM, write_jsonl
+from conftest import REFUSES_SYSTEM, trained_text, write_jsonl
 from ftcli.data import prepare_data
 from ftcli.data.formats import check_columns, extend_conversations, to_conversation
 from ftcli.data.sources import read_rows
-from ftcli.data.templates import IGNORE_INDEX, tokenize_conversation, tokenize_text, use_template
+from ftcli.data.templates import tokenize_conversation, tokenize_text, use_template
 from ftcli.errors import DataError, RecipeError
 from ftcli.recipe import DataSettings
 from tiny_models import build_tiny_tokenizer
@@ -22,10 +22,6 @@ CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "co
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_folder):
     return AutoTokenizer.from_pretrained(smollm2_folder)
-
-
-def trained_text(tokenizer, example) -> str:
-    return tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX])
 
 
 def test_formats_become_the_same_conversation():
@@ -56,7 +52,7 @@ def test_bad_rows_name_the_row_and_the_problem(row, data_format, fragments):
 def test_only_assistant_turns_and_their_end_token_are_trained(tokenizer):
     example = tokenize_conversation(tokenizer, CONVERSATION, responses_only=True, max_length=512)
     assert tokenizer.decode(example.input_ids) == tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
-    assert trained_text(tokenizer, example) == "Hello! How can I help?<|im_end|>\nI am Nimbus.<|im_end|>\n"
+    assert trained_text(tokenizer, example.input_ids, example.labels) == "Hello! How can I help?<|im_end|>\nI am Nimbus.<|im_end|>\n"
 
 
 def test_without_responses_only_every_token_is_trained(tokenizer):
@@ -73,7 +69,7 @@ def test_builtin_alpaca_template_ends_each_response_with_eos(tokenizer):
     alpaca_tokenizer = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
     use_template(alpaca_tokenizer, "alpaca")
     example = tokenize_conversation(alpaca_tokenizer, CONVERSATION[1:3], responses_only=True, max_length=512)
-    assert trained_text(alpaca_tokenizer, example) == "Hello! How can I help?<|im_end|>\n\n"
+    assert trained_text(alpaca_tokenizer, example.input_ids, example.labels) == "Hello! How can I help?<|im_end|>\n\n"
     assert "### Instruction:\nHi there" in alpaca_tokenizer.decode(example.input_ids)
 
 
@@ -163,7 +159,7 @@ def test_conversation_extension_joins_rows_into_multi_turn(tmp_path, tokenizer):
         text = tokenizer.decode(example.input_ids)
         said = [line for line in text.splitlines() if line.startswith("Say ")]
         assert len(said) == len(set(said)) == 3  # three different rows
-        assert trained_text(tokenizer, example).count("<|im_end|>") == 3  # every answer is trained
+        assert trained_text(tokenizer, example.input_ids, example.labels).count("<|im_end|>") == 3  # every answer is trained
     again = prepare_data(settings_for(path, format="alpaca", conversation_extension=3), tokenizer, 512, seed=0)
     assert [e.input_ids for e in again.train] == [e.input_ids for e in data.train]
     conversations = [[{"role": "system", "content": "S"}, {"role": "user", "content": f"q{i}"},

@@ -2,7 +2,7 @@
 
 from rich.console import Console
 
-from conftest import assert_clean_failure, run_cli, write_jsonl, write_recipe
+from conftest import assert_clean_failure, run_cli, styled, write_jsonl, write_recipe
 from ftcli.data import DataStats
 from ftcli.data.preview import MASKED_STYLE, TRAINED_STYLE, length_report, render_example
 from ftcli.data.templates import tokenize_conversation
@@ -10,10 +10,6 @@ from tiny_models import build_tiny_tokenizer
 
 # With the tiny byte-level tokenizer and the llama-3 template these are 106, 113, ... 141 tokens long
 ROWS = [{"instruction": f"Say the number {n}.", "output": f"The number is {n}." + " Really." * n} for n in range(6)]
-
-
-def styled(text, style) -> str:
-    return "".join(text.plain[span.start:span.end] for span in text.spans if span.style == style)
 
 
 def test_render_styles_exactly_the_trained_text():

@@ -122,7 +122,7 @@ def test_number_out_of_range_names_the_limit(tmp_path):
 
 def test_bad_choice_lists_the_allowed_values(tmp_path):
     message = error_of(recipe_file(tmp_path, MINIMAL + "  format: chatml\n"))
-    assert "line 5: data.format: Input should be 'alpaca', 'sharegpt', 'messages' or 'text' (got 'chatml')." in message
+    assert "line 5: data.format: Input should be 'alpaca', 'sharegpt', 'messages', 'text' or 'preference' (got 'chatml')." in message
 
 
 def test_missing_model_name_says_required(tmp_path):

@@ -2,19 +2,22 @@
 
 import random
 from dataclasses import dataclass, field
+from typing import Callable, Union
 
 from jinja2 import TemplateError, TemplateSyntaxError
 
-from ftcli.data.formats import check_columns, extend_conversations, to_conversation
+from ftcli.data.formats import check_columns, extend_conversations, to_conversation, to_pair
 from ftcli.data.packing import pack_examples
 from ftcli.data.sources import Row, read_rows
-from ftcli.data.templates import IGNORE_INDEX, TokenizedExample, tokenize_conversation, tokenize_text, use_template
+from ftcli.data.templates import (IGNORE_INDEX, PreferenceExample, TokenizedExample, tokenize_conversation,
+                                  tokenize_pair, tokenize_text, use_template)
 from ftcli.errors import DataError, RecipeError
 from ftcli.recipe import DataSettings
 
 
 @dataclass
 class DataStats:
+    """Counts over the examples; a preference pair counts as one example of its prompt and both answers."""
     rows: int = 0
     skipped_invalid: int = 0
     first_invalid: str = ""  # the message of the first skipped row, to show what was wrong
@@ -28,10 +31,13 @@ class DataStats:
     lengths: list[int] = field(default_factory=list, repr=False)
 
 
+Examples = Union[list[TokenizedExample], list[PreferenceExample]]  # pairs for format preference
+
+
 @dataclass
 class PreparedData:
-    train: list[TokenizedExample]
-    eval: list[TokenizedExample]
+    train: Examples
+    eval: Examples
     stats: DataStats
 
 
@@ -43,13 +49,18 @@ def prepare_data(settings: DataSettings, tokenizer, max_seq_length: int, seed: i
         use_template(tokenizer, settings.template)
     stats = DataStats(rows=len(rows))
     train_rows, eval_rows = _choose_rows(rows, settings, seed)
-    train_items = _convert(train_rows, settings, stats)
-    eval_items = _convert(eval_rows, settings, stats)
-    if settings.conversation_extension > 1 and settings.format != "text":
-        conversations = extend_conversations([item for item, _ in train_items], settings.conversation_extension, seed)
-        train_items = [(conversation, origin) for conversation, (_, origin) in zip(conversations, train_items)]
-    train = _tokenize(train_items, settings, tokenizer, max_seq_length, stats)
-    evaluation = _tokenize(eval_items, settings, tokenizer, max_seq_length, stats)
+    if settings.format == "preference":
+        train = _tokenize_pairs(train_rows, settings, tokenizer, max_seq_length, stats)
+        evaluation = _tokenize_pairs(eval_rows, settings, tokenizer, max_seq_length, stats)
+    else:
+        train_items = _convert(train_rows, settings, stats)
+        eval_items = _convert(eval_rows, settings, stats)
+        if settings.conversation_extension > 1 and settings.format != "text":
+            conversations = extend_conversations([item for item, _ in train_items], settings.conversation_extension,
+                                                 seed)
+            train_items = [(conversation, origin) for conversation, (_, origin) in zip(conversations, train_items)]
+        train = _tokenize(train_items, settings, tokenizer, max_seq_length, stats)
+        evaluation = _tokenize(eval_items, settings, tokenizer, max_seq_length, stats)
     stats.longest = max(stats.lengths, default=0)
     if not train:
         raise DataError(f"No training example in {settings.path} has a token to learn from (of {stats.rows} rows, "
@@ -102,7 +113,9 @@ def _tokenize(items: list[tuple], settings: DataSettings, tokenizer, max_length:
         if isinstance(item, str):
             tokenized = tokenize_text(tokenizer, item, max_length)
         else:
-            tokenized = _tokenize_conversation(item, origin, settings, tokenizer, max_length, stats)
+            tokenized = _through_template(
+                lambda: [tokenize_conversation(tokenizer, item, settings.train_on_responses_only, max_length)],
+                origin, settings, stats) or []
         for example in tokenized:
             target = sum(label != IGNORE_INDEX for label in example.labels[1:])
             if target == 0:
@@ -118,11 +131,40 @@ def _tokenize(items: list[tuple], settings: DataSettings, tokenizer, max_length:
     return examples
 
 
-def _tokenize_conversation(conversation, origin: str, settings: DataSettings, tokenizer, max_length: int,
-                           stats: DataStats) -> list[TokenizedExample]:
-    """The row's one example, or none when the chat template refuses the row and data.skip_invalid skips it."""
+def _tokenize_pairs(rows: list[Row], settings: DataSettings, tokenizer, max_length: int,
+                    stats: DataStats) -> list[PreferenceExample]:
+    """Each valid row's pair; invalid rows stop the run or are skipped, and a pair is dropped when truncation left
+    one of its answers without a trained token."""
+    examples = []
+    for row in rows:
+        try:
+            pair = to_pair(row.values, row.origin, settings.columns)
+            example = _through_template(lambda: tokenize_pair(tokenizer, pair, max_length, row.origin), row.origin,
+                                        settings, stats)
+        except DataError as error:
+            _reject_row(error.message, settings, stats)
+            continue
+        if example is None:
+            continue
+        targets = [sum(label != IGNORE_INDEX for label in labels) for labels in (example.chosen_labels,
+                                                                                  example.rejected_labels)]
+        if 0 in targets:
+            stats.dropped_no_target += 1
+            continue
+        length = len(example.prompt_ids) + len(example.chosen_ids) + len(example.rejected_ids)
+        stats.examples += 1
+        stats.truncated += example.truncated
+        stats.tokens += length
+        stats.target_tokens += sum(targets)
+        stats.lengths.append(length)
+        examples.append(example)
+    return examples
+
+
+def _through_template(tokenize: Callable, origin: str, settings: DataSettings, stats: DataStats):
+    """What tokenize() returns, or None when the chat template refuses the row and data.skip_invalid skips it."""
     try:
-        return [tokenize_conversation(tokenizer, conversation, settings.train_on_responses_only, max_length)]
+        return tokenize()
     except TemplateSyntaxError as error:  # no row can be rendered: the template itself is wrong
         raise RecipeError(f"The chat template (data.template {settings.template}) is not valid Jinja: {error} "
                           f"(template line {error.lineno}). Fix the template, or set data.template to a "
@@ -130,4 +172,4 @@ def _tokenize_conversation(conversation, origin: str, settings: DataSettings, to
     except TemplateError as error:  # the template's own check of a row, such as raise_exception('...')
         _reject_row(f"{origin}: the chat template rejects this row: {error}. Fix the row so the template "
                     "accepts it, or choose another template with data.template.", settings, stats)
-        return []
+        return None

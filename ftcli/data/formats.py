@@ -1,12 +1,14 @@
 """Row layouts people bring, each turned into one conversation: a list of {"role", "content"} turns.
 
-Raw text (format `text`) is the exception: it has no turns, and is returned as a string. `data.columns`
-says where a format's fields are in the user's data, and `data.prompt` builds an alpaca user turn from
-several columns.
+Raw text (format `text`) is the exception: it has no turns, and is returned as a string. A preference row
+(format `preference`) becomes three conversations: the prompt, the chosen answer and the rejected answer.
+`data.columns` says where a format's fields are in the user's data, and `data.prompt` builds an alpaca
+user turn from several columns.
 """
 
 import random
 import re
+from dataclasses import dataclass
 from typing import Optional, Union
 
 from ftcli.errors import DataError, RecipeError
@@ -16,11 +18,23 @@ Conversation = list[dict[str, str]]
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "model": "assistant"}
 FIELDS = {"alpaca": ["instruction", "input", "output", "system"], "sharegpt": ["conversations"],
-          "messages": ["messages"], "text": ["text"]}
+          "messages": ["messages"], "text": ["text"], "preference": ["prompt", "chosen", "rejected"]}
 REQUIRED_FIELDS = {"alpaca": ["instruction", "output"], "sharegpt": ["conversations"],
-                   "messages": ["messages"], "text": ["text"]}
+                   "messages": ["messages"], "text": ["text"], "preference": ["chosen", "rejected"]}
+ROLES = ("system", "user", "assistant")
+# Anthropic HH's raw layout: "\n\nHuman: ...\n\nAssistant: ..." in one string
+HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 OPTIONAL_PART = re.compile(r"\[\[(.*?)\]\]", re.DOTALL)
 PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
+
+
+@dataclass
+class PreferencePair:
+    """A preference row as conversations: the prompt (ending with the user turn answered) and each answer's turns."""
+    prompt: Conversation
+    chosen: Conversation
+    rejected: Conversation
 
 
 def check_columns(data_format: str, columns: dict[str, str], prompt: Optional[str]) -> None:
@@ -46,13 +60,7 @@ def to_conversation(row: dict, origin: str, data_format: str, columns: Optional[
         return row.get(columns.get(name, name))
 
     required = [name for name in REQUIRED_FIELDS[data_format] if not (prompt and name == "instruction")]
-    missing = [name for name in required if _empty(value(name))]
-    if missing:
-        present = ", ".join(column for column, item in row.items() if not _empty(item)) or "none"
-        wanted = ", ".join(columns.get(name, name) for name in missing)
-        raise DataError(f"{origin}: format {data_format!r} needs the column(s) {wanted}, but this row has only: "
-                        f"{present}. Fix the row, map your column names with data.columns, or set data.format to "
-                        "the layout your file uses (alpaca, sharegpt, messages, text).")
+    _require(row, origin, data_format, columns, [name for name in required if _empty(value(name))])
     if data_format == "text":
         return str(value("text"))
     if data_format == "alpaca":
@@ -65,11 +73,31 @@ def to_conversation(row: dict, origin: str, data_format: str, columns: Optional[
     if data_format == "sharegpt":
         turns = _turns(value("conversations"), "from", "value", origin)
         return [{"role": _sharegpt_role(turn["from"], origin), "content": turn["value"]} for turn in turns]
-    turns = _turns(value("messages"), "role", "content", origin)
-    for turn in turns:
-        if turn["role"] not in ("system", "user", "assistant"):
-            raise DataError(f"{origin}: role {turn['role']!r} is not one of system, user, assistant.")
-    return [{"role": turn["role"], "content": turn["content"]} for turn in turns]
+    return _messages(_turns(value("messages"), "role", "content", origin), origin)
+
+
+def to_pair(row: dict, origin: str, columns: Optional[dict[str, str]] = None) -> PreferencePair:
+    """One preference row as a prompt and two answers; errors name the row's origin.
+
+    Without a prompt, chosen and rejected are whole conversations that share all but their last assistant turn
+    (Anthropic HH's layout, as message lists or as "\\n\\nHuman: ...\\n\\nAssistant: ..." text), and the shared
+    part is the prompt."""
+    columns = columns or {}
+    column = {name: columns.get(name, name) for name in FIELDS["preference"]}
+    chosen, rejected = row.get(column["chosen"]), row.get(column["rejected"])
+    _require(row, origin, "preference", columns, [name for name in REQUIRED_FIELDS["preference"]
+                                                  if _empty(row.get(column[name]))])
+    prompt = row.get(column["prompt"])
+    if _empty(prompt):
+        pair = _split_conversations(row, origin, columns)
+    else:
+        pair = PreferencePair(_prompt_turns(prompt, origin, column["prompt"]),
+                              _answer_turns(chosen, origin, column["chosen"]),
+                              _answer_turns(rejected, origin, column["rejected"]))
+    if _said(pair.chosen) == _said(pair.rejected):
+        raise DataError(f"{origin}: the chosen and the rejected answer are the same, so the row prefers nothing. "
+                        "Fix one of them, or remove the row.")
+    return pair
 
 
 def fill_prompt(prompt: str, row: dict, origin: str) -> str:
@@ -107,16 +135,109 @@ def _empty(item) -> bool:
     return item is None or (isinstance(item, str) and not item.strip())
 
 
+def _require(row: dict, origin: str, data_format: str, columns: dict[str, str], missing: list[str]) -> None:
+    """A row without the format's required fields is an error naming what it lacks and what it has."""
+    if missing:
+        present = ", ".join(column for column, item in row.items() if not _empty(item)) or "none"
+        wanted = ", ".join(columns.get(name, name) for name in missing)
+        raise DataError(f"{origin}: format {data_format!r} needs the column(s) {wanted}, but this row has only: "
+                        f"{present}. Fix the row, map your column names with data.columns, or set data.format to "
+                        "the layout your file uses (alpaca, sharegpt, messages, text, preference).")
+
+
 def _turns(turns, role_key: str, content_key: str, origin: str) -> list[dict]:
+    turns = _turn_shapes(turns, role_key, content_key, origin)
+    if not any(SHAREGPT_ROLES.get(turn[role_key]) == "assistant" for turn in turns):
+        raise DataError(f"{origin}: the conversation has no assistant turn, so there is nothing to learn from it.")
+    return turns
+
+
+def _turn_shapes(turns, role_key: str, content_key: str, origin: str) -> list[dict]:
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{origin}: the conversation must be a non-empty list of turns, got {type(turns).__name__}.")
     for index, turn in enumerate(turns):
         if not isinstance(turn, dict) or not isinstance(turn.get(role_key), str) or not isinstance(turn.get(content_key), str):
             raise DataError(f"{origin}, turn {index + 1}: each turn needs a string {role_key!r} and a string "
                             f"{content_key!r}; this one is {turn!r:.120}.")
-    if not any(SHAREGPT_ROLES.get(turn[role_key]) == "assistant" for turn in turns):
-        raise DataError(f"{origin}: the conversation has no assistant turn, so there is nothing to learn from it.")
     return turns
+
+
+def _messages(turns: list[dict], origin: str) -> Conversation:
+    for turn in turns:
+        if turn["role"] not in ROLES:
+            raise DataError(f"{origin}: role {turn['role']!r} is not one of {', '.join(ROLES)}.")
+    return [{"role": turn["role"], "content": turn["content"]} for turn in turns]
+
+
+def _prompt_turns(prompt, origin: str, column: str) -> Conversation:
+    """A string is one user turn; a list is the context the answers follow, an optional system turn first."""
+    if not isinstance(prompt, list):
+        return [{"role": "user", "content": str(prompt)}]
+    turns = _messages(_turn_shapes(prompt, "role", "content", f"{origin}, column {column!r}"), origin)
+    _check_prompt(turns, origin, f"column {column!r}")
+    return turns
+
+
+def _check_prompt(turns: Conversation, origin: str, where: str) -> None:
+    if any(turn["role"] == "system" for turn in turns[1:]):
+        raise DataError(f"{origin}: the prompt ({where}) has a system message after its first message; a system "
+                        "message can only open the conversation. Move it first, or remove it.")
+    if turns[-1]["role"] != "user":
+        raise DataError(f"{origin}: the prompt ({where}) ends with the {turns[-1]['role']}'s message; it must end with "
+                        "the user's message that the chosen and rejected answers reply to.")
+
+
+def _answer_turns(answer, origin: str, column: str) -> Conversation:
+    """A string is one assistant turn; a list holds the answer's assistant turns, each with something said."""
+    if isinstance(answer, list):
+        turns = _messages(_turn_shapes(answer, "role", "content", f"{origin}, column {column!r}"), origin)
+    else:
+        turns = [{"role": "assistant", "content": str(answer)}]
+    for number, turn in enumerate(turns, start=1):
+        if turn["role"] != "assistant":
+            raise DataError(f"{origin}: message {number} of the answer in column {column!r} is a {turn['role']} "
+                            "message; an answer holds assistant messages only. Move the context into the prompt.")
+        if _empty(turn["content"]):
+            raise DataError(f"{origin}: the answer in column {column!r} is empty, so there is nothing to compare. "
+                            "Write the answer, or remove the row.")
+    return turns
+
+
+def _split_conversations(row: dict, origin: str, columns: dict[str, str]) -> PreferencePair:
+    """HH's layout: the turns before the last assistant turn, the same in both, are the prompt."""
+    parts = {}
+    for name in ("chosen", "rejected"):
+        column = columns.get(name, name)
+        conversation = _whole_conversation(row[column], origin, column)
+        if not any(turn["role"] == "user" for turn in conversation):
+            _require(row, origin, "preference", columns, ["prompt"])
+        last = max((i for i, turn in enumerate(conversation) if turn["role"] == "assistant"), default=None)
+        if last is None:
+            raise DataError(f"{origin}: column {column!r} is a conversation with no assistant turn, so it holds no "
+                            "answer. End it with the assistant's answer.")
+        parts[name] = (conversation[:last], _answer_turns(conversation[last:], origin, column))
+    (prompt, chosen), (rejected_prompt, rejected) = parts["chosen"], parts["rejected"]
+    if _said(prompt) != _said(rejected_prompt):
+        raise DataError(f"{origin}: there is no prompt column, and the chosen and rejected conversations differ "
+                        "before their last assistant turn, so they share no prompt to split off. Give the row a "
+                        "prompt, or make the conversations the same up to their final answers.")
+    _check_prompt(prompt, origin, "the turns before the last assistant turn")
+    return PreferencePair(prompt, chosen, rejected)
+
+
+def _whole_conversation(value, origin: str, column: str) -> Conversation:
+    """A list of role/content messages, or HH's text split into turns (Human: user, Assistant: assistant);
+    anything else has no turns."""
+    if isinstance(value, list):
+        return _messages(_turn_shapes(value, "role", "content", f"{origin}, column {column!r}"), origin)
+    parts = HH_TURN.split(str(value).strip())
+    if parts[0].strip():
+        return []
+    return [{"role": HH_ROLES[speaker], "content": said.strip()} for speaker, said in zip(parts[1::2], parts[2::2])]
+
+
+def _said(conversation: Conversation) -> list[tuple[str, str]]:
+    return [(turn["role"], turn["content"].strip()) for turn in conversation]
 
 
 def _sharegpt_role(name: str, origin: str) -> str:

@@ -1,10 +1,12 @@
 """`ftcli data preview`: what the model will learn from a recipe's data, shown before a GPU is paid for.
 
 Rendered examples with the masked part dimmed and the trained part highlighted, then the token lengths as
-a histogram with the number of examples that max_seq_length cuts.
+a histogram with the number of examples that max_seq_length cuts. A preference pair shows its prompt once,
+then the chosen and the rejected answer, each labelled and highlighted in its own colour.
 """
 
 import statistics
+from collections.abc import Sequence
 
 from rich.console import Console, Group
 from rich.rule import Rule
@@ -13,11 +15,11 @@ from rich.text import Text
 
 from ftcli.data import DataStats, prepare_data
 from ftcli.data.packing import pack_examples
-from ftcli.data.templates import IGNORE_INDEX, TokenizedExample
+from ftcli.data.templates import IGNORE_INDEX, PreferenceExample, TokenizedExample
 from ftcli.loader import load_tokenizer
 from ftcli.recipe import Recipe
 
-MASKED_STYLE, TRAINED_STYLE = "dim", "bold green"
+MASKED_STYLE, TRAINED_STYLE, REJECTED_STYLE = "dim", "bold green", "bold red"
 HISTOGRAM_BINS, BAR_WIDTH = 10, 40
 
 
@@ -26,36 +28,58 @@ def preview_data(recipe: Recipe, count: int, console: Console) -> DataStats:
     tokenizer = load_tokenizer(recipe.model)
     max_length = recipe.model.max_seq_length
     data = prepare_data(recipe.data.model_copy(update={"packing": False}), tokenizer, max_length, recipe.train.seed)
+    pairs = recipe.data.format == "preference"
     for example in data.train[:count]:
         console.print(Rule(style="cyan"))
         console.print(Text(example.origin, style="bold cyan"), soft_wrap=True)
-        console.print(render_example(tokenizer, example), soft_wrap=True)
+        console.print(render_pair(tokenizer, example) if pairs else render_example(tokenizer, example), soft_wrap=True)
         if example.truncated:
             console.print(f"[yellow](cut at max_seq_length {max_length}: the model never sees the rest)[/]")
     console.print(Rule(style="cyan"))
     console.print(Text.assemble("legend: ", ("masked (context only)", MASKED_STYLE), "  ",
-                                ("trained (in the loss)", TRAINED_STYLE)))
+                                *([("chosen answer (in the loss)", TRAINED_STYLE), "  ",
+                                   ("rejected answer (in the loss)", REJECTED_STYLE)] if pairs
+                                  else [("trained (in the loss)", TRAINED_STYLE)])))
     packed_rows = len(pack_examples(data.train, max_length)) if recipe.data.packing else 0
-    console.print(length_report(data.stats, max_length, len(data.train), len(data.eval), packed_rows))
+    console.print(length_report(data.stats, max_length, len(data.train), len(data.eval), packed_rows, pairs))
     return data.stats
 
 
 def render_example(tokenizer, example: TokenizedExample) -> Text:
-    """The example's text, each run of masked or trained tokens decoded and styled as one piece.
+    """The example's text, each run of masked or trained tokens decoded and styled as one piece."""
+    return render_tokens(tokenizer, example.input_ids, example.labels, TRAINED_STYLE)
+
+
+def render_pair(tokenizer, pair: PreferenceExample) -> Text:
+    """The prompt once, then each answer as it follows the prompt, under its label."""
+    text = render_tokens(tokenizer, pair.prompt_ids, [IGNORE_INDEX] * len(pair.prompt_ids), TRAINED_STYLE)
+    for label, ids, labels, style in (("chosen", pair.chosen_ids, pair.chosen_labels, TRAINED_STYLE),
+                                      ("rejected", pair.rejected_ids, pair.rejected_labels, REJECTED_STYLE)):
+        text.append("" if text.plain.endswith("\n") else "\n")
+        text.append(f"[{label} answer]", style=f"{style} reverse")
+        text.append("\n")
+        text.append_text(render_tokens(tokenizer, ids, labels, style, context=pair.prompt_ids))
+    return text
+
+
+def render_tokens(tokenizer, ids: list[int], labels: list[int], trained_style: str,
+                  context: Sequence[int] = ()) -> Text:
+    """The tokens' text after `context` (tokens shown before them), each run of masked or trained tokens one piece.
 
     Pieces are differences of decoded prefixes, so tokenizers that drop a leading space when decoding a piece
     alone still show the text as it really is."""
-    trained = [label != IGNORE_INDEX for label in example.labels]
+    trained = [label != IGNORE_INDEX for label in labels]
     boundaries = [0] + [i for i in range(1, len(trained)) if trained[i] != trained[i - 1]] + [len(trained)]
-    text, shown = Text(), ""
+    text, shown = Text(), tokenizer.decode(list(context))
     for begin, end in zip(boundaries, boundaries[1:]):
-        upto = tokenizer.decode(example.input_ids[:end])
-        text.append(upto[len(shown):], style=TRAINED_STYLE if trained[begin] else MASKED_STYLE)
+        upto = tokenizer.decode(list(context) + ids[:end])
+        text.append(upto[len(shown):], style=trained_style if trained[begin] else MASKED_STYLE)
         shown = upto
     return text
 
 
-def length_report(stats: DataStats, max_length: int, train: int, evaluation: int, packed_rows: int) -> Group:
+def length_report(stats: DataStats, max_length: int, train: int, evaluation: int, packed_rows: int,
+                  pairs: bool = False) -> Group:
     """Histogram of example lengths in tokens, and the counts a user decides max_seq_length and packing by."""
     lengths = stats.lengths
     width = max(1, -(-max(lengths, default=max_length) // HISTOGRAM_BINS))  # bins up to the longest example
@@ -68,7 +92,8 @@ def length_report(stats: DataStats, max_length: int, train: int, evaluation: int
         low, high = index * width + 1, (index + 1) * width
         bar = "█" * round(BAR_WIDTH * number / tallest) or ("▏" if number else "")
         table.add_row(f"{low:>6}-{high:<6}", Text(bar, style="green"), str(number))
-    lines = [Text("token lengths (per example, after truncation)", style="bold"), table]
+    measured = "per pair: its prompt once and both answers" if pairs else "per example"
+    lines = [Text(f"token lengths ({measured}, after truncation)", style="bold"), table]
     if lengths:
         lines.append(Text(f"mean {statistics.mean(lengths):.0f}, median {statistics.median(lengths):.0f}, "
                           f"longest {max(lengths)}; {stats.tokens:,} tokens, {stats.target_tokens:,} trained "

@@ -8,8 +8,8 @@ template whose rendering of a prefix is a prefix of the whole: no per-template m
 from dataclasses import dataclass
 from typing import Optional
 
-from ftcli.data.formats import Conversation
-from ftcli.errors import RecipeError
+from ftcli.data.formats import Conversation, PreferencePair
+from ftcli.errors import DataError, RecipeError
 
 IGNORE_INDEX = -100
 
@@ -95,13 +95,13 @@ class TokenizedExample:
 class PreferenceExample:
     """One preference pair, tokenized: the prompt's tokens once, then each answer's tokens that follow it."""
 
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    chosen_labels: list[int]  # the token where the loss covers it, else IGNORE_INDEX
+    prompt_ids: list[int]  # the rendered prompt (chat template up to where the answer starts), >= 1 token
+    chosen_ids: list[int]  # the chosen answer's tokens that follow prompt_ids in the rendering of prompt+chosen
+    chosen_labels: list[int]  # same length as chosen_ids: the token id where the loss covers it, else IGNORE_INDEX
     rejected_ids: list[int]
     rejected_labels: list[int]
     truncated: bool = False
-    origin: str = ""
+    origin: str = ""  # "pairs.jsonl row 3"
 
 
 def use_template(tokenizer, name: str) -> None:
@@ -123,14 +123,29 @@ def tokenize_conversation(tokenizer, conversation: Conversation, responses_only:
     text, trained_spans = _render_with_spans(tokenizer, conversation)
     if not responses_only:
         trained_spans = [(0, len(text))]
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = list(encoding["input_ids"]), list(encoding["offset_mapping"])
-    if _tokenizer_adds_bos(tokenizer) and not text.startswith(tokenizer.bos_token):
-        ids, offsets = [tokenizer.bos_token_id] + ids, [(0, 0)] + offsets
-    labels = [token if any(start <= begin < end for start, end in trained_spans) and begin < finish else IGNORE_INDEX
-              for token, (begin, finish) in zip(ids, offsets)]
+    ids, labels = _ids_and_labels(tokenizer, text, trained_spans)
     truncated = len(ids) > max_length
     return TokenizedExample(ids[:max_length], labels[:max_length], truncated)
+
+
+def tokenize_pair(tokenizer, pair: PreferencePair, max_length: int, origin: str) -> PreferenceExample:
+    """The pair rendered as SFT renders it, once with each answer; the tokens both renderings share before either
+    answer starts are the prompt, and each answer is cut to fit into max_length after the prompt."""
+    chosen_ids, chosen_labels = _tokenize_answer(tokenizer, pair.prompt, pair.chosen)
+    rejected_ids, rejected_labels = _tokenize_answer(tokenizer, pair.prompt, pair.rejected)
+    shared = next((i for i, (a, b) in enumerate(zip(chosen_ids, rejected_ids)) if a != b),
+                  min(len(chosen_ids), len(rejected_ids)))
+    prompt_length = min(shared, _first_trained(chosen_labels), _first_trained(rejected_labels))
+    if prompt_length == 0:
+        raise RecipeError("The chat template renders nothing before the answer, so a preference pair has no prompt "
+                          f"tokens to share. Set data.template to a built-in one ({', '.join(BUILTIN_TEMPLATES)}).")
+    if prompt_length >= max_length:
+        raise DataError(f"{origin}: the prompt is {prompt_length} tokens, which leaves no room for an answer within "
+                        f"model.max_seq_length {max_length}. Shorten the prompt, or raise model.max_seq_length.")
+    answer = slice(prompt_length, max_length)
+    return PreferenceExample(chosen_ids[:prompt_length], chosen_ids[answer], chosen_labels[answer],
+                             rejected_ids[answer], rejected_labels[answer],
+                             max(len(chosen_ids), len(rejected_ids)) > max_length, origin)
 
 
 def tokenize_text(tokenizer, text: str, max_length: int) -> list[TokenizedExample]:
@@ -140,6 +155,30 @@ def tokenize_text(tokenizer, text: str, max_length: int) -> list[TokenizedExampl
         ids = list(ids) + [tokenizer.eos_token_id]
     return [TokenizedExample(ids[i:i + max_length], ids[i:i + max_length], False)
             for i in range(0, len(ids), max_length)]
+
+
+def _tokenize_answer(tokenizer, prompt: Conversation, answer: Conversation) -> tuple[list[int], list[int]]:
+    """prompt + answer tokenized, with labels on the answer's turns only, each through its end marker (and EOS)
+    but without the whitespace the template writes after it, which the model never generates."""
+    text, spans = _render_with_spans(tokenizer, prompt + answer)
+    answer_spans = [(start, start + len(text[start:end].rstrip())) for start, end in spans[-len(answer):]]
+    return _ids_and_labels(tokenizer, text, answer_spans)
+
+
+def _ids_and_labels(tokenizer, text: str, trained_spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """The text's token ids (BOS first when the tokenizer adds one), and labels: the id of each token that
+    starts inside a trained character span, IGNORE_INDEX for the others."""
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(encoding["input_ids"]), list(encoding["offset_mapping"])
+    if _tokenizer_adds_bos(tokenizer) and not text.startswith(tokenizer.bos_token):
+        ids, offsets = [tokenizer.bos_token_id] + ids, [(0, 0)] + offsets
+    labels = [token if any(start <= begin < end for start, end in trained_spans) and begin < finish else IGNORE_INDEX
+              for token, (begin, finish) in zip(ids, offsets)]
+    return ids, labels
+
+
+def _first_trained(labels: list[int]) -> int:
+    return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
 
 
 def _render_with_spans(tokenizer, conversation: Conversation) -> tuple[str, list[tuple[int, int]]]:

@@ -108,7 +108,7 @@ def write_recipe(path: Path, model_name, data_path, output: Path, **sections) ->
         "output": {"dir": str(output)},
     }
     for section, values in sections.items():
-        recipe[section].update(values)
+        recipe.setdefault(section, {}).update(values)
     path.write_text(yaml.safe_dump(recipe))
     return path
 

@@ -60,7 +60,7 @@ def tokenizer(smollm2_folder):
 def pairs_recipe(tmp_path, model, rows: list[dict], **data) -> tuple:
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
     recipe = write_recipe(tmp_path / "r.yaml", model, path, tmp_path / "out",
-                          data={"format": "preference", "shuffle": False, **data})
+                          data={"format": "preference", "shuffle": False, **data}, train={"method": "dpo"})
     return recipe, path
 
 

@@ -52,9 +52,10 @@ def check_not_output(folder: Path, output: Path) -> None:
     the adapter the run starts from."""
     start, final = folder.resolve(), output.resolve()
     if start == final or final in start.parents:
-        raise OutputFolderError(f"{NAMED_BY} {folder} is the output folder {output} or inside it, and a run replaces "
-                                "its output folder when it finishes, which would destroy the adapter it starts from. "
-                                "Write the run to another folder with --output (or output.dir).")
+        place = "is the output folder" if start == final else "is inside the output folder"
+        raise OutputFolderError(f"{NAMED_BY} {folder} {place} {output}, and a run replaces its output folder when it "
+                                "finishes, which would destroy the adapter it starts from. Write the run to another "
+                                "folder with --output (or output.dir).")
 
 
 def read_adapter_config(folder: Path) -> dict:
@@ -64,8 +65,8 @@ def read_adapter_config(folder: Path) -> dict:
                          "`ftcli train` run (or another PEFT LoRA adapter folder), relative to the working directory.")
     config_file = folder / ADAPTER_CONFIG
     if not config_file.is_file():
-        kind = ("a model folder (it has config.json), such as a merged export, which already holds its adapter: give "
-                "it as model.name and leave model.adapter out" if (folder / "config.json").is_file()
+        kind = ("a model folder (it has config.json), not an adapter. A merged export already holds its adapter: "
+                "give it as model.name and leave model.adapter out" if (folder / "config.json").is_file()
                 else f"not an adapter folder. Point {NAMED_BY} at the output folder of an earlier `ftcli train` run")
         raise ModelError(f"{NAMED_BY} {folder} has no {ADAPTER_CONFIG}, so it is {kind}.")
     try:

@@ -167,7 +167,8 @@ def test_a_folder_that_is_not_a_usable_adapter_is_a_clean_error(workspace, case)
 def test_a_merged_model_an_ia3_and_a_dora_adapter_are_refused_with_the_fix(workspace, tiny_model_folder):
     tmp, base, data, start = workspace
     result = run_cli("train", recipe_from(tmp, base, data, base), "--dry-run")
-    assert_clean_failure(result, 2, f"model.adapter {base} has no adapter_config.json", "give it as model.name")
+    assert_clean_failure(result, 2, f"model.adapter {base} has no adapter_config.json",
+                         "not an adapter. A merged export already holds its adapter: give it as model.name")
     ia3 = ia3_adapter(base, tmp / "ia3")
     result = run_cli("train", recipe_from(tmp, base, data, ia3), "--dry-run")
     assert_clean_failure(result, 2, f"model.adapter {ia3} holds a IA3 adapter", "not a LoRA adapter")
@@ -203,7 +204,7 @@ def test_the_output_folder_may_not_be_the_adapter_it_starts_from(workspace):
         result = run_cli("train", path, "--output", start, "--set", "output.overwrite=true", *flags)
         assert_clean_failure(result, 2, f"model.adapter {start} is the output folder {start}", "--output")
     result = run_cli("train", path, "--output", tmp, "--dry-run")  # a folder holding the adapter
-    assert_clean_failure(result, 2, f"is the output folder {tmp} or inside it")
+    assert_clean_failure(result, 2, f"model.adapter {start} is inside the output folder {tmp}")
     after = adapter(start)
     assert all(torch.equal(before[name], after[name]) for name in before)
 

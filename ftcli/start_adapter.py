@@ -9,6 +9,7 @@ so that a resumed run is compared with what was really trained.
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 from pydantic import ValidationError
@@ -18,6 +19,7 @@ from ftcli.architectures import Architecture
 from ftcli.errors import ModelError, OutputFolderError, RecipeError
 from ftcli.loader import ADAPTER_WEIGHTS, linear_projection_names, meta_model, unreadable_adapter
 from ftcli.recipe import LoraSettings, Recipe
+from ftcli.snapshots import STATE_FILE
 from ftcli.trained import trained_model_section
 
 NAMED_BY = "model.adapter"
@@ -88,16 +90,29 @@ def read_adapter_config(folder: Path) -> dict:
 
 
 def check_trained_base(folder: Path, name: str) -> None:
-    """An ftcli run folder's recipe.yaml names the base it was trained on; an adapter of another base with the same
-    shapes would load without complaint and train nonsense."""
-    if not (folder / "recipe.yaml").is_file():
-        return
-    trained_on = trained_model_section(folder).get("name")
+    """An ftcli folder records the base it was trained on; an adapter of another base with the same shapes would
+    load without complaint and train nonsense."""
+    trained_on, record = recorded_base(folder)
     if trained_on and not same_model(str(trained_on), name):
-        raise ModelError(f"{NAMED_BY} {folder} was trained on {trained_on!r} (the model.name of its recipe.yaml), "
+        raise ModelError(f"{NAMED_BY} {folder} was trained on {trained_on!r} (the model.name in its {record.name}), "
                          f"but this recipe's model.name is {name!r}, and an adapter fits only the base model it was "
                          f"trained on. Set model.name to {trained_on!r}; if {name!r} is that same model in another "
-                         f"place, write {name!r} as model.name in {folder / 'recipe.yaml'}.")
+                         f"place, write {name!r} as model.name in {record}.")
+
+
+def recorded_base(folder: Path) -> tuple[Optional[str], Path]:
+    """The base model.name an ftcli folder records, and the file it is in: a run's recipe.yaml, or a checkpoint's
+    trainer_state.json; None for another tool's adapter folder."""
+    recipe, state = folder / "recipe.yaml", folder / STATE_FILE
+    if recipe.is_file():
+        return trained_model_section(folder).get("name"), recipe
+    if not state.is_file():
+        return None, recipe
+    try:
+        return json.loads(state.read_text(encoding="utf-8"))["recipe"]["model"]["name"], state
+    except (ValueError, KeyError, TypeError):
+        raise ModelError(f"{state} is not a checkpoint state ftcli wrote; the checkpoint of {NAMED_BY} is damaged. "
+                         "Start from another checkpoint, or from the run's output folder.") from None
 
 
 def same_model(recorded: str, name: str) -> bool:
@@ -117,6 +132,7 @@ def adapter_settings(folder: Path, adapter_config: dict, projections: list[str])
                          f"ftcli's LoRA for causal language models does not train. Start from a plain LoRA adapter, "
                          f"or leave {NAMED_BY} out to start a new one.")
     targets = adapter_config.get("target_modules")
+    targets = sorted(targets) if isinstance(targets, list) else targets  # peft writes a set, in no fixed order
     if not isinstance(targets, list) or not set(targets) <= set(projections):
         raise ModelError(f"{NAMED_BY} {folder} adapts {targets!r} (the target_modules of its {ADAPTER_CONFIG}), which "
                          f"are not all among this model's linear projections ({', '.join(projections)}): it was "
@@ -124,7 +140,7 @@ def adapter_settings(folder: Path, adapter_config: dict, projections: list[str])
                          "base it was trained on, or start from an adapter of this model's projections.")
     values = {field: adapter_config.get(key, default) for field, (key, default) in LORA_KEYS.items()}
     try:
-        return LoraSettings(**values, target_modules=sorted(targets))
+        return LoraSettings(**values, target_modules=targets)
     except ValidationError as err:
         problems = "; ".join(f"{error['loc'][0]}: {error['msg']}" for error in err.errors())
         raise ModelError(f"{folder / ADAPTER_CONFIG} holds LoRA settings ftcli cannot train with ({problems}). "

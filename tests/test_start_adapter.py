@@ -110,9 +110,9 @@ def ia3_adapter(base, folder):
     return folder
 
 
-def dora_adapter(base, folder):
+def lora_adapter(base, folder, **settings):
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)).save_pretrained(folder)
+    get_peft_model(model, LoraConfig(r=4, **settings)).save_pretrained(folder)
     return folder
 
 
@@ -164,7 +164,7 @@ def test_a_folder_that_is_not_a_usable_adapter_is_a_clean_error(workspace, case)
                          *fragments)
 
 
-def test_a_merged_model_an_ia3_and_a_dora_adapter_are_refused_with_the_fix(workspace, tiny_model_folder):
+def test_a_merged_model_and_adapters_ftcli_cannot_train_are_refused_with_the_fix(workspace, tiny_model_folder):
     tmp, base, data, start = workspace
     result = run_cli("train", recipe_from(tmp, base, data, base), "--dry-run")
     assert_clean_failure(result, 2, f"model.adapter {base} has no adapter_config.json",
@@ -172,9 +172,13 @@ def test_a_merged_model_an_ia3_and_a_dora_adapter_are_refused_with_the_fix(works
     ia3 = ia3_adapter(base, tmp / "ia3")
     result = run_cli("train", recipe_from(tmp, base, data, ia3), "--dry-run")
     assert_clean_failure(result, 2, f"model.adapter {ia3} holds a IA3 adapter", "not a LoRA adapter")
-    dora = dora_adapter(base, tmp / "dora")
+    dora = lora_adapter(base, tmp / "dora", target_modules=["q_proj"], use_dora=True)
     result = run_cli("train", recipe_from(tmp, base, data, dora), "--dry-run")
     assert_clean_failure(result, 2, f"model.adapter {dora} uses peft's use_dora", "plain LoRA adapter")
+    embeddings = lora_adapter(base, tmp / "embeddings", target_modules=["q_proj", "embed_tokens"])
+    result = run_cli("train", recipe_from(tmp, base, data, embeddings), "--dry-run")
+    assert_clean_failure(result, 2, f"model.adapter {embeddings} adapts ['embed_tokens', 'q_proj']",
+                         "adapts layers ftcli does not train")
 
 
 def test_an_adapter_of_another_base_is_refused_by_name_and_by_shape(workspace, tiny_model_folder):
@@ -232,6 +236,14 @@ def started_model(base, start, dropout: float):
     return add_lora(model, LoraSettings(r=4, alpha=8, dropout=dropout), ARCHITECTURES["llama"], 0, str(start))
 
 
+def test_an_adapter_on_a_16_bit_base_trains_in_float32_like_a_new_one(workspace):
+    tmp, base, data, start = workspace
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).requires_grad_(False)
+    model = add_lora(model, LoraSettings(r=4, alpha=8), ARCHITECTURES["llama"], 0, str(start))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 7 * 2 and all(p.dtype == torch.float32 for p in trainable)  # A, B x 7 x 2 layers
+
+
 def test_the_reference_adapter_keeps_the_starting_policy_while_the_trained_one_changes(workspace):
     tmp, base, data, start = workspace
     config = json.loads((start / "adapter_config.json").read_text())
@@ -263,7 +275,7 @@ def test_the_reference_adapter_keeps_the_starting_policy_while_the_trained_one_c
     assert {name for name, p in model.named_parameters() if p.requires_grad} == trainable
 
 
-def test_a_checkpoint_with_the_reference_loaded_holds_only_the_trained_adapter(workspace):
+def test_a_checkpoint_holds_only_the_trained_adapter_and_may_be_started_from(workspace, tiny_model_folder):
     from ftcli.snapshots import save_snapshot
 
     tmp, base, data, start = workspace
@@ -275,6 +287,13 @@ def test_a_checkpoint_with_the_reference_loaded_holds_only_the_trained_adapter(w
     saved = save_snapshot(tmp / "run", 1, model, optimizer, None, {}, recipe, keep=1)
     assert not (saved / REFERENCE_ADAPTER).exists()
     assert adapter(saved).keys() == adapter(start).keys()
+
+    # a checkpoint has no recipe.yaml: its trainer_state.json names the base
+    assert run_cli("train", recipe_from(tmp, base, data, saved), "--dry-run").exit_code == 0
+    mistral = tiny_model_folder("mistral")
+    result = run_cli("train", recipe_from(tmp, mistral, data, saved), "--dry-run")
+    assert_clean_failure(result, 2, f"model.adapter {saved} was trained on {str(base)!r} (the model.name in its "
+                         "trainer_state.json)", f"as model.name in {saved / 'trainer_state.json'}")
 
 
 def test_kernels_and_checkpointing_train_a_loaded_adapter_as_peft_does_and_switch_to_the_reference(workspace):

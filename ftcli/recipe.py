@@ -36,7 +36,8 @@ class ModelSettings(Section):
         "working directory: its LoRA weights are loaded and trained further with its LoRA settings (r, alpha, "
         "bias, use_rslora, target_modules), which the resolved recipe.yaml records. A lora field the recipe sets "
         "must equal the adapter's, except lora.dropout, which the recipe may change. The folder must come from "
-        "this model.name (its recipe.yaml says which) and may not be the output folder; null starts a new adapter.")
+        "this model.name (an ftcli run or checkpoint records which) and may not be the output folder; null "
+        "starts a new adapter.")
 
 
 class LoraSettings(Section):

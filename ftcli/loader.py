@@ -8,7 +8,9 @@ so every later step sees an ordinary, trainable model. Messages name the model b
 
 import hashlib
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator, Optional, Union
 
 import torch
 
@@ -19,6 +21,9 @@ from ftcli.staging import staged_folder
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 RECIPE_MODEL = "model.name"  # `named_by` of a model a recipe names
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TRAINED_ADAPTER = "default"  # peft's name for the adapter it creates or loads first: the one training updates
+REFERENCE_ADAPTER = "reference"  # the frozen copy of model.adapter that preference losses compare against
 
 
 def pick_device() -> torch.device:
@@ -147,10 +152,13 @@ def redact_origin(loaded) -> None:
         loaded.init_kwargs["name_or_path"] = origin
 
 
-def add_lora(model, settings: LoraSettings, architecture: Architecture, seed: int):
-    """Wrap the base model with trainable LoRA adapters (float32) on the requested projections."""
+def add_lora(model, settings: LoraSettings, architecture: Architecture, seed: int, adapter: Optional[str] = None):
+    """Wrap the base model with trainable LoRA adapters (float32): new ones on the requested projections, or the
+    weights of the `adapter` folder, whose settings start_adapter.start_from_adapter has put in `settings`."""
     from peft import LoraConfig, get_peft_model
 
+    if adapter is not None:
+        return load_start_adapter(model, Path(adapter), settings.dropout)
     targets = settings.target_modules
     if targets != "all-linear":
         targets = architecture.lora_targets(targets)
@@ -161,14 +169,67 @@ def add_lora(model, settings: LoraSettings, architecture: Architecture, seed: in
     return get_peft_model(model, config)
 
 
+def load_start_adapter(model, folder: Path, dropout: float):
+    """The adapter in `folder` on the base model, trainable and in float32 (peft upcasts 16-bit adapter weights)
+    like a new one, with the recipe's dropout; its config records this base model, as a new adapter's would."""
+    from peft import LoraConfig, PeftModel
+    from safetensors import SafetensorError
+
+    config = LoraConfig.from_pretrained(str(folder))
+    config.lora_dropout = dropout
+    config.base_model_name_or_path = model.name_or_path
+    try:
+        return PeftModel.from_pretrained(model, str(folder), config=config, is_trainable=True)
+    except SafetensorError as err:
+        raise unreadable_adapter(folder, err) from None
+
+
+def unreadable_adapter(folder: Path, err: Exception) -> ModelError:
+    return ModelError(f"{folder / ADAPTER_WEIGHTS} cannot be read ({first_line(err)}); the adapter folder of "
+                      "model.adapter is damaged. Restore the file the training run wrote.")
+
+
+def load_reference_adapter(model, folder: Union[str, Path]) -> None:
+    """Load the adapter in `folder` a second time on the same peft model, frozen and without dropout, as the
+    adapter named "reference": the policy a preference loss measures the trained adapter against. The trained
+    adapter stays the active one, and the model keeps its train or eval mode (peft's load_adapter sets eval)."""
+    from peft import LoraConfig
+
+    config = LoraConfig.from_pretrained(str(folder))
+    config.lora_dropout = 0.0
+    config.inference_mode = True
+    training = model.training
+    model.add_adapter(REFERENCE_ADAPTER, config)
+    model.load_adapter(str(folder), REFERENCE_ADAPTER, is_trainable=False)
+    model.train(training)
+
+
+@contextmanager
+def reference_adapter(model) -> Iterator[None]:
+    """Forward passes inside run on the reference adapter, without gradients; afterwards the trained adapter is
+    active and trainable again. peft's set_adapter makes the adapter it activates trainable unless told
+    inference_mode, which freezes every adapter until the trained one is set again."""
+    model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.set_adapter(TRAINED_ADAPTER)
+
+
 def check_lora_targets(model, targets: list[str]) -> None:
     """Every requested projection must exist, else peft would silently adapt fewer layers than asked."""
-    available = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] != "lm_head"})
+    available = linear_projection_names(model)
     missing = [target for target in targets if target not in available]
     if missing:
         raise RecipeError(f"lora.target_modules names {', '.join(missing)}, which this model does not have. "
                           f"Its linear projections are: {', '.join(available)} (or use \"all-linear\").")
+
+
+def linear_projection_names(model) -> list[str]:
+    """The names LoRA can target: those of the model's linear layers, the LM head aside."""
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] != "lm_head"})
 
 
 def meta_model(config, trust_remote_code: bool = False):

@@ -21,12 +21,12 @@ import torch
 
 from ftcli.answer_logprobs import PairBatch, answer_token_counts, collate_pairs, pair_logprobs, shared_prompt_fits
 from ftcli.data.templates import PreferenceExample
+from ftcli.loader import REFERENCE_ADAPTER, reference_adapter
 from ftcli.metrics import StepResult
 from ftcli.preference_losses import PairLogprobs, PairLosses, preference_loss
 from ftcli.recipe import Recipe
 from ftcli.staging import atomic_write_bytes
 
-REFERENCE_ADAPTER = "reference"
 REFERENCE_CACHE = "reference-logprobs.pt"
 
 
@@ -117,12 +117,8 @@ class PreferenceMethod:
 def reference_policy(model):
     """The model as DPO's reference: its "reference" adapter active when it has one, else no adapter at all."""
     if REFERENCE_ADAPTER in model.peft_config:
-        active = model.active_adapter
-        model.set_adapter(REFERENCE_ADAPTER)
-        try:
+        with reference_adapter(model):
             yield
-        finally:
-            model.set_adapter(active)
     else:
         with model.disable_adapter():
             yield

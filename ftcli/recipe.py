@@ -31,6 +31,13 @@ class ModelSettings(Section):
         "dequantized on the fly, and the LM head fused with cross-entropy; false runs plain transformers + peft.")
     trust_remote_code: bool = Field(False, description="Run Python code shipped with the model when training; only for "
                                     "models you trust. Chat and export ignore it and ask for --trust-remote-code.")
+    adapter: Optional[str] = Field(
+        None, description="An ftcli output folder (or any PEFT LoRA adapter folder) to start from, relative to the "
+        "working directory: its LoRA weights are loaded and trained further with its LoRA settings (r, alpha, "
+        "bias, use_rslora, target_modules), which the resolved recipe.yaml records. A lora field the recipe sets "
+        "must equal the adapter's, except lora.dropout, which the recipe may change. The folder must come from "
+        "this model.name (an ftcli run or checkpoint records which) and may not be the output folder; null "
+        "starts a new adapter.")
 
 
 class LoraSettings(Section):

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ftcli.errors import CheckpointError, redact
+from ftcli.loader import ADAPTER_WEIGHTS, TRAINED_ADAPTER
 from ftcli.recipe import Recipe
 from ftcli.staging import staged_folder
 
@@ -32,8 +33,8 @@ TENSORS_FILE = "training_state.pt"
 
 # Recipe fields that shape the data order, the model or the optimizer's tensors: a checkpoint only
 # continues a run whose recipe has the same values for them.
-MUST_MATCH = ["model.name", "model.max_seq_length", "model.load_in_4bit", "lora", "data", "train.method",
-              "train.batch_size", "train.grad_accum", "train.seed", "train.optimizer", "preference"]
+MUST_MATCH = ["model.name", "model.adapter", "model.max_seq_length", "model.load_in_4bit", "lora", "data",
+              "train.method", "train.batch_size", "train.grad_accum", "train.seed", "train.optimizer", "preference"]
 
 
 @dataclass
@@ -71,7 +72,7 @@ def save_snapshot(folder: Path, step: int, model, optimizer, scaler, progress: d
     root.mkdir(exist_ok=True)
     final = root / f"step-{step}"
     with staged_folder(final) as temporary:
-        model.save_pretrained(temporary)
+        model.save_pretrained(temporary, selected_adapters=[TRAINED_ADAPTER])
         torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                     "rng": random_states()}, temporary / TENSORS_FILE)
         state = {"step": step, **progress, "recipe": recipe_record(recipe)}
@@ -87,7 +88,7 @@ def restore_snapshot(snapshot: Snapshot, model, optimizer, scaler) -> None:
 
     device = next(p.device for p in model.parameters() if p.requires_grad)
     try:
-        adapter = load_file(snapshot.path / "adapter_model.safetensors", device=str(device))
+        adapter = load_file(snapshot.path / ADAPTER_WEIGHTS, device=str(device))
         saved = torch.load(snapshot.path / TENSORS_FILE, map_location="cpu", weights_only=True)
     except (OSError, SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
         raise CheckpointError(f"Checkpoint {snapshot.path} is damaged and cannot be read ({error}). Delete that "

@@ -24,8 +24,8 @@ from ftcli.architectures import Architecture
 from ftcli.data import PreparedData, prepare_data
 from ftcli.data.templates import IGNORE_INDEX, TokenizedExample
 from ftcli.errors import CheckpointError, Interrupted, OutOfMemory, TrainingDiverged, redact
-from ftcli.loader import (add_lora, check_lora_targets, compute_dtype, load_config, load_model, load_tokenizer,
-                          meta_model, pick_device)
+from ftcli.loader import (TRAINED_ADAPTER, add_lora, check_lora_targets, compute_dtype, load_config, load_model,
+                          load_reference_adapter, load_tokenizer, meta_model, pick_device)
 from ftcli.metrics import MetricsLog, StepResult, plot_losses
 from ftcli.optim import build_optimizer, set_learning_rate
 from ftcli.patch import KernelSwaps, apply_kernels, apply_lora_kernels, kernels_can_run
@@ -36,6 +36,7 @@ from ftcli.recipe import PREFERENCE_METHODS, LoraSettings, Recipe, TrainSettings
 from ftcli.signals import StopRequest
 from ftcli.snapshots import Snapshot, check_compatible, newest_snapshot, restore_snapshot, save_snapshot
 from ftcli.staging import atomic_write_text
+from ftcli.start_adapter import start_from_adapter
 from ftcli.steps import count_steps, data_position, step_groups
 
 
@@ -99,12 +100,13 @@ def run(recipe: Recipe, out_dir: Path, display: TrainingDisplay, resume: bool = 
     looked at after every optimizer step: once a signal has set it, a checkpoint is saved and the run ends
     with `Interrupted`.
     """
+    config, architecture = load_config(recipe.model)
+    recipe = start_from_adapter(recipe, config, architecture)
     snapshot = newest_snapshot(out_dir) if resume else None
     if snapshot:
         check_compatible(snapshot, recipe)
     seed_everything(recipe.train.seed)
     device = pick_device()
-    config, architecture = load_config(recipe.model)
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe.data, tokenizer, recipe.model.max_seq_length, recipe.train.seed)
     total_steps = count_steps(len(data.train), recipe.train)
@@ -128,7 +130,9 @@ def build_setup(recipe: Recipe, out_dir: Path, device: torch.device, architectur
     dtype = compute_dtype(recipe.model, device)
     model = load_model(recipe.model, architecture, device, dtype)
     model, kernels = prepare_for_training(model, architecture, recipe.lora, recipe.model.kernels and kernels_can_run(device),
-                                          recipe.train.gradient_checkpointing, recipe.train.seed)
+                                          recipe.train.gradient_checkpointing, recipe.train.seed, recipe.model.adapter)
+    if recipe.train.method == "dpo" and recipe.model.adapter:
+        load_reference_adapter(model, recipe.model.adapter)  # DPO's reference: the policy the run starts from
     trainable = [p for p in model.parameters() if p.requires_grad]
     method_class = PreferenceMethod if recipe.train.method in PREFERENCE_METHODS else SupervisedMethod
     method = method_class(recipe, tokenizer.pad_token_id, device, kernels.fused_loss)
@@ -227,7 +231,7 @@ def save_checkpoint(setup: TrainingSetup, state: RunState) -> Path:
 def finish(setup: TrainingSetup, state: RunState, tokenizer, resumed_from_step: Optional[int]) -> dict:
     """Save the adapter, tokenizer, recipe and loss plot into the output folder; returns the run's summary."""
     recipe = setup.recipe
-    setup.model.save_pretrained(setup.out_dir)
+    setup.model.save_pretrained(setup.out_dir, selected_adapters=[TRAINED_ADAPTER])
     tokenizer.save_pretrained(setup.out_dir)
     atomic_write_text(setup.out_dir / "recipe.yaml", redact(recipe.to_yaml()))
     plot = plot_losses(setup.out_dir)
@@ -264,22 +268,25 @@ def divergence_message(quantity: str, value: float, step: int, examples: list[To
 
 
 def prepare_for_training(model, architecture: Architecture, lora: LoraSettings, kernels: bool,
-                         gradient_checkpointing: Union[bool, str], seed: int) -> tuple[torch.nn.Module, KernelSwaps]:
-    """Kernels, checkpointing and LoRA on a loaded base model, in the order they must go on; returns the
-    trainable model and what the kernels took over (nothing without kernels).
+                         gradient_checkpointing: Union[bool, str], seed: int,
+                         adapter: Optional[str] = None) -> tuple[torch.nn.Module, KernelSwaps]:
+    """Kernels, checkpointing and LoRA (new, or the `adapter` folder's) on a loaded base model, in the order they
+    must go on; returns the trainable model and what the kernels took over (nothing without kernels).
 
     The norm and MLP kernels go in before peft wraps the projections, so the LoRA kernels find them."""
     swaps = apply_kernels(model, architecture) if kernels else KernelSwaps()
     enable_checkpointing(model, gradient_checkpointing)
-    model = add_lora(model, lora, architecture, seed)
+    model = add_lora(model, lora, architecture, seed, adapter)
     if kernels:
         swaps.module_counts |= apply_lora_kernels(model)
     return model, swaps
 
 
 def dry_run(recipe: Recipe) -> dict:
-    """Everything `run` checks before training, without reading weights: recipe, model config, data, LoRA targets."""
+    """Everything `run` checks before training, without reading weights: recipe, model config, the adapter it starts
+    from, data, LoRA targets."""
     config, architecture = load_config(recipe.model)
+    recipe = start_from_adapter(recipe, config, architecture)
     tokenizer = load_tokenizer(recipe.model)
     data: PreparedData = prepare_data(recipe.data, tokenizer, recipe.model.max_seq_length, recipe.train.seed)
     if recipe.lora.target_modules != "all-linear":

@@ -122,7 +122,7 @@ def _rows(folder):
         return []
 
 
-def interrupted_run(tmp, model, data, name="cut", stop_after=3, **sections):
+def interrupted_run(tmp, base, data, name="cut", stop_after=3, **sections):
     """Train `name` until a stop after step `stop_after`, leaving its .partial folder with checkpoints."""
     from ftcli.errors import Interrupted
     from ftcli.output import locked_output_folder
@@ -132,7 +132,7 @@ def interrupted_run(tmp, model, data, name="cut", stop_after=3, **sections):
 
     settings = {key: RESUMABLE[key] | sections.get(key, {}) for key in RESUMABLE} | {
         key: value for key, value in sections.items() if key not in RESUMABLE}
-    path = write_recipe(tmp / f"{name}.yaml", model, data, tmp / name, **settings)
+    path = write_recipe(tmp / f"{name}.yaml", base, data, tmp / name, **settings)
     stop = StopRequest()
     with pytest.raises(Interrupted):
         with locked_output_folder(tmp / name, overwrite=False) as staging:

@@ -190,6 +190,9 @@ class Recipe(Section):
                 key = PreferenceSettings.model_fields[name].alias or name
                 raise ValueError(f"{key} applies to {' and '.join(methods)} only, and train.method is {method}; "
                                  "remove it, or choose a method that reads it")
+        if method == "dpo" and preference.loss_type != "sigmoid" and preference.label_smoothing:
+            raise ValueError(f"label_smoothing applies to the sigmoid loss only, and loss_type is "
+                             f"{preference.loss_type}; remove it, or set loss_type: sigmoid")
         return preference
 
     @model_validator(mode="after")

@@ -18,6 +18,10 @@ own loss. ftcli's side is the path `ftcli train` takes, set up by the same funct
 With --decode it measures answering instead: greedy decode tokens/s of plain `model.generate` (its default
 dynamic cache, eager) against ftcli's decoder (ftcli/decoding.py, the one `ftcli chat` uses), on the same
 model in one process. Decode speed excludes the prompt: (new tokens - 1) / (time for all - time for the first).
+
+    python -m ftcli.bench --method dpo
+
+With --method dpo it compares DPO training with TRL's and Unsloth's DPOTrainer (ftcli/bench_preference.py).
 """
 
 import argparse

@@ -185,7 +185,7 @@ def ratio(value, reference) -> str:
     return "-" if value is None or not reference else f"{value / reference:.2f}x"
 
 
-def main(argv: list[str]) -> None:
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ftcli.bench --method dpo", description=__doc__.splitlines()[0])
     add_training_arguments(parser)
     parser.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens of each pair")
@@ -196,6 +196,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--write-model", metavar="FOLDER", help="write the peers' model folder and exit")
     args = parser.parse_args(argv)
     args.checkpointing = CHECKPOINTING[args.checkpointing]
+    return args
+
+
+def main(argv: list[str]) -> None:
+    args = parse_arguments(argv)
     if args.write_model:
         write_model_folder(args, Path(args.write_model))
         print(json.dumps({"side": "folder", "written": args.write_model}))

@@ -1,15 +1,17 @@
 """The peers' sides of `python -m ftcli.bench --method dpo`: TRL's DPOTrainer, and Unsloth's patched DPOTrainer.
 
-    python benchmarks/preference_peers.py trl|unsloth FOLDER --pairs 2 --warmup 2 --steps 5 --rank 16 \
-        --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --seed 3407 --beta 0.1 --learning-rate 2e-4
+    python benchmarks/preference_peers.py trl|unsloth FOLDER FOLDER/pairs.json --pairs 2 --warmup 2 --steps 5 \
+        --rank 16 --alpha 16 --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --seed 3407 \
+        --beta 0.1 --learning-rate 2e-4
 
 FOLDER is what `python -m ftcli.bench --method dpo --write-model FOLDER` writes: a bf16 model, a word-level
-tokenizer (each id one word, so the text below tokenizes back to the ids it was written from) and
-pairs.json, the (prompt, chosen, rejected) ids every side trains on. Each side loads the model in NF4 as its
-users do, trains through its own trainer with the settings given (the parent passes ftcli's), and prints one JSON line last: the step times after warm-up, the
-losses, the peak memory, and whether its trainer saw the same ids. It lives outside the package: ftcli never
-imports TRL or Unsloth. Each side imports its libraries inside its loader, because Unsloth must be imported
-before transformers, peft and TRL to patch them, and TRL's side must not be patched.
+tokenizer (each id one word, so the text below tokenizes back to the ids it was written from) and a JSON
+list of the (prompt, chosen, rejected) ids every side trains on. Each side loads the model in NF4 as its users
+do, trains through its own trainer with the settings given (the parent passes ftcli's), and prints one JSON line
+last: the step times after warm-up, the losses, the peak memory, and whether its trainer saw the same ids. It
+lives outside the package: ftcli never imports TRL or Unsloth. Each side imports its libraries inside its
+loader, because Unsloth must be imported before transformers, peft and TRL to patch them, and TRL's side must
+not be patched.
 """
 
 import argparse
@@ -46,7 +48,6 @@ def load_trl(folder: str, max_length: int, args):
 
 def load_unsloth(folder: str, max_length: int, args):
     """Unsloth's loader and adapter, with its own gradient checkpointing; its import patches TRL's trainers."""
-    import unsloth
     from unsloth import FastLanguageModel
 
     model, tokenizer = FastLanguageModel.from_pretrained(model_name=folder, max_seq_length=max_length,
@@ -55,7 +56,6 @@ def load_unsloth(folder: str, max_length: int, args):
     model = FastLanguageModel.get_peft_model(model, r=args.rank, lora_alpha=args.alpha, lora_dropout=0, bias="none",
                                              target_modules=args.targets, use_gradient_checkpointing="unsloth",
                                              random_state=args.seed, max_seq_length=max_length)
-    print(f"unsloth {unsloth.__version__}", flush=True)
     return model, tokenizer, None
 
 
@@ -114,12 +114,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("side", choices=sorted(LOADERS))
     parser.add_argument("folder")
+    parser.add_argument("pairs_file")
     for name, kind in [("pairs", int), ("warmup", int), ("steps", int), ("rank", int), ("alpha", float),
                        ("seed", int), ("beta", float), ("learning-rate", float)]:
         parser.add_argument(f"--{name}", type=kind, required=True)
     parser.add_argument("--targets", type=lambda names: names.split(","), required=True, help="comma-separated")
     args = parser.parse_args()
-    pairs = json.loads((Path(args.folder) / "pairs.json").read_text())[:args.pairs * (args.warmup + args.steps)]
+    pairs = json.loads(Path(args.pairs_file).read_text())[:args.pairs * (args.warmup + args.steps)]
     max_length = max(len(prompt) + max(len(chosen), len(rejected)) for prompt, chosen, rejected in pairs)
     model, tokenizer, lora = LOADERS[args.side](args.folder, max_length, args)
     print(json.dumps({"side": args.side, **train(model, tokenizer, lora, pairs, args)}), flush=True)

@@ -156,7 +156,8 @@ def peer_command(side: str, args, folder: str) -> list[str]:
     settings = {"pairs": args.pairs, "warmup": args.warmup, "steps": args.steps, "rank": BENCH_LORA.r,
                 "alpha": BENCH_LORA.alpha, "targets": ",".join(BENCH_LORA.target_modules), "seed": LORA_SEED,
                 "beta": BETA, "learning-rate": LEARNING_RATE}
-    return [sys.executable, str(PEER_SCRIPT), side, folder, *(f"--{name}={value}" for name, value in settings.items())]
+    return [sys.executable, str(PEER_SCRIPT), side, folder, str(Path(folder) / PAIRS_FILE),
+            *(f"--{name}={value}" for name, value in settings.items())]
 
 
 def print_table(args, results: list[dict]) -> None:

@@ -18,16 +18,18 @@ own loss. ftcli's side is the path `ftcli train` takes, set up by the same funct
 With --decode it measures answering instead: greedy decode tokens/s of plain `model.generate` (its default
 dynamic cache, eager) against ftcli's decoder (ftcli/decoding.py, the one `ftcli chat` uses), on the same
 model in one process. Decode speed excludes the prompt: (new tokens - 1) / (time for all - time for the first).
+
+    python -m ftcli.bench --method dpo
+
+With --method dpo it compares DPO training with TRL's and Unsloth's DPOTrainer (ftcli/bench_preference.py).
 """
 
 import argparse
 import cProfile
 import io
 import json
-import os
 import pstats
 import statistics
-import subprocess
 import sys
 import time
 
@@ -35,59 +37,17 @@ import bitsandbytes as bnb
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from torch.profiler import ProfilerActivity, profile
-from transformers import AutoModelForCausalLM
 
-from ftcli.architectures import ARCHITECTURES
+from ftcli import bench_preference
+from ftcli.bench_common import (BENCH_LORA, CHECKPOINTING, LORA_SEED, add_training_arguments, ftcli_setup, method_of,
+                                random_model, side_in_subprocess)
 from ftcli.decoding import Decoder, Sampling
 from ftcli.optim import build_optimizer
-from ftcli.recipe import DEFAULT_TARGET_MODULES, LoraSettings, TrainSettings
-from ftcli.shapes import SHAPES, shape_config
-from ftcli.train import prepare_for_training, summed_token_loss, target_tokens
+from ftcli.recipe import TrainSettings
+from ftcli.shapes import SHAPES
+from ftcli.train import summed_token_loss, target_tokens
 
 SIDES = ("hf", "ftcli")
-
-
-def random_model(shape: str, precision: str, device: torch.device, dtype: torch.dtype):
-    """A Llama model of the named shape with random weights; its decoder linears in NF4 when precision is nf4.
-
-    Weights are drawn on the device one layer at a time and quantized right away, as transformers does
-    when it loads a checkpoint with a BitsAndBytesConfig, so building an 8B model needs no 16 GB copy.
-    """
-    config = shape_config(shape, max_position_embeddings=131072, attn_implementation="sdpa")
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    generator = torch.Generator(device).manual_seed(0)
-    model.to_empty(device=device)
-    model.tie_weights()  # to_empty gave the head its own copy of a tied embedding, which real loading never does
-    for name, parameter in model.named_parameters():
-        with torch.no_grad():
-            if name.endswith("norm.weight"):
-                parameter.copy_(1 + 0.1 * torch.randn(parameter.shape, generator=generator, device=device))
-            else:
-                parameter.normal_(0, 0.02, generator=generator)
-    with torch.device(device):  # to_empty left its computed buffers uninitialised
-        model.model.rotary_emb = type(model.model.rotary_emb)(config)
-    if precision == "nf4":
-        quantize_decoder_linears(model, dtype)
-        model.is_loaded_in_4bit = True  # what transformers' bitsandbytes loader marks; peft reads it
-    model.requires_grad_(False)
-    model.config.use_cache = False
-    return model
-
-
-def quantize_decoder_linears(model, compute_dtype: torch.dtype) -> None:
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, linear in list(parent.named_children()):
-                if not isinstance(linear, torch.nn.Linear):
-                    continue
-                quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                              compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True,
-                                              device="meta")
-                quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
-                                                     compress_statistics=True)
-                setattr(parent, name, quantized.to(linear.weight.device))
-                del linear
 
 
 def hf_training(model, precision: str):
@@ -97,17 +57,15 @@ def hf_training(model, precision: str):
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    torch.manual_seed(3407)  # the LoRA initialisation ftcli's side draws too
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
-                                             target_modules=DEFAULT_TARGET_MODULES, task_type="CAUSAL_LM"))
+    torch.manual_seed(LORA_SEED)
+    model = get_peft_model(model, LoraConfig(r=BENCH_LORA.r, lora_alpha=BENCH_LORA.alpha, lora_dropout=0.0,
+                                             target_modules=BENCH_LORA.target_modules, task_type="CAUSAL_LM"))
     return model, lambda batch: model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
 
 
 def ftcli_training(model, checkpointing):
     """The path `ftcli train` takes after loading: kernels, checkpointing, LoRA, and its own loss."""
-    lora = LoraSettings(r=16, alpha=16, target_modules=DEFAULT_TARGET_MODULES)
-    model, kernels = prepare_for_training(model, ARCHITECTURES["llama"], lora, kernels=True,
-                                          gradient_checkpointing=checkpointing, seed=3407)
+    model, kernels = ftcli_setup(model, checkpointing)
     return model, lambda batch: summed_token_loss(model, batch, kernels.fused_loss) / target_tokens(batch)
 
 
@@ -262,15 +220,6 @@ def print_decode_table(args, results: list[dict]) -> None:
           "token-for-token equality is tested in float32 (tests/test_decoding.py).")
 
 
-def run_side_in_subprocess(side: str, argv: list[str]) -> dict:
-    completed = subprocess.run([sys.executable, "-m", "ftcli.bench", *argv, "--only", side, "--json"],
-                               capture_output=True, text=True, env=os.environ.copy())
-    if completed.returncode != 0:
-        return {"side": side, "error": (completed.stderr.strip().splitlines() or ["no output"])[-1],
-                "stderr": completed.stderr[-4000:]}
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
 def print_table(args, results: list[dict]) -> None:
     tokens = args.seq * args.bs
     device = next((r["device"] for r in results if "device" in r), "?")
@@ -292,19 +241,18 @@ def print_table(args, results: list[dict]) -> None:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if method_of(argv) == "dpo":
+        bench_preference.main(argv)
+        return
     parser = argparse.ArgumentParser(prog="python -m ftcli.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    add_training_arguments(parser)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--bs", type=int, default=2)
     parser.add_argument("--precision", choices=["nf4", "bf16"], default="nf4")
-    parser.add_argument("--checkpointing", choices=["offload", "true", "false"], default="offload",
-                        help="ftcli's gradient checkpointing; the baseline always recomputes on the GPU")
-    parser.add_argument("--steps", type=int, default=5, help="measured steps")
-    parser.add_argument("--warmup", type=int, default=2, help="steps run before measuring (compilation, caches)")
     parser.add_argument("--only", choices=SIDES, help="run one side in this process")
     parser.add_argument("--profile", action="store_true", help="also print ftcli's per-kernel GPU time and the host's Python time of one step")
     parser.add_argument("--trace", help="with --profile: write the step's Chrome trace (JSON) to this path")
-    parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
     parser.add_argument("--decode", action="store_true", help="measure answering (decode tokens/s) instead of training")
     parser.add_argument("--prompt-len", type=int, default=128, help="with --decode: prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=256, help="with --decode: tokens to generate")
@@ -318,13 +266,14 @@ def main(argv=None) -> None:
         if not args.json:
             print_decode_table(args, results)
         return
-    args.checkpointing = {"offload": "offload", "true": True, "false": False}[args.checkpointing]
+    args.checkpointing = CHECKPOINTING[args.checkpointing]
 
     if args.only:
         results = [measure(args.only, args)]
     else:
-        forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--json"]
-        results = [run_side_in_subprocess(side, forwarded) for side in SIDES]
+        forwarded = [a for a in argv if a != "--json"]
+        results = [side_in_subprocess(side, [sys.executable, "-m", "ftcli.bench", *forwarded, "--only", side, "--json"])
+                   for side in SIDES]
     if args.json:
         print(json.dumps(results[0] if args.only else results))
         return

@@ -1,11 +1,16 @@
-"""The benchmark script runs both sides on a tiny shape, and they compute the same losses."""
+"""The benchmark script runs both sides on a tiny shape, and they compute the same losses; the DPO benchmark's
+TRL side trains the pairs it is given, and its table compares every side with TRL."""
 
+import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
+
+from ftcli import bench_preference
 
 
 def test_bench_sides_train_the_same_model_to_the_same_losses():
@@ -36,11 +41,58 @@ def test_bench_decode_times_both_decoders_on_the_same_greedy_tokens():
 def test_random_model_keeps_a_tied_head_tied(monkeypatch):
     """Llama-3.2-1B ties its head to the embedding; a copy would add 0.5 GiB to the measured peak."""
     import torch
-    from ftcli import bench, shapes
+    from ftcli import bench_common, shapes
 
     tied_shape = dict(shapes.SHAPES["tiny"], tie_word_embeddings=True)
     monkeypatch.setitem(shapes.SHAPES, "tiny-tied", tied_shape)
-    tied = bench.random_model("tiny-tied", "bf16", torch.device("cpu"), torch.float32)
-    untied = bench.random_model("tiny", "bf16", torch.device("cpu"), torch.float32)
+    tied = bench_common.random_model("tiny-tied", "bf16", torch.device("cpu"), torch.float32)
+    untied = bench_common.random_model("tiny", "bf16", torch.device("cpu"), torch.float32)
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
     assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+
+
+def test_dpo_bench_defaults_are_the_issues_case():
+    """Llama-3-8B, prompt 1,024 + answers 1,024 tokens each, 2 pairs a step, all three sides."""
+    args = bench_preference.parse_arguments(["--method", "dpo"])
+    assert (args.shape, args.prompt_len, args.answer_len, args.pairs) == ("llama3-8b", 1024, 1024, 2)
+    assert args.sides == ["trl", "unsloth", "ftcli"] and args.checkpointing == "offload"
+
+
+def test_dpo_bench_trl_side_trains_exactly_the_pairs_it_is_given():
+    command = [sys.executable, "-m", "ftcli.bench", "--method", "dpo", "--shape", "tiny", "--prompt-len", "12",
+               "--answer-len", "6", "--pairs", "2", "--steps", "1", "--warmup", "1", "--sides", "trl", "--json"]
+    completed = subprocess.run(command, capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    [trl] = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert trl["side"] == "trl" and "error" not in trl, trl.get("stderr")
+    assert trl["same_ids"] is True  # TRL tokenized the pairs' text back to the ids every side trains on
+    assert trl["losses"][0] == pytest.approx(math.log(2), abs=1e-6)  # a new adapter: the policy is its reference
+    assert len(trl["losses"]) == 2 and len(trl["step_s"]) == 1 and trl["step_s"][0] > 0
+
+
+def test_random_pairs_are_seeded_and_end_each_answer():
+    pairs = bench_preference.random_pairs("tiny", 3, prompt_len=5, answer_len=4)
+    assert pairs == bench_preference.random_pairs("tiny", 3, prompt_len=5, answer_len=4)
+    assert all(len(prompt) == 5 and chosen[-1] == rejected[-1] == bench_preference.END_ID and len(chosen) == 4
+               for prompt, chosen, rejected in pairs)
+    drawn = [token for pair in pairs for ids in pair for token in ids[:-1]]
+    assert min(drawn) >= bench_preference.FIRST_PLAIN_ID and len(set(drawn)) > 20  # never a special token or zero
+
+
+def test_word_tokenizer_gives_back_the_ids_its_words_were_written_from():
+    tokenizer = bench_preference.word_tokenizer(512)
+    ids = [15, 150, 2, 11, 511]
+    assert tokenizer(" ".join(tokenizer.convert_ids_to_tokens(ids)))["input_ids"] == ids
+
+
+def test_dpo_table_compares_each_side_with_trl(capsys):
+    args = argparse.Namespace(shape="tiny", pairs=2, prompt_len=8, answer_len=4, steps=3, warmup=1)  # 32 tokens a step
+    results = [{"side": "trl", "step_s": [2.0, 1.0, 3.0], "losses": [0.6931, 0.5], "peak_gib": 10.0, "device": "GPU"},
+               {"side": "unsloth", "error": "ModuleNotFoundError: No module named 'unsloth'"},
+               {"side": "ftcli", "step_s": [0.5, 0.5, 0.6], "losses": [0.6931, 0.4], "peak_gib": 5.0, "device": "GPU"}]
+    bench_preference.print_table(args, results)
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in lines[3:]}
+    assert rows["trl"] == ["16", "2.000", "10.00", "1.00x", "1.00x", "0.6931", "0.5000"]
+    assert rows["ftcli"] == ["64", "0.500", "5.00", "4.00x", "0.50x", "0.6931", "0.4000"]
+    assert rows["unsloth"] == ["failed:", "ModuleNotFoundError:", "No", "module", "named", "'unsloth'"]

@@ -1,0 +1,105 @@
+"""What the training benchmarks share: the random-weight model of a named shape, ftcli's setup of it, and each
+side run in its own process.
+
+`python -m ftcli.bench` compares ftcli with its peers for SFT (ftcli/bench.py) and DPO (ftcli/bench_preference.py);
+every side of both draws the same weights and, on ftcli's side, is set up as `ftcli train` sets it up.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+
+import bitsandbytes as bnb
+import torch
+from transformers import AutoModelForCausalLM
+
+from ftcli.architectures import ARCHITECTURES
+from ftcli.recipe import DEFAULT_TARGET_MODULES, LoraSettings
+from ftcli.shapes import SHAPES, shape_config
+from ftcli.patch import KernelSwaps
+from ftcli.train import prepare_for_training
+
+BENCH_LORA = LoraSettings(r=16, alpha=16, target_modules=DEFAULT_TARGET_MODULES)
+LORA_SEED = 3407  # the LoRA initialisation every side draws
+CHECKPOINTING = {"offload": "offload", "true": True, "false": False}  # --checkpointing as the recipe spells it
+METHODS = ("sft", "dpo")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of both training benchmarks."""
+    parser.add_argument("--method", choices=METHODS, default="sft",
+                        help="sft: supervised fine-tuning against plain transformers + peft; dpo: preference training "
+                        "against TRL and Unsloth (its own options: --method dpo --help)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    parser.add_argument("--checkpointing", choices=sorted(CHECKPOINTING), default="offload",
+                        help="ftcli's gradient checkpointing; the others always recompute on the GPU")
+    parser.add_argument("--steps", type=int, default=5, help="measured steps")
+    parser.add_argument("--warmup", type=int, default=2, help="steps run before measuring (compilation, caches)")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
+
+
+def method_of(argv: list[str]) -> str:
+    """The --method in `argv`, before the method's own parser reads the rest."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--method", choices=METHODS, default="sft")
+    return parser.parse_known_args(argv)[0].method
+
+
+def random_model(shape: str, precision: str, device: torch.device, dtype: torch.dtype):
+    """A Llama model of the named shape with random weights; its decoder linears in NF4 when precision is nf4.
+
+    Weights are drawn on the device one layer at a time and quantized right away, as transformers does
+    when it loads a checkpoint with a BitsAndBytesConfig, so building an 8B model needs no 16 GB copy.
+    """
+    config = shape_config(shape, max_position_embeddings=131072, attn_implementation="sdpa")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    generator = torch.Generator(device).manual_seed(0)
+    model.to_empty(device=device)
+    model.tie_weights()  # to_empty gave the head its own copy of a tied embedding, which real loading never does
+    for name, parameter in model.named_parameters():
+        with torch.no_grad():
+            if name.endswith("norm.weight"):
+                parameter.copy_(1 + 0.1 * torch.randn(parameter.shape, generator=generator, device=device))
+            else:
+                parameter.normal_(0, 0.02, generator=generator)
+    with torch.device(device):  # to_empty left its computed buffers uninitialised
+        model.model.rotary_emb = type(model.model.rotary_emb)(config)
+    if precision == "nf4":
+        quantize_decoder_linears(model, dtype)
+        model.is_loaded_in_4bit = True  # what transformers' bitsandbytes loader marks; peft reads it
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    return model
+
+
+def quantize_decoder_linears(model, compute_dtype: torch.dtype) -> None:
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, linear in list(parent.named_children()):
+                if not isinstance(linear, torch.nn.Linear):
+                    continue
+                quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                              compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True,
+                                              device="meta")
+                quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
+                                                     compress_statistics=True)
+                setattr(parent, name, quantized.to(linear.weight.device))
+                del linear
+
+
+def ftcli_setup(model, checkpointing) -> tuple[torch.nn.Module, KernelSwaps]:
+    """The path `ftcli train` takes after loading: kernels, checkpointing and LoRA."""
+    return prepare_for_training(model, ARCHITECTURES["llama"], BENCH_LORA, kernels=True,
+                                gradient_checkpointing=checkpointing, seed=LORA_SEED)
+
+
+def side_in_subprocess(side: str, command: list[str]) -> dict:
+    """Run one side's command, which prints its result as a JSON line last, in its own process, so that no side
+    inherits another's allocations or compiled kernels; a failure is a result that says why."""
+    completed = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    if completed.returncode != 0:
+        return {"side": side, "error": (completed.stderr.strip().splitlines() or ["no output"])[-1],
+                "stderr": completed.stderr[-4000:]}
+    return json.loads(completed.stdout.strip().splitlines()[-1])

@@ -1,0 +1,91 @@
+"""The TRL reference drives TRL correctly: its DPO losses and rewards equal a plain-PyTorch computation."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randomise
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from ftcli.recipe import DEFAULT_TARGET_MODULES
+from trl_reference import trl_dpo_reference
+
+BETA = 0.5
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_folder):
+    """A tiny Llama with a LoRA adapter whose B is random, so that the policy differs from its reference."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_folder("llama"), dtype=torch.float32)
+    torch.manual_seed(0)
+    adapted = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT_TARGET_MODULES))
+    randomise(adapted, "lora_B", 0.2, seed=1)
+    return adapted.eval()
+
+
+@pytest.fixture(scope="module")
+def pairs(policy):
+    """Three pairs of unequal lengths: prompt, chosen and rejected ids drawn at random (never padding's 0)."""
+    generator = torch.Generator().manual_seed(2)
+    draw = lambda n: torch.randint(3, policy.config.vocab_size, (n,), generator=generator).tolist()
+    return [(draw(5), draw(4), draw(7)), (draw(1), draw(6), draw(2)), (draw(9), draw(3), draw(3))]
+
+
+def answer_logps(model, prompt: list[int], answer: list[int]) -> torch.Tensor:
+    """Sum of log p(answer token | everything before it) from the model's full logits."""
+    ids = torch.tensor([prompt + answer])
+    with torch.no_grad():
+        logps = torch.log_softmax(model(ids).logits[0, :-1].double(), dim=-1)
+    return logps[len(prompt) - 1:].gather(1, ids[0, len(prompt):, None]).sum()
+
+
+def plain_log_ratios(model, pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair, policy minus adapter-off reference summed log-probs of the chosen and of the rejected answer."""
+    def answers(which: int) -> torch.Tensor:
+        return torch.stack([answer_logps(model, pair[0], pair[which]) for pair in pairs])
+
+    policy_chosen, policy_rejected = answers(1), answers(2)
+    with model.disable_adapter():
+        reference_chosen, reference_rejected = answers(1), answers(2)
+    return policy_chosen - reference_chosen, policy_rejected - reference_rejected
+
+
+def plain_losses(loss_type: str, label_smoothing: float, chosen: torch.Tensor, rejected: torch.Tensor,
+                 pairs) -> torch.Tensor:
+    margin = BETA * (chosen - rejected)
+    if loss_type == "sigmoid":
+        return -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    if loss_type == "hinge":
+        return torch.relu(1 - margin)
+    lengths = torch.tensor([[len(pair[1]), len(pair[2])] for pair in pairs], dtype=torch.float64)
+    return (chosen / lengths[:, 0] - rejected / lengths[:, 1] - 1 / (2 * BETA)) ** 2
+
+
+@pytest.mark.parametrize("loss_type, label_smoothing", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0),
+                                                          ("hinge", 0.0)])
+def test_trl_reference_equals_plain_dpo_from_full_logits(policy, pairs, loss_type, label_smoothing, tmp_path):
+    chosen, rejected = plain_log_ratios(policy, pairs)
+    assert chosen.abs().min() > 0.05 and rejected.abs().min() > 0.05  # the adapter really moves the policy
+    trl = trl_dpo_reference(policy, pairs, BETA, loss_type, label_smoothing, output_dir=str(tmp_path))
+
+    expected = plain_losses(loss_type, label_smoothing, chosen, rejected, pairs)
+    torch.testing.assert_close(trl.losses.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(trl.chosen_rewards.double(), BETA * chosen, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(trl.rejected_rewards.double(), BETA * rejected, rtol=1e-5, atol=1e-5)
+    if loss_type == "sigmoid":  # a policy equal to its reference would give log 2 for every pair
+        assert (trl.losses - math.log(2)).abs().min() > 1e-3
+
+
+def test_trl_reference_leaves_the_model_alone(policy, pairs, tmp_path):
+    before = {name: parameter.clone() for name, parameter in policy.state_dict().items()}
+    forward = policy.get_base_model().forward
+    trl_dpo_reference(policy, pairs[:1], BETA, output_dir=str(tmp_path))
+    assert policy.get_base_model().forward == forward
+    assert all(torch.equal(before[name], parameter) for name, parameter in policy.state_dict().items())
+
+
+def test_trl_reference_refuses_label_smoothing_trl_would_ignore(policy, pairs):
+    with pytest.raises(ValueError, match="ignores label_smoothing"):
+        trl_dpo_reference(policy, pairs, BETA, "hinge", label_smoothing=0.1)

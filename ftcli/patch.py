@@ -250,10 +250,14 @@ def apply_lora_kernels(model: nn.Module) -> dict[str, int]:
 
 def _lora_parts(layer: nn.Module, x: torch.Tensor | None = None):
     """(weight, bias, lora_A, lora_B, scaling) of a peft LoRA linear that the LoRA kernels compute: one active
-    adapter, not merged or disabled, without dropout, DoRA, LoRA bias or other variants, over a frozen nn.Linear or
-    bitsandbytes 4-bit base, for input `x` when given (a float dtype, no autocast); None otherwise."""
+    adapter, not merged, without dropout, DoRA, LoRA bias or other variants, over a frozen nn.Linear or
+    bitsandbytes 4-bit base, for input `x` when given (a float dtype, no autocast); None otherwise.
+
+    With the adapter disabled the scaling is 0, so the base model runs through the very arithmetic of the adapted
+    one: DPO's reference (the adapter off) then equals a policy whose B is zero bit for bit, and the first step's
+    rewards are exactly zero rather than the rounding difference between the kernels and peft's base layer."""
     active = getattr(layer, "active_adapters", None)
-    if not active or len(active) != 1 or layer.disable_adapters or layer.merged:
+    if not active or len(active) != 1 or layer.merged:
         return None
     adapter = active[0]
     if (adapter not in layer.lora_A or adapter in getattr(layer, "lora_variant", {})
@@ -267,7 +271,8 @@ def _lora_parts(layer: nn.Module, x: torch.Tensor | None = None):
         return None
     if x is not None and (x.dtype not in KERNEL_DTYPES or torch.is_autocast_enabled(x.device.type)):
         return None
-    return base.weight, base.bias, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, layer.scaling[adapter]
+    scaling = 0.0 if layer.disable_adapters else layer.scaling[adapter]
+    return base.weight, base.bias, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, scaling
 
 
 def _dequantizable_4bit(base: nn.Module) -> bool:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import lora_model
-from ftcli.patch import KernelLoraLinear, KernelLoraGatedMLP
+from ftcli.patch import KernelLoraLinear, KernelLoraGatedMLP, _lora_parts
 from ftcli_kernels import lora_linear as lora_linear_kernel
 from ftcli_kernels import lora_qkv as lora_qkv_kernel
 
@@ -96,6 +96,22 @@ def test_adapter_saved_from_kernel_model_is_peft_s(tiny_model_folder, tmp_path):
     with torch.no_grad():
         loaded = PeftModel.from_pretrained(base, tmp_path / "kernels")(batch()).logits
         torch.testing.assert_close(model(batch()).logits, loaded, rtol=1e-5, atol=1e-5)
+
+
+def test_disabled_adapter_runs_the_kernels_with_zero_scaling(tiny_model_folder):
+    """The base model through the kernels' own arithmetic: exactly the adapted model with B zeroed, as DPO's first
+    step needs (its reference, the adapter off, must equal a fresh policy bit for bit)."""
+    model, _ = lora_model(tiny_model_folder("llama"), "llama", kernels=True)
+    projection = model.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad(), model.disable_adapter():
+        assert _lora_parts(projection)[4] == 0.0
+        disabled = model(batch()).logits
+    assert _lora_parts(projection)[4] == projection.scaling["default"] != 0
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.zero_()
+        assert torch.equal(model(batch()).logits, disabled)
 
 
 def test_peft_states_the_kernels_do_not_compute_fall_back(tiny_model_folder):

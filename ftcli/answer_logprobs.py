@@ -3,7 +3,8 @@
 Both answers go through one forward. Where the attention allows it, a pair is one row, prompt then chosen then
 rejected, and the rejected answer's tokens see the prompt but not the chosen answer (a 4-D attention mask), with
 positions that continue from the prompt as if the chosen answer were not there: the prompt is computed once for
-both answers, which is a third fewer tokens for a prompt as long as each answer. Flash-attention takes no such
+both answers, which is a third fewer tokens for a prompt as long as each answer. Under SDPA the row's attention
+runs as two causal ones (ftcli/pair_attention.py) rather than through the mask. Flash-attention takes no such
 mask, and a sliding window shorter than the row would be lost under it, so there each answer gets its own row,
 prompt repeated ("separate rows").
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ftcli.data.templates import IGNORE_INDEX, PreferenceExample
+from ftcli.pair_attention import use_pair_attention
 from ftcli.preference_losses import PairLogprobs
 
 PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, 3  # what each position of a shared row holds
@@ -29,6 +31,7 @@ class PairBatch:
     source: torch.Tensor  # for each scored token, the flat index (row * width + position) of the state predicting it
     targets: torch.Tensor  # the scored tokens
     answer: torch.Tensor  # for each scored token, its answer: 2 * pair for the chosen one, 2 * pair + 1 the rejected
+    layout: list[tuple[int, int, int]]  # each shared row's prompt, chosen and rejected lengths; empty for separate rows
     pairs: int
     tokens: int  # prompt once and both answers, of every pair
 
@@ -63,8 +66,9 @@ def collate_pairs(examples: list[PreferenceExample], pad_id: int, device: torch.
         mask = (torch.arange(width) < torch.tensor([[len(ids)] for ids, _, _ in rows])).long()
     inputs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask}
     tokens = sum(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
+    layout = [(len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)) for e in examples] if shared_prompt else []
     return PairBatch({name: tensor.to(device) for name, tensor in inputs.items()}, source.to(device),
-                     targets.to(device), answer.to(device), len(examples), tokens)
+                     targets.to(device), answer.to(device), layout, len(examples), tokens)
 
 
 def shared_rows(examples: list[PreferenceExample]) -> list[tuple[list[int], list[int], list[int]]]:
@@ -128,7 +132,8 @@ def pair_logprobs(model, batch: PairBatch, fused: bool) -> PairLogprobs:
 
     `fused` scores through the chunked kernel, which needs a frozen head; otherwise PyTorch computes the logits of
     the scored positions only."""
-    hidden = model.get_decoder()(**batch.inputs, use_cache=False).last_hidden_state
+    split_attention = {"pair_layout": batch.layout} if batch.layout and use_pair_attention(model) else {}
+    hidden = model.get_decoder()(**batch.inputs, **split_attention, use_cache=False).last_hidden_state
     scoring = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.source)
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)

@@ -14,6 +14,8 @@ included.
   in NF4, non-reentrant checkpointing, TRL's fused LM head).
 - **unsloth**: Unsloth's FastLanguageModel and its patched DPOTrainer (TRL's, rewritten at import).
 - **ftcli**: the path `ftcli train` takes: its setup, then PreferenceMethod.accumulate_gradients each step.
+- **ftcli-cached**: the same with `preference.precompute_reference`: the reference log-probabilities of every pair
+  come from one pass before training (its time is reported apart), so a step is the policy's forward and backward.
 
 The peers run benchmarks/preference_peers.py (a source checkout, with trl and unsloth installed; ftcli never
 imports them): they load the model from a folder the parent writes first, bf16 weights equal to those ftcli's
@@ -40,7 +42,8 @@ from ftcli.preference import PreferenceMethod
 from ftcli.recipe import Recipe
 from ftcli.shapes import SHAPES
 
-SIDES = ("trl", "unsloth", "ftcli")
+SIDES = ("trl", "unsloth", "ftcli", "ftcli-cached")
+FTCLI_SIDES = ("ftcli", "ftcli-cached")
 PEER_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "preference_peers.py"
 PAIRS_FILE = "pairs.json"  # in the model folder: the pairs every peer trains on
 # The word-level tokenizer's special tokens are its first words; pair ids are drawn from FIRST_PLAIN_ID up
@@ -87,7 +90,7 @@ def device_and_dtype() -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def bench_recipe(args) -> Recipe:
+def bench_recipe(args, precompute_reference: bool) -> Recipe:
     """The recipe ftcli's side trains by: DPO with the settings every side shares."""
     return Recipe.model_validate({
         "model": {"name": f"random {args.shape}"},
@@ -95,13 +98,14 @@ def bench_recipe(args) -> Recipe:
         "train": {"method": "dpo", "batch_size": args.pairs, "grad_accum": 1, "learning_rate": LEARNING_RATE,
                   "weight_decay": 0.0, "optimizer": "adamw_8bit", "max_grad_norm": 1.0,
                   "gradient_checkpointing": args.checkpointing},
-        "preference": {"beta": BETA, "loss_type": "sigmoid"}})
+        "preference": {"beta": BETA, "loss_type": "sigmoid", "precompute_reference": precompute_reference}})
 
 
-def measure_ftcli(args) -> dict:
-    """Build, set up and train ftcli's side; returns its step times, losses and peak memory."""
+def measure_ftcli(args, side: str) -> dict:
+    """Build, set up and train one of ftcli's sides; returns its step times, losses and peak memory (and the time
+    of the reference pass before training, for ftcli-cached)."""
     device, dtype = device_and_dtype()
-    recipe = bench_recipe(args)
+    recipe = bench_recipe(args, precompute_reference=side == "ftcli-cached")
     model, _ = ftcli_setup(random_model(args.shape, "nf4", device, dtype), args.checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, recipe.train)
@@ -113,6 +117,11 @@ def measure_ftcli(args) -> dict:
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ftcli-bench-reference-") as out_dir:
+        method.prepare(model, pairs, [], Path(out_dir))
+    synchronize(device)
+    reference_pass_s = time.perf_counter() - started
     times, losses = [], []
     for step in range(args.warmup + args.steps):
         started = time.perf_counter()
@@ -123,7 +132,7 @@ def measure_ftcli(args) -> dict:
         synchronize(device)
         times.append(time.perf_counter() - started)
         losses.append(result.loss)
-    return {"side": "ftcli", "step_s": times[args.warmup:], "losses": losses,
+    return {"side": side, "step_s": times[args.warmup:], "losses": losses, "reference_pass_s": reference_pass_s,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
 
@@ -136,8 +145,7 @@ def synchronize(device: torch.device) -> None:
 def run_sides(args, argv: list[str]) -> list[dict]:
     """Each chosen side in its own process, in SIDES order; the peers after the folder they load is written."""
     forwarded = [a for a in argv if a != "--json"]
-    ftcli_command = [sys.executable, "-m", "ftcli.bench", *forwarded, "--only", "ftcli", "--json"]
-    peers = [side for side in SIDES if side in args.sides and side != "ftcli"]
+    peers = [side for side in SIDES if side in args.sides and side not in FTCLI_SIDES]
     results = {}
     if peers:
         with tempfile.TemporaryDirectory(prefix="ftcli-bench-dpo-") as folder:
@@ -146,8 +154,10 @@ def run_sides(args, argv: list[str]) -> list[dict]:
             for side in peers:
                 results[side] = written if "error" in written else side_in_subprocess(side, peer_command(side, args,
                                                                                                           folder))
-    if "ftcli" in args.sides:
-        results["ftcli"] = side_in_subprocess("ftcli", ftcli_command)
+    for side in FTCLI_SIDES:
+        if side in args.sides:
+            results[side] = side_in_subprocess(side, [sys.executable, "-m", "ftcli.bench", *forwarded, "--only", side,
+                                                      "--json"])
     return [results[side] | {"side": side} for side in SIDES if side in results]
 
 
@@ -166,20 +176,23 @@ def print_table(args, results: list[dict]) -> None:
     print(f"\n{device}  {args.shape}  NF4  DPO, {args.pairs} pairs of prompt {args.prompt_len} + answers "
           f"{args.answer_len} + {args.answer_len} a step, {tokens:,} tokens (prompt once)  "
           f"(median of {args.steps} steps after {args.warmup} warm-up)")
-    print(f"{'side':<9}{'tokens/s':>10}{'s/step':>9}{'peak GiB':>10}{'speed vs trl':>14}{'peak vs trl':>13}"
+    print(f"{'side':<13}{'tokens/s':>10}{'s/step':>9}{'peak GiB':>10}{'speed vs trl':>14}{'peak vs trl':>13}"
           f"{'first loss':>12}{'last loss':>11}")
     trl = next((r for r in results if r["side"] == "trl" and "error" not in r), None)
     for result in results:
         if "error" in result:
-            print(f"{result['side']:<9}  failed: {result['error']}")
+            print(f"{result['side']:<13}  failed: {result['error']}")
             continue
         step, peak = statistics.median(result["step_s"]), result["peak_gib"]
         speed_ratio = ratio(statistics.median(trl["step_s"]), step) if trl else "-"
         peak_ratio = ratio(peak, trl["peak_gib"]) if trl else "-"
-        print(f"{result['side']:<9}{tokens / step:>10,.0f}{step:>9.3f}{'-' if peak is None else f'{peak:.2f}':>10}"
+        print(f"{result['side']:<13}{tokens / step:>10,.0f}{step:>9.3f}{'-' if peak is None else f'{peak:.2f}':>10}"
               f"{speed_ratio:>14}{peak_ratio:>13}{result['losses'][0]:>12.4f}{result['losses'][-1]:>11.4f}")
         if result.get("same_ids") is False:
-            print(f"{'':<9}  (its trainer tokenized the pairs to other ids than the other sides train on)")
+            print(f"{'':<13}  (its trainer tokenized the pairs to other ids than the other sides train on)")
+        if result["side"] == "ftcli-cached":
+            print(f"{'':<13}  (plus {result['reference_pass_s']:.2f} s for the reference pass over its "
+                  f"{args.pairs * (args.warmup + args.steps)} pairs before training)")
 
 
 def ratio(value, reference) -> str:
@@ -193,7 +206,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--answer-len", type=int, default=1024, help="tokens of each answer, its end token included")
     parser.add_argument("--pairs", type=int, default=2, help="pairs a step (one micro-batch)")
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES), help="the sides to run")
-    parser.add_argument("--only", choices=["ftcli"], help="run ftcli's side in this process")
+    parser.add_argument("--only", choices=FTCLI_SIDES, help="run one of ftcli's sides in this process")
     parser.add_argument("--write-model", metavar="FOLDER", help="write the peers' model folder and exit")
     args = parser.parse_args(argv)
     args.checkpointing = CHECKPOINTING[args.checkpointing]
@@ -207,7 +220,7 @@ def main(argv: list[str]) -> None:
         print(json.dumps({"side": "folder", "written": args.write_model}))
         return
     if args.only:
-        print(json.dumps(measure_ftcli(args)))
+        print(json.dumps(measure_ftcli(args, args.only)))
         return
     results = run_sides(args, argv)
     if args.json:

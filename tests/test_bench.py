@@ -55,7 +55,7 @@ def test_dpo_bench_defaults_are_the_issues_case():
     """Llama-3-8B, prompt 1,024 + answers 1,024 tokens each, 2 pairs a step, all three sides."""
     args = bench_preference.parse_arguments(["--method", "dpo"])
     assert (args.shape, args.prompt_len, args.answer_len, args.pairs) == ("llama3-8b", 1024, 1024, 2)
-    assert args.sides == ["trl", "unsloth", "ftcli"] and args.checkpointing == "offload"
+    assert args.sides == ["trl", "unsloth", "ftcli", "ftcli-cached"] and args.checkpointing == "offload"
 
 
 def test_dpo_bench_trl_side_trains_exactly_the_pairs_it_is_given():

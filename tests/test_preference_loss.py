@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from conftest import lora_model
 from ftcli.answer_logprobs import collate_pairs, pair_logprobs, shared_prompt_fits
 from ftcli.data.templates import IGNORE_INDEX, PreferenceExample
+from ftcli.pair_attention import PAIR_ATTENTION
 from ftcli.preference import REFERENCE_CACHE, PreferenceMethod
 from ftcli.recipe import Recipe
 from ftcli_kernels.accuracy import relative_error
@@ -142,10 +143,12 @@ def test_dpo_rewards_are_beta_times_the_log_ratios(tiny_model_folder):
     assert 0 < result.metrics["reward_accuracy"] < 1  # the control: these random pairs go both ways
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text", "phi3", "gemma2"])
 def test_shared_prompt_row_scores_as_separate_rows(family, tiny_model_folder):
     """One row of prompt, chosen and rejected (the rejected answer blind to the chosen) gives the log-probabilities
-    and gradients of two rows; rows short enough for the tiny models' sliding windows, so every family can share."""
+    and gradients of two rows; rows short enough for the tiny models' sliding windows, so every family can share.
+    Under SDPA the row's attention is split in two causal ones (ftcli_pairs); Gemma 2's eager attention takes the
+    row's 4-D mask."""
     model, _ = lora_model(tiny_model_folder(family), family, kernels=False)
     pairs = make_pairs(seed=5, longest_answer=5)
     assert shared_prompt_fits(model.config, max(len(p.prompt_ids + p.chosen_ids + p.rejected_ids) for p in pairs))
@@ -154,6 +157,7 @@ def test_shared_prompt_row_scores_as_separate_rows(family, tiny_model_folder):
         scores = pair_logprobs(model, collate_pairs(pairs, 0, CPU, shared, torch.float32), fused=False)
         (scores.chosen.sum() - 2 * scores.rejected.sum()).backward()
         results[shared] = (scores.chosen.detach(), scores.rejected.detach(), lora_gradients(model))
+    assert model.config._attn_implementation == ("eager" if family == "gemma2" else PAIR_ATTENTION)
     torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-5, atol=1e-5)
     assert_same_gradients(results[True][2], results[False][2])

@@ -79,7 +79,9 @@ def test_lora_linear_matches_reference(shape, bias, base, dtype):
 @pytest.mark.parametrize("base", ["plain", "nf4"])
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("layout", ["split", "fused"])
-def test_lora_gated_mlp_matches_reference(layout, activation, base, dtype):
+@pytest.mark.parametrize("chunk_rows", [None, 3], ids=["one-chunk", "rows-in-chunks"])
+def test_lora_gated_mlp_matches_reference(layout, activation, base, dtype, chunk_rows):
+    """Backward one chunk of rows at a time (3 of the 10 rows, the last chunk short) gives the same gradients."""
     hidden, inner = 64, 128
     generator = torch.Generator().manual_seed(hash((layout, activation, base)) % 2**31)
     x = torch.randn(2, 5, hidden, generator=generator).to(DEVICE, dtype).requires_grad_()
@@ -89,7 +91,7 @@ def test_lora_gated_mlp_matches_reference(layout, activation, base, dtype):
     references = [as_reference(part) for part in parts]
     x_ref = x.detach().double().requires_grad_()
 
-    y = lora_gated_mlp(x, activation, parts)
+    y = lora_gated_mlp(x, activation, parts, chunk_rows)
     assert y.shape == x.shape
     inputs = (x, *(t for part in parts for t in part[2:4]))
     reference_inputs = (x_ref, *(t for part in references for t in part[2:4]))

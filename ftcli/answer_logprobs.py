@@ -65,7 +65,7 @@ def collate_pairs(examples: list[PreferenceExample], pad_id: int, device: torch.
     else:
         mask = (torch.arange(width) < torch.tensor([[len(ids)] for ids, _, _ in rows])).long()
     inputs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask}
-    tokens = sum(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
+    tokens = sum(example.row_length() for example in examples)
     layout = [(len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)) for e in examples] if shared_prompt else []
     return PairBatch({name: tensor.to(device) for name, tensor in inputs.items()}, source.to(device),
                      targets.to(device), answer.to(device), layout, len(examples), tokens)

@@ -244,9 +244,9 @@ def plan_recipe(recipe: Recipe, budget: Optional[int] = None) -> Plan:
     data = prepare_data(recipe.data, tokenizer, recipe.model.max_seq_length, recipe.train.seed)
     steps = count_steps(len(data.train), recipe.train)
     passes = steps * recipe.train.batch_size * recipe.train.grad_accum / len(data.train)
-    train_tokens = sum(len(example.input_ids) for example in data.train)
+    train_tokens = sum(example.row_length() for example in data.train)
     shape = ModelShape.from_config(config)
-    setup = Setup.from_recipe(recipe, seq=max(len(example.input_ids) for example in data.train))
+    setup = Setup.from_recipe(recipe, seq=max(example.row_length() for example in data.train))
     return Plan(recipe, shape, setup, estimate_memory(shape, setup), steps, round(train_tokens * passes), budget)
 
 

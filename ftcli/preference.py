@@ -92,7 +92,7 @@ class PreferenceMethod:
         self.cached_reference = {id(example): tuple(pair) for example, pair in zip(examples, values)}
 
     def collate(self, model, examples: list[PreferenceExample]) -> PairBatch:
-        longest = max(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
+        longest = max(example.row_length() for example in examples)
         dtype = model.get_input_embeddings().weight.dtype
         return collate_pairs(examples, self.pad_id, self.device, shared_prompt_fits(model.config, longest), dtype)
 

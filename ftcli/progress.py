@@ -13,6 +13,7 @@ from rich.table import Table
 
 from ftcli.errors import redact
 from ftcli.patch import KernelSwaps
+from ftcli.recipe import DEFAULT_BETA
 
 
 class TrainingDisplay:
@@ -33,6 +34,8 @@ class TrainingDisplay:
         dtype_name = str(dtype).removeprefix("torch.")
         precision = f"NF4 4-bit base, {dtype_name} compute" if recipe.model.load_in_4bit else f"{dtype_name} base"
         where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        pairs = recipe.train.method != "sft"
+        unit = "pairs" if pairs else "sequences"
         table = Table.grid(padding=(0, 2))
         for name, value in [
             ("model", f"{recipe.model.name} ({family})"),
@@ -40,11 +43,13 @@ class TrainingDisplay:
             ("device", where),
             ("precision", f"{precision}, LoRA r={recipe.lora.r} alpha={recipe.lora.alpha:g}"),
             ("kernels", kernels_line(kernels)),
-            ("data", f"{stats.examples} examples, {stats.tokens:,} tokens ({stats.target_tokens:,} trained), "
+            ("method", recipe.train.method + (f", beta {recipe.beta():g}" if recipe.train.method in DEFAULT_BETA
+                                              else "")),
+            ("data", f"{stats.examples} {'pairs' if pairs else 'examples'}, {stats.tokens:,} tokens ({stats.target_tokens:,} trained), "
                      f"{stats.truncated} truncated"
                      + (f", {stats.skipped_invalid} invalid rows skipped" if stats.skipped_invalid else "")
                      + (f", packed into {stats.packed_rows} rows" if stats.packed_rows else "")),
-            ("schedule", f"{total_steps} steps x {recipe.train.batch_size} x {recipe.train.grad_accum} sequences, "
+            ("schedule", f"{total_steps} steps x {recipe.train.batch_size} x {recipe.train.grad_accum} {unit}, "
                          f"lr {recipe.train.learning_rate:g} {recipe.train.lr_scheduler}"),
         ]:
             table.add_row(f"[bold]{name}[/]", redact(value))

@@ -120,3 +120,12 @@ def test_chat_and_export_read_a_dpo_run(workspace):
 def test_settings_the_method_does_not_read_are_errors(workspace, method, sections, fragments):
     recipe = pairs_recipe(workspace, method=method, **sections)
     assert_clean_failure(run_cli("train", recipe), 2, str(recipe), *fragments)
+
+
+def test_plan_sizes_a_preference_run_by_its_rows_of_prompt_and_both_answers(workspace):
+    recipe = pairs_recipe(workspace)
+    dry = run_cli("train", recipe, "--dry-run", "--json")
+    longest = json.loads(dry.stdout.splitlines()[-1])["longest"]
+    result = run_cli("plan", recipe)
+    assert result.exit_code == 0, result.output
+    assert f"batch 2 x {longest} tokens" in " ".join(result.output.split())

@@ -151,7 +151,7 @@ def _tokenize_pairs(rows: list[Row], settings: DataSettings, tokenizer, max_leng
         if 0 in targets:
             stats.dropped_no_target += 1
             continue
-        length = len(example.prompt_ids) + len(example.chosen_ids) + len(example.rejected_ids)
+        length = example.row_length()
         stats.examples += 1
         stats.truncated += example.truncated
         stats.tokens += length

@@ -90,6 +90,10 @@ class TokenizedExample:
     position_ids: Optional[list[int]] = None  # set on packed rows, where positions restart at each example
     origin: str = ""  # the row it came from ("data.jsonl row 3"), for the preview
 
+    def row_length(self) -> int:
+        """Tokens the model computes for it."""
+        return len(self.input_ids)
+
 
 @dataclass
 class PreferenceExample:
@@ -102,6 +106,10 @@ class PreferenceExample:
     rejected_labels: list[int]
     truncated: bool = False
     origin: str = ""  # "pairs.jsonl row 3"
+
+    def row_length(self) -> int:
+        """Tokens the model computes for it: one row of the prompt and both answers (ftcli/answer_logprobs.py)."""
+        return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
 
 
 def use_template(tokenizer, name: str) -> None:

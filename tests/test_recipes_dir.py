@@ -40,8 +40,7 @@ def test_the_dpo_quickstart_runs_on_a_cpu_from_the_pirate_pairs(smollm2_folder):
     assert Path(recipe.data.path) == Path("recipes/data/pirate-preferences.jsonl")
     assert (recipe.model.load_in_4bit, recipe.model.dtype, recipe.model.kernels) == (False, "float32", False)
     result = run_cli("train", RECIPES_DIR / "smollm2-dpo-cpu.yaml", "--set", f"model.name={smollm2_folder}",
-                     "--set", f"data.path={RECIPES_DIR.parent / recipe.data.path}",
-                     "--dry-run", "--json")
+                     "--set", f"data.path={RECIPES_DIR.parent / recipe.data.path}", "--dry-run", "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert (summary["train_examples"], summary["truncated"], summary["steps"]) == (240, 0, recipe.train.max_steps)

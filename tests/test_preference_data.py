@@ -42,6 +42,8 @@ LAYOUTS = {
     "strings": ({"prompt": QUESTION, "chosen": CHOSEN, "rejected": REJECTED}, [user(QUESTION)]),
     "message lists": ({"prompt": [SYSTEM, *CONTEXT, user(QUESTION)], "chosen": [assistant(CHOSEN)],
                        "rejected": [assistant(REJECTED)]}, [SYSTEM, *CONTEXT, user(QUESTION)]),
+    "UltraFeedback": ({"prompt": QUESTION, "chosen": [user(QUESTION), assistant(CHOSEN)],
+                       "rejected": [user(QUESTION), assistant(REJECTED)]}, [user(QUESTION)]),
     "HH lists": ({"chosen": [SYSTEM, *CONTEXT, user(QUESTION), assistant(CHOSEN)],
                   "rejected": [SYSTEM, *CONTEXT, user(QUESTION), assistant(REJECTED)]},
                  [SYSTEM, *CONTEXT, user(QUESTION)]),

@@ -91,9 +91,9 @@ def to_pair(row: dict, origin: str, columns: Optional[dict[str, str]] = None) ->
     if _empty(prompt):
         pair = _split_conversations(row, origin, columns)
     else:
-        pair = PreferencePair(_prompt_turns(prompt, origin, column["prompt"]),
-                              _answer_turns(chosen, origin, column["chosen"]),
-                              _answer_turns(rejected, origin, column["rejected"]))
+        prompt = _prompt_turns(prompt, origin, column["prompt"])
+        pair = PreferencePair(prompt, _answer_after(prompt, chosen, origin, column["chosen"]),
+                              _answer_after(prompt, rejected, origin, column["rejected"]))
     if _said(pair.chosen) == _said(pair.rejected):
         raise DataError(f"{origin}: the chosen and the rejected answer are the same, so the row prefers nothing. "
                         "Fix one of them, or remove the row.")
@@ -185,6 +185,16 @@ def _check_prompt(turns: Conversation, origin: str, where: str) -> None:
     if turns[-1]["role"] != "user":
         raise DataError(f"{origin}: the prompt ({where}) ends with the {turns[-1]['role']}'s message; it must end with "
                         "the user's message that the chosen and rejected answers reply to.")
+
+
+def _answer_after(prompt: Conversation, answer, origin: str, column: str) -> Conversation:
+    """The answer to `prompt`; an answer list that opens with the prompt's messages (UltraFeedback's layout: a
+    prompt column, and chosen and rejected as whole conversations) loses them."""
+    if isinstance(answer, list):
+        turns = _messages(_turn_shapes(answer, "role", "content", f"{origin}, column {column!r}"), origin)
+        if len(turns) > len(prompt) and _said(turns[:len(prompt)]) == _said(prompt):
+            answer = turns[len(prompt):]
+    return _answer_turns(answer, origin, column)
 
 
 def _answer_turns(answer, origin: str, column: str) -> Conversation:

@@ -72,7 +72,8 @@ class PreferenceMethod:
 
     def prepare(self, model, train: list[PreferenceExample], evaluation: list[PreferenceExample],
                 out_dir: Path) -> None:
-        """With precompute_reference, fill the reference cache for every pair: from OUT, or by one pass."""
+        """With precompute_reference, fill the reference cache for the pairs the run trains on (`train`) and
+        evaluates on: from OUT, or by one pass."""
         if not (self.needs_reference and self.settings.precompute_reference):
             return
         examples = train + evaluation

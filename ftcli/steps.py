@@ -47,3 +47,14 @@ def step_groups(examples: list[TokenizedExample], settings: TrainSettings,
             if steps == total_steps:
                 return
         epoch += 1
+
+
+def examples_in_run(examples: list, settings: TrainSettings, total_steps: int) -> list:
+    """The examples the run's steps train on, each once, in the order the steps first meet them: fewer than all
+    when max_steps stops the run before an epoch ends."""
+    met = {}
+    for group in step_groups(examples, settings, total_steps):
+        for batch in group:
+            for example in batch:
+                met.setdefault(id(example), example)
+    return list(met.values())

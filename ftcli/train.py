@@ -37,7 +37,7 @@ from ftcli.signals import StopRequest
 from ftcli.snapshots import Snapshot, check_compatible, newest_snapshot, restore_snapshot, save_snapshot
 from ftcli.staging import atomic_write_text
 from ftcli.start_adapter import start_from_adapter
-from ftcli.steps import count_steps, data_position, step_groups
+from ftcli.steps import count_steps, data_position, examples_in_run, step_groups
 
 
 @dataclass
@@ -136,7 +136,7 @@ def build_setup(recipe: Recipe, out_dir: Path, device: torch.device, architectur
     trainable = [p for p in model.parameters() if p.requires_grad]
     method_class = PreferenceMethod if recipe.train.method in PREFERENCE_METHODS else SupervisedMethod
     method = method_class(recipe, tokenizer.pad_token_id, device, kernels.fused_loss)
-    method.prepare(model, data.train, data.eval, out_dir)
+    method.prepare(model, examples_in_run(data.train, recipe.train, total_steps), data.eval, out_dir)
     return TrainingSetup(recipe, out_dir, data, model, trainable, build_optimizer(trainable, recipe.train),
                          torch.amp.GradScaler(device.type) if dtype == torch.float16 else None, device, dtype,
                          tokenizer.pad_token_id, kernels, total_steps, method)

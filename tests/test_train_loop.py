@@ -12,7 +12,7 @@ from ftcli.data.templates import IGNORE_INDEX, TokenizedExample
 from ftcli.optim import learning_rate_factor
 from ftcli.recipe import LoraSettings, TrainSettings
 from ftcli.loader import add_lora
-from ftcli.steps import count_steps, data_position, step_groups
+from ftcli.steps import count_steps, data_position, examples_in_run, step_groups
 from ftcli.train import accumulate_gradients, clip_gradients, collate, summed_token_loss
 
 
@@ -103,6 +103,15 @@ def test_each_epoch_visits_every_example_once_in_a_new_order():
     epochs = [[e.input_ids[0] for group in groups[i:i + 2] for batch in group for e in batch] for i in (0, 2)]
     assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(10))
     assert epochs[0] != epochs[1]
+
+
+def test_examples_in_run_are_the_ones_its_steps_meet_each_once():
+    examples = [TokenizedExample([i], [i], False) for i in range(10)]
+    short = TrainSettings(batch_size=3, grad_accum=1, max_steps=2, seed=5)  # 6 of the 10 in the first epoch
+    met = [e for group in step_groups(examples, short, total_steps=2) for batch in group for e in batch]
+    assert examples_in_run(examples, short, total_steps=2) == met and len(met) == 6
+    long = TrainSettings(batch_size=3, grad_accum=1, max_steps=7, seed=5)  # into the second epoch
+    assert sorted(e.input_ids[0] for e in examples_in_run(examples, long, total_steps=7)) == list(range(10))
 
 
 @pytest.mark.parametrize("kind,step,expected", [

@@ -61,7 +61,7 @@ def collate_pairs(examples: list[PreferenceExample], pad_id: int, device: torch.
         parts = torch.full((len(rows), width), PADDING, dtype=torch.long)
         for row, (ids, _, row_parts) in enumerate(rows):
             parts[row, :len(ids)] = torch.tensor(row_parts)
-        mask = shared_prompt_mask(parts, mask_dtype)
+        mask = shared_prompt_mask(parts.to(device), mask_dtype)  # built where it is used: rows x width^2
     else:
         mask = (torch.arange(width) < torch.tensor([[len(ids)] for ids, _, _ in rows])).long()
     inputs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask}
@@ -98,10 +98,10 @@ def shared_prompt_mask(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     Padding positions still see the real positions before them, so their attention has no empty row (whose softmax
     would be NaN, and NaN times a zero gradient is NaN)."""
     width = parts.shape[1]
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    causal = torch.ones(width, width, dtype=torch.bool, device=parts.device).tril()
     query, key = parts.unsqueeze(2), parts.unsqueeze(1)
     allowed = causal & (key != PADDING) & ~((query == REJECTED) & (key == CHOSEN))
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=parts.device).masked_fill(~allowed, torch.finfo(dtype).min)
     return mask.unsqueeze(1)
 
 

@@ -10,7 +10,6 @@ OUT where a resumed run finds them.
 """
 
 import hashlib
-import io
 import math
 from collections import defaultdict
 from contextlib import contextmanager
@@ -25,7 +24,7 @@ from ftcli.loader import REFERENCE_ADAPTER, reference_adapter
 from ftcli.metrics import StepResult
 from ftcli.preference_losses import PairLogprobs, PairLosses, preference_loss
 from ftcli.recipe import Recipe
-from ftcli.staging import atomic_write_bytes
+from ftcli.staging import staged_file
 
 REFERENCE_CACHE = "reference-logprobs.pt"
 
@@ -89,7 +88,8 @@ class PreferenceMethod:
                     batch_examples = examples[start:start + self.batch_size]
                     reference = self.reference_logprobs(model, self.collate(model, batch_examples))
                     values += torch.stack([reference.chosen, reference.rejected], 1).tolist()
-            atomic_write_bytes(path, serialized({"fingerprint": fingerprint, "logprobs": torch.tensor(values)}))
+            with staged_file(path) as temporary:
+                torch.save({"fingerprint": fingerprint, "logprobs": torch.tensor(values)}, temporary)
         self.cached_reference = {id(example): tuple(pair) for example, pair in zip(examples, values)}
 
     def collate(self, model, examples: list[PreferenceExample]) -> PairBatch:
@@ -143,9 +143,3 @@ def pairs_fingerprint(examples: list[PreferenceExample]) -> str:
         for ids in (e.prompt_ids, e.chosen_ids, e.chosen_labels, e.rejected_ids, e.rejected_labels):
             digest.update(repr(ids).encode())
     return digest.hexdigest()
-
-
-def serialized(value) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    return buffer.getvalue()

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from ftcli.errors import redact
 from ftcli.patch import KernelSwaps
-from ftcli.recipe import DEFAULT_BETA
+from ftcli.recipe import DEFAULT_BETA, PREFERENCE_METHODS
 
 
 class TrainingDisplay:
@@ -34,7 +34,7 @@ class TrainingDisplay:
         dtype_name = str(dtype).removeprefix("torch.")
         precision = f"NF4 4-bit base, {dtype_name} compute" if recipe.model.load_in_4bit else f"{dtype_name} base"
         where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-        pairs = recipe.train.method != "sft"
+        pairs = recipe.train.method in PREFERENCE_METHODS
         unit = "pairs" if pairs else "sequences"
         table = Table.grid(padding=(0, 2))
         for name, value in [

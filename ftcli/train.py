@@ -53,7 +53,6 @@ class TrainingSetup:
     scaler: Optional[torch.amp.GradScaler]  # float16 loss scaling; None in bfloat16 and float32
     device: torch.device
     dtype: torch.dtype
-    pad_id: int
     kernels: KernelSwaps
     total_steps: int
     method: Union["SupervisedMethod", PreferenceMethod]
@@ -139,7 +138,7 @@ def build_setup(recipe: Recipe, out_dir: Path, device: torch.device, architectur
     method.prepare(model, examples_in_run(data.train, recipe.train, total_steps), data.eval, out_dir)
     return TrainingSetup(recipe, out_dir, data, model, trainable, build_optimizer(trainable, recipe.train),
                          torch.amp.GradScaler(device.type) if dtype == torch.float16 else None, device, dtype,
-                         tokenizer.pad_token_id, kernels, total_steps, method)
+                         kernels, total_steps, method)
 
 
 def resumed_state(setup: TrainingSetup, snapshot: Snapshot, display: TrainingDisplay) -> RunState:
@@ -237,8 +236,8 @@ def finish(setup: TrainingSetup, state: RunState, tokenizer, resumed_from_step: 
     plot = plot_losses(setup.out_dir)
     runtime = state.elapsed()
     precision = "nf4" if recipe.model.load_in_4bit else str(setup.dtype).removeprefix("torch.")
-    return {"status": "ok", "method": recipe.train.method, "steps": setup.total_steps, "precision": precision, "kernels": setup.kernels.module_counts,
-            "fused_loss": setup.kernels.fused_loss, "final_loss": round(state.last_loss, 6),
+    return {"status": "ok", "method": recipe.train.method, "steps": setup.total_steps, "precision": precision,
+            "kernels": setup.kernels.module_counts, "fused_loss": setup.kernels.fused_loss, "final_loss": round(state.last_loss, 6),
             "eval_loss": None if state.eval_loss is None else round(state.eval_loss, 6), "tokens": state.tokens_seen,
             "train_runtime_s": round(runtime, 2), "tokens_per_s": round(state.tokens_seen / max(runtime, 1e-9), 1),
             "peak_mem_gib": round(peak_memory_gib(setup.device), 3),

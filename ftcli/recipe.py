@@ -6,6 +6,7 @@ the fix, because a typo found after a model has loaded costs minutes on a rented
 """
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -53,11 +54,12 @@ class LoraSettings(Section):
 
 class DataSettings(Section):
     path: str = Field(description="json/jsonl/csv/parquet/txt file, a folder of them (types may mix), or a hub dataset id when online.")
-    format: Literal["alpaca", "sharegpt", "messages", "text", "preference"] = Field(
+    format: Literal["alpaca", "sharegpt", "messages", "text", "preference", "prompts"] = Field(
         "messages", description="Row layout: alpaca (instruction/input/output), sharegpt (conversations of from/value), "
         "messages (role/content), text (raw text for continued pre-training, cut into max_seq_length chunks), "
         "preference (prompt/chosen/rejected pairs for preference training; without a prompt, chosen and rejected are "
-        "whole conversations split at their last assistant turn, as in Anthropic HH).")
+        "whole conversations split at their last assistant turn, as in Anthropic HH), "
+        "prompts (a prompt to answer per row, for grpo; its other columns go to the reward functions).")
     columns: dict[str, str] = Field(
         default_factory=dict, description="Where the format's fields are in your data, as field: your column, "
         "e.g. {instruction: question, output: answer}.")
@@ -85,21 +87,25 @@ class DataSettings(Section):
                           "inside each example and positions restart, so the loss is the same as unpacked.")
 
     @model_validator(mode="after")
-    def _pairs_stay_whole(self):
-        if self.format == "preference" and self.packing:
-            raise ValueError("data.packing does not apply to data.format preference: each pair is computed as its "
-                             "prompt and both answers together, never packed with others; set data.packing: false")
-        if self.format == "preference" and self.conversation_extension > 1:
-            raise ValueError("data.conversation_extension does not apply to data.format preference: joining pairs "
+    def _rows_stay_whole(self):
+        if self.format in ("preference", "prompts") and self.packing:
+            raise ValueError(f"data.packing does not apply to data.format {self.format}: each "
+                             f"{'pair' if self.format == 'preference' else 'prompt'} is computed with its own answers, "
+                             "never packed with others; set data.packing: false")
+        if self.format in ("preference", "prompts") and self.conversation_extension > 1:
+            raise ValueError(f"data.conversation_extension does not apply to data.format {self.format}: joining rows "
                              "would mix their prompts; set data.conversation_extension: 1")
         return self
 
 
 class TrainSettings(Section):
-    method: Literal["sft", "dpo", "orpo", "simpo"] = Field(
+    method: Literal["sft", "dpo", "orpo", "simpo", "grpo"] = Field(
         "sft", description="sft: supervised fine-tuning on the answers. dpo, orpo, simpo: preference training on pairs "
-        "(data.format: preference) with the loss that names it; the preference section tunes it.")
-    batch_size: int = Field(2, gt=0, description="Sequences per micro-batch (preference pairs for dpo, orpo, simpo).")
+        "(data.format: preference) with the loss that names it; the preference section tunes it. grpo: reinforcement "
+        "learning from reward functions on the model's own answers to prompts (data.format: prompts); the grpo "
+        "section tunes it.")
+    batch_size: int = Field(2, gt=0, description="Sequences per micro-batch (preference pairs for dpo, orpo, simpo; "
+                            "prompts for grpo, each answered grpo.num_generations times).")
     grad_accum: int = Field(4, gt=0, description="Micro-batches per optimizer step; the loss is averaged over all their target tokens.")
     learning_rate: float = Field(2.0e-4, gt=0, description="Peak learning rate.")
     lr_scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warmup.")
@@ -163,6 +169,92 @@ PREFERENCE_FIELDS = {  # which method reads which field of the preference sectio
 }
 
 
+BUILTIN_REWARDS = ("regex_format", "answer_match", "length")
+REWARD_OPTIONS = {"regex_format": ("pattern",), "answer_match": ("pattern", "column"), "length": ("target",)}
+
+
+class RewardSettings(Section):
+    """One reward: a function of yours (`function: FILE.py:NAME`) or a built-in one (`builtin: NAME`), weighted."""
+
+    function: Optional[str] = Field(None, description="FILE.py:NAME, FILE relative to the recipe file: "
+                                    "NAME(completions, prompts, **columns) returns one float (or None: no opinion) "
+                                    "per completion.")
+    builtin: Optional[Literal["regex_format", "answer_match", "length"]] = Field(
+        None, description="regex_format: 1 when `pattern` matches the completion (anywhere: anchor it with ^ and $ to require the whole), else 0. answer_match: 1 when "
+        "the last match of `pattern` (its first group, if it has one) equals the row's `column` (numbers compared as "
+        "numbers), else 0. length: 1 at `target` tokens, falling linearly to 0 at 0 and at twice the target.")
+    weight: float = Field(1.0, description="Factor of this reward in the total.")
+    name: Optional[str] = Field(None, description="Name in metrics (reward/NAME); default: the function's or "
+                                "built-in's name.")
+    pattern: Optional[str] = Field(None, description="regex_format, answer_match: a Python regular expression "
+                                   "(DOTALL: . also matches line breaks).")
+    column: str = Field("answer", description="answer_match: the data column holding the right answer.")
+    target: Optional[int] = Field(None, gt=0, description="length: the completion length, in tokens, that earns 1.")
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if (self.function is None) == (self.builtin is None):
+            raise ValueError("give either function: FILE.py:NAME or builtin: "
+                             f"{' | '.join(BUILTIN_REWARDS)}, not {'both' if self.function else 'neither'}")
+        if self.function is not None:
+            file, _, name = self.function.rpartition(":")
+            if not file.endswith(".py") or not name.isidentifier():
+                raise ValueError(f"function {self.function!r} is not of the form FILE.py:NAME, for example "
+                                 "rewards.py:correctness")
+        options = REWARD_OPTIONS.get(self.builtin, ())
+        for option in ("pattern", "column", "target"):
+            given = getattr(self, option) != RewardSettings.model_fields[option].default
+            if given and option not in options:
+                raise ValueError(f"{option} applies to builtin {' or '.join(k for k, v in REWARD_OPTIONS.items() if option in v)} "
+                                 f"only; remove it from this reward")
+            if option in options and option != "column" and getattr(self, option) is None:
+                raise ValueError(f"builtin {self.builtin} needs {option}")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as err:
+                raise ValueError(f"pattern {self.pattern!r} is not a valid regular expression: {err}") from None
+        return self
+
+    def metric_name(self) -> str:
+        """What metrics rows call this reward: reward/<this>."""
+        return self.name or (self.function.rpartition(":")[2] if self.function else self.builtin)
+
+
+class GrpoSettings(Section):
+    """GRPO's settings (train.method: grpo)."""
+
+    num_generations: int = Field(8, ge=2, description="Completions sampled per prompt (G); their rewards are compared "
+                                 "within the group, so it takes at least 2.")
+    max_prompt_length: int = Field(512, gt=0, description="Longest rendered prompt, in tokens; a longer one is an "
+                                   "invalid row (data.skip_invalid skips it).")
+    max_completion_length: int = Field(256, gt=0, description="Tokens a completion may have; one still unfinished "
+                                       "then is cut there.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the completions.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Sample only from the likeliest tokens that together hold this "
+                         "much probability; 1 samples from all.")
+    beta: float = Field(0.0, ge=0, description="Weight of the KL penalty to the reference (the model with the adapter "
+                        "off); 0 skips the reference forward.")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="Clip range of the probability ratio to the policy that "
+                           "sampled the completions.")
+    loss_type: Literal["grpo", "dr_grpo"] = Field(
+        "grpo", description="grpo: each completion's token losses averaged over its length, then over completions "
+        "(the DeepSeekMath paper). dr_grpo: summed over tokens and divided by completions x max_completion_length "
+        "(Dr. GRPO), with no bias toward short or long completions.")
+    scale_rewards: bool = Field(True, description="Divide each advantage by its group's reward standard deviation; "
+                                "false only subtracts the group mean (Dr. GRPO recommends false).")
+    rewards: list[RewardSettings] = Field(default_factory=list, description="The rewards, summed with their weights: "
+                                          "each {function: FILE.py:NAME} or {builtin: ...}, with weight.")
+
+    @model_validator(mode="after")
+    def _reward_names_differ(self):
+        names = [reward.metric_name() for reward in self.rewards]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"two rewards are named {twice[0]!r}; give one of them another name: NAME")
+        return self
+
+
 class OutputSettings(Section):
     dir: str = Field("outputs/run", description="Folder for the adapter, tokenizer, recipe.yaml and metrics.jsonl.")
     overwrite: bool = Field(False, description="Replace an existing output folder instead of stopping: one ftcli wrote "
@@ -176,6 +268,7 @@ class Recipe(Section):
     data: DataSettings
     train: TrainSettings = Field(default_factory=TrainSettings)
     preference: PreferenceSettings = Field(default_factory=PreferenceSettings)
+    grpo: GrpoSettings = Field(default_factory=GrpoSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
 
     @field_validator("preference")
@@ -196,13 +289,32 @@ class Recipe(Section):
         return preference
 
     @model_validator(mode="after")
-    def _preference_data(self):
-        """Preference methods train on pairs, and pairs only make sense to them."""
-        pairs = self.data.format == "preference"
-        if (self.train.method in PREFERENCE_METHODS) != pairs:
-            raise ValueError(f"train.method {self.train.method} needs data.format "
-                             f"{'preference' if not pairs else 'alpaca, sharegpt, messages or text'}, "
-                             f"and data.format is {self.data.format}; change one of them")
+    def _data_of_the_method(self):
+        """Preference methods train on pairs and GRPO on prompts, and those formats only make sense to them."""
+        method, data_format = self.train.method, self.data.format
+        needed = "preference" if method in PREFERENCE_METHODS else "prompts" if method == "grpo" else None
+        if data_format != needed and (needed or data_format in ("preference", "prompts")):
+            raise ValueError(f"train.method {method} needs data.format {needed or 'alpaca, sharegpt, messages or text'}, "
+                             f"and data.format is {data_format}; change one of them")
+        return self
+
+    @model_validator(mode="after")
+    def _grpo_section(self):
+        """The grpo section is read by grpo only; grpo needs rewards and room for prompt plus completion."""
+        grpo = self.grpo
+        if self.train.method != "grpo":
+            if grpo != GrpoSettings():
+                raise ValueError(f"the grpo section applies to train.method grpo only, and train.method is "
+                                 f"{self.train.method}; remove it, or set train.method: grpo")
+            return self
+        if not grpo.rewards:
+            raise ValueError("grpo.rewards is empty; GRPO learns from rewards, so add at least one, for example "
+                             "{builtin: regex_format, pattern: ...} or {function: rewards.py:NAME}")
+        longest = grpo.max_prompt_length + grpo.max_completion_length
+        if longest > self.model.max_seq_length:
+            raise ValueError(f"grpo.max_prompt_length + grpo.max_completion_length is {longest} tokens, more than "
+                             f"model.max_seq_length {self.model.max_seq_length}; raise model.max_seq_length or "
+                             "shorten one of them")
         return self
 
     def beta(self) -> float:
@@ -233,7 +345,8 @@ def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise RecipeError(f"{path} must be a mapping with the sections model, lora, data, train, preference and output; "
+        raise RecipeError(f"{path} must be a mapping with the sections model, lora, data, train, preference, grpo and "
+                          "output; "
                           f"it holds a {type(raw).__name__}.")
     # A section written with nothing under it (`train:`) is read as null; treat it as empty so its defaults apply.
     raw = {section: {} if values is None else values for section, values in raw.items()}
@@ -242,9 +355,13 @@ def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -
     for override in overrides or []:
         overridden[_apply_override(raw, override)] = override
     try:
-        return Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(raw)
     except ValidationError as err:
         raise RecipeError(_describe(err, path, lines, overridden)) from None
+    for reward in recipe.grpo.rewards:  # reward files are relative to the recipe; the saved recipe holds where they are
+        if reward.function and not Path(reward.function.rpartition(":")[0]).is_absolute():
+            reward.function = str((path.parent / reward.function).resolve())
+    return recipe
 
 
 def _yaml_error_place(err: yaml.YAMLError, text: str) -> str:
@@ -346,9 +463,11 @@ def _describe(err: ValidationError, path: Path, lines: dict[tuple, int], overrid
 def recipe_reference() -> str:
     """The recipe reference as Markdown tables, one per section, generated from the field descriptions."""
     out = []
-    for section, field in Recipe.model_fields.items():
+    sections = [(name, field.annotation) for name, field in Recipe.model_fields.items()]
+    sections.insert([name for name, _ in sections].index("grpo") + 1, ("each entry of grpo.rewards", RewardSettings))
+    for section, settings in sections:
         out += [f"**{section}**", "", "| key | default | meaning |", "|---|---|---|"]
-        for name, info in field.annotation.model_fields.items():
+        for name, info in settings.model_fields.items():
             name = info.alias or name
             default = "required" if info.is_required() else yaml.safe_dump(
                 info.get_default(call_default_factory=True), default_flow_style=True).strip().removesuffix("...").strip()

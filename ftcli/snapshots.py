@@ -34,7 +34,8 @@ TENSORS_FILE = "training_state.pt"
 # Recipe fields that shape the data order, the model or the optimizer's tensors: a checkpoint only
 # continues a run whose recipe has the same values for them.
 MUST_MATCH = ["model.name", "model.adapter", "model.max_seq_length", "model.load_in_4bit", "lora", "data",
-              "train.method", "train.batch_size", "train.grad_accum", "train.seed", "train.optimizer", "preference"]
+              "train.method", "train.batch_size", "train.grad_accum", "train.seed", "train.optimizer", "preference",
+              "grpo"]
 
 
 @dataclass

@@ -100,7 +100,7 @@ def test_unknown_key_with_no_near_match_lists_the_valid_keys(tmp_path):
 def test_unknown_section_names_its_line_and_the_sections(tmp_path):
     message = error_of(recipe_file(tmp_path, MINIMAL + "optimiser:\n  lr: 1\n"))
     assert "recipe.yaml line 5: optimiser is not a recipe field" in message
-    assert "valid keys here: model, lora, data, train, preference, output." in message
+    assert "valid keys here: model, lora, data, train, preference, grpo, output." in message
 
 
 def test_misspelt_section_names_the_nearest_section(tmp_path):
@@ -122,7 +122,7 @@ def test_number_out_of_range_names_the_limit(tmp_path):
 
 def test_bad_choice_lists_the_allowed_values(tmp_path):
     message = error_of(recipe_file(tmp_path, MINIMAL + "  format: chatml\n"))
-    assert "line 5: data.format: Input should be 'alpaca', 'sharegpt', 'messages', 'text' or 'preference' (got 'chatml')." in message
+    assert "line 5: data.format: Input should be 'alpaca', 'sharegpt', 'messages', 'text', 'preference' or 'prompts' (got 'chatml')." in message
 
 
 def test_missing_model_name_says_required(tmp_path):
@@ -171,7 +171,7 @@ def test_a_folder_is_not_a_recipe(tmp_path):
 
 def test_recipe_that_is_a_list(tmp_path):
     message = error_of(recipe_file(tmp_path, "- model\n- data\n"))
-    assert "must be a mapping with the sections model, lora, data, train, preference and output; it holds a list." in message
+    assert "must be a mapping with the sections model, lora, data, train, preference, grpo and output; it holds a list." in message
 
 
 def test_recipe_that_is_not_utf8(tmp_path):
@@ -236,7 +236,7 @@ def test_override_of_an_unknown_field_names_the_override(tmp_path):
 
 def test_override_of_an_unknown_section_names_the_override(tmp_path):
     message = error_of(recipe_file(tmp_path, MINIMAL), ["foo.bar=1"])
-    assert "--set 'foo.bar=1': foo is not a recipe field; valid keys here: model, lora, data, train, preference, output." in message
+    assert "--set 'foo.bar=1': foo is not a recipe field; valid keys here: model, lora, data, train, preference, grpo, output." in message
 
 
 @pytest.mark.parametrize("value,expected", [("true", True), ("false", False), ("offload", "offload")])

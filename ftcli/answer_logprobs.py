@@ -128,26 +128,32 @@ def scored_tokens(examples: list[PreferenceExample], rows: list, width: int,
 
 
 def pair_logprobs(model, batch: PairBatch, fused: bool) -> PairLogprobs:
-    """The summed log-probabilities of every pair's answers, differentiable when gradients are on.
+    """The summed log-probabilities of every pair's answers, differentiable when gradients are on."""
+    split_attention = {"pair_layout": batch.layout} if batch.layout and use_pair_attention(model) else {}
+    hidden = model.get_decoder()(**batch.inputs, **split_attention, use_cache=False).last_hidden_state
+    logprobs = scored_logprobs(model, hidden, batch.source, batch.targets, fused)
+    sums = torch.zeros(2 * batch.pairs, dtype=torch.float32, device=logprobs.device).index_add(0, batch.answer, logprobs)
+    return PairLogprobs(sums[0::2], sums[1::2], *answer_token_counts(batch))
+
+
+def scored_logprobs(model, hidden: torch.Tensor, source: torch.Tensor, targets: torch.Tensor,
+                    fused: bool) -> torch.Tensor:
+    """(scored tokens,) float32 log-probabilities of `targets`, each predicted by the decoder's output `hidden` at
+    flat index `source` (row * width + position) through the model's head (and Gemma 2's soft-capping).
 
     `fused` scores through the chunked kernel, which needs a frozen head; otherwise PyTorch computes the logits of
     the scored positions only."""
-    split_attention = {"pair_layout": batch.layout} if batch.layout and use_pair_attention(model) else {}
-    hidden = model.get_decoder()(**batch.inputs, **split_attention, use_cache=False).last_hidden_state
-    scoring = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.source)
+    scoring = hidden.reshape(-1, hidden.shape[-1]).index_select(0, source)
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
     if fused:
         from ftcli_kernels.token_logprobs import token_logprobs  # here, not at the top: it imports Triton
 
-        logprobs = token_logprobs(scoring, head.weight, batch.targets, softcap)
-    else:
-        logits = head(scoring).float()
-        if softcap is not None:
-            logits = softcap * torch.tanh(logits / softcap)
-        logprobs = logits.log_softmax(-1).gather(1, batch.targets.unsqueeze(1)).squeeze(1)
-    sums = torch.zeros(2 * batch.pairs, dtype=torch.float32, device=logprobs.device).index_add(0, batch.answer, logprobs)
-    return PairLogprobs(sums[0::2], sums[1::2], *answer_token_counts(batch))
+        return token_logprobs(scoring, head.weight, targets, softcap)
+    logits = head(scoring).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits.log_softmax(-1).gather(1, targets.unsqueeze(1)).squeeze(1)
 
 
 def answer_token_counts(batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:

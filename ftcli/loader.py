@@ -217,6 +217,18 @@ def reference_adapter(model) -> Iterator[None]:
         model.set_adapter(TRAINED_ADAPTER)
 
 
+@contextmanager
+def reference_policy(model) -> Iterator[None]:
+    """The model as the reference of DPO and of GRPO's KL term: its "reference" adapter active when it has one (the
+    run started from an adapter), else no adapter at all."""
+    if REFERENCE_ADAPTER in model.peft_config:
+        with reference_adapter(model):
+            yield
+    else:
+        with model.disable_adapter():
+            yield
+
+
 def check_lora_targets(model, targets: list[str]) -> None:
     """Every requested projection must exist, else peft would silently adapt fewer layers than asked."""
     available = linear_projection_names(model)

@@ -241,7 +241,7 @@ def plan_recipe(recipe: Recipe, budget: Optional[int] = None) -> Plan:
     """Read the model's config and tokenize the data (no weights) to plan the run."""
     config, _ = load_config(recipe.model)
     tokenizer = load_tokenizer(recipe.model)
-    data = prepare_data(recipe.data, tokenizer, recipe.model.max_seq_length, recipe.train.seed)
+    data = prepare_data(recipe.data, tokenizer, recipe.example_length_limit(), recipe.train.seed)
     steps = count_steps(len(data.train), recipe.train)
     passes = steps * recipe.train.batch_size * recipe.train.grad_accum / len(data.train)
     train_tokens = sum(example.row_length() for example in data.train)

@@ -12,7 +12,6 @@ OUT where a resumed run finds them.
 import hashlib
 import math
 from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -20,7 +19,7 @@ import torch
 
 from ftcli.answer_logprobs import PairBatch, answer_token_counts, collate_pairs, pair_logprobs, shared_prompt_fits
 from ftcli.data.templates import PreferenceExample
-from ftcli.loader import REFERENCE_ADAPTER, reference_adapter
+from ftcli.loader import reference_policy
 from ftcli.metrics import StepResult
 from ftcli.preference_losses import PairLogprobs, PairLosses, preference_loss
 from ftcli.recipe import Recipe
@@ -112,17 +111,6 @@ class PreferenceMethod:
     def reference_logprobs(self, model, batch: PairBatch) -> PairLogprobs:
         with reference_policy(model):
             return pair_logprobs(model, batch, self.fused)
-
-
-@contextmanager
-def reference_policy(model):
-    """The model as DPO's reference: its "reference" adapter active when it has one, else no adapter at all."""
-    if REFERENCE_ADAPTER in model.peft_config:
-        with reference_adapter(model):
-            yield
-    else:
-        with model.disable_adapter():
-            yield
 
 
 def add_pair_metrics(totals: dict, losses: PairLosses) -> None:

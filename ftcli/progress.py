@@ -34,8 +34,8 @@ class TrainingDisplay:
         dtype_name = str(dtype).removeprefix("torch.")
         precision = f"NF4 4-bit base, {dtype_name} compute" if recipe.model.load_in_4bit else f"{dtype_name} base"
         where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-        pairs = recipe.train.method in PREFERENCE_METHODS
-        unit = "pairs" if pairs else "sequences"
+        unit = {"grpo": "prompts"}.get(recipe.train.method, "pairs" if recipe.train.method in PREFERENCE_METHODS
+                                       else "examples")
         table = Table.grid(padding=(0, 2))
         for name, value in [
             ("model", f"{recipe.model.name} ({family})"),
@@ -43,13 +43,13 @@ class TrainingDisplay:
             ("device", where),
             ("precision", f"{precision}, LoRA r={recipe.lora.r} alpha={recipe.lora.alpha:g}"),
             ("kernels", kernels_line(kernels)),
-            ("method", recipe.train.method + (f", beta {recipe.beta():g}" if recipe.train.method in DEFAULT_BETA
-                                              else "")),
-            ("data", f"{stats.examples} {'pairs' if pairs else 'examples'}, {stats.tokens:,} tokens ({stats.target_tokens:,} trained), "
-                     f"{stats.truncated} truncated"
+            ("method", method_line(recipe)),
+            ("data", f"{stats.examples} {unit}, {stats.tokens:,} tokens"
+                     + ("" if unit == "prompts" else f" ({stats.target_tokens:,} trained), {stats.truncated} truncated")
                      + (f", {stats.skipped_invalid} invalid rows skipped" if stats.skipped_invalid else "")
                      + (f", packed into {stats.packed_rows} rows" if stats.packed_rows else "")),
-            ("schedule", f"{total_steps} steps x {recipe.train.batch_size} x {recipe.train.grad_accum} {unit}, "
+            ("schedule", f"{total_steps} steps x {recipe.train.batch_size} x {recipe.train.grad_accum} "
+                         f"{unit if unit != 'examples' else 'sequences'}, "
                          f"lr {recipe.train.learning_rate:g} {recipe.train.lr_scheduler}"),
         ]:
             table.add_row(f"[bold]{name}[/]", redact(value))
@@ -67,21 +67,35 @@ class TrainingDisplay:
             return
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss [cyan]{task.fields[loss]}[/] lr {task.fields[lr]} {task.fields[speed]} tok/s"),
+            TextColumn("{task.fields[measure]} [cyan]{task.fields[value]}[/] lr {task.fields[lr]} {task.fields[speed]} tok/s"),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console)
-        self.task = self.progress.add_task("train", total=total_steps, completed=completed, loss="-", lr="-", speed="-")
+        self.task = self.progress.add_task("train", total=total_steps, completed=completed, measure="loss", value="-",
+                                           lr="-", speed="-")
         with self.progress:
             yield
 
-    def step(self, step: int, loss: float, lr: float, row) -> None:
+    def step(self, step: int, headline: tuple[str, float], lr: float, row) -> None:
+        """Show step `step` done; `headline` is what to show of it, ("loss", 1.23) or GRPO's ("reward", 0.5)."""
         if not self.enabled:
             return
         if row and "tokens_per_s" in row:
             self.tokens_per_s = row["tokens_per_s"]
-        self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+        measure, value = headline
+        self.progress.update(self.task, completed=step, measure=measure, value=f"{value:.4f}", lr=f"{lr:.2e}",
                              speed=f"{self.tokens_per_s:,.0f}")
-        if row and "eval_loss" in row:
-            self.progress.console.print(f"step {step}: eval loss {row['eval_loss']:.4f}")
+        evaluated = "eval_loss" if row and "eval_loss" in row else "eval_reward" if row and "eval_reward" in row else None
+        if evaluated:
+            self.progress.console.print(f"step {step}: {evaluated.replace('_', ' ')} {row[evaluated]:.4f}")
+
+
+def method_line(recipe) -> str:
+    method = recipe.train.method
+    if method == "grpo":
+        grpo = recipe.grpo
+        return (f"grpo ({grpo.loss_type}), {grpo.num_generations} completions per prompt of at most "
+                f"{grpo.max_completion_length} tokens, temperature {grpo.temperature:g}, beta {grpo.beta:g}, "
+                f"rewards: {', '.join(f'{r.metric_name()} x{r.weight:g}' for r in grpo.rewards)}")
+    return method + (f", beta {recipe.beta():g}" if method in DEFAULT_BETA else "")
 
 
 def kernels_line(kernels: KernelSwaps) -> str:

@@ -317,6 +317,11 @@ class Recipe(Section):
                              "shorten one of them")
         return self
 
+    def example_length_limit(self) -> int:
+        """The most tokens data preparation keeps of an example: its prompt for grpo (the completion comes later),
+        else the whole example."""
+        return self.grpo.max_prompt_length if self.train.method == "grpo" else self.model.max_seq_length
+
     def beta(self) -> float:
         """The preference loss's beta: the recipe's, or the method's default."""
         return self.preference.beta if self.preference.beta is not None else DEFAULT_BETA.get(self.train.method, 0.0)

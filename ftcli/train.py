@@ -5,7 +5,8 @@ the summed token losses of all micro-batches of a step by their total target tok
 update independent of how the tokens were split into micro-batches. What a training method supplies is its
 batches and its loss: `SupervisedMethod` here for SFT, `PreferenceMethod` (ftcli/preference.py) for DPO, ORPO
 and SimPO, each an `accumulate_gradients` over a step's micro-batches and an `evaluate`, around the optimizer's
-update; the rest of the loop (metrics, evaluation, checkpoints, the stop check) is one small function each.
+update (`GrpoMethod`, ftcli/grpo.py, generates the answers it learns from first); the rest of the loop (metrics,
+evaluation, checkpoints, the stop check) is one small function each.
 """
 
 import math
@@ -26,12 +27,14 @@ from ftcli.data.templates import IGNORE_INDEX, TokenizedExample
 from ftcli.errors import CheckpointError, Interrupted, OutOfMemory, TrainingDiverged, redact
 from ftcli.loader import (TRAINED_ADAPTER, add_lora, check_lora_targets, compute_dtype, load_config, load_model,
                           load_reference_adapter, load_tokenizer, meta_model, pick_device)
+from ftcli.grpo import GrpoMethod
 from ftcli.metrics import MetricsLog, StepResult, plot_losses
 from ftcli.optim import build_optimizer, set_learning_rate
 from ftcli.patch import KernelSwaps, apply_kernels, apply_lora_kernels, kernels_can_run
 from ftcli.plan import out_of_memory_advice
 from ftcli.preference import PreferenceMethod
 from ftcli.progress import TrainingDisplay
+from ftcli.rewards import Reward, load_rewards
 from ftcli.recipe import PREFERENCE_METHODS, LoraSettings, Recipe, TrainSettings
 from ftcli.signals import StopRequest
 from ftcli.snapshots import Snapshot, check_compatible, newest_snapshot, restore_snapshot, save_snapshot
@@ -55,7 +58,7 @@ class TrainingSetup:
     dtype: torch.dtype
     kernels: KernelSwaps
     total_steps: int
-    method: Union["SupervisedMethod", PreferenceMethod]
+    method: Union["SupervisedMethod", PreferenceMethod, GrpoMethod]
 
 
 @dataclass
@@ -79,6 +82,13 @@ class RunState:
         self.step, self.last_loss, self.learning_rate, self.grad_norm = step, loss, learning_rate, grad_norm
         self.tokens_seen += tokens
         self.interval_tokens += tokens
+
+    def headline(self) -> tuple[str, float]:
+        """What the progress bar shows of the last step: GRPO's reward (its loss hovers near 0 by construction),
+        else the loss."""
+        if "reward" in self.method_metrics:
+            return "reward", self.method_metrics["reward"]
+        return "loss", self.last_loss
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
@@ -104,16 +114,17 @@ def run(recipe: Recipe, out_dir: Path, display: TrainingDisplay, resume: bool = 
     snapshot = newest_snapshot(out_dir) if resume else None
     if snapshot:
         check_compatible(snapshot, recipe)
+    rewards = load_rewards(recipe.grpo.rewards)  # before the model loads: a broken reward file fails in seconds
     seed_everything(recipe.train.seed)
     device = pick_device()
     tokenizer = load_tokenizer(recipe.model)
-    data = prepare_data(recipe.data, tokenizer, recipe.model.max_seq_length, recipe.train.seed)
+    data = prepare_data(recipe.data, tokenizer, recipe.example_length_limit(), recipe.train.seed)
     total_steps = count_steps(len(data.train), recipe.train)
     if snapshot and snapshot.step >= total_steps:
         raise CheckpointError(f"Checkpoint {snapshot.path} is at step {snapshot.step}, and the recipe trains for "
                               f"{total_steps} steps; raise train.max_steps (or epochs) to train further.")
     try:
-        setup = build_setup(recipe, out_dir, device, architecture, tokenizer, data, total_steps)
+        setup = build_setup(recipe, out_dir, device, architecture, tokenizer, data, total_steps, rewards)
         display.header(recipe, architecture.family, setup.model, setup.trainable, device, setup.dtype, data.stats,
                        total_steps, setup.kernels)
         state = resumed_state(setup, snapshot, display) if snapshot else RunState()
@@ -125,16 +136,19 @@ def run(recipe: Recipe, out_dir: Path, display: TrainingDisplay, resume: bool = 
 
 
 def build_setup(recipe: Recipe, out_dir: Path, device: torch.device, architecture: Architecture, tokenizer,
-                data: PreparedData, total_steps: int) -> TrainingSetup:
+                data: PreparedData, total_steps: int, rewards: list[Reward]) -> TrainingSetup:
     dtype = compute_dtype(recipe.model, device)
     model = load_model(recipe.model, architecture, device, dtype)
     model, kernels = prepare_for_training(model, architecture, recipe.lora, recipe.model.kernels and kernels_can_run(device),
                                           recipe.train.gradient_checkpointing, recipe.train.seed, recipe.model.adapter)
-    if recipe.train.method == "dpo" and recipe.model.adapter:
-        load_reference_adapter(model, recipe.model.adapter)  # DPO's reference: the policy the run starts from
+    if recipe.model.adapter and (recipe.train.method == "dpo" or (recipe.train.method == "grpo" and recipe.grpo.beta)):
+        load_reference_adapter(model, recipe.model.adapter)  # the reference is the policy the run starts from
     trainable = [p for p in model.parameters() if p.requires_grad]
-    method_class = PreferenceMethod if recipe.train.method in PREFERENCE_METHODS else SupervisedMethod
-    method = method_class(recipe, tokenizer.pad_token_id, device, kernels.fused_loss)
+    if recipe.train.method == "grpo":
+        method = GrpoMethod(recipe, tokenizer, device, kernels.fused_loss, rewards)
+    else:
+        method_class = PreferenceMethod if recipe.train.method in PREFERENCE_METHODS else SupervisedMethod
+        method = method_class(recipe, tokenizer.pad_token_id, device, kernels.fused_loss)
     method.prepare(model, examples_in_run(data.train, recipe.train, total_steps), data.eval, out_dir)
     return TrainingSetup(recipe, out_dir, data, model, trainable, build_optimizer(trainable, recipe.train),
                          torch.amp.GradScaler(device.type) if dtype == torch.float16 else None, device, dtype,
@@ -163,11 +177,11 @@ def train_loop(setup: TrainingSetup, state: RunState, display: TrainingDisplay, 
             row = metrics_row(setup, state) if step % settings.logging_steps == 0 or step == total else None
             if evaluation_due(setup, step):
                 state.eval_loss, eval_metrics = evaluate_or_stop(setup, step)
-                row = (row or {"step": step}) | {"eval_loss": round(state.eval_loss, 6)} | {
-                    f"eval_{name}": round(value, 6) for name, value in eval_metrics.items()}
+                evaluated = eval_metrics if state.eval_loss is None else {"loss": state.eval_loss} | eval_metrics
+                row = (row or {"step": step}) | {f"eval_{name}": round(value, 6) for name, value in evaluated.items()}
             if row:
                 metrics.write(row)
-            display.step(step, state.last_loss, state.learning_rate, row)
+            display.step(step, state.headline(), state.learning_rate, row)
             stopping = stop is not None and stop.requested and step < total
             if stopping or checkpoint_due(settings, step, total):
                 path = save_checkpoint(setup, state)
@@ -207,11 +221,12 @@ def evaluation_due(setup: TrainingSetup, step: int) -> bool:
     return bool(setup.data.eval) and (step == setup.total_steps or (eval_steps > 0 and step % eval_steps == 0))
 
 
-def evaluate_or_stop(setup: TrainingSetup, step: int) -> tuple[float, dict[str, float]]:
-    """The evaluation loss and the method's own evaluation metrics; a loss that is not finite stops the run like a
-    training loss would."""
+def evaluate_or_stop(setup: TrainingSetup, step: int) -> tuple[Optional[float], dict[str, float]]:
+    """The evaluation loss (None for GRPO, which evaluates its rewards only) and the method's own evaluation
+    metrics; a loss that is not finite stops the run like a training loss would."""
     loss, metrics, diverged = setup.method.evaluate(setup.model, setup.data.eval)
-    check_finite("evaluation loss", loss, step, diverged, setup)
+    if loss is not None:
+        check_finite("evaluation loss", loss, step, diverged, setup)
     return loss, metrics
 
 
@@ -242,7 +257,8 @@ def finish(setup: TrainingSetup, state: RunState, tokenizer, resumed_from_step: 
             "train_runtime_s": round(runtime, 2), "tokens_per_s": round(state.tokens_seen / max(runtime, 1e-9), 1),
             "peak_mem_gib": round(peak_memory_gib(setup.device), 3),
             "trainable_params": sum(p.numel() for p in setup.trainable), "resumed_from_step": resumed_from_step,
-            "loss_plot": plot is not None}
+            "loss_plot": plot is not None} | (
+            {"final_reward": round(state.method_metrics["reward"], 6)} if "reward" in state.method_metrics else {})
 
 
 def check_finite(quantity: str, value: float, step: int, examples: list[TokenizedExample],
@@ -286,8 +302,9 @@ def dry_run(recipe: Recipe) -> dict:
     from, data, LoRA targets."""
     config, architecture = load_config(recipe.model)
     recipe = start_from_adapter(recipe, config, architecture)
+    load_rewards(recipe.grpo.rewards)
     tokenizer = load_tokenizer(recipe.model)
-    data: PreparedData = prepare_data(recipe.data, tokenizer, recipe.model.max_seq_length, recipe.train.seed)
+    data: PreparedData = prepare_data(recipe.data, tokenizer, recipe.example_length_limit(), recipe.train.seed)
     if recipe.lora.target_modules != "all-linear":
         check_lora_targets(meta_model(config), architecture.lora_targets(recipe.lora.target_modules))
     stats = data.stats

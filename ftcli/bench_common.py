@@ -1,18 +1,22 @@
 """What the training benchmarks share: the random-weight model of a named shape, ftcli's setup of it, and each
 side run in its own process.
 
-`python -m ftcli.bench` compares ftcli with its peers for SFT (ftcli/bench.py) and DPO (ftcli/bench_preference.py);
-every side of both draws the same weights and, on ftcli's side, is set up as `ftcli train` sets it up.
+`python -m ftcli.bench` compares ftcli with its peers for SFT (ftcli/bench.py), DPO (ftcli/bench_preference.py) and
+GRPO (ftcli/bench_grpo.py); every side draws the same weights and, on ftcli's side, is set up as `ftcli train` sets it
+up. The peers of DPO and GRPO load those weights from a folder, with a word-level tokenizer whose text gives back
+exactly the token ids it was written from.
 """
 
 import argparse
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import bitsandbytes as bnb
 import torch
-from transformers import AutoModelForCausalLM
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from ftcli.architectures import ARCHITECTURES
 from ftcli.recipe import DEFAULT_TARGET_MODULES, LoraSettings
@@ -23,14 +27,19 @@ from ftcli.train import prepare_for_training
 BENCH_LORA = LoraSettings(r=16, alpha=16, target_modules=DEFAULT_TARGET_MODULES)
 LORA_SEED = 3407  # the LoRA initialisation every side draws
 CHECKPOINTING = {"offload": "offload", "true": True, "false": False}  # --checkpointing as the recipe spells it
-METHODS = ("sft", "dpo")
+METHODS = ("sft", "dpo", "grpo")
+# The word-level tokenizer's special tokens are its first words; random ids are drawn from FIRST_PLAIN_ID up
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
+UNKNOWN_ID, BEGIN_ID, END_ID, PAD_ID = range(len(SPECIAL_TOKENS))
+FIRST_PLAIN_ID = 10
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of both training benchmarks."""
     parser.add_argument("--method", choices=METHODS, default="sft",
                         help="sft: supervised fine-tuning against plain transformers + peft; dpo: preference training "
-                        "against TRL and Unsloth (its own options: --method dpo --help)")
+                        "against TRL and Unsloth; grpo: reinforcement learning against TRL (their own options: "
+                        "--method dpo --help, --method grpo --help)")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     parser.add_argument("--checkpointing", choices=sorted(CHECKPOINTING), default="offload",
                         help="ftcli's gradient checkpointing; the others always recompute on the GPU")
@@ -89,10 +98,47 @@ def quantize_decoder_linears(model, compute_dtype: torch.dtype) -> None:
                 del linear
 
 
+def device_and_dtype() -> tuple[torch.device, torch.dtype]:
+    """The GPU in bf16 when there is one, else the CPU in float32."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """Token i is the word "t{i}" (the special tokens aside), so that text of its words, space-separated,
+    tokenizes to exactly the ids it was written from."""
+    words = {token: i for i, token in enumerate(SPECIAL_TOKENS)} | {f"t{i}": i for i in range(len(SPECIAL_TOKENS),
+                                                                                                vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab=words, unk_token=SPECIAL_TOKENS[UNKNOWN_ID]))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    unknown, begin, end, pad = SPECIAL_TOKENS
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=unknown, bos_token=begin, eos_token=end,
+                                   pad_token=pad)
+
+
+def write_random_model(shape: str, folder: Path) -> None:
+    """The peers' model: the random weights ftcli's side draws in memory, in the compute dtype, and the word
+    tokenizer."""
+    device, dtype = device_and_dtype()
+    random_model(shape, "bf16", device, dtype).save_pretrained(folder)
+    word_tokenizer(SHAPES[shape]["vocab_size"]).save_pretrained(folder)
+
+
 def ftcli_setup(model, checkpointing) -> tuple[torch.nn.Module, KernelSwaps]:
     """The path `ftcli train` takes after loading: kernels, checkpointing and LoRA."""
     return prepare_for_training(model, ARCHITECTURES["llama"], BENCH_LORA, kernels=True,
                                 gradient_checkpointing=checkpointing, seed=LORA_SEED)
+
+
+def ratio(value, reference) -> str:
+    """A table's "1.23x" of value over reference, "-" when either is missing."""
+    return "-" if value is None or not reference else f"{value / reference:.2f}x"
 
 
 def side_in_subprocess(side: str, command: list[str]) -> dict:

@@ -31,11 +31,10 @@ import time
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
-from ftcli.bench_common import (BENCH_LORA, CHECKPOINTING, LORA_SEED, add_training_arguments, ftcli_setup,
-                                random_model, side_in_subprocess)
+from ftcli.bench_common import (BENCH_LORA, CHECKPOINTING, END_ID, FIRST_PLAIN_ID, LORA_SEED, PAD_ID,
+                                add_training_arguments, device_and_dtype, ftcli_setup, random_model, ratio,
+                                side_in_subprocess, synchronize, write_random_model)
 from ftcli.data.templates import PreferenceExample
 from ftcli.optim import build_optimizer
 from ftcli.preference import PreferenceMethod
@@ -46,10 +45,6 @@ SIDES = ("trl", "unsloth", "ftcli", "ftcli-cached")
 FTCLI_SIDES = ("ftcli", "ftcli-cached")
 PEER_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "preference_peers.py"
 PAIRS_FILE = "pairs.json"  # in the model folder: the pairs every peer trains on
-# The word-level tokenizer's special tokens are its first words; pair ids are drawn from FIRST_PLAIN_ID up
-SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
-UNKNOWN_ID, BEGIN_ID, END_ID, PAD_ID = range(len(SPECIAL_TOKENS))
-FIRST_PLAIN_ID = 10
 BETA = 0.1
 LEARNING_RATE = 2e-4
 
@@ -63,31 +58,11 @@ def random_pairs(shape: str, count: int, prompt_len: int, answer_len: int) -> li
             for _ in range(count)]
 
 
-def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """Token i is the word "t{i}" (the special tokens aside), so that text of its words, space-separated,
-    tokenizes to exactly the ids it was written from."""
-    words = {token: i for i, token in enumerate(SPECIAL_TOKENS)} | {f"t{i}": i for i in range(len(SPECIAL_TOKENS),
-                                                                                                vocab_size)}
-    backend = Tokenizer(models.WordLevel(vocab=words, unk_token=SPECIAL_TOKENS[UNKNOWN_ID]))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    unknown, begin, end, pad = SPECIAL_TOKENS
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=unknown, bos_token=begin, eos_token=end,
-                                   pad_token=pad)
-
-
 def write_model_folder(args, folder: Path) -> None:
     """The peers' model folder: ftcli's side's random weights in the compute dtype, the word tokenizer, the pairs."""
-    device, dtype = device_and_dtype()
-    random_model(args.shape, "bf16", device, dtype).save_pretrained(folder)
-    word_tokenizer(SHAPES[args.shape]["vocab_size"]).save_pretrained(folder)
+    write_random_model(args.shape, folder)
     pairs = random_pairs(args.shape, args.pairs * (args.warmup + args.steps), args.prompt_len, args.answer_len)
     (folder / PAIRS_FILE).write_text(json.dumps(pairs))
-
-
-def device_and_dtype() -> tuple[torch.device, torch.dtype]:
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16
-    return torch.device("cpu"), torch.float32
 
 
 def bench_recipe(args, precompute_reference: bool) -> Recipe:
@@ -135,11 +110,6 @@ def measure_ftcli(args, side: str) -> dict:
     return {"side": side, "step_s": times[args.warmup:], "losses": losses, "reference_pass_s": reference_pass_s,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def run_sides(args, argv: list[str]) -> list[dict]:
@@ -193,10 +163,6 @@ def print_table(args, results: list[dict]) -> None:
         if result["side"] == "ftcli-cached":
             print(f"{'':<13}  (plus {result['reference_pass_s']:.2f} s for the reference pass over its "
                   f"{args.pairs * (args.warmup + args.steps)} pairs before training)")
-
-
-def ratio(value, reference) -> str:
-    return "-" if value is None or not reference else f"{value / reference:.2f}x"
 
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:

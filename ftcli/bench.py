@@ -22,6 +22,10 @@ model in one process. Decode speed excludes the prompt: (new tokens - 1) / (time
     python -m ftcli.bench --method dpo
 
 With --method dpo it compares DPO training with TRL's and Unsloth's DPOTrainer (ftcli/bench_preference.py).
+
+    python -m ftcli.bench --method grpo
+
+With --method grpo it compares GRPO training, generation included, with TRL's GRPOTrainer (ftcli/bench_grpo.py).
 """
 
 import argparse
@@ -38,7 +42,7 @@ import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from torch.profiler import ProfilerActivity, profile
 
-from ftcli import bench_preference
+from ftcli import bench_grpo, bench_preference
 from ftcli.bench_common import (BENCH_LORA, CHECKPOINTING, LORA_SEED, add_training_arguments, ftcli_setup, method_of,
                                 random_model, side_in_subprocess)
 from ftcli.decoding import Decoder, Sampling
@@ -242,8 +246,9 @@ def print_table(args, results: list[dict]) -> None:
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if method_of(argv) == "dpo":
-        bench_preference.main(argv)
+    method = method_of(argv)
+    if method in ("dpo", "grpo"):
+        (bench_preference if method == "dpo" else bench_grpo).main(argv)
         return
     parser = argparse.ArgumentParser(prog="python -m ftcli.bench", description=__doc__.splitlines()[0])
     add_training_arguments(parser)

@@ -1,7 +1,9 @@
 """The benchmark script runs both sides on a tiny shape, and they compute the same losses; the DPO benchmark's
-TRL side trains the pairs it is given, and its table compares every side with TRL."""
+TRL side trains the pairs it is given, and its table compares every side with TRL; the GRPO benchmark's sides run
+on the CPU, TRL's generating every token from the prompts it is given, and its tables compare with TRL."""
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -10,7 +12,7 @@ import sys
 
 import pytest
 
-from ftcli import bench_preference
+from ftcli import bench_common, bench_grpo, bench_preference
 
 
 def test_bench_sides_train_the_same_model_to_the_same_losses():
@@ -41,7 +43,7 @@ def test_bench_decode_times_both_decoders_on_the_same_greedy_tokens():
 def test_random_model_keeps_a_tied_head_tied(monkeypatch):
     """Llama-3.2-1B ties its head to the embedding; a copy would add 0.5 GiB to the measured peak."""
     import torch
-    from ftcli import bench_common, shapes
+    from ftcli import shapes
 
     tied_shape = dict(shapes.SHAPES["tiny"], tie_word_embeddings=True)
     monkeypatch.setitem(shapes.SHAPES, "tiny-tied", tied_shape)
@@ -73,14 +75,14 @@ def test_dpo_bench_trl_side_trains_exactly_the_pairs_it_is_given():
 def test_random_pairs_are_seeded_and_end_each_answer():
     pairs = bench_preference.random_pairs("tiny", 3, prompt_len=5, answer_len=4)
     assert pairs == bench_preference.random_pairs("tiny", 3, prompt_len=5, answer_len=4)
-    assert all(len(prompt) == 5 and chosen[-1] == rejected[-1] == bench_preference.END_ID and len(chosen) == 4
+    assert all(len(prompt) == 5 and chosen[-1] == rejected[-1] == bench_common.END_ID and len(chosen) == 4
                for prompt, chosen, rejected in pairs)
     drawn = [token for pair in pairs for ids in pair for token in ids[:-1]]
-    assert min(drawn) >= bench_preference.FIRST_PLAIN_ID and len(set(drawn)) > 20  # never a special token or zero
+    assert min(drawn) >= bench_common.FIRST_PLAIN_ID and len(set(drawn)) > 20  # never a special token or zero
 
 
 def test_word_tokenizer_gives_back_the_ids_its_words_were_written_from():
-    tokenizer = bench_preference.word_tokenizer(512)
+    tokenizer = bench_common.word_tokenizer(512)
     ids = [15, 150, 2, 11, 511]
     assert tokenizer(" ".join(tokenizer.convert_ids_to_tokens(ids)))["input_ids"] == ids
 
@@ -96,3 +98,85 @@ def test_dpo_table_compares_each_side_with_trl(capsys):
     assert rows["trl"] == ["16", "2.000", "10.00", "1.00x", "1.00x", "0.6931", "0.5000"]
     assert rows["ftcli"] == ["64", "0.500", "5.00", "4.00x", "0.50x", "0.6931", "0.4000"]
     assert rows["unsloth"] == ["failed:", "ModuleNotFoundError:", "No", "module", "named", "'unsloth'"]
+
+
+def run_grpo_bench(*options: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "ftcli.bench", "--method", "grpo", "--shape", "tiny", "--precision", "bf16",
+               "--prompt-len", "6", "--generations", "2", *options]
+    return subprocess.run(command, capture_output=True, text=True, env=os.environ | {"TRITON_INTERPRET": "1"})
+
+
+def table_rows(output: str) -> dict[str, list[str]]:
+    """The rows of a printed benchmark table by side: the lines after its header, which starts with "side"."""
+    lines = output.strip().splitlines()
+    header = next(index for index, line in enumerate(lines) if line.startswith("side"))
+    return {line.split()[0]: line.split()[1:] for line in lines[header + 1:]}
+
+
+def test_grpo_bench_ftcli_side_trains_on_the_cpu():
+    completed = run_grpo_bench("--completion-len", "4", "--steps", "2", "--warmup", "0", "--sides", "ftcli")
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    row = table_rows(completed.stdout)["ftcli"]
+    step_s, generate_s, generation_speed, training_speed = map(lambda text: float(text.replace(",", "")), row[:4])
+    assert step_s > generate_s > 0 and generation_speed > 0 and training_speed > 0
+    assert row[4:] == ["-", "-", "-", "4"]  # no peak on the CPU, no TRL to compare with; every completion 4 tokens
+
+
+def test_grpo_bench_trl_side_generates_every_token_from_the_prompts_it_is_given():
+    completed = run_grpo_bench("--completion-len", "24", "--steps", "1", "--warmup", "1", "--sides", "trl", "--json")
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    [trl] = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert trl["side"] == "trl" and "error" not in trl, trl.get("stderr")
+    assert trl["same_ids"] is True  # TRL tokenized the prompts' text back to the ids ftcli's side samples from
+    assert trl["completion_lengths"] == [24, 24]  # min_new_tokens kept the end token out: every token generated
+    assert len(trl["step_s"]) == len(trl["generation_s"]) == 1 and trl["step_s"][0] > trl["generation_s"][0] > 0
+    assert len(trl["losses"]) == 2
+
+
+def test_grpo_bench_defaults_are_the_issues_case():
+    """Llama-3-8B in NF4, prompt 256, completions of 1,024, G=8, TRL and ftcli."""
+    args = bench_grpo.parse_arguments(["--method", "grpo"])
+    assert (args.shape, args.precision, args.prompt_len, args.completion_len, args.generations) == \
+        ("llama3-8b", "nf4", 256, 1024, 8)
+    assert args.sides == ["trl", "ftcli"] and args.checkpointing == "offload" and not args.find_longest
+    recipe = bench_grpo.bench_recipe(args)
+    assert (recipe.train.batch_size, recipe.train.learning_rate, recipe.grpo.beta, recipe.grpo.temperature) == \
+        (1, 1e-6, 0.0, 1.0)
+
+
+def test_grpo_table_compares_each_side_with_trl(capsys):
+    args = argparse.Namespace(shape="tiny", precision="nf4", prompt_len=8, completion_len=4, generations=2, steps=3,
+                              warmup=1)  # 8 tokens generated and 24 trained a step
+    results = [{"side": "trl", "step_s": [4.0, 2.0, 3.0], "generation_s": [1.0, 2.0, 4.0], "completion_lengths": [4, 4],
+                "peak_gib": 10.0, "device": "GPU"},
+               {"side": "ftcli", "step_s": [0.5, 1.0, 1.0], "generation_s": [0.25, 0.5, 0.1], "completion_lengths": [4],
+                "peak_gib": 5.0, "device": "GPU"}]
+    bench_grpo.print_table(args, results)
+    rows = table_rows(capsys.readouterr().out)
+    assert rows["trl"] == ["3.00", "2.00", "4", "8", "10.00", "1.00x", "1.00x", "4"]
+    assert rows["ftcli"] == ["1.00", "0.25", "32", "24", "5.00", "3.00x", "0.50x", "4"]
+
+
+def test_find_longest_doubles_each_sides_completion_until_one_fails(monkeypatch, capsys):
+    fits = {"trl": 2048, "ftcli": 16384}
+    tried = []
+
+    def measure_side(side, args, folder):
+        tried.append((side, args.completion_len, args.steps, args.warmup))
+        if args.completion_len > fits[side]:
+            return {"side": side, "error": "torch.OutOfMemoryError: CUDA out of memory."}
+        return {"side": side, "peak_gib": args.completion_len / 1024, "device": "GPU"}
+
+    monkeypatch.setattr(bench_grpo, "measure_side", measure_side)
+    monkeypatch.setattr(bench_grpo, "model_folder", lambda args: contextlib.nullcontext("folder"))
+    args = bench_grpo.parse_arguments(["--find-longest", "--longest-limit", "8192"])
+    found = bench_grpo.find_longest(args)
+
+    assert tried == [("trl", 1024, 1, 0), ("trl", 2048, 1, 0), ("trl", 4096, 1, 0),
+                     ("ftcli", 1024, 1, 0), ("ftcli", 2048, 1, 0), ("ftcli", 4096, 1, 0), ("ftcli", 8192, 1, 0)]
+    assert [(f["side"], f["longest"], f["peak_gib"], f["failed_at"]) for f in found] == \
+        [("trl", 2048, 2.0, 4096), ("ftcli", 8192, 8.0, None)]
+    bench_grpo.print_longest(args, found)
+    rows = table_rows(capsys.readouterr().out)
+    assert rows["trl"] == ["2,048", "2.00", "4,096", "failed:", "torch.OutOfMemoryError:", "CUDA", "out", "of", "memory."]
+    assert rows["ftcli"] == ["8,192", "8.00", "not", "tried", "(limit)"]

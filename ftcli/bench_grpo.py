@@ -6,7 +6,8 @@ Every side trains the same random-weight model (decoder linears in NF4 with doub
 --precision bf16; LoRA r=16 on the seven projections; AdamW8bit at lr 1e-6, so that a random model's completions
 stay random; clipping at 1.0) on the same random prompts, one prompt a step, each answered by G completions sampled
 at temperature 1.0 and top_p 1.0, then scored and trained on with the GRPO loss (loss_type grpo, beta 0: no
-reference pass). Each side runs in its own process and the parent prints one table.
+reference pass; TRL's default is dapo, the same work). Each side runs in its own process and the parent prints
+one table.
 
 Every completion is exactly --completion-len tokens on both sides, so that both do the same work: ftcli's sampler
 gets no stop ids, and TRL's generate gets min_new_tokens equal to max_completion_length, which masks the
@@ -177,7 +178,8 @@ def bench_command(args) -> list[str]:
     settings = {"shape": args.shape, "checkpointing": args.checkpointing, "steps": args.steps,
                 "warmup": args.warmup, "prompt-len": args.prompt_len, "completion-len": args.completion_len,
                 "generations": args.generations, "precision": args.precision}
-    return [sys.executable, "-m", "ftcli.bench", "--method=grpo", *(f"--{name}={value}" for name, value in settings.items())]
+    return [sys.executable, "-m", "ftcli.bench", "--method=grpo",
+            *(f"--{name}={value}" for name, value in settings.items())]
 
 
 def peer_command(args, folder: str) -> list[str]:
@@ -191,7 +193,8 @@ def peer_command(args, folder: str) -> list[str]:
 
 
 def print_table(args, results: list[dict]) -> None:
-    generated, trained = args.generations * args.completion_len, args.generations * (args.prompt_len + args.completion_len)
+    generated = args.generations * args.completion_len
+    trained = args.generations * (args.prompt_len + args.completion_len)
     device = next((r["device"] for r in results if "device" in r), "?")
     print(f"\n{device}  {args.shape}  {args.precision.upper()}  GRPO, one prompt of {args.prompt_len} tokens a step, "
           f"G={args.generations} completions of {args.completion_len}  (median of {args.steps} steps after "

@@ -178,5 +178,6 @@ def test_find_longest_doubles_each_sides_completion_until_one_fails(monkeypatch,
         [("trl", 2048, 2.0, 4096), ("ftcli", 8192, 8.0, None)]
     bench_grpo.print_longest(args, found)
     rows = table_rows(capsys.readouterr().out)
-    assert rows["trl"] == ["2,048", "2.00", "4,096", "failed:", "torch.OutOfMemoryError:", "CUDA", "out", "of", "memory."]
+    assert rows["trl"] == ["2,048", "2.00", "4,096", "failed:", "torch.OutOfMemoryError:", "CUDA", "out", "of",
+                           "memory."]
     assert rows["ftcli"] == ["8,192", "8.00", "not", "tried", "(limit)"]

@@ -146,7 +146,8 @@ def test_trl_grpo_loss_equals_plain_grpo_and_its_gradients(policy, loss_type, be
     trl_gradients = lora_gradients(policy, trl)
 
     assert trl.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
-    assert trl_gradients.keys() == expected_gradients.keys() and len(trl_gradients) == 2 * 7 * 2  # A and B, 7 targets, 2 layers
+    # A and B of the seven targets in both layers
+    assert trl_gradients.keys() == expected_gradients.keys() and len(trl_gradients) == 2 * 7 * 2
     for name, gradient in expected_gradients.items():
         torch.testing.assert_close(trl_gradients[name], gradient, rtol=1e-4, atol=1e-6)
     # the controls: the gradients are not zero, and with beta the adapter moves the policy off its reference, so

@@ -148,8 +148,8 @@ def _grpo_trainer(model, completions: int, beta: float, epsilon: float, loss_typ
     base = copy.deepcopy(model).unload()
     config = GRPOConfig(output_dir=output_dir, beta=beta, epsilon=epsilon, loss_type=loss_type,
                         max_completion_length=max_completion_length, temperature=temperature,
-                        use_bias_correction_kl=False,
-                        num_generations=completions, per_device_train_batch_size=completions,
+                        use_bias_correction_kl=False, num_generations=completions,
+                        per_device_train_batch_size=completions,
                         gradient_checkpointing=False, bf16=False, report_to=[], use_cpu=model.device.type == "cpu")
     dataset = Dataset.from_list([{"prompt": "What is one plus two?"}])
     trainer = GRPOTrainer(model=base, reward_funcs=lambda completions, **_: [0.0] * len(completions), args=config,

@@ -1,10 +1,14 @@
 """GRPO prompts (data.format: prompts): each row rendered as `ftcli chat` sends it, its other columns kept for the
-rewards, bad rows and the preview."""
+rewards, bad rows, the preview, and the arithmetic problems of the recipes."""
+
+import importlib.util
+import json
+import re
 
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import assert_clean_failure, run_cli, write_jsonl, write_recipe
+from conftest import ROOT, assert_clean_failure, run_cli, write_jsonl, write_recipe
 from ftcli.data import prepare_data
 from ftcli.data.templates import PromptExample, generation_prompt_ids
 from ftcli.recipe import DataSettings
@@ -13,6 +17,7 @@ QUESTION = "Maya has 12 apples and buys 7 more. How many apples does she have?"
 SYSTEM = {"role": "system", "content": "Reason, then answer in <answer> tags."}
 GOOD_ROW = {"prompt": QUESTION, "answer": "19"}
 MAX_PROMPT = 60
+ARITHMETIC = ROOT / "recipes" / "data"
 
 
 def user(text: str) -> dict:
@@ -137,3 +142,47 @@ def test_preview_shows_the_rendered_prompt_and_its_columns(tmp_path, smollm2_fol
 def test_packing_and_conversation_extension_are_refused(tmp_path, smollm2_folder, field, value):
     recipe, _ = prompts_recipe(tmp_path, smollm2_folder, [GOOD_ROW], **{field: value})
     assert_clean_failure(run_cli("data", "preview", recipe), 2, f"data.{field} does not apply to data.format prompts")
+
+
+def make_arithmetic():
+    spec = importlib.util.spec_from_file_location("make_arithmetic", ARITHMETIC / "make_arithmetic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_arithmetic_problems_are_valid_prompts_with_right_answers(tokenizer):
+    generator = make_arithmetic()
+    questions = {}
+    for name, count in (("arithmetic-problems.jsonl", 400), ("arithmetic-problems-heldout.jsonl", 40)):
+        data = prepare_data(DataSettings(path=str(ARITHMETIC / name), format="prompts", shuffle=False), tokenizer,
+                            256, seed=0)
+        assert (len(data.train), data.stats.skipped_invalid) == (count, 0)
+        for example in data.train:
+            columns = example.columns
+            numbers, question = columns["numbers"], columns["question"]
+            assert example.prompt_text.endswith(f"{question}<|im_end|>\n<|im_start|>assistant\n")
+            assert generator.SYSTEM_PROMPT in example.prompt_text
+            assert [int(n) for n in re.findall(r"\d+", question)] == numbers  # the numbers as the problem tells them
+            assert 1 <= len(columns["operations"]) <= 2 and len(numbers) == len(columns["operations"]) + 1
+            assert columns["answer"] == str(generator.answer_of(numbers, columns["operations"]))
+            assert int(columns["answer"]) >= 0
+        questions[name] = {example.columns["question"] for example in data.train}
+    assert len(questions["arithmetic-problems.jsonl"]) == 400
+    assert not questions["arithmetic-problems.jsonl"] & questions["arithmetic-problems-heldout.jsonl"]
+
+
+def test_the_answers_are_recomputed_by_hand():
+    """answer_of against arithmetic done here, so a wrong operation in the generator cannot pass unseen."""
+    answer_of = make_arithmetic().answer_of
+    assert answer_of([12, 7], ["add"]) == 19 and answer_of([12, 7], ["subtract"]) == 5
+    assert answer_of([4, 6, 3], ["multiply", "subtract"]) == 21 and answer_of([18, 3, 2], ["divide", "multiply"]) == 12
+
+
+def test_the_generator_writes_the_committed_files(tmp_path):
+    make_arithmetic().write_files(tmp_path)
+    for name in ("arithmetic-problems.jsonl", "arithmetic-problems-heldout.jsonl"):
+        assert (tmp_path / name).read_text() == (ARITHMETIC / name).read_text(), name
+        kinds = {tuple(json.loads(line)["operations"]) for line in (tmp_path / name).read_text().splitlines()}
+        assert {("add",), ("subtract",), ("multiply",), ("divide",)} <= kinds  # every operation, alone and paired
+        assert any(len(kind) == 2 for kind in kinds)

@@ -9,10 +9,13 @@ import textwrap
 import pytest
 import torch
 
+from conftest import ROOT
 from ftcli.data.templates import PromptExample
 from ftcli.errors import RewardError
 from ftcli.recipe import RewardSettings
 from ftcli.rewards import MODULE_PREFIX, load_rewards, read_number, same_answer, score_completions
+
+EXAMPLE_FILE = ROOT / "recipes" / "grpo_rewards.py"
 
 
 def reward_file(tmp_path, source: str, name: str = "my_rewards.py"):
@@ -307,3 +310,16 @@ def test_read_number(text, number):
 def test_same_answer_falls_back_to_text_when_one_side_is_no_number():
     assert same_answer("19", "19.0") and same_answer(" 19 ", "$19")
     assert same_answer(" x = 1 ", "x = 1") and not same_answer("19 apples", "19")
+
+
+def test_the_example_file_scores_the_notebooks_way():
+    loaded = rewards({"function": f"{EXAMPLE_FILE}:correctness"}, {"function": f"{EXAMPLE_FILE}:strict_format"})
+    completions = ["<reasoning>\n12 + 7 = 19\n</reasoning>\n<answer>\n19\n</answer>\n",
+                   "<reasoning>\n12 + 7 = 18\n</reasoning>\n<answer>\n18\n</answer>",
+                   "The answer is <answer>19</answer>",
+                   "<reasoning>\nhm\n</reasoning>\n<answer>\n19\n</answer> and more",
+                   "19"]
+    scores = score(loaded, completions, answers=["19"] * len(completions))
+    torch.testing.assert_close(scores.per_reward, torch.tensor([[2.0, 0.5], [0.0, 0.5], [2.0, 0.0], [2.0, 0.0],
+                                                                [0.0, 0.0]]))
+    torch.testing.assert_close(scores.total, torch.tensor([2.5, 0.5, 2.0, 2.0, 0.0]))

@@ -65,8 +65,8 @@ def load_rewards(settings: list[RewardSettings]) -> list[Reward]:
     for index, reward in enumerate(settings):
         field = f"grpo.rewards[{index}]"
         if reward.builtin:
-            rewards.append(Reward(reward.metric_name(), reward.weight, f"built-in reward {reward.builtin} ({field})",
-                                  _builtin_score(reward, f"built-in reward {reward.builtin} ({field})")))
+            described = f"built-in reward {reward.builtin} ({field})"
+            rewards.append(Reward(reward.metric_name(), reward.weight, described, _builtin_score(reward, described)))
             continue
         file, _, name = reward.function.rpartition(":")
         if file not in modules:
@@ -126,8 +126,10 @@ def _function_in(module: ModuleType, name: str, path: Path, field: str) -> Calla
 
 
 def _call_function(function: Callable, batch: ScoringBatch):
-    """Keywords, as TRL passes them, so that a function may take its arguments in any order."""
-    return function(completions=batch.completions, prompts=batch.prompts, **batch.columns)
+    """Keywords, as TRL passes them, so that a function may take its arguments in any order; copies, so that one
+    function editing its lists in place cannot change what the next one gets."""
+    return function(completions=list(batch.completions), prompts=list(batch.prompts),
+                    **{name: list(values) for name, values in batch.columns.items()})
 
 
 def _values(reward: Reward, batch: ScoringBatch) -> list[float]:
@@ -164,7 +166,7 @@ def _as_list(reward: Reward, returned, count: int) -> list:
 def _as_number(reward: Reward, value, index: int, batch: ScoringBatch) -> float:
     if value is None:
         return math.nan
-    which = (f"for completion {index + 1} of {len(batch.completions)} (an answer to {batch.origins[index]})")
+    which = f"for completion {index + 1} of {len(batch.completions)} (an answer to {batch.origins[index]})"
     if not isinstance(value, numbers.Real):
         raise RewardError(f"{reward.described} returned {value!r:.80} ({type(value).__name__}) {which}, which is "
                           "not a number. Return a float, or None for no opinion.")

@@ -9,10 +9,10 @@ import textwrap
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, write_recipe
 from ftcli.data.templates import PromptExample
 from ftcli.errors import RewardError
-from ftcli.recipe import RewardSettings
+from ftcli.recipe import RewardSettings, load_recipe
 from ftcli.rewards import MODULE_PREFIX, load_rewards, read_number, same_answer, score_completions
 
 EXAMPLE_FILE = ROOT / "recipes" / "grpo_rewards.py"
@@ -89,6 +89,32 @@ def test_the_total_is_weighted_and_none_is_nan_counting_zero(tmp_path):
     expected = torch.tensor([[0.5, -1.0], [math.nan, 1.0], [1.0, math.nan]])
     torch.testing.assert_close(scores.per_reward, expected, equal_nan=True)
     torch.testing.assert_close(scores.total, torch.tensor([2 * 0.5 - 0.25, 0.25, 2.0]))
+
+
+def test_a_function_editing_its_lists_changes_nothing_for_the_next(tmp_path):
+    path = reward_file(tmp_path, """
+        def greedy(completions, answer, **columns):
+            completions.clear()
+            answer[0] = "changed"
+            return [1.0, 1.0]
+
+        def fair(completions, answer, **columns):
+            return [float(c == a) for c, a in zip(completions, answer)]
+    """)
+    loaded = rewards({"function": f"{path}:greedy"}, {"function": f"{path}:fair"})
+    torch.testing.assert_close(score(loaded, ["1", "2"], answers=["1", "2"]).per_reward[:, 1], torch.tensor([1.0, 1.0]))
+
+
+def test_a_function_file_is_relative_to_the_recipe(tmp_path, smollm2_folder):
+    (tmp_path / "recipe").mkdir()
+    reward_file(tmp_path / "recipe", "def short(completions, **columns):\n    return [-len(c) for c in completions]\n")
+    recipe = write_recipe(tmp_path / "recipe" / "r.yaml", smollm2_folder, "prompts.jsonl", tmp_path / "out",
+                          data={"format": "prompts"}, train={"method": "grpo"},
+                          grpo={"max_prompt_length": 32, "max_completion_length": 32,
+                                "rewards": [{"function": "my_rewards.py:short", "weight": 0.5}]})
+    loaded = load_rewards(load_recipe(recipe).grpo.rewards)
+    assert loaded[0].file == tmp_path / "recipe" / "my_rewards.py"
+    torch.testing.assert_close(score(loaded, ["abc", ""]).total, torch.tensor([-1.5, 0.0]))
 
 
 @pytest.mark.parametrize("returned", ["numpy.array([1.0, 0.0])", "torch.tensor([1, 0])", "[True, False]",

@@ -116,7 +116,8 @@ def test_skip_invalid_counts_every_bad_row(tmp_path, smollm2_folder, tokenizer):
 
 def test_an_error_quoting_brackets_prints_them_as_they_are(tmp_path, smollm2_folder):
     """Messages quote rows and code, where [i] or [/] would be taken for rich markup and lost."""
-    recipe, path = prompts_recipe(tmp_path, smollm2_folder, [{"prompt": [{"role": "user", "content": ["x[i]", "[/]"]}]}])
+    row = {"prompt": [{"role": "user", "content": ["x[i]", "[/]"]}]}
+    recipe, path = prompts_recipe(tmp_path, smollm2_folder, [row])
     result = run_cli("data", "preview", recipe)
     assert_clean_failure(result, 2, f"{path} row 1, column 'prompt', turn 1:", "'content': ['x[i]', '[/]']")
 
@@ -130,6 +131,7 @@ def test_preview_shows_the_rendered_prompt_and_its_columns(tmp_path, smollm2_fol
     assert f"{path} row 1\n{rendered}answer: 19\n" in result.output
     assert f"{path} row 2\n" in result.output and "What is 2 + 2?<|im_end|>\n<|im_start|>assistant\nanswer: 4" \
         in result.output
+    assert "legend: masked (context only)  columns the rewards read" in result.output
     assert "token lengths (per prompt, rendered with the generation prompt)" in result.output
     longest = max(len(generation_prompt_ids(tokenizer, conversation))
                   for conversation in ([user(QUESTION)], [SYSTEM, user("What is 2 + 2?")]))

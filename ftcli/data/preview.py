@@ -22,6 +22,9 @@ from ftcli.recipe import Recipe
 
 MASKED_STYLE, TRAINED_STYLE, REJECTED_STYLE, COLUMN_STYLE = "dim", "bold green", "bold red", "cyan"
 HISTOGRAM_BINS, BAR_WIDTH = 10, 40
+LEGENDS = {"preference": [("chosen answer (in the loss)", TRAINED_STYLE),  # beside the masked context
+                          ("rejected answer (in the loss)", REJECTED_STYLE)],
+           "prompts": [("columns the rewards read", COLUMN_STYLE)]}
 
 
 def preview_data(recipe: Recipe, count: int, console: Console) -> DataStats:
@@ -46,12 +49,10 @@ def preview_data(recipe: Recipe, count: int, console: Console) -> DataStats:
 
 def legend(data_format: str) -> Text:
     """What each style means for this format."""
-    styles = {"preference": [("chosen answer (in the loss)", TRAINED_STYLE), ("rejected answer (in the loss)",
-                                                                              REJECTED_STYLE)],
-              "prompts": [("columns the rewards read", COLUMN_STYLE)]}
-    return Text.assemble("legend: ", ("masked (context only)", MASKED_STYLE),
-                         *[part for entry in styles.get(data_format, [("trained (in the loss)", TRAINED_STYLE)])
-                           for part in ("  ", entry)])
+    text = Text("legend: ").append("masked (context only)", MASKED_STYLE)
+    for label, style in LEGENDS.get(data_format, [("trained (in the loss)", TRAINED_STYLE)]):
+        text.append("  ").append(label, style)
+    return text
 
 
 def render_example(tokenizer, example: TokenizedExample) -> Text:

@@ -34,7 +34,8 @@ FIRST = {
             "{name} collects {a} {thing} on Monday and {b} more on Tuesday."],
     "subtract": ["{name} has {a} {thing} and gives away {b}.", "{name} had {a} {thing} but lost {b} of them.",
                  "{name} had {a} {thing} and used {b} of them."],
-    "multiply": ["{name} has {a} bags with {b} {thing} in each.", "{name} buys {a} packs of {thing}, {b} in each pack."],
+    "multiply": ["{name} has {a} bags with {b} {thing} in each.",
+                 "{name} buys {a} packs of {thing}, {b} in each pack."],
     "divide": ["{name} splits {a} {thing} into {b} equal piles and keeps one pile.",
                "{name} shares {a} {thing} equally among {b} children, {name} being one of them."],
 }

@@ -12,16 +12,13 @@ from conftest import ROOT, assert_clean_failure, run_cli, write_jsonl, write_rec
 from ftcli.data import prepare_data
 from ftcli.data.templates import PromptExample, generation_prompt_ids
 from ftcli.recipe import DataSettings
+from test_preference_data import user
 
 QUESTION = "Maya has 12 apples and buys 7 more. How many apples does she have?"
 SYSTEM = {"role": "system", "content": "Reason, then answer in <answer> tags."}
 GOOD_ROW = {"prompt": QUESTION, "answer": "19"}
 MAX_PROMPT = 60
 ARITHMETIC = ROOT / "recipes" / "data"
-
-
-def user(text: str) -> dict:
-    return {"role": "user", "content": text}
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,21 @@ def test_a_prompt_is_rendered_as_chat_sends_it_with_its_other_columns(tmp_path, 
     assert (data.stats.longest, data.stats.target_tokens, data.stats.truncated) == (max(lengths), 0, 0)
 
 
+def test_system_prompt_goes_before_prompts_that_have_none(tmp_path, tokenizer):
+    rows = [{"prompt": QUESTION, "answer": "19"}, {"prompt": [SYSTEM, user(QUESTION)], "answer": "19"}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    settings = DataSettings(path=str(path), format="prompts", shuffle=False, system_prompt="Be brief.")
+    added, kept = prepare_data(settings, tokenizer, MAX_PROMPT, seed=0).train
+    assert added.prompt_ids == generation_prompt_ids(tokenizer, [{"role": "system", "content": "Be brief."},
+                                                                 user(QUESTION)])
+    assert kept.prompt_ids == generation_prompt_ids(tokenizer, [SYSTEM, user(QUESTION)])  # its own system turn stays
+
+
+def test_system_prompt_is_for_prompts_only():
+    with pytest.raises(ValueError, match="data.system_prompt applies to data.format prompts only"):
+        DataSettings(path="d.jsonl", format="messages", system_prompt="Be brief.")
+
+
 def test_eval_fraction_holds_out_prompts(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"What is {n} + {n}?", "answer": str(2 * n)}
                                               for n in range(10)])

@@ -179,6 +179,8 @@ def _tokenize_prompts(rows: list[Row], settings: DataSettings, tokenizer, max_le
     for row in rows:
         try:
             conversation, columns = to_prompt(row.values, row.origin, settings.columns)
+            if settings.system_prompt is not None and conversation[0]["role"] != "system":
+                conversation = [{"role": "system", "content": settings.system_prompt}] + conversation
             example = _through_template(lambda: tokenize_prompt(tokenizer, conversation, columns, max_length,
                                                                 row.origin), row.origin, settings, stats)
         except DataError as error:

@@ -31,7 +31,7 @@ def preview_data(recipe: Recipe, count: int, console: Console) -> DataStats:
     """Print `count` training examples as the model sees them, and the data's length statistics."""
     tokenizer = load_tokenizer(recipe.model)
     data_format = recipe.data.format
-    max_length = recipe.grpo.max_prompt_length if data_format == "prompts" else recipe.model.max_seq_length
+    max_length = recipe.example_length_limit()
     data = prepare_data(recipe.data.model_copy(update={"packing": False}), tokenizer, max_length, recipe.train.seed)
     render = {"preference": render_pair, "prompts": render_prompt}.get(data_format, render_example)
     for example in data.train[:count]:

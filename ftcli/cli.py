@@ -8,6 +8,7 @@ from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from ftcli.errors import FtcliError, debugging, redact, redacted_traceback, unexpected_error
 
@@ -230,7 +231,8 @@ def _reported_errors(command: str, as_json: bool) -> Iterator[None]:
         console = _console(stderr=True)
         if debugging():
             console.print(redacted_traceback(caught), highlight=False, markup=False, soft_wrap=True)
-        console.print(f"[bold red]error:[/] {error.message}", highlight=False, soft_wrap=True)
+        # a Text, not markup: a message quotes code and data, where [i] or [/] are not styles
+        console.print(Text.assemble(("error:", "bold red"), " ", error.message), highlight=False, soft_wrap=True)
         if as_json:
             _print_json({"status": "error", "exit_code": error.exit_code, "message": error.message})
         raise typer.Exit(error.exit_code) from None

@@ -37,7 +37,7 @@ class Decoder:
         self.context_length = context_length
         self.compiled = compile and self.device.type == "cuda" and not has_sliding_window_layers(model.config)
         self.cache, self.cache_size = None, 0
-        self.cache_argument = _cache_argument_name(model)
+        self.cache_argument = cache_argument_name(model)
         self.generator = torch.Generator(self.device)
         if seed is None:
             self.generator.seed()
@@ -90,23 +90,35 @@ class Decoder:
         self.cache = StaticCache(config=self.model.config, max_cache_len=self.cache_size)
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """The next-token logits (float32) after `input_ids`, which the cache extends."""
-        output = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True, logits_to_keep=1,
-                            **{self.cache_argument: self.cache})
-        return output.logits[:, -1].float()
+        return next_token_logits(self.model, self.cache_argument, self.cache, input_ids, position_ids)
+
+
+def next_token_logits(model, cache_argument: str, cache, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                      attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The next-token logits (float32, rows x vocabulary) after each row of `input_ids`, which `cache` extends.
+    use_cache is passed because ftcli's loader turns it off in the config for training."""
+    output = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=True,
+                   logits_to_keep=1, **{cache_argument: cache})
+    return output.logits[:, -1].float()
 
 
 def pick_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
-    """Greedy at temperature 0; otherwise sample from the temperature-scaled distribution cut to its top-p mass."""
+    """The token of a one-row batch of logits."""
+    return int(pick_tokens(logits, sampling, generator)[0])
+
+
+def pick_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of (rows, vocabulary) logits, on their device: greedy at temperature 0; otherwise sampled
+    from the temperature-scaled distribution cut to its top-p mass, with `generator` (on the logits' device)."""
     if sampling.temperature <= 0:
-        return int(logits.argmax(-1))
-    probabilities = torch.softmax(logits[0] / sampling.temperature, dim=-1)
-    ordered, order = probabilities.sort(descending=True)
+        return logits.argmax(-1)
+    probabilities = torch.softmax(logits / sampling.temperature, dim=-1)
+    ordered, order = probabilities.sort(dim=-1, descending=True)
     outside = ordered.cumsum(-1) - ordered >= sampling.top_p  # the likelier tokens already hold top_p
-    outside[0] = False  # the most likely token is always a candidate
+    outside[:, 0] = False  # the most likely token is always a candidate
     ordered = ordered.masked_fill(outside, 0.0)
     choice = torch.multinomial(ordered, 1, generator=generator)
-    return int(order[choice])
+    return order.gather(-1, choice).squeeze(-1)
 
 
 class TextStream:
@@ -147,7 +159,7 @@ def has_sliding_window_layers(config) -> bool:
     return any(getattr(layer, "is_sliding", False) for layer in StaticCache(config=config, max_cache_len=1).layers)
 
 
-def _cache_argument_name(model) -> str:
+def cache_argument_name(model) -> str:
     """transformers 5.24 renamed the forward's `past_key_values` to `cache`; pass whichever this version takes."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"

@@ -99,6 +99,10 @@ class ExportError(BadInput):
     """An export cannot be made from this output folder with these options."""
 
 
+class RewardError(BadInput):
+    """A GRPO reward cannot be loaded, or failed or returned something unusable while scoring completions."""
+
+
 class InputError(BadInput):
     """A path or value given on the command line is wrong: a missing folder, a memory size that does not parse."""
 

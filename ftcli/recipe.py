@@ -67,6 +67,9 @@ class DataSettings(Section):
         None, description="alpaca only: build the user turn from several columns, e.g. \"Describe {name}.[[ Its "
         "color is {color}.]]\"; {column} is replaced by the value, and a [[ ... ]] part is dropped when a column in "
         "it is empty. The response is still the output column.")
+    system_prompt: Optional[str] = Field(
+        None, description="prompts only: a system message put before every prompt that has none, such as the "
+        "answer format GRPO's rewards check.")
     conversation_extension: int = Field(
         1, ge=1, description="Join each training row with this many minus one random other rows into one "
         "multi-turn conversation (seeded); 1 keeps rows as they are.")
@@ -88,6 +91,9 @@ class DataSettings(Section):
 
     @model_validator(mode="after")
     def _rows_stay_whole(self):
+        if self.system_prompt is not None and self.format != "prompts":
+            raise ValueError(f"data.system_prompt applies to data.format prompts only, and data.format is "
+                             f"{self.format}; put the system message into the rows, or remove data.system_prompt")
         if self.format in ("preference", "prompts") and self.packing:
             raise ValueError(f"data.packing does not apply to data.format {self.format}: each "
                              f"{'pair' if self.format == 'preference' else 'prompt'} is computed with its own answers, "

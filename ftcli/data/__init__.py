@@ -6,18 +6,19 @@ from typing import Callable, Union
 
 from jinja2 import TemplateError, TemplateSyntaxError
 
-from ftcli.data.formats import check_columns, extend_conversations, to_conversation, to_pair
+from ftcli.data.formats import check_columns, extend_conversations, to_conversation, to_pair, to_prompt
 from ftcli.data.packing import pack_examples
 from ftcli.data.sources import Row, read_rows
-from ftcli.data.templates import (IGNORE_INDEX, PreferenceExample, TokenizedExample, tokenize_conversation,
-                                  tokenize_pair, tokenize_text, use_template)
+from ftcli.data.templates import (IGNORE_INDEX, PreferenceExample, PromptExample, TokenizedExample,
+                                  tokenize_conversation, tokenize_pair, tokenize_prompt, tokenize_text, use_template)
 from ftcli.errors import DataError, RecipeError
 from ftcli.recipe import DataSettings
 
 
 @dataclass
 class DataStats:
-    """Counts over the examples; a preference pair counts as one example of its prompt and both answers."""
+    """Counts over the examples; a preference pair counts as one example of its prompt and both answers, and a
+    GRPO prompt as one example of its tokens, none of them trained."""
     rows: int = 0
     skipped_invalid: int = 0
     first_invalid: str = ""  # the message of the first skipped row, to show what was wrong
@@ -31,7 +32,8 @@ class DataStats:
     lengths: list[int] = field(default_factory=list, repr=False)
 
 
-Examples = Union[list[TokenizedExample], list[PreferenceExample]]  # pairs for format preference
+# pairs for format preference, prompts for format prompts
+Examples = Union[list[TokenizedExample], list[PreferenceExample], list[PromptExample]]
 
 
 @dataclass
@@ -42,7 +44,9 @@ class PreparedData:
 
 
 def prepare_data(settings: DataSettings, tokenizer, max_seq_length: int, seed: int) -> PreparedData:
-    """Read every row, check it, render it with the chat template, split off the evaluation share, and pack."""
+    """Read every row, check it, render it with the chat template, split off the evaluation share, and pack.
+
+    For format prompts, max_seq_length is the longest prompt (grpo.max_prompt_length)."""
     check_columns(settings.format, settings.columns, settings.prompt)
     rows = read_rows(settings)
     if settings.format != "text":
@@ -52,6 +56,9 @@ def prepare_data(settings: DataSettings, tokenizer, max_seq_length: int, seed: i
     if settings.format == "preference":
         train = _tokenize_pairs(train_rows, settings, tokenizer, max_seq_length, stats)
         evaluation = _tokenize_pairs(eval_rows, settings, tokenizer, max_seq_length, stats)
+    elif settings.format == "prompts":
+        train = _tokenize_prompts(train_rows, settings, tokenizer, max_seq_length, stats)
+        evaluation = _tokenize_prompts(eval_rows, settings, tokenizer, max_seq_length, stats)
     else:
         train_items = _convert(train_rows, settings, stats)
         eval_items = _convert(eval_rows, settings, stats)
@@ -62,6 +69,10 @@ def prepare_data(settings: DataSettings, tokenizer, max_seq_length: int, seed: i
         train = _tokenize(train_items, settings, tokenizer, max_seq_length, stats)
         evaluation = _tokenize(eval_items, settings, tokenizer, max_seq_length, stats)
     stats.longest = max(stats.lengths, default=0)
+    if not train and settings.format == "prompts":
+        raise DataError(f"No prompt in {settings.path} is left to train on: data.skip_invalid skipped all "
+                        f"{stats.skipped_invalid} invalid rows, and no valid one was among the training rows (the "
+                        f"first problem: {stats.first_invalid}). Fix the rows.")
     if not train:
         raise DataError(f"No training example in {settings.path} has a token to learn from (of {stats.rows} rows, "
                         f"{stats.skipped_invalid} were invalid and skipped; the rest were empty, held out, or lost "
@@ -157,6 +168,29 @@ def _tokenize_pairs(rows: list[Row], settings: DataSettings, tokenizer, max_leng
         stats.tokens += length
         stats.target_tokens += sum(targets)
         stats.lengths.append(length)
+        examples.append(example)
+    return examples
+
+
+def _tokenize_prompts(rows: list[Row], settings: DataSettings, tokenizer, max_length: int,
+                      stats: DataStats) -> list[PromptExample]:
+    """Each valid row's prompt, rendered to be answered; invalid rows stop the run or are skipped."""
+    examples = []
+    for row in rows:
+        try:
+            conversation, columns = to_prompt(row.values, row.origin, settings.columns)
+            if settings.system_prompt is not None and conversation[0]["role"] != "system":
+                conversation = [{"role": "system", "content": settings.system_prompt}] + conversation
+            example = _through_template(lambda: tokenize_prompt(tokenizer, conversation, columns, max_length,
+                                                                row.origin), row.origin, settings, stats)
+        except DataError as error:
+            _reject_row(error.message, settings, stats)
+            continue
+        if example is None:
+            continue
+        stats.examples += 1
+        stats.tokens += example.row_length()
+        stats.lengths.append(example.row_length())
         examples.append(example)
     return examples
 

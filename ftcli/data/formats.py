@@ -1,7 +1,9 @@
 """Row layouts people bring, each turned into one conversation: a list of {"role", "content"} turns.
 
 Raw text (format `text`) is the exception: it has no turns, and is returned as a string. A preference row
-(format `preference`) becomes three conversations: the prompt, the chosen answer and the rejected answer.
+(format `preference`) becomes three conversations: the prompt, the chosen answer and the rejected answer. A
+prompt row (format `prompts`, for GRPO) becomes the conversation to answer and the row's other columns, which the
+reward functions read.
 `data.columns` says where a format's fields are in the user's data, and `data.prompt` builds an alpaca
 user turn from several columns.
 """
@@ -18,9 +20,12 @@ Conversation = list[dict[str, str]]
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "model": "assistant"}
 FIELDS = {"alpaca": ["instruction", "input", "output", "system"], "sharegpt": ["conversations"],
-          "messages": ["messages"], "text": ["text"], "preference": ["prompt", "chosen", "rejected"]}
+          "messages": ["messages"], "text": ["text"], "preference": ["prompt", "chosen", "rejected"],
+          "prompts": ["prompt"]}
 REQUIRED_FIELDS = {"alpaca": ["instruction", "output"], "sharegpt": ["conversations"],
-                   "messages": ["messages"], "text": ["text"], "preference": ["chosen", "rejected"]}
+                   "messages": ["messages"], "text": ["text"], "preference": ["chosen", "rejected"],
+                   "prompts": ["prompt"]}
+REWARD_ARGUMENTS = ("completions", "prompts")  # what every reward function is called with besides the columns
 ROLES = ("system", "user", "assistant")
 # Anthropic HH's raw layout: "\n\nHuman: ...\n\nAssistant: ..." in one string
 HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
@@ -98,6 +103,21 @@ def to_pair(row: dict, origin: str, columns: Optional[dict[str, str]] = None) ->
         raise DataError(f"{origin}: the chosen and the rejected answer are the same, so the row prefers nothing. "
                         "Fix one of them, or remove the row.")
     return pair
+
+
+def to_prompt(row: dict, origin: str, columns: Optional[dict[str, str]] = None) -> tuple[Conversation, dict]:
+    """A prompt row as the conversation to answer (ending with the user's turn) and its other columns by name."""
+    column = (columns or {}).get("prompt", "prompt")
+    _require(row, origin, "prompts", columns or {}, ["prompt"] if _empty(row.get(column)) else [])
+    clashing = [name for name in REWARD_ARGUMENTS if name in row and name != column]
+    if clashing:
+        raise DataError(f"{origin}: the column {clashing[0]!r} has the name of an argument every reward function "
+                        f"gets ({', '.join(REWARD_ARGUMENTS)}), so it cannot be passed to them. Rename the column.")
+    conversation = _prompt_turns(row[column], origin, column)
+    if _empty(conversation[-1]["content"]):
+        raise DataError(f"{origin}: the user's message that ends the prompt (column {column!r}) is empty, so there "
+                        "is nothing to answer. Write the question, or remove the row.")
+    return conversation, {name: value for name, value in row.items() if name != column}
 
 
 def fill_prompt(prompt: str, row: dict, origin: str) -> str:
@@ -184,7 +204,7 @@ def _check_prompt(turns: Conversation, origin: str, where: str) -> None:
                         "message can only open the conversation. Move it first, or remove it.")
     if turns[-1]["role"] != "user":
         raise DataError(f"{origin}: the prompt ({where}) ends with the {turns[-1]['role']}'s message; it must end with "
-                        "the user's message that the chosen and rejected answers reply to.")
+                        "the user's message that the answers reply to.")
 
 
 def _answer_after(prompt: Conversation, answer, origin: str, column: str) -> Conversation:

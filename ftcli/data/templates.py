@@ -6,7 +6,7 @@ template whose rendering of a prefix is a prefix of the whole: no per-template m
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from ftcli.data.formats import Conversation, PreferencePair
 from ftcli.errors import DataError, RecipeError
@@ -112,6 +112,19 @@ class PreferenceExample:
         return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
 
 
+@dataclass
+class PromptExample:
+    """One GRPO prompt: rendered by the chat template with its generation prompt, and the row's other columns."""
+
+    prompt_ids: list[int]  # tokens of the rendered prompt, >= 1 and at most grpo.max_prompt_length
+    prompt_text: str  # the rendered prompt, what reward functions get as `prompts`
+    columns: dict[str, Any]  # the row's other columns by name, e.g. {"answer": "42"}
+    origin: str = ""  # "problems.jsonl row 3"
+
+    def row_length(self) -> int:
+        return len(self.prompt_ids)
+
+
 def use_template(tokenizer, name: str) -> None:
     """Install the chosen template on the tokenizer, so training, chat and export all render alike."""
     if name == "auto":
@@ -154,6 +167,19 @@ def tokenize_pair(tokenizer, pair: PreferencePair, max_length: int, origin: str)
     return PreferenceExample(chosen_ids[:prompt_length], chosen_ids[answer], chosen_labels[answer],
                              rejected_ids[answer], rejected_labels[answer],
                              max(len(chosen_ids), len(rejected_ids)) > max_length, origin)
+
+
+def tokenize_prompt(tokenizer, conversation: Conversation, columns: dict[str, Any], max_length: int,
+                    origin: str) -> PromptExample:
+    """The prompt as `ftcli chat` would send it to the model; one longer than max_length is a bad row, since a cut
+    prompt would ask something else."""
+    text = render_generation_prompt(tokenizer, conversation)
+    ids = prompt_text_ids(tokenizer, text)
+    if len(ids) > max_length:
+        raise DataError(f"{origin}: the prompt is {len(ids)} tokens, more than grpo.max_prompt_length {max_length}. "
+                        "Shorten the prompt, or raise grpo.max_prompt_length (model.max_seq_length must hold it "
+                        "and grpo.max_completion_length together).")
+    return PromptExample(ids, text, columns, origin)
 
 
 def tokenize_text(tokenizer, text: str, max_length: int) -> list[TokenizedExample]:
@@ -230,8 +256,17 @@ def _tokenizer_adds_bos(tokenizer) -> bool:
 
 def generation_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of the conversation so far, rendered with the tokenizer's template up to the point where the
-    assistant's answer begins; tokenized as in training (no special tokens added twice, the BOS as trained)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assistant's answer begins."""
+    return prompt_text_ids(tokenizer, render_generation_prompt(tokenizer, messages))
+
+
+def render_generation_prompt(tokenizer, messages: list[dict]) -> str:
+    """The conversation so far in the chat template, up to where the assistant's answer begins."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def prompt_text_ids(tokenizer, text: str) -> list[int]:
+    """A rendered prompt's token ids as in training: no special tokens added twice, the BOS as trained."""
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if _tokenizer_adds_bos(tokenizer) and not text.startswith(tokenizer.bos_token):
         ids = [tokenizer.bos_token_id] + ids

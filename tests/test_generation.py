@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import lora_model
 from ftcli.data.templates import end_of_turn_ids, generation_prompt_ids
 from ftcli.decoding import Decoder, Sampling
-from ftcli.generation import BatchedSampler
+from ftcli.generation import BatchedSampler, rope_reads_positions_on_the_host
+from tiny_models import tiny_config
 
 PROMPTS = [[5, 6, 7], list(range(10, 40)), [3] * 12 + [9, 8]]  # 3, 30 and 14 tokens: two rows are left-padded
 GREEDY = Sampling(max_new_tokens=24, temperature=0.0)
@@ -111,6 +112,19 @@ def test_the_model_comes_back_as_it_was(tiny_model_folder):
     assert completions.ids == decoder_greedy(model, PROMPTS, GREEDY.max_new_tokens)
 
 
+def test_only_rope_scaling_that_reads_positions_on_the_host_keeps_the_step_out_of_a_graph():
+    def rope_model(family: str, parameters=None):
+        config = tiny_config(family, 320)
+        if parameters:
+            config.rope_parameters = parameters | {"rope_theta": 10000.0}
+        return AutoModelForCausalLM.from_config(config)
+
+    assert rope_reads_positions_on_the_host(rope_model("llama", {"rope_type": "dynamic", "factor": 2.0}))
+    assert not rope_reads_positions_on_the_host(rope_model("llama", {"rope_type": "linear", "factor": 2.0}))
+    assert not rope_reads_positions_on_the_host(rope_model("llama"))
+    assert not rope_reads_positions_on_the_host(rope_model("gemma3_text"))  # a RoPE type per kind of layer
+
+
 @pytest.mark.parametrize("prompts, new_tokens", [([[]], 4), ([list(range(65))], 4), ([[5]], 0), ([], 4)])
 def test_what_the_caller_must_not_pass_is_refused(llama, prompts, new_tokens):
     with pytest.raises(ValueError, match="sampler"):
@@ -128,6 +142,7 @@ def test_greedy_batch_of_chat_prompts_equals_the_decoder_on_the_fixture(smollm2_
     completions = BatchedSampler(model, stops, tokenizer.pad_token_id, 128).generate(
         prompts, Sampling(24, 0.0), torch.Generator().manual_seed(0))
     answers = decoder_greedy(model, prompts, 24, stops)
-    assert completions.ids == [answer + [ids[-1]] if done else answer
-                               for answer, ids, done in zip(answers, completions.ids, completions.finished)]
-    assert any(completions.finished) and not all(completions.finished)  # a short answer stopped, a long one did not
+    (end_of_turn,) = stops
+    assert completions.ids == [answers[0] + [end_of_turn], answers[1] + [end_of_turn], answers[2]]
+    assert completions.finished == [True, True, False]  # the arithmetic needs more than 24 tokens
+    assert tokenizer.decode(completions.ids[0]) == "2 + 3 = 5<|im_end|>"

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import lora_model
 from ftcli.data.templates import end_of_turn_ids, generation_prompt_ids
 from ftcli.decoding import Decoder, Sampling
-from ftcli.generation import BatchedSampler, rope_reads_positions_on_the_host
+from ftcli.generation import FINISHED_CHECK_EVERY, BatchedSampler, rope_reads_positions_on_the_host
 from tiny_models import tiny_config
 
 PROMPTS = [[5, 6, 7], list(range(10, 40)), [3] * 12 + [9, 8]]  # 3, 30 and 14 tokens: two rows are left-padded
@@ -88,9 +88,13 @@ def test_rows_stop_at_their_first_stop_id_and_keep_it(llama):
 def test_every_row_stopping_ends_the_batch_early(llama):
     greedy = sample(llama, PROMPTS, GREEDY).ids
     stops = {row[1] for row in greedy}
+    forwards = []
+    hook = llama.get_base_model().register_forward_hook(lambda *_: forwards.append(1))
     completions = sample(llama, PROMPTS, Sampling(max_new_tokens=200, temperature=0.0), stop_ids=stops)
+    hook.remove()
     assert completions.finished == [True] * 3
     assert all(len(ids) <= 2 for ids in completions.ids)
+    assert len(forwards) == FINISHED_CHECK_EVERY  # the prefill, then steps until the first look at the rows
 
 
 def test_max_new_tokens_cuts_the_rows_that_did_not_stop(llama):

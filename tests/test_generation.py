@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import lora_model
@@ -116,13 +117,43 @@ def test_the_model_comes_back_as_it_was(tiny_model_folder):
     assert completions.ids == decoder_greedy(model, PROMPTS, GREEDY.max_new_tokens)
 
 
-def test_only_rope_scaling_that_reads_positions_on_the_host_keeps_the_step_out_of_a_graph():
-    def rope_model(family: str, parameters=None):
-        config = tiny_config(family, 320)
-        if parameters:
-            config.rope_parameters = parameters | {"rope_theta": 10000.0}
-        return AutoModelForCausalLM.from_config(config)
+class HostReads(TorchDispatchMode):
+    """Counts the ops that copy a tensor's value to Python (`.item()`, `bool(tensor)`): on a GPU each one waits for
+    the GPU to catch up, and inside a CUDA graph capture it is an error."""
 
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def rope_model(family: str, parameters=None):
+    config = tiny_config(family, 320)
+    if parameters:
+        config.rope_parameters = parameters | {"rope_theta": 10000.0}
+    return AutoModelForCausalLM.from_config(config)
+
+
+def host_reads(model, sampling: Sampling) -> int:
+    reads = HostReads()
+    with reads:
+        sample(model, PROMPTS, sampling)
+    return reads.count
+
+
+def test_sampling_reads_the_host_only_when_it_looks_whether_every_row_stopped(llama):
+    """The prefill, every decode step (the forward a CUDA graph captures) and the sampling run without a host read;
+    the control, a model whose RoPE scaling reads the largest position, shows the count sees one."""
+    hot = Sampling(max_new_tokens=24, temperature=1.0, top_p=0.9)
+    looks = (hot.max_new_tokens - 1) // FINISHED_CHECK_EVERY  # after 8 and 16 tokens; the 24th is the last
+    assert host_reads(llama, hot) == looks == 2
+    assert host_reads(rope_model("llama", {"rope_type": "dynamic", "factor": 2.0}), hot) > looks
+
+
+def test_only_rope_scaling_that_reads_positions_on_the_host_keeps_the_step_out_of_a_graph():
     assert rope_reads_positions_on_the_host(rope_model("llama", {"rope_type": "dynamic", "factor": 2.0}))
     assert not rope_reads_positions_on_the_host(rope_model("llama", {"rope_type": "linear", "factor": 2.0}))
     assert not rope_reads_positions_on_the_host(rope_model("llama"))

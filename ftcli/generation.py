@@ -16,7 +16,8 @@
   graph, draws from the caller's generator. On the CPU the same buffers feed an eager forward, so tests exercise
   what the GPU replays. The prefill runs eagerly.
 - Models with sliding-window layers (Gemma 2 and 3, Mistral v0.1) decode eagerly with a 2-D padding mask:
-  transformers' sliding-window cache layers count tokens in Python and size their window from that mask.
+  transformers' sliding-window cache layers count tokens in Python and size their window from that mask. So do
+  models whose RoPE scaling reads the largest position on the host every forward (dynamic NTK, LongRoPE).
 
 `GenerationEngine` is the interface the GRPO loop calls, so another engine (vLLM) could stand in for this one.
 """
@@ -52,7 +53,7 @@ class BatchedSampler:
         self.device = next(model.parameters()).device
         self.cache_argument = cache_argument_name(model)
         self.sliding = has_sliding_window_layers(model.config)
-        self.graphed = self.device.type == "cuda" and not self.sliding
+        self.graphed = self.device.type == "cuda" and not self.sliding and not rope_reads_positions_on_the_host(model)
 
     def generate(self, prompts: list[list[int]], sampling: Sampling, generator: torch.Generator) -> Completions:
         """Sample up to `sampling.max_new_tokens` tokens per prompt; `generator` (on the model's device, seeded by
@@ -182,6 +183,17 @@ class DecodeInputs:
         return additive_mask(allowed[:, None], self.mask_dtype)
 
 
+def rope_reads_positions_on_the_host(model) -> bool:
+    """Dynamic NTK and LongRoPE scaling choose their frequencies from the largest position at every forward, in
+    Python: a host sync that a CUDA graph cannot capture."""
+    for module in model.modules():
+        kinds = getattr(module, "rope_type", None)
+        kinds = kinds.values() if isinstance(kinds, dict) else [kinds]
+        if any(isinstance(kind, str) and ("dynamic" in kind or kind == "longrope") for kind in kinds):
+            return True
+    return False
+
+
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """0 where attention is allowed, the dtype's lowest value where not, as transformers' own masks are."""
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
@@ -207,7 +219,7 @@ class CapturedStep:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            logits = self.forward().clone()
+            logits = self.forward()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):

@@ -128,7 +128,7 @@ def randomise(model, pattern: str, scale: float, seed: int) -> None:
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if pattern in name:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+                parameter.add_(torch.randn(parameter.shape, generator=generator).to(parameter) * scale)
 
 
 def lora_model(folder, family: str, kernels: bool, load_in_4bit: bool = False, checkpointing=False, **lora):

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ftcli.data.templates import BUILTIN_TEMPLATES, end_of_turn_ids, generation_prompt_ids
-from ftcli.decoding import Decoder, Sampling, TextStream, has_sliding_window_layers, pick_token
+from ftcli.decoding import Decoder, Sampling, TextStream, has_sliding_window_layers, pick_token, pick_tokens
 from tiny_models import build_tiny_tokenizer
 
 GREEDY = Sampling(max_new_tokens=24, temperature=0.0)
@@ -103,6 +103,14 @@ def test_top_p_samples_only_from_the_nucleus():
     assert {pick_token(logits, Sampling(temperature=1.0, top_p=1.0), generator) for _ in range(300)} == {0, 1, 2, 3}
     assert {pick_token(logits, Sampling(temperature=1.0, top_p=0.0), generator) for _ in range(50)} == {1}
     assert pick_token(logits, Sampling(temperature=0.0), generator) == 1
+
+
+def test_each_row_of_a_batch_is_cut_at_its_own_nucleus():
+    logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3], [0.4, 0.05, 0.35, 0.2]]))
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([pick_tokens(logits, Sampling(temperature=1.0, top_p=0.7), generator) for _ in range(300)])
+    assert [set(draws[:, row].tolist()) for row in range(2)] == [{1, 3}, {0, 2}]
+    assert pick_tokens(logits, Sampling(temperature=0.0), generator).tolist() == [1, 0]
 
 
 def test_streamed_text_keeps_multibyte_characters_whole():

@@ -2,12 +2,14 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import lora_model
 from ftcli.data.templates import end_of_turn_ids, generation_prompt_ids
 from ftcli.decoding import Decoder, Sampling
-from ftcli.generation import BatchedSampler
+from ftcli.generation import FINISHED_CHECK_EVERY, BatchedSampler, rope_reads_positions_on_the_host
+from tiny_models import tiny_config
 
 PROMPTS = [[5, 6, 7], list(range(10, 40)), [3] * 12 + [9, 8]]  # 3, 30 and 14 tokens: two rows are left-padded
 GREEDY = Sampling(max_new_tokens=24, temperature=0.0)
@@ -87,9 +89,13 @@ def test_rows_stop_at_their_first_stop_id_and_keep_it(llama):
 def test_every_row_stopping_ends_the_batch_early(llama):
     greedy = sample(llama, PROMPTS, GREEDY).ids
     stops = {row[1] for row in greedy}
+    forwards = []
+    hook = llama.get_base_model().register_forward_hook(lambda *_: forwards.append(1))
     completions = sample(llama, PROMPTS, Sampling(max_new_tokens=200, temperature=0.0), stop_ids=stops)
+    hook.remove()
     assert completions.finished == [True] * 3
     assert all(len(ids) <= 2 for ids in completions.ids)
+    assert len(forwards) == FINISHED_CHECK_EVERY  # the prefill, then steps until the first look at the rows
 
 
 def test_max_new_tokens_cuts_the_rows_that_did_not_stop(llama):
@@ -111,6 +117,49 @@ def test_the_model_comes_back_as_it_was(tiny_model_folder):
     assert completions.ids == decoder_greedy(model, PROMPTS, GREEDY.max_new_tokens)
 
 
+class HostReads(TorchDispatchMode):
+    """Counts the ops that copy a tensor's value to Python (`.item()`, `bool(tensor)`): on a GPU each one waits for
+    the GPU to catch up, and inside a CUDA graph capture it is an error."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def rope_model(family: str, parameters=None):
+    config = tiny_config(family, 320)
+    if parameters:
+        config.rope_parameters = parameters | {"rope_theta": 10000.0}
+    return AutoModelForCausalLM.from_config(config)
+
+
+def host_reads(model, sampling: Sampling) -> int:
+    reads = HostReads()
+    with reads:
+        sample(model, PROMPTS, sampling)
+    return reads.count
+
+
+def test_sampling_reads_the_host_only_when_it_looks_whether_every_row_stopped(llama):
+    """The prefill, every decode step (the forward a CUDA graph captures) and the sampling run without a host read;
+    the control, a model whose RoPE scaling reads the largest position, shows the count sees one."""
+    hot = Sampling(max_new_tokens=24, temperature=1.0, top_p=0.9)
+    looks = (hot.max_new_tokens - 1) // FINISHED_CHECK_EVERY  # after 8 and 16 tokens; the 24th is the last
+    assert host_reads(llama, hot) == looks == 2
+    assert host_reads(rope_model("llama", {"rope_type": "dynamic", "factor": 2.0}), hot) > looks
+
+
+def test_only_rope_scaling_that_reads_positions_on_the_host_keeps_the_step_out_of_a_graph():
+    assert rope_reads_positions_on_the_host(rope_model("llama", {"rope_type": "dynamic", "factor": 2.0}))
+    assert not rope_reads_positions_on_the_host(rope_model("llama", {"rope_type": "linear", "factor": 2.0}))
+    assert not rope_reads_positions_on_the_host(rope_model("llama"))
+    assert not rope_reads_positions_on_the_host(rope_model("gemma3_text"))  # a RoPE type per kind of layer
+
+
 @pytest.mark.parametrize("prompts, new_tokens", [([[]], 4), ([list(range(65))], 4), ([[5]], 0), ([], 4)])
 def test_what_the_caller_must_not_pass_is_refused(llama, prompts, new_tokens):
     with pytest.raises(ValueError, match="sampler"):
@@ -128,6 +177,7 @@ def test_greedy_batch_of_chat_prompts_equals_the_decoder_on_the_fixture(smollm2_
     completions = BatchedSampler(model, stops, tokenizer.pad_token_id, 128).generate(
         prompts, Sampling(24, 0.0), torch.Generator().manual_seed(0))
     answers = decoder_greedy(model, prompts, 24, stops)
-    assert completions.ids == [answer + [ids[-1]] if done else answer
-                               for answer, ids, done in zip(answers, completions.ids, completions.finished)]
-    assert any(completions.finished) and not all(completions.finished)  # a short answer stopped, a long one did not
+    (end_of_turn,) = stops
+    assert completions.ids == [answers[0] + [end_of_turn], answers[1] + [end_of_turn], answers[2]]
+    assert completions.finished == [True, True, False]  # the arithmetic needs more than 24 tokens
+    assert tokenizer.decode(completions.ids[0]) == "2 + 3 = 5<|im_end|>"

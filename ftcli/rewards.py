@@ -144,14 +144,16 @@ def _values(reward: Reward, batch: ScoringBatch) -> list[float]:
         raise RewardError(f"{reward.described} raised {type(error).__name__}: {first_line(error)}, scoring the "
                           f"completions of {_rows(batch.origins)}. Fix the function.{hint}\n"
                           f"{_user_traceback(error, reward.file)}") from None
-    returned = _as_list(reward, returned, len(batch.completions))
+    returned = _as_list(reward, returned, batch)
     return [_as_number(reward, value, index, batch) for index, value in enumerate(returned)]
 
 
-def _as_list(reward: Reward, returned, count: int) -> list:
-    """A list or tuple as it is, a 1-D array or tensor as its list; any other shape or length is an error."""
+def _as_list(reward: Reward, returned, batch: ScoringBatch) -> list:
+    """A list or tuple as it is, a 1-D array or tensor as its list; any other shape or length is an error, naming
+    the prompt rows of the call."""
+    count = len(batch.completions)
     wanted = (f"it must return one number, or None for no opinion, per completion, in their order ({count} "
-              "here), as a list.")
+              f"here, the completions of {_rows(batch.origins)}), as a list.")
     if getattr(returned, "ndim", 1) != 1:
         raise RewardError(f"{reward.described} returned an array of shape {tuple(returned.shape)}; {wanted}")
     if hasattr(returned, "tolist"):

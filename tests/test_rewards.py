@@ -248,7 +248,7 @@ def test_the_rows_of_a_large_call_are_cut_short(tmp_path):
 
 BAD_RETURNS = [
     ("[1.0]", "returned 1 values for 3 completions; it must return one number, or None for no opinion, per "
-              "completion, in their order (3 here), as a list."),
+              "completion, in their order (3 here, the completions of"),
     ("1.0", "returned a float (1.0); it must return one number"),
     ("'1 0 1'", "returned a str ('1 0 1'); it must return one number"),
     ("(c for c in completions)", "returned a generator"),

@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from ftcli_kernels.limits import require_kernel_dtype
-from ftcli_kernels.nf4_dequantize import block_scale, nf4_dequantize_reference, plain_nf4, scale_constants, scale_tensors
+from ftcli_kernels.nf4_dequantize import (block_scale, nf4_dequantize_reference, plain_nf4, scale_constants,
+                                          scale_tensors)
 
 BLOCK_M = 16  # tl.dot's smallest operand; fewer rows are masked
 BLOCK_N = 64

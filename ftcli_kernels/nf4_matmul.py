@@ -46,7 +46,7 @@ def _nf4_matmul(x_ptr, packed_ptr, code_ptr, absmax_ptr, absmax_code_ptr, absmax
                             weight_mask, SCALE_BLOCK, NESTED)
         high = tl.load(code_ptr + (packed >> 4), mask=weight_mask, other=0.0) * scale  # the first weight of the pair
         low = tl.load(code_ptr + (packed & 15), mask=weight_mask, other=0.0) * scale
-        # rounded to x's dtype as the dequantized weight would be; see PRECISION for the float32 operands
+        # rounded to x's dtype as the dequantized weight would be; dot_precision says why float32 operands
         weight = tl.interleave(high, low).to(x_ptr.dtype.element_ty).to(tl.float32)
         # masked columns of x are zero, so the masked weights (the offset, under double quantization) add nothing
         x = tl.load(x_ptr + row[:, None].to(tl.int64) * x_row_stride + in_col[None, :],

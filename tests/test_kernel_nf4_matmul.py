@@ -7,7 +7,8 @@ from bitsandbytes.functional import quantize_4bit
 
 from conftest import DEVICE
 from ftcli_kernels.accuracy import relative_error
-from ftcli_kernels.nf4_matmul import BLOCK_K, BLOCK_N, k_split, nf4_matmul, nf4_matmul_reference
+from ftcli_kernels.nf4_matmul import (BLOCK_K, BLOCK_N, PROGRAMS_TO_FILL_GPU, k_split, nf4_matmul,
+                                      nf4_matmul_reference)
 
 # relative to the reference's largest magnitude: float32 sums in another order, rounded once to the dtype; for
 # bfloat16 also weights up to a unit in the last place apart, as Triton's interpreter truncates float32 to
@@ -27,10 +28,10 @@ def quantized(out_features: int, in_features: int, nested: bool, seed: int) -> t
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "plain"])
 @pytest.mark.parametrize("rows", [1, 3, 8, 16])
-@pytest.mark.parametrize("shape", [(64, 128), (80, 96), (130, 384), (128, 256)],
+@pytest.mark.parametrize("shape", [(64, 128), (80, 96), (130, 352), (128, 256)],
                          ids=["one-tile", "tails", "k-split-n-tail", "two-scale-groups"])
 def test_nf4_matmul_matches_reference(shape, rows, nested, dtype):
-    """K of 96 and 384 are not multiples of BLOCK_K, N of 80 and 130 not of BLOCK_N; (128, 256) holds 512
+    """K of 96 and 352 are not multiples of BLOCK_K, N of 80 and 130 not of BLOCK_N; (128, 256) holds 512
     quantization blocks, two groups of double-quantized scales."""
     out_features, in_features = shape
     packed, state, weight = quantized(out_features, in_features, nested, seed=out_features + in_features)
@@ -44,11 +45,12 @@ def test_nf4_matmul_matches_reference(shape, rows, nested, dtype):
 
 
 def test_shapes_split_k_across_programs():
-    """The tests' shapes cover a split K (partial sums added) and a tail of K shorter than a split."""
+    """The tests' shapes cover a split K (partial sums added) whose last split is short; Llama-3-8B's down
+    projection (64 tiles of BLOCK_N outputs) splits K in 5 to fill the GPU."""
     assert k_split(64, 128) == (1, BLOCK_K)
-    assert k_split(130, 384) == (3, BLOCK_K)
-    assert k_split(4096, 14336) == (5, 23 * BLOCK_K)  # Llama-3-8B's down projection: 64 column tiles of BLOCK_N
-    assert 4096 // BLOCK_N * 5 >= 2 * 132
+    assert k_split(130, 352) == (3, BLOCK_K)  # the last split holds 96 of its 128 columns
+    assert k_split(4096, 14336) == (5, 23 * BLOCK_K)
+    assert 4096 // BLOCK_N * 5 >= PROGRAMS_TO_FILL_GPU
 
 
 def test_nf4_matmul_in_float16_and_into_a_column_block():

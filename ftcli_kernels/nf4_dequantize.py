@@ -20,11 +20,14 @@ def block_scale(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, offset_ptr, block
                 SCALE_BLOCK: tl.constexpr, NESTED: tl.constexpr):
     """The float32 scale of each quantization block in `block` (2 * HALF_BLOCK weights share one): stored as is,
     or under double quantization rebuilt from its 8-bit code, its group's scale and the offset."""
+    # one return after the branches: the compiler would type the statements after a return in a taken branch too
     if NESTED:
         quantized_scale = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        return (tl.load(absmax_code_ptr + quantized_scale, mask=mask, other=0.0)
-                * tl.load(absmax_scale_ptr + block // SCALE_BLOCK, mask=mask, other=0.0) + tl.load(offset_ptr))
-    return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        scale = (tl.load(absmax_code_ptr + quantized_scale, mask=mask, other=0.0)
+                 * tl.load(absmax_scale_ptr + block // SCALE_BLOCK, mask=mask, other=0.0) + tl.load(offset_ptr))
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return scale
 
 
 @triton.jit

@@ -42,7 +42,11 @@ def reads_nf4_directly(rows: int, weight) -> bool:
     than as a matmul over the weight dequantized first: a decode step's few rows barely use the dense copy it
     writes and reads. Autograd needs no care: the gradient of x W^T is grad W, which backward dequantizes itself."""
     quant_state = getattr(weight, "quant_state", None)
-    return quant_state is not None and quant_state.quant_type == "nf4" and 0 < rows <= FUSED_NF4_MAX_ROWS
+    if quant_state is None or quant_state.quant_type != "nf4" or not 0 < rows <= FUSED_NF4_MAX_ROWS:
+        return False
+    from ftcli_kernels.nf4_matmul import takes_layout
+
+    return takes_layout(quant_state)
 
 
 def nf4_base_matmul(x2d, weight, bias, out: torch.Tensor | None = None) -> torch.Tensor:

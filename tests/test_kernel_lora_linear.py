@@ -220,6 +220,19 @@ def test_few_rows_read_nf4_weights_directly(rows, monkeypatch):
     assert_matches(outputs, (x, *adapters), reference, (x_ref, *reference_adapters), dtype)
 
 
+def test_nf4_layouts_the_fused_matmul_does_not_take_are_dequantized(monkeypatch):
+    """An input width that is not a multiple of the quantization blocksize (96 in blocks of 64) falls back to
+    dequantizing, exactly as before, at any number of rows."""
+    monkeypatch.setattr(ftcli_kernels.nf4_matmul, "nf4_matmul", None)  # a call would fail
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 96, generator=generator).to(DEVICE, torch.bfloat16).requires_grad_()
+    part = projection(generator, 64, 96, torch.bfloat16, "nf4", True)
+    x_ref = x.detach().double().requires_grad_()
+    reference = as_reference(part)
+    assert_matches(lora_linear(x, *part), (x, *part[2:4]), lora_linear_reference(x_ref, *reference),
+                   (x_ref, *reference[2:4]), torch.bfloat16)
+
+
 def test_unsupported_inputs_fail_loudly():
     generator = torch.Generator().manual_seed(2)
     weight, bias, lora_A, lora_B, scaling = projection(generator, 64, 64, torch.float32, "plain", False)

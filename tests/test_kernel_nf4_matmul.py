@@ -8,7 +8,7 @@ from bitsandbytes.functional import quantize_4bit
 from conftest import DEVICE
 from ftcli_kernels.accuracy import relative_error
 from ftcli_kernels.nf4_matmul import (BLOCK_K, BLOCK_N, PROGRAMS_TO_FILL_GPU, k_split, nf4_matmul,
-                                      nf4_matmul_reference)
+                                      nf4_matmul_reference, takes_layout)
 
 # relative to the reference's largest magnitude: float32 sums in another order, rounded once to the dtype; for
 # bfloat16 also weights up to a unit in the last place apart, as Triton's interpreter truncates float32 to
@@ -28,10 +28,10 @@ def quantized(out_features: int, in_features: int, nested: bool, seed: int) -> t
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "plain"])
 @pytest.mark.parametrize("rows", [1, 3, 8, 16])
-@pytest.mark.parametrize("shape", [(64, 128), (80, 96), (130, 352), (128, 256)],
+@pytest.mark.parametrize("shape", [(64, 128), (80, 192), (130, 320), (128, 256)],
                          ids=["one-tile", "tails", "k-split-n-tail", "two-scale-groups"])
 def test_nf4_matmul_matches_reference(shape, rows, nested, dtype):
-    """K of 96 and 352 are not multiples of BLOCK_K, N of 80 and 130 not of BLOCK_N; (128, 256) holds 512
+    """K of 192 and 320 are not multiples of BLOCK_K, N of 80 and 130 not of BLOCK_N; (128, 256) holds 512
     quantization blocks, two groups of double-quantized scales."""
     out_features, in_features = shape
     packed, state, weight = quantized(out_features, in_features, nested, seed=out_features + in_features)
@@ -48,7 +48,7 @@ def test_shapes_split_k_across_programs():
     """The tests' shapes cover a split K (partial sums added) whose last split is short; Llama-3-8B's down
     projection (64 tiles of BLOCK_N outputs) splits K in 5 to fill the GPU."""
     assert k_split(64, 128) == (1, BLOCK_K)
-    assert k_split(130, 352) == (3, BLOCK_K)  # the last split holds 96 of its 128 columns
+    assert k_split(130, 320) == (3, BLOCK_K)  # the last split holds 64 of its 128 columns
     assert k_split(4096, 14336) == (5, 23 * BLOCK_K)
     assert 4096 // BLOCK_N * 5 >= PROGRAMS_TO_FILL_GPU
 
@@ -72,6 +72,11 @@ def test_nf4_matmul_refuses_what_it_cannot_compute():
         nf4_matmul(x.double(), packed, state)
     with pytest.raises(ValueError, match=r"out must be a \(2, 64\) torch.float32 tensor"):
         nf4_matmul(x, packed, state, out=torch.empty(2, 64, dtype=torch.bfloat16, device=DEVICE))
+    for shape, blocksize in (((64, 96), 64), ((64, 256), 256)):  # blocks straddle rows; blocks wider than a tile
+        odd, odd_state = quantize_4bit(torch.randn(shape).to(DEVICE), blocksize=blocksize, quant_type="nf4")
+        assert not takes_layout(odd_state)
+        with pytest.raises(ValueError, match=f"in blocks of {blocksize} is not taken"):
+            nf4_matmul(torch.randn(2, shape[1], device=DEVICE), odd, odd_state)
     fp4, fp4_state = quantize_4bit(torch.randn(64, 128).to(DEVICE), blocksize=64, quant_type="fp4")
     with pytest.raises(ValueError, match="nf4_matmul: expects NF4"):
         nf4_matmul(x, fp4, fp4_state)

@@ -40,7 +40,8 @@ def cast_all(tensors, dtype: torch.dtype) -> list[torch.Tensor]:
 def reads_nf4_directly(rows: int, weight) -> bool:
     """Whether x W^T for `rows` rows runs as ftcli_kernels/nf4_matmul, which reads the 4-bit weight once, rather
     than as a matmul over the weight dequantized first: a decode step's few rows barely use the dense copy it
-    writes and reads. Autograd needs no care: the gradient of x W^T is grad W, which backward dequantizes itself."""
+    writes and reads. It serves under autograd too: x's gradient, grad W, never needs forward's W, and backward
+    dequantizes W for itself."""
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is None or quant_state.quant_type != "nf4" or not 0 < rows <= FUSED_NF4_MAX_ROWS:
         return False

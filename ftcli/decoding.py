@@ -113,6 +113,8 @@ def pick_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
     if sampling.temperature <= 0:
         return logits.argmax(-1)
     probabilities = torch.softmax(logits / sampling.temperature, dim=-1)
+    if sampling.top_p >= 1:  # no cut: the sort over the vocabulary would only cost time
+        return torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
     ordered, order = probabilities.sort(dim=-1, descending=True)
     outside = ordered.cumsum(-1) - ordered >= sampling.top_p  # the likelier tokens already hold top_p
     outside[:, 0] = False  # the most likely token is always a candidate

@@ -54,6 +54,9 @@ class BatchedSampler:
         self.cache_argument = cache_argument_name(model)
         self.sliding = has_sliding_window_layers(model.config)
         self.graphed = self.device.type == "cuda" and not self.sliding and not rope_reads_positions_on_the_host(model)
+        # one warm-up stream for every call: cuBLAS keeps a workspace per stream, so a new stream a call would leave
+        # a new workspace behind each time
+        self.warm_up_stream = torch.cuda.Stream(self.device) if self.graphed else None
 
     def generate(self, prompts: list[list[int]], sampling: Sampling, generator: torch.Generator) -> Completions:
         """Sample up to `sampling.max_new_tokens` tokens per prompt; `generator` (on the model's device, seeded by
@@ -111,7 +114,7 @@ class BatchedSampler:
             return next_token_logits(self.model, self.cache_argument, cache, inputs.token, inputs.positions,
                                      inputs.attention_mask())
 
-        return CapturedStep(forward) if self.graphed else forward
+        return CapturedStep(forward, self.warm_up_stream) if self.graphed else forward
 
     def _mask_dtype(self) -> torch.dtype:
         """The dtype of the model's hidden states, which an additive mask must match."""
@@ -204,8 +207,8 @@ class CapturedStep:
     work, and lets cuBLAS, Triton and the allocator set up outside the capture), then captured as a CUDA graph and
     replayed for every later step. Its output lives in the graph's memory: read it before the next replay."""
 
-    def __init__(self, forward: Callable[[], torch.Tensor]):
-        self.forward = forward
+    def __init__(self, forward: Callable[[], torch.Tensor], side: torch.cuda.Stream):
+        self.forward, self.side = forward, side
         self.graph = None
         self.output = None
 
@@ -216,11 +219,10 @@ class CapturedStep:
         return self.output
 
     def _warm_up_and_capture(self) -> torch.Tensor:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
             logits = self.forward()
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream().wait_stream(self.side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.output = self.forward()

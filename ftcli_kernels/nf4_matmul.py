@@ -4,8 +4,8 @@ reading the 4-bit weight once and never writing it out dense.
 A decode step multiplies a handful of rows (prompts x G completions) by every projection. Dequantizing the
 weight to bf16 first writes and reads four times the bytes of the packed weight, for a matmul that then does
 almost no arithmetic on them: at 8 rows the dense copy is the whole cost. Here each program unpacks a
-(BLOCK_N, BLOCK_K) tile of W in registers (both nibbles of each byte, the NF4 code, the scale of each
-quantization block rebuilt once) and multiplies x's matching columns into it in float32. Rows are padded to
+(BLOCK_N, BLOCK_K) tile of W in registers (both nibbles of each byte, the NF4 code, the scale of its
+quantization block) and multiplies x's matching columns into it in float32. Rows are padded to
 the 16 that tl.dot needs; where N gives too few programs to fill the GPU, K is split across programs too and
 their float32 partial sums are added by a second small pass (in a fixed order, so a result does not depend on
 which program finished first).
@@ -37,35 +37,36 @@ def _nf4_matmul(x_ptr, packed_ptr, code_ptr, absmax_ptr, absmax_code_ptr, absmax
                 rows, n_out, n_in, x_row_stride, k_per_split,
                 HALF_BLOCK: tl.constexpr, SCALE_BLOCK: tl.constexpr, NESTED: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # A tile of W is (BLOCK_N, BLOCKS, HALF_BLOCK) packed bytes: BLOCKS quantization blocks of each row of W, so
-    # each block's scale is rebuilt once, not once per byte
-    BLOCKS: tl.constexpr = BLOCK_K // (2 * HALF_BLOCK)
+    # Byte j of a row of W holds its weights 2j (high nibble) and 2j + 1 (low): rather than interleaving the two
+    # halves into one tile (a shuffle through shared memory), the high weights meet x's even columns and the low
+    # weights its odd ones, in two dots over (BLOCK_N, BLOCK_K / 2) tiles
+    PAIRS: tl.constexpr = BLOCK_K // 2
     row = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = row < rows
+    x_rows = x_ptr + row[:, None].to(tl.int64) * x_row_stride
     out_col = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # a row of W
     out_mask = out_col < n_out
-    blocks_per_row = n_in // (2 * HALF_BLOCK)
     split_start = tl.program_id(1) * k_per_split
     accumulator = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for step in range(0, k_per_split, BLOCK_K):
-        tile_start = split_start + step
-        block_in_row = tile_start // (2 * HALF_BLOCK) + tl.arange(0, BLOCKS)
-        scale_mask = out_mask[:, None] & (block_in_row[None, :] < blocks_per_row)
-        scale = block_scale(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, offset_ptr,
-                            out_col[:, None] * blocks_per_row + block_in_row[None, :], scale_mask, SCALE_BLOCK, NESTED)
-        byte = ((out_col[:, None] * blocks_per_row + block_in_row[None, :])[:, :, None] * HALF_BLOCK
-                + tl.arange(0, HALF_BLOCK)[None, None, :])
-        packed = tl.load(packed_ptr + byte, mask=scale_mask[:, :, None], other=0).to(tl.int32)
-        high = tl.load(code_ptr + (packed >> 4)) * scale[:, :, None]  # the first weight of the pair
-        low = tl.load(code_ptr + (packed & 15)) * scale[:, :, None]
+        pair = (split_start + step) // 2 + tl.arange(0, PAIRS)  # byte within a row of W
+        pair_mask = 2 * pair < n_in
+        byte = out_col[:, None] * (n_in // 2) + pair[None, :]
+        mask = out_mask[:, None] & pair_mask[None, :]
+        packed = tl.load(packed_ptr + byte, mask=mask, other=0).to(tl.int32)
+        scale = block_scale(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, offset_ptr, byte // HALF_BLOCK, mask,
+                            SCALE_BLOCK, NESTED)
         # rounded to x's dtype as the dequantized weight would be; dot_precision says why float32 operands
-        weight = tl.reshape(tl.interleave(high, low), (BLOCK_N, BLOCK_K)).to(x_ptr.dtype.element_ty).to(tl.float32)
+        high = (tl.load(code_ptr + (packed >> 4)) * scale).to(x_ptr.dtype.element_ty).to(tl.float32)
+        low = (tl.load(code_ptr + (packed & 15)) * scale).to(x_ptr.dtype.element_ty).to(tl.float32)
         # masked columns of x are zero, so the masked weights (the offset, under double quantization) add nothing
-        in_col = tile_start + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + row[:, None].to(tl.int64) * x_row_stride + in_col[None, :],
-                    mask=(row[:, None] < rows) & (in_col[None, :] < n_in), other=0.0).to(tl.float32)
-        accumulator += tl.dot(x, tl.trans(weight), input_precision=PRECISION)
+        x_mask = row_mask[:, None] & pair_mask[None, :]
+        x_even = tl.load(x_rows + 2 * pair[None, :], mask=x_mask, other=0.0).to(tl.float32)
+        x_odd = tl.load(x_rows + 2 * pair[None, :] + 1, mask=x_mask, other=0.0).to(tl.float32)
+        accumulator += tl.dot(x_even, tl.trans(high), input_precision=PRECISION)
+        accumulator += tl.dot(x_odd, tl.trans(low), input_precision=PRECISION)
     partial = partial_ptr + (tl.program_id(1).to(tl.int64) * rows + row[:, None]) * n_out + out_col[None, :]
-    tl.store(partial, accumulator, mask=(row[:, None] < rows) & out_mask[None, :])
+    tl.store(partial, accumulator, mask=row_mask[:, None] & out_mask[None, :])
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -1,16 +1,12 @@
 """Every kernel at Llama-3-8B sizes on the GPU: its error against the plain-PyTorch reference, forward and
 backward, and its time against that reference.
 
-Usage: python -m ftcli_kernels.benchmark   (prints two tables; exits 1 when an op is outside its tolerance)
+Usage: python -m ftcli_kernels.benchmark   (prints one table; exits 1 when an op is outside its tolerance)
 
 Inputs are random bf16 tensors (never zeros). Errors are the largest absolute difference divided by the
 largest magnitude of a float32 reference (the reference run on float32 copies of the same inputs), for the
 output and for each input's gradient; the tolerance is the one the CPU tests use for bf16. Times are the
 median of triton.testing.do_bench over forward + backward, with the bf16 reference beside them.
-
-The second table is the fused NF4 matmul of a decode step (1, 8 and 16 rows) over each projection shape, forward
-only, against what it replaces (ftcli's NF4 dequantization, then a bf16 matmul), and the two summed over the
-projections of every layer: the base weights' share of one decode step.
 """
 
 import sys
@@ -23,17 +19,10 @@ from ftcli_kernels.cross_entropy import cross_entropy_reference, fused_linear_cr
 from ftcli_kernels.gated_activation import gated_activation, gated_activation_reference
 from ftcli_kernels.lora_mlp import lora_gated_mlp, lora_gated_mlp_reference
 from ftcli_kernels.lora_qkv import lora_projections, lora_projections_reference
-from ftcli_kernels.nf4_dequantize import nf4_dequantize
-from ftcli_kernels.nf4_matmul import nf4_matmul
 from ftcli_kernels.rms_norm import rms_norm, rms_norm_reference
 from ftcli_kernels.rope import apply_rope, rope_reference
 
 BATCH, SEQ, HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM, VOCAB, RANK = 2, 2048, 4096, 14336, 32, 8, 128, 128256, 16
-LAYERS = 32
-# (out, in) of each projection shape, and how many projections of a layer have it
-PROJECTIONS = {"q, o": ((HEADS * HEAD_DIM, HIDDEN), 2), "k, v": ((KV_HEADS * HEAD_DIM, HIDDEN), 2),
-               "gate, up": ((INTERMEDIATE, HIDDEN), 2), "down": ((HIDDEN, INTERMEDIATE), 1)}
-DECODE_ROWS = (1, 8, 16)
 TOKENS = BATCH * SEQ
 TOLERANCE = 3e-2  # bf16, forward and backward, relative to the reference's largest magnitude
 
@@ -76,56 +65,19 @@ def random(*shape, scale: float = 1.0, grad: bool = True) -> torch.Tensor:
     return (torch.randn(*shape, device="cuda") * scale).to(torch.bfloat16).requires_grad_(grad)
 
 
-def nf4_weight(out_features: int, in_features: int):
-    """A random (out, in) weight as QLoRA holds it: a bitsandbytes Params4bit, NF4 with double quantization."""
-    from bitsandbytes.nn import Params4bit
-
-    dense = torch.randn(out_features, in_features, device="cuda") / in_features**0.5
-    return Params4bit(dense.to(torch.bfloat16).cpu(), requires_grad=False, quant_type="nf4",
-                      compress_statistics=True).cuda()
-
-
 def nf4_projection(out_features: int, in_features: int) -> tuple:
     """(NF4 weight, bias, A, B, scaling) as peft holds them (float32 adapters, B non-zero), and the same with the
     dequantized weight for the reference."""
     from bitsandbytes.functional import dequantize_4bit
+    from bitsandbytes.nn import Params4bit
 
-    weight = nf4_weight(out_features, in_features)
+    dense = torch.randn(out_features, in_features, device="cuda") / in_features**0.5
+    weight = Params4bit(dense.to(torch.bfloat16).cpu(), requires_grad=False, quant_type="nf4",
+                        compress_statistics=True).cuda()
     lora_A = (torch.randn(RANK, in_features, device="cuda") / in_features**0.5).requires_grad_()
     lora_B = (torch.randn(out_features, RANK, device="cuda") * 0.05).requires_grad_()
     reference = (dequantize_4bit(weight, weight.quant_state).float(), None, as_float32(lora_A), as_float32(lora_B), 1.0)
     return (weight, None, lora_A, lora_B, 1.0), reference
-
-
-def check_nf4_matmul(rows: int, out_features: int, in_features: int) -> tuple:
-    """(forward error, fused ms, dequantize + matmul ms) of x W^T for `rows` rows of bf16 x over an NF4 weight."""
-    from bitsandbytes.functional import dequantize_4bit
-
-    weight, x = nf4_weight(out_features, in_features), random(rows, in_features, grad=False)
-    state = weight.quant_state
-    exact = x.float() @ dequantize_4bit(weight, state).float().t()
-    error = relative_error(nf4_matmul(x, weight, state), exact)
-    fused = do_bench(lambda: nf4_matmul(x, weight, state), warmup=25, rep=200, return_mode="median")
-    dequantized = do_bench(lambda: x @ nf4_dequantize(weight, state, torch.bfloat16).t(), warmup=25, rep=200,
-                           return_mode="median")
-    return error, fused, dequantized
-
-
-def nf4_matmul_table() -> bool:
-    """Prints the fused NF4 matmul's rows and per-step sums; True when every error is within TOLERANCE."""
-    print(f"\nnf4_matmul (forward only) against nf4_dequantize + matmul, {LAYERS} layers")
-    print(f"{'rows':>4} {'projection':<10}{'out x in':>13}{'err':>10}{'ms':>9}{'torch ms':>10}{'speed-up':>10}")
-    ok = True
-    for rows in DECODE_ROWS:
-        step, reference_step = 0.0, 0.0
-        for name, ((out_features, in_features), per_layer) in PROJECTIONS.items():
-            error, ms, reference_ms = check_nf4_matmul(rows, out_features, in_features)
-            ok &= error < TOLERANCE
-            step, reference_step = step + LAYERS * per_layer * ms, reference_step + LAYERS * per_layer * reference_ms
-            print(f"{rows:>4} {name:<10}{f'{out_features} x {in_features}':>13}{error:>10.2e}{ms:>9.4f}"
-                  f"{reference_ms:>10.4f}{reference_ms / ms:>9.1f}x  {'yes' if error < TOLERANCE else 'NO'}")
-        print(f"{rows:>4} {'a step':<33}{step:>9.3f}{reference_step:>10.3f}{reference_step / step:>9.1f}x")
-    return ok
 
 
 def main() -> int:
@@ -179,7 +131,6 @@ def main() -> int:
         failed |= not ok
         print(f"{name:<16}{forward_error:>10.2e}{backward_error:>10.2e}{ms:>9.3f}{reference_ms:>10.3f}"
               f"{reference_ms / ms:>9.1f}x  {'yes' if ok else 'NO'}")
-    failed |= not nf4_matmul_table()
     return 1 if failed else 0
 
 

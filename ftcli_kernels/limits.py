@@ -6,7 +6,6 @@ import torch
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LOGITS_CHUNK_BYTES = 256 * 2**20  # logits the fused head and cross-entropy hold at once
 MLP_BACKWARD_CHUNK_BYTES = 64 * 2**20  # one gate-wide temporary of the LoRA MLP's backward, a chunk of rows of it
-FUSED_NF4_MAX_ROWS = 16  # up to this many rows (a decode step's), NF4 projections read the 4-bit weight once
 
 
 def require_kernel_dtype(op: str, dtype: torch.dtype) -> None:

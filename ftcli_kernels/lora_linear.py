@@ -9,7 +9,7 @@ backward rather than kept alive from forward.
 
 import torch
 
-from ftcli_kernels.limits import FUSED_NF4_MAX_ROWS, require_kernel_dtype
+from ftcli_kernels.limits import require_kernel_dtype
 
 
 def dense_weight(weight: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -37,38 +37,13 @@ def cast_all(tensors, dtype: torch.dtype) -> list[torch.Tensor]:
     return copies
 
 
-def reads_nf4_directly(rows: int, weight) -> bool:
-    """Whether x W^T for `rows` rows runs as ftcli_kernels/nf4_matmul, which reads the 4-bit weight once, rather
-    than as a matmul over the weight dequantized first: a decode step's few rows barely use the dense copy it
-    writes and reads. It serves under autograd too: x's gradient, grad W, never needs forward's W, and backward
-    dequantizes W for itself."""
-    quant_state = getattr(weight, "quant_state", None)
-    if quant_state is None or quant_state.quant_type != "nf4" or not 0 < rows <= FUSED_NF4_MAX_ROWS:
-        return False
-    from ftcli_kernels.nf4_matmul import takes_layout
-
-    return takes_layout(quant_state)
-
-
-def nf4_base_matmul(x2d, weight, bias, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T + b in x's dtype by the fused NF4 matmul, written into `out` when given."""
-    from ftcli_kernels.nf4_matmul import nf4_matmul
-
-    out = nf4_matmul(x2d, weight, weight.quant_state, out)
-    return out if bias is None else out.add_(bias.to(out.dtype))
-
-
-def base_matmul(x2d, weight, bias) -> torch.Tensor:
-    """x W^T + b in x's dtype; a dense weight built for it dies on return."""
-    if reads_nf4_directly(x2d.shape[0], weight):
-        return nf4_base_matmul(x2d, weight, bias)
-    base = dense_weight(weight, x2d.dtype).t()
-    return x2d @ base if bias is None else torch.addmm(bias.to(x2d.dtype), x2d, base)
-
-
 def project(x2d, weight, bias, lora_A, lora_B, scaling):
-    """(x W^T + b + s (x A^T) B^T, x A^T), both in x's dtype, with A and B already in it."""
-    out = base_matmul(x2d, weight, bias)
+    """(x W^T + b + s (x A^T) B^T, x A^T), both in x's dtype, with A and B already in it; the dense weight dies
+    on return."""
+    dtype = x2d.dtype
+    base = dense_weight(weight, dtype).t()
+    out = x2d @ base if bias is None else torch.addmm(bias.to(dtype), x2d, base)
+    del base
     xa = x2d @ lora_A.t()
     out.addmm_(xa, lora_B.t(), alpha=scaling)
     return out, xa

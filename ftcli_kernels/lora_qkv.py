@@ -8,8 +8,8 @@ keeps x once, the stacked r-wide x A^T and the adapters. The outputs are column 
 
 import torch
 
-from ftcli_kernels.lora_linear import (cast_all, check_projection, dense_weight, lora_linear_reference, nf4_base_matmul,
-                                       reads_nf4_directly, scaled, split_projections)
+from ftcli_kernels.lora_linear import (cast_all, check_projection, dense_weight, lora_linear_reference, scaled,
+                                       split_projections)
 
 
 def _stacked_weight(weights, widths: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -21,22 +21,6 @@ def _stacked_weight(weights, widths: list[int], dtype: torch.dtype) -> torch.Ten
     return stacked
 
 
-def _base_projections(x2d, weights, biases, widths: list[int]) -> torch.Tensor:
-    """x W^T + b of every projection, as column blocks of one (rows, sum of widths) result: for a few rows over NF4
-    weights by the fused NF4 matmul into each block, otherwise by one matmul over the dequantized stack."""
-    if all(reads_nf4_directly(x2d.shape[0], weight) for weight in weights):
-        out = torch.empty(x2d.shape[0], sum(widths), dtype=x2d.dtype, device=x2d.device)
-        for weight, bias, block in zip(weights, biases, out.split(widths, dim=1)):
-            nf4_base_matmul(x2d, weight, bias, out=block)
-        return out
-    stacked = _stacked_weight(weights, widths, x2d.dtype)
-    if all(bias is None for bias in biases):
-        return x2d @ stacked.t()
-    bias = torch.cat([torch.zeros(w, dtype=x2d.dtype, device=x2d.device) if b is None else b.to(x2d.dtype)
-                      for b, w in zip(biases, widths)])
-    return torch.addmm(bias, x2d, stacked.t())
-
-
 class LoraProjectionsFunction(torch.autograd.Function):
     """`adapters` holds A, B of each projection in order; returns one output per projection."""
 
@@ -46,7 +30,14 @@ class LoraProjectionsFunction(torch.autograd.Function):
         adapters = cast_all(adapters, x.dtype)  # cast once, kept cast for backward
         lora_As, lora_Bs = adapters[0::2], adapters[1::2]
         x2d = x.reshape(-1, x.shape[-1])
-        out = _base_projections(x2d, weights, biases, widths)
+        stacked = _stacked_weight(weights, widths, x.dtype)
+        if all(bias is None for bias in biases):
+            out = x2d @ stacked.t()
+        else:
+            bias = torch.cat([torch.zeros(w, dtype=x.dtype, device=x.device) if b is None else b.to(x.dtype)
+                              for b, w in zip(biases, widths)])
+            out = torch.addmm(bias, x2d, stacked.t())
+        del stacked
         stacked_A = torch.cat(lora_As)
         xa = x2d @ stacked_A.t()
         ranks = [a.shape[0] for a in lora_As]

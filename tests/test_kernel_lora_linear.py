@@ -14,10 +14,8 @@ from bitsandbytes.functional import dequantize_4bit
 from bitsandbytes.nn import Params4bit
 
 import ftcli_kernels.lora_linear
-import ftcli_kernels.nf4_matmul
 from conftest import DEVICE
 from ftcli_kernels.accuracy import relative_error
-from ftcli_kernels.limits import FUSED_NF4_MAX_ROWS
 from ftcli_kernels.lora_linear import lora_linear, lora_linear_reference
 from ftcli_kernels.lora_mlp import lora_gated_mlp, lora_gated_mlp_reference
 from ftcli_kernels.lora_qkv import lora_projections, lora_projections_reference
@@ -166,7 +164,7 @@ def test_backward_keeps_activations_and_adapters_only(base):
 @pytest.mark.parametrize("base", ["plain", "nf4"])
 def test_dense_weights_do_not_outlive_forward(base, monkeypatch):
     """The dense weights forward builds (bfloat16 weights for float32 inputs, so plain ones are copies too) are
-    freed before backward, which builds its own; more rows than FUSED_NF4_MAX_ROWS, so NF4 ones are built too."""
+    freed before backward, which builds its own."""
     made = []
 
     def recorded(weight, dtype):
@@ -177,7 +175,7 @@ def test_dense_weights_do_not_outlive_forward(base, monkeypatch):
     dense_weight = ftcli_kernels.lora_linear.dense_weight
     monkeypatch.setattr(ftcli_kernels.lora_linear, "dense_weight", recorded)
     generator = torch.Generator().manual_seed(1)
-    x = torch.randn(FUSED_NF4_MAX_ROWS + 1, 64, generator=generator).to(DEVICE).requires_grad_()
+    x = torch.randn(3, 64, generator=generator).to(DEVICE).requires_grad_()
     mlp = [projection(generator, 128, 64, torch.bfloat16, base, False) for _ in range(2)]
     mlp.append(projection(generator, 64, 128, torch.bfloat16, base, False))
     outputs = lora_gated_mlp(lora_linear(x, *projection(generator, 64, 64, torch.bfloat16, base, True)), "silu", mlp)
@@ -185,52 +183,6 @@ def test_dense_weights_do_not_outlive_forward(base, monkeypatch):
     assert len(made) == 4 and all(ref() is None for ref in made)
     outputs.sum().backward()
     assert len(made) == 8 and all(ref() is None for ref in made)
-
-
-@pytest.mark.parametrize("rows", [1, 8, FUSED_NF4_MAX_ROWS + 1])
-def test_few_rows_read_nf4_weights_directly(rows, monkeypatch):
-    """Up to FUSED_NF4_MAX_ROWS rows (a decode step's), every NF4 projection of the three ops runs as the fused
-    NF4 matmul (q, k, v one call each, into their column blocks) and still equals the reference; more rows
-    dequantize the weights first. Backward, which dequantizes, gives the same gradients either way."""
-    calls = []
-
-    def counted(*args, **kwargs):
-        calls.append(args[1].shape)
-        return nf4_matmul(*args, **kwargs)
-
-    nf4_matmul = ftcli_kernels.nf4_matmul.nf4_matmul
-    monkeypatch.setattr(ftcli_kernels.nf4_matmul, "nf4_matmul", counted)
-    generator = torch.Generator().manual_seed(rows)
-    dtype, hidden, inner = torch.bfloat16, 64, 128
-    x = torch.randn(rows, hidden, generator=generator).to(DEVICE, dtype).requires_grad_()
-    qkv = [projection(generator, width, hidden, dtype, "nf4", bias)
-           for width, bias in ((64, True), (32, False), (32, True))]
-    qkv = [(weight, None if bias is None else bias * 30, *rest) for weight, bias, *rest in qkv]  # as large as outputs
-    mlp = [projection(generator, inner, hidden, dtype, "nf4", False) for _ in range(2)]
-    mlp.append(projection(generator, hidden, inner, dtype, "nf4", False))
-    x_ref = x.detach().double().requires_grad_()
-    qkv_ref, mlp_ref = [as_reference(part) for part in qkv], [as_reference(part) for part in mlp]
-
-    outputs = torch.cat([lora_linear(x, *qkv[0]), *lora_projections(x, qkv), lora_gated_mlp(x, "silu", mlp)], dim=-1)
-    assert len(calls) == (1 + 3 + 3 if rows <= FUSED_NF4_MAX_ROWS else 0)
-    reference = torch.cat([lora_linear_reference(x_ref, *qkv_ref[0]), *lora_projections_reference(x_ref, qkv_ref),
-                           lora_gated_mlp_reference(x_ref, "silu", mlp_ref)], dim=-1)
-    adapters = [t for part in qkv + mlp for t in part[2:4]]
-    reference_adapters = [t for part in qkv_ref + mlp_ref for t in part[2:4]]
-    assert_matches(outputs, (x, *adapters), reference, (x_ref, *reference_adapters), dtype)
-
-
-def test_nf4_layouts_the_fused_matmul_does_not_take_are_dequantized(monkeypatch):
-    """An input width that is not a multiple of the quantization blocksize (96 in blocks of 64) falls back to
-    dequantizing, exactly as before, at any number of rows."""
-    monkeypatch.setattr(ftcli_kernels.nf4_matmul, "nf4_matmul", None)  # a call would fail
-    generator = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 96, generator=generator).to(DEVICE, torch.bfloat16).requires_grad_()
-    part = projection(generator, 64, 96, torch.bfloat16, "nf4", True)
-    x_ref = x.detach().double().requires_grad_()
-    reference = as_reference(part)
-    assert_matches(lora_linear(x, *part), (x, *part[2:4]), lora_linear_reference(x_ref, *reference),
-                   (x_ref, *reference[2:4]), torch.bfloat16)
 
 
 def test_unsupported_inputs_fail_loudly():

@@ -9,15 +9,12 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from conftest import lora_model
-from ftcli.decoding import Sampling
-from ftcli.generation import BatchedSampler
 from ftcli.patch import KernelLoraLinear, KernelLoraGatedMLP, _lora_parts
 from ftcli_kernels import lora_linear as lora_linear_kernel
 from ftcli_kernels import lora_qkv as lora_qkv_kernel
-from ftcli_kernels import nf4_matmul as nf4_matmul_kernel
 
 CPU = torch.device("cpu")
 
@@ -62,22 +59,6 @@ def test_checkpointed_nf4_model_matches_peft(checkpointing, tiny_model_folder, m
                         lambda *args: stacked_calls.append(1) or stacked_original(*args))
     assert_same_training(model, lora_model(tiny_model_folder("llama"), "llama", kernels=False, load_in_4bit=True)[0])
     assert len(calls) == 2 * swapped["lora_linear"] and len(stacked_calls) == 2 * swapped["lora_qkv"]
-
-
-def test_nf4_model_with_lora_kernels_decodes_as_peft(tiny_model_folder, monkeypatch):
-    """The batched sampler's decode steps (3 rows) run every NF4 projection through the fused NF4 matmul, the
-    prompts' forward (more rows) dequantizes, and the greedy tokens are peft's."""
-    rows, fused = [], nf4_matmul_kernel.nf4_matmul
-    monkeypatch.setattr(nf4_matmul_kernel, "nf4_matmul", lambda x2d, *args: rows.append(len(x2d)) or fused(x2d, *args))
-    prompts, greedy = [[5, 6, 7], list(range(10, 40)), [3] * 12 + [9, 8]], Sampling(max_new_tokens=6, temperature=0.0)
-
-    def sample(kernels: bool) -> list[list[int]]:
-        model, _ = lora_model(tiny_model_folder("llama"), "llama", kernels=kernels, load_in_4bit=True)
-        return BatchedSampler(model, set(), 0, 64).generate(prompts, greedy, torch.Generator().manual_seed(0)).ids
-
-    assert sample(kernels=True) == sample(kernels=False)
-    layers = AutoConfig.from_pretrained(tiny_model_folder("llama")).num_hidden_layers
-    assert rows == [len(prompts)] * (7 * layers * (greedy.max_new_tokens - 1))  # every decode step's projections
 
 
 def test_stacked_qkv_never_hands_out_another_inputs_output(tiny_model_folder):

@@ -166,6 +166,12 @@ def _finish(console: Console, summary: dict, as_json: bool) -> None:
     if as_json:
         _print_json(summary)
         return
+    if summary.get("dry_run") and summary["method"] == "grpo":  # prompts: nothing is trained on them as they are
+        console.print(f"[green]Recipe is valid.[/] {summary['architecture']} model; {summary['rows']} rows -> "
+                      f"{summary['train_examples']} training / {summary['eval_examples']} eval prompts, "
+                      f"{summary['tokens']:,} prompt tokens, longest {summary['longest']}, {summary['skipped_invalid']} "
+                      f"invalid rows skipped; {summary['steps']} optimizer steps.")
+        return
     if summary.get("dry_run"):
         console.print(f"[green]Recipe is valid.[/] {summary['architecture']} model; {summary['rows']} rows -> "
                       f"{summary['train_examples']} training / {summary['eval_examples']} eval examples, "
@@ -174,7 +180,9 @@ def _finish(console: Console, summary: dict, as_json: bool) -> None:
                       f"dropped with nothing to learn, {summary['skipped_invalid']} invalid rows skipped; "
                       f"{summary['steps']} optimizer steps.")
         return
-    console.print(f"[green]Done.[/] {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
+    last = (f"final reward {summary['final_reward']:.4f}" if "final_reward" in summary
+            else f"final loss {summary['final_loss']:.4f}")
+    console.print(f"[green]Done.[/] {summary['steps']} steps, {last}, "
                   f"{summary['tokens_per_s']:,.0f} tokens/s, peak memory {summary['peak_mem_gib']:.2f} GiB. "
                   f"Adapter saved to [bold]{summary['output']}[/].")
 

@@ -97,8 +97,11 @@ class Setup:
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, seq: int) -> "Setup":
+        """`seq` is the longest example; GRPO's loss rows are its prompts, each answered num_generations times and
+        as long as the prompt and max_completion_length together (its generation cache, freed before the loss,
+        is smaller than the loss's activations)."""
         targets = recipe.lora.target_modules
-        return cls(batch_size=recipe.train.batch_size, seq=seq, load_in_4bit=recipe.model.load_in_4bit,
+        return cls(batch_size=recipe.train.batch_size * rows_per_example(recipe), seq=seq + completion_length(recipe), load_in_4bit=recipe.model.load_in_4bit,
                    compute_bytes=4 if recipe.model.dtype == "float32" else 2, kernels=recipe.model.kernels,
                    checkpointing=recipe.train.gradient_checkpointing, lora_r=recipe.lora.r,
                    lora_targets=list(DEFAULT_TARGET_MODULES) if targets == "all-linear" else list(targets),
@@ -222,9 +225,10 @@ class Plan:
         lines = [f"{self.recipe.model.name}: {self.shape.layers} layers, hidden {self.shape.hidden}, "
                  f"{'NF4' if self.setup.load_in_4bit else f'{8 * self.setup.compute_bytes}-bit'} weights, "
                  f"LoRA r={self.setup.lora_r} on {len(self.setup.lora_targets)} projections, batch "
-                 f"{self.setup.batch_size} x {self.setup.seq} tokens, checkpointing "
+                 f"{self.setup.batch_size} x {self.setup.seq} tokens{grpo_rows(self.recipe)}, checkpointing "
                  f"{str(self.setup.checkpointing).lower()}, kernels {'on' if self.setup.kernels else 'off'}.",
-                 f"{self.steps} optimizer steps, about {self.tokens:,} tokens.",
+                 f"{self.steps} optimizer steps, {'at most' if rows_per_example(self.recipe) > 1 else 'about'} "
+                 f"{self.tokens:,} tokens.",
                  f"Peak GPU memory, at the {self.memory.moment}: {self.memory.peak / GIB:.2f} GiB allocated"]
         lines += [f"  {name:<36}{value / GIB:>8.2f} GiB" for name, value in self.memory.parts.items()]
         lines.append(f"Needs about {self.memory.needed / GIB:.2f} GiB of GPU memory with the CUDA context and "
@@ -244,26 +248,50 @@ def plan_recipe(recipe: Recipe, budget: Optional[int] = None) -> Plan:
     data = prepare_data(recipe.data, tokenizer, recipe.example_length_limit(), recipe.train.seed)
     steps = count_steps(len(data.train), recipe.train)
     passes = steps * recipe.train.batch_size * recipe.train.grad_accum / len(data.train)
-    train_tokens = sum(example.row_length() for example in data.train)
+    per_example = rows_per_example(recipe)  # GRPO: each prompt's G rows, at their longest
+    train_tokens = sum((example.row_length() + completion_length(recipe)) * per_example for example in data.train)
     shape = ModelShape.from_config(config)
     setup = Setup.from_recipe(recipe, seq=max(example.row_length() for example in data.train))
     return Plan(recipe, shape, setup, estimate_memory(shape, setup), steps, round(train_tokens * passes), budget)
 
 
+def grpo_rows(recipe: Recipe) -> str:
+    """What a GRPO batch's rows are, for the report; empty for other methods."""
+    if recipe.train.method != "grpo":
+        return ""
+    return (f" ({recipe.train.batch_size} prompts x {recipe.grpo.num_generations} completions of at most "
+            f"{recipe.grpo.max_completion_length} tokens)")
+
+
+def rows_per_example(recipe: Recipe) -> int:
+    """Sequences the loss computes per example of a micro-batch: G completions of a GRPO prompt, else one."""
+    return recipe.grpo.num_generations if recipe.train.method == "grpo" else 1
+
+
+def completion_length(recipe: Recipe) -> int:
+    """Tokens a GRPO loss row has beyond its prompt; 0 for methods whose examples are whole."""
+    return recipe.grpo.max_completion_length if recipe.train.method == "grpo" else 0
+
+
 def smaller_settings(recipe: Recipe, shape: ModelShape, setup: Setup, budget: Optional[int]) -> str:
     """Recipe changes estimated to fit `budget` (or, without one, each one's estimate), one knob at a time."""
     candidates = []
-    batch, accum = setup.batch_size, recipe.train.grad_accum
+    per_example = rows_per_example(recipe)
+    batch, accum = setup.batch_size // per_example, recipe.train.grad_accum
     while batch > 1:
         batch, accum = batch // 2, accum * 2
         candidates.append((f"--set train.batch_size={batch} --set train.grad_accum={accum} (same effective batch)",
-                           replace(setup, batch_size=batch)))
+                           replace(setup, batch_size=batch * per_example)))
     if setup.checkpointing != "offload":
         candidates.append(("--set train.gradient_checkpointing=offload", replace(setup, checkpointing="offload")))
+    completion = completion_length(recipe)
+    prompt = setup.seq - completion  # the part of a row that halving leaves alone under GRPO
     seq = setup.seq
-    while seq > 256:
+    while seq > 256 and (not completion or seq // 2 > prompt):
         seq //= 2
-        candidates.append((f"--set model.max_seq_length={seq} (truncates longer examples)", replace(setup, seq=seq)))
+        knob = (f"--set grpo.max_completion_length={seq - prompt} (cuts longer completions)" if completion else
+                f"--set model.max_seq_length={seq} (truncates longer examples)")
+        candidates.append((knob, replace(setup, seq=seq)))
     if not setup.load_in_4bit:
         candidates.append(("--set model.load_in_4bit=true", replace(setup, load_in_4bit=True)))
     if not setup.kernels:
@@ -277,13 +305,14 @@ def smaller_settings(recipe: Recipe, shape: ModelShape, setup: Setup, budget: Op
             fitting.append(f"{text}: about {needed / GIB:.1f} GiB")
     if fitting:
         return "Estimated to fit: " + "; ".join(fitting) + "."
-    smallest = replace(setup, batch_size=1, checkpointing="offload", load_in_4bit=True, kernels=True)
+    smallest = replace(setup, batch_size=per_example, checkpointing="offload", load_in_4bit=True, kernels=True)
     needed = estimate_memory(shape, smallest).needed
-    together = (f"--set train.batch_size=1 --set train.grad_accum={setup.batch_size * recipe.train.grad_accum} "
+    together = (f"--set train.batch_size=1 --set train.grad_accum={setup.batch_size // per_example * recipe.train.grad_accum} "
                 "--set train.gradient_checkpointing=offload --set model.load_in_4bit=true --set model.kernels=true")
     if budget is not None and needed <= budget:
         return f"No single change is estimated to fit, but together {together} are: about {needed / GIB:.1f} GiB."
-    return (f"Even {together} needs about {needed / GIB:.1f} GiB (lower model.max_seq_length too, or use a GPU with "
+    length = "grpo.max_completion_length" if completion else "model.max_seq_length"
+    return (f"Even {together} needs about {needed / GIB:.1f} GiB (lower {length} too, or use a GPU with "
             "more memory or a smaller model).")
 
 

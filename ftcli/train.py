@@ -308,7 +308,8 @@ def dry_run(recipe: Recipe) -> dict:
     if recipe.lora.target_modules != "all-linear":
         check_lora_targets(meta_model(config), architecture.lora_targets(recipe.lora.target_modules))
     stats = data.stats
-    return {"status": "ok", "dry_run": True, "architecture": architecture.family, "rows": stats.rows,
+    return {"status": "ok", "dry_run": True, "method": recipe.train.method, "architecture": architecture.family,
+            "rows": stats.rows,
             "train_examples": len(data.train), "eval_examples": len(data.eval), "truncated": stats.truncated,
             "dropped_no_target": stats.dropped_no_target, "tokens": stats.tokens, "target_tokens": stats.target_tokens,
             "longest": stats.longest, "skipped_invalid": stats.skipped_invalid, "packed_rows": stats.packed_rows,

@@ -141,3 +141,15 @@ def test_the_grpo_section_is_refused_for_other_methods(workspace):
                                                           {"role": "assistant", "content": "Hello"}]}])
     recipe = write_recipe(tmp / "sft.yaml", model, data, tmp / "out", grpo={"num_generations": 4})
     assert_clean_failure(run_cli("train", recipe), 2, "the grpo section applies to train.method grpo only")
+
+
+def test_plan_sizes_a_grpo_run_by_its_completions(workspace):
+    """The loss's rows are each prompt's G completions, as long as the prompt and max_completion_length."""
+    recipe = grpo_recipe(workspace)
+    dry = run_cli("train", recipe, "--dry-run", "--json")
+    longest = json.loads(dry.stdout.splitlines()[-1])["longest"]
+    result = run_cli("plan", recipe, "--gpu-memory", "1MiB")
+    assert result.exit_code == 4, result.output  # does not fit
+    text = " ".join(result.output.split())
+    assert f"batch 8 x {longest + 8} tokens (2 prompts x 4 completions of at most 8 tokens)" in text
+    assert "--set train.batch_size=1 --set train.grad_accum=2" in text and "grpo.max_completion_length" in text

@@ -20,8 +20,9 @@ STRICT_FORMAT = re.compile(r"^<reasoning>\n.+?\n</reasoning>\n<answer>\n.+?\n</a
 
 
 def correctness(completions: list[str], prompts: list[str], answer: list[str], **columns) -> list[float]:
-    """2.0 when the text inside the last <answer>...</answer> is the row's answer, else 0.0."""
-    return [2.0 if answer_in(completion) == expected.strip() else 0.0
+    """2.0 when the text inside the last <answer>...</answer> is the row's answer, else 0.0. GSM8K's answers hold
+    the worked solution, then "#### " and the number: only the number counts."""
+    return [2.0 if answer_in(completion) == expected.split("####")[-1].strip() else 0.0
             for completion, expected in zip(completions, answer)]
 
 

@@ -17,7 +17,8 @@ IDENTITY = RECIPES_DIR / "data" / "identity.jsonl"
 def test_the_ready_recipes_are_there():
     names = {path.name for path in RECIPES}
     assert {"quickstart-cpu.yaml", "llama-3-8b-alpaca.yaml", "mistral-7b-alpaca.yaml", "qwen3-4b-alpaca.yaml",
-            "gemma-3-1b-alpaca.yaml", "smollm2-dpo-cpu.yaml", "zephyr-7b-sft.yaml", "zephyr-7b-dpo.yaml"} <= names
+            "gemma-3-1b-alpaca.yaml", "smollm2-dpo-cpu.yaml", "zephyr-7b-sft.yaml", "zephyr-7b-dpo.yaml", "smollm2-grpo-cpu.yaml",
+            "llama-3.1-8b-grpo-reasoning.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[path.name for path in RECIPES])

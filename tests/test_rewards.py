@@ -349,3 +349,10 @@ def test_the_example_file_scores_the_notebooks_way():
     torch.testing.assert_close(scores.per_reward, torch.tensor([[2.0, 0.5], [0.0, 0.5], [2.0, 0.0], [2.0, 0.0],
                                                                 [0.0, 0.0]]))
     torch.testing.assert_close(scores.total, torch.tensor([2.5, 0.5, 2.0, 2.0, 0.0]))
+
+
+def test_the_example_correctness_reads_gsm8k_answers():
+    loaded = rewards({"function": f"{EXAMPLE_FILE}:correctness"})
+    worked = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nShe sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
+    scores = score(loaded, ["<answer>72</answer>", "<answer>24</answer>"], answers=[worked, worked])
+    assert scores.total.tolist() == [2.0, 0.0]

@@ -18,11 +18,10 @@ from ftcli.grpo import GrpoMethod
 from ftcli.grpo_losses import STD_FLOOR, group_advantages
 from ftcli.recipe import Recipe
 from ftcli.rewards import load_rewards
-from ftcli_kernels.accuracy import relative_error
+from test_preference_loss import assert_same_gradients, lora_gradients
 
 CPU = torch.device("cpu")
 LOSS_TOLERANCE = dict(rel=1e-5, abs=1e-6)  # float32 both sides; the loss is a difference of terms near 0
-GRAD_TOLERANCE = 1e-4  # largest error relative to the largest gradient of each LoRA matrix
 GENERATIONS = 3
 MAX_COMPLETION = 6
 LENGTH_TARGET = 4  # the length reward: 1 at 4 tokens, falling to 0 at 0 and 8
@@ -105,19 +104,6 @@ def formula_loss(model, settings: dict, examples: list[PromptExample], completio
             token_loss = token_loss + beta * (torch.exp(reference - logprobs) - (reference - logprobs) - 1)
         losses.append(token_loss.mean() if settings["loss_type"] == "grpo" else token_loss.sum() / MAX_COMPLETION)
     return torch.stack(losses).mean()
-
-
-def lora_gradients(model) -> dict[str, torch.Tensor]:
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return grads
-
-
-def assert_same_gradients(grads: dict, want: dict) -> None:
-    assert grads.keys() == want.keys() and grads
-    for name, grad in want.items():
-        assert grad.abs().max() > 0, name  # the control: every LoRA matrix takes part
-        assert relative_error(grads[name], grad) < GRAD_TOLERANCE, name
 
 
 def test_group_advantages_by_hand():

@@ -141,12 +141,12 @@ def scored_logprobs(model, hidden: torch.Tensor, source: torch.Tensor, targets: 
     """(scored tokens,) float32 log-probabilities of `targets`, each predicted by the decoder's output `hidden` at
     flat index `source` (row * width + position) through the model's head (and Gemma 2's soft-capping).
 
-    `fused` scores through the chunked kernel, which needs a frozen head; otherwise PyTorch computes the logits of
-    the scored positions only."""
+    `fused` scores through the chunked kernel where it can: it keeps no gradient for the head, so a head that is
+    trained while gradients are recorded gets PyTorch's logits of the scored positions instead."""
     scoring = hidden.reshape(-1, hidden.shape[-1]).index_select(0, source)
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
-    if fused:
+    if fused and not (head.weight.requires_grad and torch.is_grad_enabled()):
         from ftcli_kernels.token_logprobs import token_logprobs  # here, not at the top: it imports Triton
 
         return token_logprobs(scoring, head.weight, targets, softcap)

@@ -76,7 +76,7 @@ class GrpoMethod:
             rollouts = self.roll_out(model, examples, self.sampling, generations)
             advantages = group_advantages(rollouts.scores.total, generations, self.settings.scale_rewards)
             batch = collate_completions(rollouts, self.tokenizer.pad_token_id, self.device)
-            losses = self.completion_losses(model, batch, advantages.to(self.device))
+            losses = self.losses(model, batch, advantages.to(self.device))
             loss = losses.loss.sum() / completions_in_step
             (scaler.scale(loss) if scaler else loss).backward()
             step_loss += loss.item()
@@ -107,13 +107,13 @@ class GrpoMethod:
         scores = score_completions(self.rewards, texts, [len(ids) for ids in completions.ids], repeated)
         return Rollouts(repeated, completions, scores, generation_s)
 
-    def completion_losses(self, model, batch: CompletionBatch, advantages: torch.Tensor):
-        fused = self.fused and not model.get_output_embeddings().weight.requires_grad
+    def losses(self, model, batch: CompletionBatch, advantages: torch.Tensor):
+        """Each completion's GRPO loss under the policy, with the reference's log-probabilities when beta > 0."""
         reference = None
         if self.settings.beta:
             with torch.no_grad(), reference_policy(model):
                 reference = completion_logprobs(model, batch, self.fused)
-        logprobs = completion_logprobs(model, batch, fused)
+        logprobs = completion_logprobs(model, batch, self.fused)
         return completion_losses(logprobs, batch.sequence, advantages, reference, self.settings.beta,
                                  self.settings.epsilon, self.settings.loss_type, self.settings.max_completion_length)
 

@@ -98,7 +98,7 @@ class PreferenceMethod:
 
     def pair_losses(self, model, examples: list[PreferenceExample], batch: PairBatch) -> PairLosses:
         reference = self.reference_for(model, examples, batch) if self.needs_reference else None
-        policy = pair_logprobs(model, batch, self.fused and not model.get_output_embeddings().weight.requires_grad)
+        policy = pair_logprobs(model, batch, self.fused)
         return preference_loss(self.method, policy, reference, self.beta, self.settings)
 
     def reference_for(self, model, examples: list[PreferenceExample], batch: PairBatch) -> PairLogprobs:

@@ -10,8 +10,10 @@ exactly the token ids it was written from.
 import argparse
 import json
 import os
+import statistics
 import subprocess
 from pathlib import Path
+from typing import Callable
 
 import bitsandbytes as bnb
 import torch
@@ -139,6 +141,20 @@ def ftcli_setup(model, checkpointing) -> tuple[torch.nn.Module, KernelSwaps]:
 def ratio(value, reference) -> str:
     """A table's "1.23x" of value over reference, "-" when either is missing."""
     return "-" if value is None or not reference else f"{value / reference:.2f}x"
+
+
+def against_trl(results: list[dict]) -> Callable[[dict], tuple[str, str]]:
+    """For a table of sides: each side's (speed, peak) over TRL's, from their median step and peak, "-" without a
+    TRL row that ran."""
+    trl = next((r for r in results if r["side"] == "trl" and "error" not in r), None)
+
+    def ratios(result: dict) -> tuple[str, str]:
+        if trl is None:
+            return "-", "-"
+        return (ratio(statistics.median(trl["step_s"]), statistics.median(result["step_s"])),
+                ratio(result["peak_gib"], trl["peak_gib"]))
+
+    return ratios
 
 
 def side_in_subprocess(side: str, command: list[str]) -> dict:

@@ -46,8 +46,8 @@ from typing import Iterator, Optional
 import torch
 
 from ftcli.bench_common import (BENCH_LORA, CHECKPOINTING, FIRST_PLAIN_ID, LORA_SEED, PAD_ID, add_training_arguments,
-                                device_and_dtype, ftcli_setup, random_model, ratio, side_in_subprocess, synchronize,
-                                word_tokenizer, write_random_model)
+                                against_trl, device_and_dtype, ftcli_setup, random_model, side_in_subprocess,
+                                synchronize, word_tokenizer, write_random_model)
 from ftcli.data.templates import PromptExample
 from ftcli.generation import BatchedSampler
 from ftcli.grpo import GrpoMethod
@@ -201,15 +201,14 @@ def print_table(args, results: list[dict]) -> None:
           f"{args.warmup} warm-up)")
     print(f"{'side':<7}{'s/step':>9}{'generate s':>12}{'gen tokens/s':>14}{'train tokens/s':>16}{'peak GiB':>10}"
           f"{'speed vs trl':>14}{'peak vs trl':>13}{'completion':>12}")
-    trl = next((r for r in results if r["side"] == "trl" and "error" not in r), None)
+    ratios = against_trl(results)
     for result in results:
         if "error" in result:
             print(f"{result['side']:<7}  failed: {result['error']}")
             continue
         step, generate, peak = statistics.median(result["step_s"]), statistics.median(result["generation_s"]), \
             result["peak_gib"]
-        speed_ratio = ratio(statistics.median(trl["step_s"]), step) if trl else "-"
-        peak_ratio = ratio(peak, trl["peak_gib"]) if trl else "-"
+        speed_ratio, peak_ratio = ratios(result)
         print(f"{result['side']:<7}{step:>9.2f}{generate:>12.2f}{generated / generate:>14,.0f}{trained / step:>16,.0f}"
               f"{'-' if peak is None else f'{peak:.2f}':>10}{speed_ratio:>14}{peak_ratio:>13}"
               f"{statistics.mean(result['completion_lengths']):>12.0f}")

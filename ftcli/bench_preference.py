@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from ftcli.bench_common import (BENCH_LORA, CHECKPOINTING, END_ID, FIRST_PLAIN_ID, LORA_SEED, PAD_ID,
-                                add_training_arguments, device_and_dtype, ftcli_setup, random_model, ratio,
+                                add_training_arguments, against_trl, device_and_dtype, ftcli_setup, random_model,
                                 side_in_subprocess, synchronize, write_random_model)
 from ftcli.data.templates import PreferenceExample
 from ftcli.optim import build_optimizer
@@ -148,14 +148,13 @@ def print_table(args, results: list[dict]) -> None:
           f"(median of {args.steps} steps after {args.warmup} warm-up)")
     print(f"{'side':<13}{'tokens/s':>10}{'s/step':>9}{'peak GiB':>10}{'speed vs trl':>14}{'peak vs trl':>13}"
           f"{'first loss':>12}{'last loss':>11}")
-    trl = next((r for r in results if r["side"] == "trl" and "error" not in r), None)
+    ratios = against_trl(results)
     for result in results:
         if "error" in result:
             print(f"{result['side']:<13}  failed: {result['error']}")
             continue
         step, peak = statistics.median(result["step_s"]), result["peak_gib"]
-        speed_ratio = ratio(statistics.median(trl["step_s"]), step) if trl else "-"
-        peak_ratio = ratio(peak, trl["peak_gib"]) if trl else "-"
+        speed_ratio, peak_ratio = ratios(result)
         print(f"{result['side']:<13}{tokens / step:>10,.0f}{step:>9.3f}{'-' if peak is None else f'{peak:.2f}':>10}"
               f"{speed_ratio:>14}{peak_ratio:>13}{result['losses'][0]:>12.4f}{result['losses'][-1]:>11.4f}")
         if result.get("same_ids") is False:

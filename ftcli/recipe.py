@@ -132,6 +132,11 @@ class TrainSettings(Section):
         "interrupted.")
     save_total_limit: int = Field(2, gt=0, description="Keep only this many newest checkpoints.")
     eval_steps: int = Field(0, ge=0, description="Evaluate every this many steps; 0 evaluates once at the end (when eval_fraction > 0).")
+    distributed: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="How several processes (torchrun, or ftcli train --gpus N) share the work; one process "
+        "ignores it. ddp: each GPU holds the whole model and trains on its share of each batch (faster). fsdp: the "
+        "decoder layers' weights are sharded across the GPUs (for models that do not fit on one). auto: ddp when "
+        "ftcli plan estimates that it fits the GPU, else fsdp. batch_size counts rows per process.")
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod

@@ -1,6 +1,7 @@
 """The `ftcli` command line: parses arguments, calls the module that does the work, reports errors."""
 
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +43,7 @@ def train(
     """Validate the recipe, load and patch the model, train, and save the adapter folder."""
     console = _console(stderr=as_json)
     with _reported_errors("train", as_json):
+        from ftcli.distributed import start_processes, stop_processes
         from ftcli.output import check_output_free, locked_output_folder
         from ftcli.progress import TrainingDisplay
         from ftcli.recipe import load_recipe
@@ -55,11 +57,19 @@ def train(
         if dry_run:
             summary = training.dry_run(recipe)
             check_output_free(final, recipe.output.overwrite)
-        else:
+            _finish(console, summary, as_json)
+            return
+        processes = start_processes()
+        if processes.main:
             with StopRequest() as stop, locked_output_folder(final, recipe.output.overwrite, resume) as staging:
-                summary = training.run(recipe, staging, TrainingDisplay(console, enabled=not as_json), resume, stop)
+                summary = training.run(recipe, staging, TrainingDisplay(console, enabled=not as_json), resume, stop,
+                                       processes)
             summary["output"] = str(final)
-        _finish(console, summary, as_json)
+            _finish(console, summary, as_json)
+        else:  # the other processes train alongside process 0, which alone reads and writes the output folder
+            with StopRequest(announce=False) as stop:
+                training.run(recipe, None, TrainingDisplay(console, enabled=False), resume, stop, processes)
+        stop_processes()
 
 
 @app.command()
@@ -236,6 +246,11 @@ def _reported_errors(command: str, as_json: bool) -> Iterator[None]:
         raise
     except (Exception, KeyboardInterrupt) as caught:
         error = caught if isinstance(caught, FtcliError) else unexpected_error(caught, command)
+        process = int(os.environ.get("RANK", "0"))  # of several, started by torchrun or --gpus
+        if process and not error.can_be_one_process_alone:  # process 0 reports what all processes met alike
+            raise typer.Exit(error.exit_code) from None
+        if process:
+            error.message = f"(process {process}) {error.message}"
         console = _console(stderr=True)
         if debugging():
             console.print(redacted_traceback(caught), highlight=False, markup=False, soft_wrap=True)

@@ -85,6 +85,17 @@ def global_sums(*values: float) -> list[float]:
     return summed.tolist()
 
 
+def global_totals(totals: dict[str, float]) -> dict[str, float]:
+    """Named sums added up over all processes; a name that one process never met counts as 0 there (a process whose
+    share of a step was empty has none)."""
+    if not _joined():
+        return dict(totals)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(totals))
+    names = sorted(set().union(*gathered))
+    return dict(zip(names, global_sums(*(totals.get(name, 0.0) for name in names))))
+
+
 def global_max(value: float) -> float:
     """The largest value of any process: per-GPU peaks, and a stop that any process was asked for."""
     if not _joined():
@@ -124,3 +135,4 @@ def from_main(value: Any) -> Any:
 def wait_for_all() -> None:
     if _joined():
         dist.barrier()
+

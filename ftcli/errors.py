@@ -57,9 +57,14 @@ def _secret_values() -> set[str]:
 
 
 class FtcliError(Exception):
-    """A problem the user can fix; `exit_code` is what the process exits with."""
+    """A problem the user can fix; `exit_code` is what the process exits with.
+
+    With several processes, most errors are met by all of them alike (a recipe field, a NaN in the loss they sum
+    together), and process 0 alone reports them; one that `can_be_one_process_alone` meets (its own rows, its own
+    GPU) is reported by the process that met it."""
 
     exit_code = 1
+    can_be_one_process_alone = False
 
     def __init__(self, message: str):
         message = redact(message)
@@ -102,6 +107,8 @@ class ExportError(BadInput):
 class RewardError(BadInput):
     """A GRPO reward cannot be loaded, or failed or returned something unusable while scoring completions."""
 
+    can_be_one_process_alone = True  # each process scores the completions of its own prompts
+
 
 class InputError(BadInput):
     """A path or value given on the command line is wrong: a missing folder, a memory size that does not parse."""
@@ -117,6 +124,7 @@ class OutOfMemory(FtcliError):
     """The GPU ran out of memory; the message names recipe settings that would fit (exit code 4)."""
 
     exit_code = 4
+    can_be_one_process_alone = True
 
 
 class Interrupted(FtcliError):
@@ -143,10 +151,15 @@ def unexpected_error(error: BaseException, command: str) -> FtcliError:
         return OutOfMemory(f"CUDA ran out of memory during `ftcli {command}`: {detail}. Free GPU memory (nvidia-smi "
                            "lists the processes holding it), or run on the CPU with CUDA_VISIBLE_DEVICES=\"\"; for "
                            "training, `ftcli plan RECIPE.yaml --gpu-memory SIZE` lists recipe changes that fit.")
-    return FtcliError(f"`ftcli {command}` failed: {type(error).__name__}: {detail}{_raised_at(error)}. ftcli did not "
-                      "expect this failure, so the reason given is the failing library's own and ftcli cannot name "
-                      f"the input to fix. Set {DEBUG_VARIABLE}=1 to see the traceback, and report it if the cause "
-                      "is not yours.")
+    if _is_collective_failure(error):
+        return FtcliError(f"`ftcli {command}` stopped: another process of this run stopped first, and the collective "
+                          f"this one waited in failed ({detail}). That process's own message says why.")
+    unexpected = FtcliError(f"`ftcli {command}` failed: {type(error).__name__}: {detail}{_raised_at(error)}. ftcli did "
+                            "not expect this failure, so the reason given is the failing library's own and ftcli cannot "
+                            f"name the input to fix. Set {DEBUG_VARIABLE}=1 to see the traceback, and report it if the "
+                            "cause is not yours.")
+    unexpected.can_be_one_process_alone = True
+    return unexpected
 
 
 def debugging() -> bool:
@@ -162,6 +175,12 @@ def _is_cuda_out_of_memory(error: BaseException) -> bool:
     # only code that imported torch can run out of GPU memory; reading sys.modules keeps torch out of `ftcli --help`
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(error, torch.cuda.OutOfMemoryError)
+
+
+def _is_collective_failure(error: BaseException) -> bool:
+    """A collective of torch.distributed failed, as it does when a process it waited for died."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(error, torch.distributed.DistError)
 
 
 def _raised_at(error: BaseException) -> str:

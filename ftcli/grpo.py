@@ -24,6 +24,7 @@ import torch
 from ftcli.answer_logprobs import scored_logprobs
 from ftcli.data.templates import PromptExample, end_of_turn_ids
 from ftcli.decoding import Sampling
+from ftcli.distributed import global_sums, global_totals
 from ftcli.generation import BatchedSampler, Completions, GenerationEngine
 from ftcli.grpo_losses import completion_losses, group_advantages
 from ftcli.loader import reference_policy
@@ -61,7 +62,7 @@ class GrpoMethod:
         self.sampling = Sampling(recipe.grpo.max_completion_length, recipe.grpo.temperature, recipe.grpo.top_p)
         self.engine: Optional[GenerationEngine] = None
 
-    def prepare(self, model, train: list[PromptExample], evaluation: list[PromptExample], out_dir: Path) -> None:
+    def prepare(self, model, train: list[PromptExample], evaluation: list[PromptExample], out_dir: Optional[Path]) -> None:
         """The generation engine on the model being trained."""
         stop_ids = end_of_turn_ids(self.tokenizer, getattr(model, "generation_config", None))
         self.engine = BatchedSampler(model, stop_ids, self.tokenizer.pad_token_id, self.settings.max_prompt_length)
@@ -70,9 +71,9 @@ class GrpoMethod:
                              scaler: Optional[torch.amp.GradScaler] = None) -> StepResult:
         """Generate, score and backward each micro-batch in turn (the loop then clips and steps)."""
         generations = self.settings.num_generations
-        completions_in_step = sum(len(examples) for examples in group) * generations
+        completions_in_step, = global_sums(sum(len(examples) for examples in group) * generations)
         totals, step_loss, tokens = defaultdict(float), 0.0, 0
-        for examples in group:
+        for examples in (examples for examples in group if examples):
             rollouts = self.roll_out(model, examples, self.sampling, generations)
             advantages = group_advantages(rollouts.scores.total, generations, self.settings.scale_rewards)
             batch = collate_completions(rollouts, self.tokenizer.pad_token_id, self.device)
@@ -84,7 +85,10 @@ class GrpoMethod:
             add_rollout_metrics(totals, rollouts, self.rewards, generations)
             totals["kl_sum"] += float(losses.kl_sum.sum())
             totals["completion_tokens"] += float(losses.tokens.sum())
-        return StepResult(step_loss, tokens, step_metrics(totals, self.rewards, self.settings.beta > 0))
+        step_loss, tokens = global_sums(step_loss, tokens)
+        # each process generated at the same time as the others: the step's generation time is this process's own
+        totals = defaultdict(float, global_totals(totals) | {"generation_s": totals["generation_s"]})
+        return StepResult(step_loss, int(tokens), step_metrics(totals, self.rewards, self.settings.beta > 0))
 
     @torch.no_grad()
     def evaluate(self, model, examples: list[PromptExample]) -> tuple[None, dict, list]:

@@ -19,6 +19,7 @@ import torch
 
 from ftcli.answer_logprobs import PairBatch, answer_token_counts, collate_pairs, pair_logprobs, shared_prompt_fits
 from ftcli.data.templates import PreferenceExample
+from ftcli.distributed import from_main, global_sums, global_totals
 from ftcli.loader import reference_policy
 from ftcli.metrics import StepResult
 from ftcli.preference_losses import PairLogprobs, PairLosses, preference_loss
@@ -38,10 +39,11 @@ class PreferenceMethod:
 
     def accumulate_gradients(self, model, group: list[list[PreferenceExample]],
                              scaler: Optional[torch.amp.GradScaler] = None) -> StepResult:
-        """Backward over the micro-batches of one optimizer step (the loop then clips and steps)."""
-        pairs = sum(len(examples) for examples in group)
+        """Backward over this process's micro-batches of one optimizer step (the loop then sums the gradients of all
+        processes, clips and steps); the loss is divided by the pairs of all processes."""
+        pairs, = global_sums(sum(len(examples) for examples in group))
         totals, step_loss, tokens = defaultdict(float), 0.0, 0
-        for examples in group:
+        for examples in (examples for examples in group if examples):
             batch = self.collate(model, examples)
             losses = self.pair_losses(model, examples, batch)
             loss = losses.loss.sum() / pairs
@@ -49,7 +51,8 @@ class PreferenceMethod:
             step_loss += loss.item()
             tokens += batch.tokens
             add_pair_metrics(totals, losses)
-        return StepResult(step_loss, tokens, {name: total / pairs for name, total in totals.items()})
+        step_loss, tokens = global_sums(step_loss, tokens)
+        return StepResult(step_loss, int(tokens), {name: total / pairs for name, total in global_totals(totals).items()})
 
     @torch.no_grad()
     def evaluate(self, model, examples: list[PreferenceExample]) -> tuple[float, dict, list[PreferenceExample]]:
@@ -69,26 +72,28 @@ class PreferenceMethod:
         return loss_sum / len(examples), {name: total / len(examples) for name, total in totals.items()}, diverged
 
     def prepare(self, model, train: list[PreferenceExample], evaluation: list[PreferenceExample],
-                out_dir: Path) -> None:
+                out_dir: Optional[Path]) -> None:
         """With precompute_reference, fill the reference cache for the pairs the run trains on (`train`) and
-        evaluates on: from OUT, or by one pass."""
+        evaluates on: from OUT, or by one pass. `out_dir` is None in the processes other than process 0, which get
+        process 0's cache, or make the same pass (a sharded model needs every process in each forward)."""
         if not (self.needs_reference and self.settings.precompute_reference):
             return
         examples = train + evaluation
-        path = out_dir / REFERENCE_CACHE
         fingerprint = pairs_fingerprint(examples)
-        saved = torch.load(path, weights_only=True) if path.is_file() else None
-        if saved is not None and saved["fingerprint"] == fingerprint:
-            values = saved["logprobs"].tolist()
-        else:
+        path = out_dir / REFERENCE_CACHE if out_dir else None
+        saved = torch.load(path, weights_only=True) if path and path.is_file() else None
+        values = from_main(saved["logprobs"].tolist() if saved is not None and saved["fingerprint"] == fingerprint
+                           else None)
+        if values is None:
             values = []
             with torch.no_grad():
                 for start in range(0, len(examples), self.batch_size):
                     batch_examples = examples[start:start + self.batch_size]
                     reference = self.reference_logprobs(model, self.collate(model, batch_examples))
                     values += torch.stack([reference.chosen, reference.rejected], 1).tolist()
-            with staged_file(path) as temporary:
-                torch.save({"fingerprint": fingerprint, "logprobs": torch.tensor(values)}, temporary)
+            if path:
+                with staged_file(path) as temporary:
+                    torch.save({"fingerprint": fingerprint, "logprobs": torch.tensor(values)}, temporary)
         self.cached_reference = {id(example): tuple(pair) for example, pair in zip(examples, values)}
 
     def collate(self, model, examples: list[PreferenceExample]) -> PairBatch:

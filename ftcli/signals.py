@@ -15,8 +15,9 @@ from typing import Optional
 class StopRequest:
     """While entered, records the first SIGINT or SIGTERM in `signal_number` instead of dying of it."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.signal_number: Optional[int] = None
+        self.announce = announce  # with several processes, process 0 alone says what happens next
         self._previous: dict[int, object] = {}
 
     @property
@@ -40,6 +41,8 @@ class StopRequest:
     def _handle(self, number: int, frame) -> None:
         if self.signal_number is None:
             self.signal_number = number
+            if not self.announce:
+                return
             sys.stderr.write(f"\n{signal.Signals(number).name} received: saving a checkpoint after this step "
                              "(Ctrl-C again to quit at once).\n")
             sys.stderr.flush()

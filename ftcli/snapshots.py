@@ -33,9 +33,10 @@ TENSORS_FILE = "training_state.pt"
 
 # Recipe fields that shape the data order, the model or the optimizer's tensors: a checkpoint only
 # continues a run whose recipe has the same values for them.
+# train.batch_size may change with the number of processes, as long as the micro-batch of all processes does not
+# (`check_compatible`).
 MUST_MATCH = ["model.name", "model.adapter", "model.max_seq_length", "model.load_in_4bit", "lora", "data",
-              "train.method", "train.batch_size", "train.grad_accum", "train.seed", "train.optimizer", "preference",
-              "grpo"]
+              "train.method", "train.grad_accum", "train.seed", "train.optimizer", "preference", "grpo"]
 
 
 @dataclass
@@ -115,16 +116,27 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
         group.update(values)
 
 
-def check_compatible(snapshot: Snapshot, recipe: Recipe) -> None:
-    """Refuse to continue a checkpoint with a recipe that would train a different model or data order."""
+def check_compatible(snapshot: Snapshot, recipe: Recipe, processes: int = 1) -> None:
+    """Refuse to continue a checkpoint with a recipe that would train a different model or data order: the same
+    fields, and the same micro-batch over all processes (batch_size x processes), however many processes there are."""
     saved, current = _flatten(snapshot.state["recipe"]), _flatten(recipe_record(recipe))
     differing = [key for key in sorted(set(saved) | set(current))
                  if any(key == field or key.startswith(field + ".") for field in MUST_MATCH)
                  and saved.get(key) != current.get(key)]
+    saved_processes = snapshot.state.get("processes", 1)
+    saved_batch, batch = saved["train.batch_size"], recipe.train.batch_size
+    hint = ""
+    if saved_batch * saved_processes != batch * processes:
+        differing.append("train.batch_size")
+        saved["train.batch_size"] = f"{saved_batch} x {saved_processes} processes"
+        current["train.batch_size"] = f"{batch} x {processes} processes"
+        rows = saved_batch * saved_processes
+        hint = (f" With {processes} processes, train.batch_size {rows // processes} keeps the {rows} rows of each "
+                "micro-batch." if rows % processes == 0 else "")
     if differing:
         changes = "; ".join(f"{key} was {saved.get(key)!r}, now {current.get(key)!r}" for key in differing)
         raise CheckpointError(f"Cannot resume from {snapshot.path}: the recipe changed where a checkpoint must match "
-                          f"({changes}). Put those fields back, or delete the checkpoints to start again.")
+                              f"({changes}). Put those fields back, or delete the checkpoints to start again.{hint}")
 
 
 def recipe_record(recipe: Recipe) -> dict:

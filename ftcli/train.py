@@ -12,7 +12,9 @@ evaluation, checkpoints, the stop check) is one small function each.
 import math
 import random
 import resource
+import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -24,6 +26,7 @@ from ftcli.activation_checkpointing import enable_checkpointing
 from ftcli.architectures import Architecture
 from ftcli.data import PreparedData, prepare_data
 from ftcli.data.templates import IGNORE_INDEX, TokenizedExample
+from ftcli.distributed import Processes, from_main, global_max, global_sums, share, sum_gradients
 from ftcli.errors import CheckpointError, Interrupted, OutOfMemory, TrainingDiverged, redact
 from ftcli.loader import (TRAINED_ADAPTER, add_lora, check_lora_targets, compute_dtype, load_config, load_model,
                           load_reference_adapter, load_tokenizer, meta_model, pick_device)
@@ -37,7 +40,8 @@ from ftcli.progress import TrainingDisplay
 from ftcli.rewards import Reward, load_rewards
 from ftcli.recipe import PREFERENCE_METHODS, LoraSettings, Recipe, TrainSettings
 from ftcli.signals import StopRequest
-from ftcli.snapshots import Snapshot, check_compatible, newest_snapshot, restore_snapshot, save_snapshot
+from ftcli.snapshots import (Snapshot, check_compatible, load_optimizer_state, newest_snapshot, random_states,
+                             restore_random_states, restore_snapshot, save_snapshot)
 from ftcli.staging import atomic_write_text
 from ftcli.start_adapter import start_from_adapter
 from ftcli.steps import count_steps, data_position, examples_in_run, step_groups
@@ -48,7 +52,7 @@ class TrainingSetup:
     """What the loop trains with, built once: the recipe and its data, the model and what updates it."""
 
     recipe: Recipe
-    out_dir: Path
+    out_dir: Optional[Path]  # None in processes other than process 0, which write nothing
     data: PreparedData
     model: torch.nn.Module
     trainable: list[torch.nn.Parameter]
@@ -59,6 +63,9 @@ class TrainingSetup:
     kernels: KernelSwaps
     total_steps: int
     method: Union["SupervisedMethod", PreferenceMethod, GrpoMethod]
+    processes: Processes
+    schedule: TrainSettings  # the recipe's train section with the micro-batch of all processes: the data order
+    strategy: str  # how several processes share the model: ddp or fsdp (one process: ddp, which then does nothing)
 
 
 @dataclass
@@ -101,42 +108,50 @@ class RunState:
         return speed
 
 
-def run(recipe: Recipe, out_dir: Path, display: TrainingDisplay, resume: bool = False,
-        stop: Optional[StopRequest] = None) -> dict:
+def run(recipe: Recipe, out_dir: Optional[Path], display: TrainingDisplay, resume: bool = False,
+        stop: Optional[StopRequest] = None, processes: Processes = Processes()) -> dict:
     """Train the recipe and save the adapter folder into `out_dir`; returns the run's summary.
 
     With `resume`, training continues from the newest checkpoint in `out_dir` (when there is one). `stop` is
-    looked at after every optimizer step: once a signal has set it, a checkpoint is saved and the run ends
-    with `Interrupted`.
+    looked at after every optimizer step: once a signal has set it (in any process), a checkpoint is saved and the
+    run ends with `Interrupted`. With several `processes`, process 0 alone reads and writes `out_dir` (None in the
+    others).
     """
     config, architecture = load_config(recipe.model)
     recipe = start_from_adapter(recipe, config, architecture)
-    snapshot = newest_snapshot(out_dir) if resume else None
+    snapshot = newest_snapshot(out_dir) if resume and processes.main else None
     if snapshot:
-        check_compatible(snapshot, recipe)
+        check_compatible(snapshot, recipe, processes.count)
     rewards = load_rewards(recipe.grpo.rewards)  # before the model loads: a broken reward file fails in seconds
     seed_everything(recipe.train.seed)
-    device = pick_device()
+    device = pick_device()  # with several processes, start_processes made this process's own GPU the current one
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe.data, tokenizer, recipe.example_length_limit(), recipe.train.seed)
-    total_steps = count_steps(len(data.train), recipe.train)
+    schedule = recipe.train.model_copy(update={"batch_size": recipe.train.batch_size * processes.count})
+    total_steps = count_steps(len(data.train), schedule)
     if snapshot and snapshot.step >= total_steps:
         raise CheckpointError(f"Checkpoint {snapshot.path} is at step {snapshot.step}, and the recipe trains for "
                               f"{total_steps} steps; raise train.max_steps (or epochs) to train further.")
     try:
-        setup = build_setup(recipe, out_dir, device, architecture, tokenizer, data, total_steps, rewards)
+        setup = build_setup(recipe, out_dir, device, architecture, tokenizer, data, total_steps, rewards, processes,
+                            schedule)
         display.header(recipe, architecture.family, setup.model, setup.trainable, device, setup.dtype, data.stats,
                        total_steps, setup.kernels)
         state = resumed_state(setup, snapshot, display) if snapshot else RunState()
+        if processes.several:
+            state = state_of_main(setup, state)
         train_loop(setup, state, display, stop)
     except torch.cuda.OutOfMemoryError:
         gpu_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
         raise OutOfMemory(out_of_memory_advice(recipe, config, gpu_bytes, data.stats.longest)) from None
-    return finish(setup, state, tokenizer, snapshot.step if snapshot else None)
+    return finish(setup, state, tokenizer, from_main(snapshot.step if snapshot else None))
 
 
-def build_setup(recipe: Recipe, out_dir: Path, device: torch.device, architecture: Architecture, tokenizer,
-                data: PreparedData, total_steps: int, rewards: list[Reward]) -> TrainingSetup:
+def build_setup(recipe: Recipe, out_dir: Optional[Path], device: torch.device, architecture: Architecture, tokenizer,
+                data: PreparedData, total_steps: int, rewards: list[Reward], processes: Processes = Processes(),
+                schedule: Optional[TrainSettings] = None) -> TrainingSetup:
+    schedule = schedule or recipe.train
+    strategy = "ddp" if recipe.train.distributed == "auto" else recipe.train.distributed
     dtype = compute_dtype(recipe.model, device)
     model = load_model(recipe.model, architecture, device, dtype)
     model, kernels = prepare_for_training(model, architecture, recipe.lora, recipe.model.kernels and kernels_can_run(device),
@@ -149,18 +164,47 @@ def build_setup(recipe: Recipe, out_dir: Path, device: torch.device, architectur
     else:
         method_class = PreferenceMethod if recipe.train.method in PREFERENCE_METHODS else SupervisedMethod
         method = method_class(recipe, tokenizer.pad_token_id, device, kernels.fused_loss)
-    method.prepare(model, examples_in_run(data.train, recipe.train, total_steps), data.eval, out_dir)
+    method.prepare(model, examples_in_run(data.train, schedule, total_steps), data.eval, out_dir)
     return TrainingSetup(recipe, out_dir, data, model, trainable, build_optimizer(trainable, recipe.train),
                          torch.amp.GradScaler(device.type) if dtype == torch.float16 else None, device, dtype,
-                         kernels, total_steps, method)
+                         kernels, total_steps, method, processes, schedule, strategy)
 
 
 def resumed_state(setup: TrainingSetup, snapshot: Snapshot, display: TrainingDisplay) -> RunState:
-    """Restore the checkpoint; last before the loop, so the random states it restores are the ones the next step
-    would have seen."""
+    """Restore the checkpoint (process 0); last before the loop, so the random states it restores are the ones the
+    next step would have seen."""
     restore_snapshot(snapshot, setup.model, setup.optimizer, setup.scaler)
     display.resumed(snapshot.path, snapshot.step)
     return RunState(step=snapshot.step, tokens_seen=snapshot.state["tokens"], elapsed_before=snapshot.state["elapsed_s"])
+
+
+def state_of_main(setup: TrainingSetup, state: RunState) -> RunState:
+    """Give every process what process 0 started from (only it reads the output folder, so only it restored a
+    checkpoint): the adapter weights, optimizer and scaler states, random states and the step reached."""
+    main = from_main({"step": state.step, "tokens": state.tokens_seen, "elapsed_s": state.elapsed_before,
+                      "adapter": [parameter.detach().cpu() for parameter in setup.trainable],
+                      "optimizer": on_cpu(setup.optimizer.state_dict()),
+                      "scaler": setup.scaler.state_dict() if setup.scaler else None, "rng": random_states()})
+    if not setup.processes.main:
+        with torch.no_grad():
+            for parameter, value in zip(setup.trainable, main["adapter"]):
+                parameter.copy_(value)
+        load_optimizer_state(setup.optimizer, main["optimizer"])
+        if setup.scaler:
+            setup.scaler.load_state_dict(main["scaler"])
+        restore_random_states(main["rng"])
+    return RunState(step=main["step"], tokens_seen=main["tokens"], elapsed_before=main["elapsed_s"])
+
+
+def on_cpu(value):
+    """A state dict with its tensors copied to the CPU, to send to processes that hold them on other GPUs."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(item) for item in value)
+    return value
 
 
 def train_loop(setup: TrainingSetup, state: RunState, display: TrainingDisplay, stop: Optional[StopRequest]) -> None:
@@ -168,9 +212,10 @@ def train_loop(setup: TrainingSetup, state: RunState, display: TrainingDisplay, 
     when one is due, and a stop when a signal asked for one."""
     settings, total = setup.recipe.train, setup.total_steps
     setup.model.train()
-    with MetricsLog(setup.out_dir, setup.recipe.output.tensorboard, state.step) as metrics, \
-            display.running(total, state.step):
-        for step, group in enumerate(step_groups(setup.data.train, settings, total), start=1):
+    metrics_log = MetricsLog(setup.out_dir, setup.recipe.output.tensorboard, state.step) if setup.processes.main \
+        else nullcontext()
+    with metrics_log as metrics, display.running(total, state.step):
+        for step, group in enumerate(step_groups(setup.data.train, setup.schedule, total), start=1):
             if step <= state.step:  # done before the checkpoint; the seeded order makes skipping exact
                 continue
             train_step(setup, state, step, group)
@@ -179,22 +224,32 @@ def train_loop(setup: TrainingSetup, state: RunState, display: TrainingDisplay, 
                 state.eval_loss, eval_metrics = evaluate_or_stop(setup, step)
                 evaluated = eval_metrics if state.eval_loss is None else {"loss": state.eval_loss} | eval_metrics
                 row = (row or {"step": step}) | {f"eval_{name}": round(value, 6) for name, value in evaluated.items()}
-            if row:
+            if row and metrics:
                 metrics.write(row)
             display.step(step, state.headline(), state.learning_rate, row)
-            stopping = stop is not None and stop.requested and step < total
-            if stopping or checkpoint_due(settings, step, total):
+            signal_number = agreed_stop(stop, setup.processes) if step < total else 0
+            if signal_number or checkpoint_due(settings, step, total):
                 path = save_checkpoint(setup, state)
-            if stopping:
-                raise Interrupted(f"{stop.signal_name} received: stopped after step {step} of {total} and saved "
-                                  f"{path}. Run the same command with --resume to continue from there.",
-                                  stop.signal_number)
+            if signal_number:
+                raise Interrupted(f"{signal.Signals(signal_number).name} received: stopped after step {step} of "
+                                  f"{total} and saved {path}. Run the same command with --resume to continue from "
+                                  "there.", signal_number)
+
+
+def agreed_stop(stop: Optional[StopRequest], processes: Processes) -> int:
+    """The signal that asked any process to stop (0: none), so that all processes stop after the same step."""
+    asked = stop.signal_number if stop is not None and stop.requested else 0
+    return int(global_max(asked)) if processes.several else asked
 
 
 def train_step(setup: TrainingSetup, state: RunState, step: int, group: list[list]) -> None:
-    """One optimizer step over the micro-batches of `group`; a loss or gradient norm that is not finite stops the
-    run before the update."""
-    result = setup.method.accumulate_gradients(setup.model, group, setup.scaler)
+    """One optimizer step over the micro-batches of `group`, each process on its share of every micro-batch; a loss
+    or gradient norm that is not finite stops the run (every process alike) before the update."""
+    shares = [share(batch, setup.processes) for batch in group]
+    result = setup.method.accumulate_gradients(setup.model, shares, setup.scaler)
+    if setup.strategy == "fsdp":
+        match_sharded_passes(setup.model, sum(not rows for rows in shares))
+    sum_gradients(setup.trainable)
     examples = [example for batch in group for example in batch]
     check_finite("training loss", result.loss, step, examples, setup)
     grad_norm = clip_gradients(setup.trainable, setup.optimizer, setup.recipe.train.max_grad_norm, setup.scaler)
@@ -207,11 +262,20 @@ def train_step(setup: TrainingSetup, state: RunState, step: int, group: list[lis
     state.method_metrics = result.metrics
 
 
+def match_sharded_passes(model, missing: int) -> None:
+    """A forward and backward through the sharded model for each micro-batch in which this process had no rows
+    (fewer rows than processes, at an epoch's end): each pass gathers the layers' weights together with the
+    other processes, which would otherwise wait for this one. The loss is multiplied by 0, so no gradient changes."""
+    for _ in range(missing):
+        token = torch.zeros((1, 1), dtype=torch.long, device=model.device)
+        (model(input_ids=token).logits.float().sum() * 0).backward()
+
+
 def metrics_row(setup: TrainingSetup, state: RunState) -> dict:
     return {"step": state.step, "loss": round(state.last_loss, 6), "lr": state.learning_rate,
             "grad_norm": round(state.grad_norm, 6), "tokens": state.tokens_seen,
             "tokens_per_s": round(state.tokens_per_second(), 1), "elapsed_s": round(state.elapsed(), 3),
-            "peak_mem_gib": round(peak_memory_gib(setup.device), 3)} | {
+            "peak_mem_gib": round(global_max(peak_memory_gib(setup.device)), 3)} | {
             name: round(value, 6) for name, value in state.method_metrics.items()}
 
 
@@ -236,26 +300,34 @@ def checkpoint_due(settings: TrainSettings, step: int, total_steps: int) -> bool
 
 
 def save_checkpoint(setup: TrainingSetup, state: RunState) -> Path:
-    progress = {"tokens": state.tokens_seen, "elapsed_s": round(state.elapsed(), 3),
-                **data_position(state.step, len(setup.data.train), setup.recipe.train)}
-    return save_snapshot(setup.out_dir, state.step, setup.model, setup.optimizer, setup.scaler, progress, setup.recipe,
-                         setup.recipe.train.save_total_limit)
+    """Process 0 writes the checkpoint (every process holds the same adapter and optimizer state); the others
+    wait for it, so that a stop after it finds the checkpoint whole."""
+    progress = {"tokens": state.tokens_seen, "elapsed_s": round(state.elapsed(), 3), "processes": setup.processes.count,
+                **data_position(state.step, len(setup.data.train), setup.schedule)}
+    path = None
+    if setup.processes.main:
+        path = save_snapshot(setup.out_dir, state.step, setup.model, setup.optimizer, setup.scaler, progress,
+                             setup.recipe, setup.recipe.train.save_total_limit)
+    return from_main(path)
 
 
 def finish(setup: TrainingSetup, state: RunState, tokenizer, resumed_from_step: Optional[int]) -> dict:
     """Save the adapter, tokenizer, recipe and loss plot into the output folder; returns the run's summary."""
     recipe = setup.recipe
-    setup.model.save_pretrained(setup.out_dir, selected_adapters=[TRAINED_ADAPTER])
-    tokenizer.save_pretrained(setup.out_dir)
-    atomic_write_text(setup.out_dir / "recipe.yaml", redact(recipe.to_yaml()))
-    plot = plot_losses(setup.out_dir)
+    peak = global_max(peak_memory_gib(setup.device))
+    plot = None
+    if setup.processes.main:
+        setup.model.save_pretrained(setup.out_dir, selected_adapters=[TRAINED_ADAPTER])
+        tokenizer.save_pretrained(setup.out_dir)
+        atomic_write_text(setup.out_dir / "recipe.yaml", redact(recipe.to_yaml()))
+        plot = plot_losses(setup.out_dir)
     runtime = state.elapsed()
     precision = "nf4" if recipe.model.load_in_4bit else str(setup.dtype).removeprefix("torch.")
     return {"status": "ok", "method": recipe.train.method, "steps": setup.total_steps, "precision": precision,
             "kernels": setup.kernels.module_counts, "fused_loss": setup.kernels.fused_loss, "final_loss": round(state.last_loss, 6),
             "eval_loss": None if state.eval_loss is None else round(state.eval_loss, 6), "tokens": state.tokens_seen,
             "train_runtime_s": round(runtime, 2), "tokens_per_s": round(state.tokens_seen / max(runtime, 1e-9), 1),
-            "peak_mem_gib": round(peak_memory_gib(setup.device), 3),
+            "peak_mem_gib": round(peak, 3), "processes": setup.processes.count,
             "trainable_params": sum(p.numel() for p in setup.trainable), "resumed_from_step": resumed_from_step,
             "loss_plot": plot is not None} | (
             {"final_reward": round(state.method_metrics["reward"], 6)} if "reward" in state.method_metrics else {})
@@ -269,10 +341,10 @@ def check_finite(quantity: str, value: float, step: int, examples: list[Tokenize
 
 
 def divergence_message(quantity: str, value: float, step: int, examples: list[TokenizedExample], recipe: Recipe,
-                       out_dir: Path) -> str:
+                       out_dir: Optional[Path]) -> str:
     origins = sorted({example.origin for example in examples if example.origin})
     rate = recipe.train.learning_rate
-    latest = newest_snapshot(out_dir)
+    latest = newest_snapshot(out_dir) if out_dir else None
     resume = (f" The last checkpoint, {latest.path.name}, is kept; after a fix, --resume continues from it."
               if latest else "")
     return (f"The {quantity} became {value} at step {step}, on the micro-batches of "
@@ -327,12 +399,12 @@ class SupervisedMethod:
     def __init__(self, recipe: Recipe, pad_id: int, device: torch.device, fused: bool):
         self.batch_size, self.pad_id, self.device, self.fused = recipe.train.batch_size, pad_id, device, fused
 
-    def prepare(self, model, train: list[TokenizedExample], evaluation: list[TokenizedExample], out_dir: Path) -> None:
+    def prepare(self, model, train: list[TokenizedExample], evaluation: list[TokenizedExample], out_dir: Optional[Path]) -> None:
         """Nothing to compute before training (preference methods may precompute their reference)."""
 
     def accumulate_gradients(self, model, group: list[list[TokenizedExample]],
                              scaler: Optional[torch.amp.GradScaler] = None) -> StepResult:
-        batches = [collate(examples, self.pad_id, self.device) for examples in group]
+        batches = [collate(examples, self.pad_id, self.device) for examples in group if examples]
         loss, tokens = accumulate_gradients(model, batches, scaler, self.fused)
         return StepResult(loss, tokens)
 
@@ -419,14 +491,16 @@ def fused_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]],
                          scaler: Optional[torch.amp.GradScaler] = None, fused: bool = False) -> tuple[float, int]:
-    """Backward over all micro-batches of one step; returns the step's mean token loss and its token count."""
-    total_targets = sum(target_tokens(batch) for batch in batches)
+    """Backward over this process's micro-batches of one step; returns the step's mean token loss and its token
+    count, both of all processes (the loss is divided by the target tokens of all processes)."""
+    total_targets, = global_sums(sum(target_tokens(batch) for batch in batches))
     step_loss = 0.0
     for batch in batches:
         loss = summed_token_loss(model, batch, fused) / total_targets
         (scaler.scale(loss) if scaler else loss).backward()
         step_loss += loss.item()
-    return step_loss, sum(int(batch["attention_mask"].sum()) for batch in batches)
+    step_loss, tokens = global_sums(step_loss, sum(int(batch["attention_mask"].sum()) for batch in batches))
+    return step_loss, int(tokens)
 
 
 def clip_gradients(parameters: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,

@@ -1,0 +1,96 @@
+"""Several processes on the CPU (gloo), started by torchrun: the same losses and adapter as one process that takes
+all their rows, resume onto another number of processes, and process 0 alone writing the output folder."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import ROOT, write_recipe
+
+pytestmark = pytest.mark.slow
+
+LOSS_TOLERANCE = 1e-5  # relative, per step: the same sums in another order, in float32
+ADAPTER_TOLERANCE = 1e-4  # absolute, per weight, after the run's updates
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def train(recipe, processes: int, *options: str) -> subprocess.CompletedProcess:
+    """`ftcli train` in one process, or under torchrun in `processes`; one thread each, as the CPU has few cores."""
+    command = [sys.executable, "-m", "ftcli", "train", str(recipe), *options]
+    if processes > 1:
+        command[1:2] = ["-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-addr",
+                        "127.0.0.1", "--master-port", str(free_port()), "-m"]
+    environment = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(command, capture_output=True, text=True, timeout=1200, env=environment, cwd=ROOT)
+
+
+def losses(folder) -> list[float]:
+    return [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(folder, reference) -> None:
+    got, expected = losses(folder), losses(reference)
+    assert len(got) == len(expected)
+    for step, (value, wanted) in enumerate(zip(got, expected), start=1):
+        assert value == pytest.approx(wanted, rel=LOSS_TOLERANCE), f"step {step}"
+    trained, wanted = load_file(folder / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors")
+    assert trained.keys() == wanted.keys()
+    largest = max(float((trained[name] - wanted[name]).abs().max()) for name in wanted)
+    assert largest <= ADAPTER_TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def fixture_recipe(smollm2_folder, tmp_path_factory):
+    """The SmolLM2 fixture in float32 on the identity data: 24 rows, so 4 rows a micro-batch and 2 micro-batches a
+    step make 3 steps an epoch, and 4 steps cross into the reshuffled second epoch."""
+    folder = tmp_path_factory.mktemp("distributed")
+
+    def recipe(name: str, batch_size: int, **train):
+        return write_recipe(folder / f"{name}.yaml", smollm2_folder, ROOT / "recipes" / "data" / "identity.jsonl",
+                            folder / name, model={"max_seq_length": 96},
+                            data={"format": "messages", "train_on_responses_only": True},
+                            train={"batch_size": batch_size, "grad_accum": 2, "max_steps": 4, "learning_rate": 1e-4,
+                                   "lr_scheduler": "constant", "logging_steps": 1, **train})
+
+    return recipe, folder
+
+
+def test_two_processes_equal_one_with_their_rows(fixture_recipe):
+    recipe, folder = fixture_recipe
+    one = train(recipe("one", 4), 1)
+    assert one.returncode == 0, one.stderr
+    two = train(recipe("two", 2), 2)
+    assert two.returncode == 0, two.stderr
+    assert_same_run(folder / "two", folder / "one")
+    assert not list(folder.glob(".two*")), "the staging folder is renamed away"
+
+
+def test_resume_from_two_processes_onto_one(fixture_recipe):
+    recipe, folder = fixture_recipe
+    reference = folder / "one"
+    if not reference.exists():
+        assert train(recipe("one", 4), 1).returncode == 0
+    first = train(recipe("halves", 2, max_steps=2, save_steps=2), 2)
+    assert first.returncode == 0, first.stderr
+    resumed = train(recipe("halves", 4, max_steps=4, save_steps=2), 1, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(folder / "halves", reference)
+
+
+def test_resume_refuses_another_micro_batch(fixture_recipe):
+    recipe, folder = fixture_recipe
+    assert train(recipe("steady", 2, max_steps=2, save_steps=2), 2).returncode == 0
+    refused = train(recipe("steady", 2, max_steps=4), 1, "--resume")
+    assert refused.returncode == 2
+    assert "train.batch_size was '2 x 2 processes', now '2 x 1 processes'" in refused.stderr
+    assert "With 1 processes, train.batch_size 4 keeps the 4 rows" in refused.stderr

@@ -10,7 +10,8 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, write_recipe
+from conftest import ROOT, write_jsonl, write_recipe
+from ftcli.preference import REFERENCE_CACHE
 
 pytestmark = pytest.mark.slow
 
@@ -94,3 +95,64 @@ def test_resume_refuses_another_micro_batch(fixture_recipe):
     assert refused.returncode == 2
     assert "train.batch_size was '2 x 2 processes', now '2 x 1 processes'" in refused.stderr
     assert "With 1 processes, train.batch_size 4 keeps the 4 rows" in refused.stderr
+
+
+@pytest.fixture
+def tiny(tmp_path, tiny_model_folder):
+    return tmp_path, tiny_model_folder("llama")
+
+
+def tiny_recipe(tiny, name: str, rows: list[dict], batch_size: int, **sections):
+    tmp, model = tiny
+    data = write_jsonl(tmp / f"{name}.jsonl", rows)
+    train_section = {"batch_size": batch_size, "grad_accum": 1, "max_steps": 3, "lr_scheduler": "constant"}
+    return write_recipe(tmp / f"{name}.yaml", model, data, tmp / name,
+                        train=train_section | sections.pop("train", {}), **sections)
+
+
+def test_a_process_with_no_rows_in_a_micro_batch_adds_nothing(tiny):
+    """9 rows in micro-batches of 4: the third has one row, which process 1 takes while process 0 has none."""
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(9)]
+    assert train(tiny_recipe(tiny, "one", rows, 4), 1).returncode == 0
+    two = train(tiny_recipe(tiny, "two", rows, 2), 2)
+    assert two.returncode == 0, two.stderr
+    assert_same_run(tiny[0] / "two", tiny[0] / "one")
+
+
+def test_dpo_over_two_processes_equals_one(tiny):
+    """Pair losses are divided by the pairs of all processes, and the reward metrics are means over all of them;
+    the precomputed reference is process 0's."""
+    rows = [{"prompt": f"What is {i} plus {i}?", "chosen": f"{i} plus {i} is {2 * i}.",
+             "rejected": f"The number is {i}."} for i in range(10)]
+    sections = dict(data={"format": "preference"}, train={"method": "dpo"}, preference={"precompute_reference": True})
+    assert train(tiny_recipe(tiny, "one", rows, 4, **sections), 1).returncode == 0
+    two = train(tiny_recipe(tiny, "two", rows, 2, **sections), 2)
+    assert two.returncode == 0, two.stderr
+    assert_same_run(tiny[0] / "two", tiny[0] / "one")
+    one_rows, two_rows = (metrics_rows(tiny[0] / name) for name in ("one", "two"))
+    for name in ("rewards_chosen", "rewards_rejected", "reward_accuracy"):
+        assert [row[name] for row in two_rows] == pytest.approx([row[name] for row in one_rows], rel=1e-4, abs=1e-6)
+    assert (tiny[0] / "two" / REFERENCE_CACHE).is_file()
+
+
+def test_grpo_over_two_processes_reports_the_rewards_of_all(tiny):
+    tmp, _ = tiny
+    (tmp / "rewards.py").write_text("def digits(completions, **columns):\n"
+                                    "    return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]\n")
+    rows = [{"prompt": f"What is {i} plus {i}?"} for i in range(8)]
+    grpo = {"num_generations": 4, "max_prompt_length": 32, "max_completion_length": 8,
+            "rewards": [{"function": str(tmp / "rewards.py") + ":digits"}]}
+    result = train(tiny_recipe(tiny, "two", rows, 1, data={"format": "prompts"}, train={"method": "grpo"}, grpo=grpo), 2,
+                   "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["processes"] == 2 and summary["steps"] == 3
+    rows = metrics_rows(tmp / "two")
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert all(0 <= row["reward"] <= 1 and row["completion_length"] > 0 for row in rows)
+    assert result.stdout.count('"status": "ok"') == 1, "process 0 alone prints the summary"
+
+
+def metrics_rows(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]

@@ -149,6 +149,12 @@ def test_plan_module_prints_the_bench_shapes(capsys):
     out = capsys.readouterr().out
     assert "llama3.2-1b" in out and "estimated peak" in out and "saved activations" in out
 
+    main(["--shape", "llama3-70b", "--precision", "bf16", "--gpus", "2", "--distributed", "fsdp"])
+    out = capsys.readouterr().out
+    assert "fsdp on 2 GPUs" in out and "GiB allocated per GPU" in out and "two layers gathered whole (fsdp)" in out
+    with pytest.raises(SystemExit):
+        main(["--gpus", "0"])
+
 
 def test_advice_offers_the_mildest_change_of_each_knob_that_fits():
     from ftcli.plan import smaller_settings

@@ -79,6 +79,8 @@ def plan(
                                                   help="Override one recipe field; repeatable."),
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", metavar="SIZE",
                                              help="Say whether the run fits a GPU of this size, e.g. 16GiB, 24GB, 80GiB."),
+    gpus: int = typer.Option(1, "--gpus", metavar="N", help="Plan a run on N GPUs, one process each: the per-GPU "
+                             "peak of ddp and fsdp, and which one train.distributed: auto picks."),
     as_json: bool = typer.Option(False, "--json", help="Print the estimate as one JSON line."),
 ) -> None:
     """Estimate peak GPU memory, steps and tokens of a recipe before any weight is loaded."""
@@ -89,12 +91,12 @@ def plan(
 
         recipe = load_recipe(recipe_path, overrides)
         budget = planning.parse_size(gpu_memory) if gpu_memory else None
-        estimate = planning.plan_recipe(recipe, budget)
+        estimate = planning.plan_recipe(recipe, budget, gpus)
         if as_json:
             _print_json(estimate.summary())
         else:
             console.print(estimate.report(), highlight=False)
-        if budget is not None and not estimate.fits:
+        if estimate.fits is False:
             raise typer.Exit(planning.DOES_NOT_FIT_EXIT_CODE)
 
 

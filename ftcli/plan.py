@@ -19,6 +19,15 @@ of the top layer (every saved input still there) and the backward of the bottom 
 gradient there). Checked against `python -m ftcli.bench` on an H100 (Llama-3-8B, r=16 on all seven
 projections, NF4, kernels, AdamW8bit).
 
+With several processes (one per GPU) the estimate is per GPU, for each `train.distributed` strategy. Under ddp
+each GPU holds what a single process holds, at batch_size rows, plus a fourth moment: the adapter gradients
+summed across processes through one flat buffer as large as they are. Under fsdp, FSDP2 shards the decoder
+layers' weights (NF4 packed or 16-bit, with their norms and biases) over the GPUs; each GPU keeps whole the
+embeddings, final norm and LM head (the fused loss reads the head), the NF4 absmax, the adapters with their
+gradients and optimizer states (all-reduced as under ddp) and its own activations, and while computing it holds
+two layers' weights gathered whole: the one it computes and the one prefetched. `auto` picks ddp when its
+per-GPU peak fits the GPU, else fsdp.
+
     python -m ftcli.plan --shape llama3-8b --seq 2048 --bs 2 --checkpointing offload
 """
 
@@ -26,7 +35,7 @@ import argparse
 import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 import torch
 
@@ -42,6 +51,8 @@ GIB = 2**30
 CUDA_CONTEXT_BYTES = 0.5 * GIB  # the CUDA context and libraries' workspaces, outside PyTorch's allocator
 ALLOCATOR_SLACK = 0.05  # memory the caching allocator holds beyond the peak it hands out (fragmentation)
 DOES_NOT_FIT_EXIT_CODE = OutOfMemory.exit_code  # as a run that ran out of memory
+Strategy = Literal["ddp", "fsdp"]
+STRATEGIES: tuple[Strategy, ...] = ("ddp", "fsdp")
 
 
 @dataclass
@@ -57,21 +68,23 @@ class ModelShape:
     vocab: int
     linear_sizes: list[int]  # weights of each decoder linear layer: what bitsandbytes quantizes
     other_params: int  # embeddings, LM head (once when tied), norms and biases: kept in 16 bits
+    layer_other_params: int  # the part of other_params inside the decoder layers (FSDP shards it with them)
 
     @classmethod
     def from_config(cls, config) -> "ModelShape":
         """Sizes from the config, parameter counts from the model built on the meta device (no memory, no weights),
         so fused projections, biases and extra norms of each family count as they are."""
         model = meta_model(config)
-        linear_sizes = [module.weight.numel() for module in model.get_decoder().layers.modules()
-                        if isinstance(module, torch.nn.Linear)]
+        layers = model.get_decoder().layers
+        linear_sizes = [module.weight.numel() for module in layers.modules() if isinstance(module, torch.nn.Linear)]
         other_params = sum(parameter.numel() for parameter in model.parameters()) - sum(linear_sizes)
+        layer_other_params = sum(parameter.numel() for parameter in layers.parameters()) - sum(linear_sizes)
         config = getattr(config, "text_config", None) or config  # Gemma 3 keeps the decoder's sizes there
         heads = config.num_attention_heads
         return cls(hidden=config.hidden_size, intermediate=config.intermediate_size, layers=config.num_hidden_layers,
                    heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
                    head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads, vocab=config.vocab_size,
-                   linear_sizes=linear_sizes, other_params=other_params)
+                   linear_sizes=linear_sizes, other_params=other_params, layer_other_params=layer_other_params)
 
     def projections(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each decoder projection, by its Llama-style name."""
@@ -94,9 +107,11 @@ class Setup:
     lora_r: int = 16
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     optimizer: str = "adamw_8bit"
+    processes: int = 1  # one per GPU; batch_size counts the rows of each
+    shard_layers: bool = False  # fsdp: the decoder layers' weights are split over the processes
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe, seq: int) -> "Setup":
+    def from_recipe(cls, recipe: Recipe, seq: int, processes: int = 1, strategy: Strategy = "ddp") -> "Setup":
         """`seq` is the longest example; GRPO's loss rows are its prompts, each answered num_generations times and
         as long as the prompt and max_completion_length together (its generation cache, freed before the loss,
         is smaller than the loss's activations)."""
@@ -105,7 +120,8 @@ class Setup:
                    compute_bytes=4 if recipe.model.dtype == "float32" else 2, kernels=recipe.model.kernels,
                    checkpointing=recipe.train.gradient_checkpointing, lora_r=recipe.lora.r,
                    lora_targets=list(DEFAULT_TARGET_MODULES) if targets == "all-linear" else list(targets),
-                   optimizer=recipe.train.optimizer)
+                   optimizer=recipe.train.optimizer, processes=processes,
+                   shard_layers=strategy == "fsdp" and processes > 1)
 
 
 @dataclass
@@ -122,17 +138,30 @@ class MemoryEstimate:
         """GPU memory a run needs: the peak PyTorch allocates, the allocator's slack and the CUDA context."""
         return self.peak * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_BYTES
 
+    def fits(self, budget: Optional[int]) -> Optional[bool]:
+        """Whether the run fits a GPU of `budget` bytes; None when there is no budget to check against."""
+        return None if budget is None else self.needed <= budget
+
+    def figures(self) -> dict:
+        """The estimate in GiB, for --json."""
+        return {"peak_gib": round(self.peak / GIB, 2), "needed_gib": round(self.needed / GIB, 2),
+                "peak_moment": self.moment, "parts_gib": {k: round(v / GIB, 3) for k, v in self.parts.items()}}
+
 
 def estimate_memory(model: ModelShape, setup: Setup) -> MemoryEstimate:
-    """Peak GPU memory of one training step (see the module docstring for what is counted)."""
+    """Peak GPU memory of one training step, per GPU (see the module docstring for what is counted)."""
     a = setup.compute_bytes
     tokens = setup.batch_size * setup.seq
     projections = model.projections()
     if setup.load_in_4bit:
-        quantized = sum(nf4_bytes(size) for size in model.linear_sizes)
+        linears = sum(nf4_packed_bytes(size) for size in model.linear_sizes)
+        absmax = sum(nf4_absmax_bytes(size) for size in model.linear_sizes)
     else:
-        quantized = sum(model.linear_sizes) * a
-    weights = quantized + model.other_params * a
+        linears, absmax = sum(model.linear_sizes) * a, 0
+    layer_weights = linears + model.layer_other_params * a  # what FSDP shards
+    whole_weights = absmax + (model.other_params - model.layer_other_params) * a  # what every GPU keeps whole
+    shards = setup.processes if setup.shard_layers else 1
+    weights = layer_weights / shards + whole_weights
 
     known = {name: shape for name, shape in projections.items() if name in setup.lora_targets}
     lora_params = model.layers * sum(setup.lora_r * (i + o) for i, o in known.values())
@@ -181,15 +210,25 @@ def estimate_memory(model: ModelShape, setup: Setup) -> MemoryEstimate:
         "backward of the bottom layer": base | {"lora gradients": gradients, "saved activations": kept_bottom,
                                                 "one layer's recompute and backward": layer_backward},
     }
+    if shards > 1:  # the layer computed and the one prefetched, gathered whole
+        gathered = {"two layers gathered whole (fsdp)": 2 * layer_weights / model.layers}
+        moments = {name: parts | gathered for name, parts in moments.items()}
+    if setup.processes > 1:
+        moments["gradient sum across processes"] = base | {"lora gradients": gradients, "gradient sum buffer": gradients}
     moment = max(moments, key=lambda name: sum(moments[name].values()))
     return MemoryEstimate(moments[moment], moment)
 
 
-def nf4_bytes(weights: int) -> int:
-    """Storage of one weight matrix in NF4 with double quantization: two weights a byte, one 8-bit absmax per
-    block of 64 weights, and one float32 absmax per 256 of those."""
+def nf4_packed_bytes(weights: int) -> int:
+    """Storage of one weight matrix's NF4 codes: two weights a byte."""
+    return math.ceil(weights / 2)
+
+
+def nf4_absmax_bytes(weights: int) -> int:
+    """Storage of one NF4 weight matrix's scales with double quantization: one 8-bit absmax per block of 64
+    weights, and one float32 absmax per 256 of those."""
     blocks = math.ceil(weights / 64)
-    return math.ceil(weights / 2) + blocks + 4 * math.ceil(blocks / 256)
+    return blocks + 4 * math.ceil(blocks / 256)
 
 
 def parse_size(text: str) -> int:
@@ -205,54 +244,129 @@ def parse_size(text: str) -> int:
 class Plan:
     recipe: Recipe
     shape: ModelShape
-    setup: Setup
-    memory: MemoryEstimate
+    setup: Setup  # of the strategy the run would use
+    memory: MemoryEstimate  # its estimate, per GPU
     steps: int
     tokens: int
     budget: Optional[int]
+    strategies: dict[str, MemoryEstimate] = field(default_factory=dict)  # with several GPUs: each strategy's
+    strategy: Optional[Strategy] = None  # with several GPUs: the one train.distributed picks
 
     @property
     def fits(self) -> Optional[bool]:
-        return None if self.budget is None else self.memory.needed <= self.budget
+        return self.memory.fits(self.budget)
 
     def summary(self) -> dict:
-        return {"status": "ok", "peak_gib": round(self.memory.peak / GIB, 2), "needed_gib": round(self.memory.needed / GIB, 2),
-                "peak_moment": self.memory.moment, "parts_gib": {k: round(v / GIB, 3) for k, v in self.memory.parts.items()},
-                "steps": self.steps, "tokens": self.tokens, "seq": self.setup.seq, "batch_size": self.setup.batch_size,
-                "gpu_memory_gib": None if self.budget is None else round(self.budget / GIB, 2), "fits": self.fits}
+        summary = {"status": "ok", **self.memory.figures(), "steps": self.steps, "tokens": self.tokens,
+                   "seq": self.setup.seq, "batch_size": self.setup.batch_size,
+                   "gpu_memory_gib": None if self.budget is None else round(self.budget / GIB, 2), "fits": self.fits}
+        if self.strategies:
+            summary |= {"gpus": self.setup.processes, "strategy": self.strategy,
+                        "strategies": {name: memory.figures() | {"fits": memory.fits(self.budget)}
+                                       for name, memory in self.strategies.items()}}
+        return summary
 
     def report(self) -> str:
+        gpus = self.setup.processes
         lines = [f"{self.recipe.model.name}: {self.shape.layers} layers, hidden {self.shape.hidden}, "
                  f"{'NF4' if self.setup.load_in_4bit else f'{8 * self.setup.compute_bytes}-bit'} weights, "
                  f"LoRA r={self.setup.lora_r} on {len(self.setup.lora_targets)} projections, batch "
-                 f"{self.setup.batch_size} x {self.setup.seq} tokens{grpo_rows(self.recipe)}, checkpointing "
+                 f"{self.setup.batch_size} x {self.setup.seq} tokens{grpo_rows(self.recipe)}"
+                 f"{f' per GPU on {gpus} GPUs' if gpus > 1 else ''}, checkpointing "
                  f"{str(self.setup.checkpointing).lower()}, kernels {'on' if self.setup.kernels else 'off'}.",
                  f"{self.steps} optimizer steps, {'at most' if rows_per_example(self.recipe) > 1 else 'about'} "
-                 f"{self.tokens:,} tokens.",
-                 f"Peak GPU memory, at the {self.memory.moment}: {self.memory.peak / GIB:.2f} GiB allocated"]
+                 f"{self.tokens:,} tokens."]
+        if self.strategies:
+            lines += strategy_table(self.strategies, gpus, self.budget)
+            lines.append(strategy_reason(self.recipe.train.distributed, self.strategy, self.budget))
+        under = f" per GPU under {self.strategy}" if self.strategies else ""
+        lines.append(f"Peak GPU memory{under}, at the {self.memory.moment}: {self.memory.peak / GIB:.2f} GiB allocated")
         lines += [f"  {name:<36}{value / GIB:>8.2f} GiB" for name, value in self.memory.parts.items()]
         lines.append(f"Needs about {self.memory.needed / GIB:.2f} GiB of GPU memory with the CUDA context and "
                      "allocator slack.")
         if self.budget is not None:
             verdict = "fits" if self.fits else "does not fit"
-            lines.append(f"It {verdict} a GPU with {self.budget / GIB:.1f} GiB.")
+            where = f"{gpus} GPUs with {self.budget / GIB:.1f} GiB each" if gpus > 1 else \
+                f"a GPU with {self.budget / GIB:.1f} GiB"
+            lines.append(f"It {verdict} {where}.")
             if not self.fits:
                 lines.append(smaller_settings(self.recipe, self.shape, self.setup, self.budget))
         return "\n".join(lines)
 
 
-def plan_recipe(recipe: Recipe, budget: Optional[int] = None) -> Plan:
-    """Read the model's config and tokenize the data (no weights) to plan the run."""
+def strategy_table(strategies: dict[str, MemoryEstimate], gpus: int, budget: Optional[int]) -> list[str]:
+    """One row per strategy: its per-GPU weights, peak, need, and whether that fits."""
+    meaning = {"ddp": "whole model on each GPU", "fsdp": f"decoder layers split over {gpus}"}
+    fits = f"  fits {budget / GIB:.1f} GiB" if budget is not None else ""
+    lines = ["Per GPU (GiB), by train.distributed:", f"  {'':<35}{'weights':>9}{'peak':>9}{'needs':>9}{fits}"]
+    for name, memory in strategies.items():
+        verdict = {None: "", True: "  yes", False: "  no"}[memory.fits(budget)]
+        lines.append(f"  {f'{name} ({meaning[name]})':<35}{memory.parts['weights'] / GIB:>9.2f}"
+                     f"{memory.peak / GIB:>9.2f}{memory.needed / GIB:>9.2f}{verdict}")
+    return lines
+
+
+def strategy_reason(requested: str, chosen: Strategy, budget: Optional[int]) -> str:
+    """Why the run would use `chosen`, in one sentence."""
+    if requested != "auto":
+        return f"train.distributed: {chosen}, as the recipe says."
+    if budget is None:
+        return ("train.distributed: auto picks ddp: there is no GPU memory to check against (--gpu-memory SIZE gives "
+                "one).")
+    if chosen == "ddp":
+        return "train.distributed: auto picks ddp: each GPU can hold the whole model."
+    return f"train.distributed: auto picks fsdp: the whole model does not fit a GPU with {budget / GIB:.1f} GiB."
+
+
+def pick_strategy(requested: str, ddp: MemoryEstimate, budget: Optional[int]) -> Strategy:
+    """The recipe's strategy; for auto, ddp (the faster) unless its per-GPU need is known not to fit `budget`."""
+    if requested != "auto":
+        return requested
+    return "fsdp" if ddp.fits(budget) is False else "ddp"
+
+
+def choose_strategy(recipe: Recipe, config, processes: int, gpu_bytes: Optional[int], longest: int) -> Strategy:
+    """How a run of `processes` processes shares the model: train.distributed, with auto resolved against GPUs of
+    `gpu_bytes` (None when unknown: ddp) for a data set whose longest example has `longest` tokens. One process
+    has nothing to shard: auto is ddp there."""
+    if recipe.train.distributed != "auto":
+        return recipe.train.distributed
+    if processes == 1:
+        return "ddp"
+    ddp = estimate_memory(ModelShape.from_config(config), Setup.from_recipe(recipe, longest, processes, "ddp"))
+    return pick_strategy("auto", ddp, gpu_bytes)
+
+
+def local_gpu_memory() -> Optional[int]:
+    """The memory of this machine's first GPU, to check a plan for several GPUs against; None without a GPU."""
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+
+
+def plan_recipe(recipe: Recipe, budget: Optional[int] = None, gpus: int = 1) -> Plan:
+    """Read the model's config and tokenize the data (no weights) to plan the run on `gpus` GPUs, one process
+    each. With several, every strategy is estimated and checked against `budget`, or else this machine's GPU."""
+    if gpus < 1:
+        raise InputError(f"--gpus {gpus} is not a number of GPUs: give how many GPUs the run will use (one process "
+                         "each), 1 or more, for example --gpus 2.")
     config, _ = load_config(recipe.model)
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe.data, tokenizer, recipe.example_length_limit(), recipe.train.seed)
-    steps = count_steps(len(data.train), recipe.train)
-    passes = steps * recipe.train.batch_size * recipe.train.grad_accum / len(data.train)
+    rows = recipe.train.batch_size * gpus  # a micro-batch over all processes: one process's with this batch_size
+    steps = count_steps(len(data.train), recipe.train.model_copy(update={"batch_size": rows}))
+    passes = steps * rows * recipe.train.grad_accum / len(data.train)
     per_example = rows_per_example(recipe)  # GRPO: each prompt's G rows, at their longest
     train_tokens = sum((example.row_length() + completion_length(recipe)) * per_example for example in data.train)
+    tokens = round(train_tokens * passes)
     shape = ModelShape.from_config(config)
-    setup = Setup.from_recipe(recipe, seq=max(example.row_length() for example in data.train))
-    return Plan(recipe, shape, setup, estimate_memory(shape, setup), steps, round(train_tokens * passes), budget)
+    seq = max(example.row_length() for example in data.train)
+    if gpus == 1:
+        setup = Setup.from_recipe(recipe, seq)
+        return Plan(recipe, shape, setup, estimate_memory(shape, setup), steps, tokens, budget)
+    setups = {name: Setup.from_recipe(recipe, seq, gpus, name) for name in STRATEGIES}
+    strategies = {name: estimate_memory(shape, setup) for name, setup in setups.items()}
+    budget = local_gpu_memory() if budget is None else budget
+    strategy = pick_strategy(recipe.train.distributed, strategies["ddp"], budget)
+    return Plan(recipe, shape, setups[strategy], strategies[strategy], steps, tokens, budget, strategies, strategy)
 
 
 def grpo_rows(recipe: Recipe) -> str:
@@ -276,6 +390,12 @@ def completion_length(recipe: Recipe) -> int:
 def smaller_settings(recipe: Recipe, shape: ModelShape, setup: Setup, budget: Optional[int]) -> str:
     """Recipe changes estimated to fit `budget` (or, without one, each one's estimate), one knob at a time."""
     candidates = []
+    if setup.processes > 1 and not setup.shard_layers:
+        candidates.append(("--set train.distributed=fsdp", replace(setup, shard_layers=True)))
+    if setup.shard_layers:
+        more = 2 * setup.processes
+        candidates.append((f"--gpus {more} (fsdp splits the layers over twice the GPUs)",
+                           replace(setup, processes=more)))
     per_example = rows_per_example(recipe)
     batch, accum = setup.batch_size // per_example, recipe.train.grad_accum
     while batch > 1:
@@ -316,10 +436,11 @@ def smaller_settings(recipe: Recipe, shape: ModelShape, setup: Setup, budget: Op
             "more memory or a smaller model).")
 
 
-def out_of_memory_advice(recipe: Recipe, config, gpu_bytes: Optional[int], longest: int) -> str:
+def out_of_memory_advice(recipe: Recipe, config, gpu_bytes: Optional[int], longest: int, processes: int = 1,
+                         strategy: Strategy = "ddp") -> str:
     """The message for a CUDA out-of-memory error: what was estimated, and the recipe knobs that would fit."""
     shape = ModelShape.from_config(config)
-    setup = Setup.from_recipe(recipe, seq=longest)
+    setup = Setup.from_recipe(recipe, longest, processes, strategy)
     needed = estimate_memory(shape, setup).needed
     where = f"this GPU's {gpu_bytes / GIB:.1f} GiB" if gpu_bytes else "the GPU's memory"
     return (f"CUDA ran out of memory: the run needs more than {where} (ftcli estimates about {needed / GIB:.1f} GiB "
@@ -336,13 +457,19 @@ def main(argv=None) -> None:
     parser.add_argument("--bs", type=int, default=2)
     parser.add_argument("--checkpointing", choices=["offload", "true", "false"], default="offload")
     parser.add_argument("--precision", choices=["nf4", "bf16"], default="nf4")
+    parser.add_argument("--gpus", type=int, default=1, help="processes, one per GPU; the estimate is per GPU")
+    parser.add_argument("--distributed", choices=STRATEGIES, default="ddp")
     args = parser.parse_args(argv)
+    if args.gpus < 1:
+        parser.error(f"--gpus {args.gpus}: give 1 or more")
     shape = ModelShape.from_config(shape_config(args.shape))
     checkpointing = {"offload": "offload", "true": True, "false": False}[args.checkpointing]
-    setup = Setup(batch_size=args.bs, seq=args.seq, load_in_4bit=args.precision == "nf4", checkpointing=checkpointing)
+    setup = Setup(batch_size=args.bs, seq=args.seq, load_in_4bit=args.precision == "nf4", checkpointing=checkpointing,
+                  processes=args.gpus, shard_layers=args.distributed == "fsdp" and args.gpus > 1)
     memory = estimate_memory(shape, setup)
-    print(f"{args.shape}  {args.precision}  seq {args.seq} x batch {args.bs}  checkpointing {args.checkpointing}: "
-          f"estimated peak {memory.peak / GIB:.2f} GiB allocated, at the {memory.moment}")
+    gpus = f"  {args.distributed} on {args.gpus} GPUs" if args.gpus > 1 else ""
+    print(f"{args.shape}  {args.precision}  seq {args.seq} x batch {args.bs}  checkpointing {args.checkpointing}{gpus}: "
+          f"estimated peak {memory.peak / GIB:.2f} GiB allocated{' per GPU' if gpus else ''}, at the {memory.moment}")
     for name, value in memory.parts.items():
         print(f"  {name:<36}{value / GIB:>8.3f} GiB")
 

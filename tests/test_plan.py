@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import assert_clean_failure, run_cli, write_jsonl, write_recipe
 from ftcli.errors import InputError
-from ftcli.plan import GIB, ModelShape, Setup, estimate_memory, parse_size
+from ftcli.plan import GIB, ModelShape, Setup, choose_strategy, estimate_memory, parse_size
+from ftcli.recipe import Recipe
 from ftcli.recipe import DEFAULT_TARGET_MODULES
 from ftcli.shapes import shape_config
 
@@ -93,15 +94,19 @@ def test_a_size_that_does_not_parse_is_an_input_error_naming_the_flag():
         parse_size("lots")
 
 
-@pytest.fixture
-def eight_b_folder(tmp_path, tiny_model_folder):
-    """The tiny model's tokenizer with Llama-3-8B's config: plan reads nothing else, so no 16 GB download."""
-    folder = tmp_path / "llama3-8b-config"
+def config_only_folder(tmp_path, tiny_model_folder, shape):
+    """The tiny model's tokenizer with a benchmark shape's config: plan reads nothing else, so no download."""
+    folder = tmp_path / f"{shape}-config"
     shutil.copytree(tiny_model_folder("llama"), folder)
     for weights in folder.glob("*.safetensors"):
         weights.unlink()
-    shape_config("llama3-8b").save_pretrained(folder)
+    shape_config(shape).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def eight_b_folder(tmp_path, tiny_model_folder):
+    return config_only_folder(tmp_path, tiny_model_folder, "llama3-8b")
 
 
 def long_rows(count, words):
@@ -143,6 +148,12 @@ def test_plan_module_prints_the_bench_shapes(capsys):
     main(["--shape", "llama3.2-1b", "--seq", "2048", "--bs", "2", "--checkpointing", "true"])
     out = capsys.readouterr().out
     assert "llama3.2-1b" in out and "estimated peak" in out and "saved activations" in out
+
+    main(["--shape", "llama3-70b", "--precision", "bf16", "--gpus", "2", "--distributed", "fsdp"])
+    out = capsys.readouterr().out
+    assert "fsdp on 2 GPUs" in out and "GiB allocated per GPU" in out and "two layers gathered whole (fsdp)" in out
+    with pytest.raises(SystemExit):
+        main(["--gpus", "0"])
 
 
 def test_advice_offers_the_mildest_change_of_each_knob_that_fits():
@@ -189,3 +200,143 @@ def test_every_family_plans_the_bytes_its_nf4_model_really_holds(tmp_path, tiny_
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", folder, data, tmp_path / "out",
                                       model={"load_in_4bit": True, "dtype": "bfloat16"}))
     assert plan_recipe(recipe).memory.parts["weights"] == held
+
+
+# Llama-3-70B by hand: per decoder layer the q, k, v, o projections (hidden 8192, 8 KV heads of 128) and the gated
+# MLP (intermediate 28672), and two RMSNorms; outside the layers the embedding and LM head (untied), the final norm
+LAYERS_70B = 80
+LAYER_LINEAR_70B = 8192 * (8192 + 1024 + 1024 + 8192) + 3 * 8192 * 28672
+LAYER_NORMS_70B = 2 * 8192
+OUTSIDE_70B = 2 * 128256 * 8192 + 8192
+NF4_ABSMAX_PER_WEIGHT = 1 / 64 + 4 / (64 * 256)  # every 70B matrix is a whole number of 256 blocks of 64
+
+
+@pytest.mark.parametrize("load_in_4bit", [True, False])
+def test_fsdp_shards_the_decoder_layers_and_keeps_the_rest_whole(load_in_4bit):
+    shape = shape_of("llama3-70b")
+    layer_bytes = LAYER_LINEAR_70B / 2 if load_in_4bit else LAYER_LINEAR_70B * 2  # NF4 codes, or bf16
+    sharded = LAYERS_70B * (layer_bytes + LAYER_NORMS_70B * 2)
+    whole = OUTSIDE_70B * 2 + (LAYERS_70B * LAYER_LINEAR_70B * NF4_ABSMAX_PER_WEIGHT if load_in_4bit else 0)
+
+    def parts(processes, shard_layers):
+        setup = Setup(batch_size=2, seq=2048, checkpointing="offload", load_in_4bit=load_in_4bit,
+                      processes=processes, shard_layers=shard_layers)
+        return estimate_memory(shape, setup).parts
+
+    assert parts(1, False)["weights"] == pytest.approx(sharded + whole, rel=1e-9)
+    for processes in (2, 4, 8):
+        assert parts(processes, False)["weights"] == parts(1, False)["weights"]  # ddp: the whole model on each
+        fsdp = parts(processes, True)
+        assert fsdp["weights"] == pytest.approx(sharded / processes + whole, rel=1e-9)
+        assert fsdp["two layers gathered whole (fsdp)"] == pytest.approx(2 * sharded / LAYERS_70B, rel=1e-9)
+        assert "gradient sum buffer" not in fsdp  # the peak is a layer's backward, not the all-reduce
+    # what sharding saves grows towards all of the layers' weights; the whole part is a floor it never goes under
+    saved = [parts(1, False)["weights"] - parts(n, True)["weights"] for n in (2, 4, 8)]
+    assert saved == pytest.approx([sharded / 2, 3 * sharded / 4, 7 * sharded / 8], rel=1e-9)
+
+
+def test_summing_the_gradients_across_processes_is_the_peak_when_activations_are_tiny():
+    """ddp's one flat buffer of all adapter gradients: larger than a short row's backward."""
+    shape = shape_of("llama3-8b")
+    alone = estimate_memory(shape, Setup(batch_size=1, seq=16))
+    two = estimate_memory(shape, Setup(batch_size=1, seq=16, processes=2))
+    lora = 4 * 32 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))  # float32 A and B
+    assert two.moment == "gradient sum across processes" and alone.moment != two.moment
+    assert two.parts["lora gradients"] == two.parts["gradient sum buffer"] == lora
+    assert two.peak > alone.peak
+
+
+def seventy_b_recipe(**train):
+    return Recipe(model={"name": "m", "load_in_4bit": True}, data={"path": "d"},
+                  train={"batch_size": 2, "gradient_checkpointing": "offload"} | train)
+
+
+def test_auto_picks_ddp_when_the_whole_model_fits_else_fsdp():
+    config, shape = shape_config("llama3-70b"), shape_of("llama3-70b")
+    recipe = seventy_b_recipe()
+
+    def needed(strategy):
+        return estimate_memory(shape, Setup.from_recipe(recipe, 2048, 2, strategy)).needed
+
+    ddp, fsdp = needed("ddp"), needed("fsdp")
+    assert fsdp < 30 * GIB < 40 * GIB < ddp < 48 * GIB  # 70B in NF4: a 48 GiB GPU holds it, a 40 GiB one does not
+    assert choose_strategy(recipe, config, 2, 48 * GIB, 2048) == "ddp"
+    assert choose_strategy(recipe, config, 2, 40 * GIB, 2048) == "fsdp"
+    assert choose_strategy(recipe, config, 2, 20 * GIB, 2048) == "fsdp"  # neither fits: the smaller, to try
+    assert choose_strategy(recipe, config, 2, None, 2048) == "ddp"  # no GPU to check against
+    assert choose_strategy(recipe, config, 1, 40 * GIB, 2048) == "ddp"  # one process has nothing to shard
+    # what the recipe says is what it gets
+    assert choose_strategy(seventy_b_recipe(distributed="fsdp"), config, 2, 80 * GIB, 2048) == "fsdp"
+    assert choose_strategy(seventy_b_recipe(distributed="ddp"), config, 2, 40 * GIB, 2048) == "ddp"
+
+
+@pytest.fixture
+def seventy_b_folder(tmp_path, tiny_model_folder):
+    return config_only_folder(tmp_path, tiny_model_folder, "llama3-70b")
+
+
+def seventy_b_cli_recipe(tmp_path, folder, **train):
+    data = write_jsonl(tmp_path / "train.jsonl", long_rows(32, 3000))
+    return write_recipe(tmp_path / "r.yaml", folder, data, tmp_path / "out",
+                        model={"load_in_4bit": True, "dtype": "bfloat16", "kernels": True, "max_seq_length": 2048},
+                        train={"batch_size": 2, "grad_accum": 4, "max_steps": None, "epochs": 1,
+                               "gradient_checkpointing": "offload", "optimizer": "adamw_8bit"} | train)
+
+
+def test_plan_cli_with_two_gpus_gives_each_strategy_and_auto_picks_fsdp(tmp_path, seventy_b_folder):
+    recipe = seventy_b_cli_recipe(tmp_path, seventy_b_folder)
+    result = run_cli("plan", recipe, "--gpu-memory", "40GiB", "--gpus", "2", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["gpus"] == 2 and summary["strategy"] == "fsdp" and summary["fits"] is True
+    # 32 examples, 2 per GPU x 2 GPUs x 4 micro-batches a step: 2 steps, each example once, truncated to 2048
+    assert summary["steps"] == 2 and summary["tokens"] == 32 * 2048 and summary["batch_size"] == 2
+    ddp, fsdp = summary["strategies"]["ddp"], summary["strategies"]["fsdp"]
+    assert ddp["fits"] is False and fsdp["fits"] is True
+    assert summary["peak_gib"] == fsdp["peak_gib"] and summary["parts_gib"] == fsdp["parts_gib"]
+    # the decoder layers' NF4 codes halve (about 32.6 GiB over two GPUs); embeddings, head and absmax do not
+    assert ddp["parts_gib"]["weights"] - fsdp["parts_gib"]["weights"] == pytest.approx(
+        LAYERS_70B * (LAYER_LINEAR_70B / 2 + LAYER_NORMS_70B * 2) / 2 / GIB, abs=0.002)
+
+    result = run_cli("plan", recipe, "--gpu-memory", "40GiB", "--gpus", "2")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "batch 2 x 2048 tokens per GPU on 2 GPUs" in text and "2 optimizer steps" in text
+    assert f"ddp (whole model on each GPU) {ddp['parts_gib']['weights']:.2f} {ddp['peak_gib']:.2f} " \
+           f"{ddp['needed_gib']:.2f} no" in text
+    assert "fsdp (decoder layers split over 2)" in text and "fits 40.0 GiB" in text
+    assert "auto picks fsdp: the whole model does not fit a GPU with 40.0 GiB" in text
+    assert "Peak GPU memory per GPU under fsdp" in text and "two layers gathered whole (fsdp)" in text
+    assert "It fits 2 GPUs with 40.0 GiB each." in text
+
+
+def test_plan_cli_when_the_strategy_does_not_fit_says_what_would(tmp_path, seventy_b_folder):
+    recipe = seventy_b_cli_recipe(tmp_path, seventy_b_folder, distributed="ddp")
+    result = run_cli("plan", recipe, "--gpu-memory", "40GiB", "--gpus", "2")
+    assert result.exit_code == 4, result.output
+    text = " ".join(result.output.split())
+    assert "train.distributed: ddp, as the recipe says." in text and "It does not fit 2 GPUs with 40.0 GiB each." in text
+    assert "Estimated to fit: --set train.distributed=fsdp: about" in text
+
+    result = run_cli("plan", recipe, "--gpu-memory", "20GiB", "--gpus", "2", "--set", "train.distributed=auto")
+    assert result.exit_code == 4, result.output
+    text = " ".join(result.output.split())
+    assert "auto picks fsdp" in text and "It does not fit 2 GPUs with 20.0 GiB each." in text
+    assert "Estimated to fit: --gpus 4 (fsdp splits the layers over twice the GPUs): about" in text
+
+
+def test_plan_cli_with_one_gpu_says_nothing_of_strategies(tmp_path, eight_b_folder):
+    data = write_jsonl(tmp_path / "train.jsonl", long_rows(2, 10))
+    recipe = write_recipe(tmp_path / "r.yaml", eight_b_folder, data, tmp_path / "out")
+    result = run_cli("plan", recipe, "--gpus", "1", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert not {"gpus", "strategy", "strategies"} & summary.keys() and "gradient sum buffer" not in summary["parts_gib"]
+
+
+@pytest.mark.parametrize("gpus", ["0", "-2"])
+def test_plan_cli_no_gpus(tmp_path, eight_b_folder, gpus):
+    data = write_jsonl(tmp_path / "train.jsonl", long_rows(2, 10))
+    recipe = write_recipe(tmp_path / "r.yaml", eight_b_folder, data, tmp_path / "out")
+    result = run_cli("plan", recipe, "--gpus", gpus)
+    assert_clean_failure(result, 2, f"--gpus {gpus} is not a number of GPUs", "1 or more")

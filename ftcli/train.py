@@ -27,14 +27,14 @@ from ftcli.architectures import Architecture
 from ftcli.data import PreparedData, prepare_data
 from ftcli.data.templates import IGNORE_INDEX, TokenizedExample
 from ftcli.distributed import Processes, from_main, global_max, global_sums, share, sum_gradients
-from ftcli.errors import CheckpointError, Interrupted, OutOfMemory, TrainingDiverged, redact
+from ftcli.errors import CheckpointError, Interrupted, OutOfMemory, RecipeError, TrainingDiverged, redact
 from ftcli.loader import (TRAINED_ADAPTER, add_lora, check_lora_targets, compute_dtype, load_config, load_model,
                           load_reference_adapter, load_tokenizer, meta_model, pick_device)
 from ftcli.grpo import GrpoMethod
 from ftcli.metrics import MetricsLog, StepResult, plot_losses
 from ftcli.optim import build_optimizer, set_learning_rate
 from ftcli.patch import KernelSwaps, apply_kernels, apply_lora_kernels, kernels_can_run
-from ftcli.plan import out_of_memory_advice
+from ftcli.plan import choose_strategy, out_of_memory_advice
 from ftcli.preference import PreferenceMethod
 from ftcli.progress import TrainingDisplay
 from ftcli.rewards import Reward, load_rewards
@@ -132,9 +132,17 @@ def run(recipe: Recipe, out_dir: Optional[Path], display: TrainingDisplay, resum
     if snapshot and snapshot.step >= total_steps:
         raise CheckpointError(f"Checkpoint {snapshot.path} is at step {snapshot.step}, and the recipe trains for "
                               f"{total_steps} steps; raise train.max_steps (or epochs) to train further.")
+    gpu_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    strategy = choose_strategy(recipe, config, processes.count, gpu_bytes, data.stats.longest)
+    if strategy == "fsdp" and recipe.train.method == "grpo":
+        raise RecipeError(f"train.distributed is {recipe.train.distributed} and resolves to fsdp, which GRPO does not "
+                          "run: each process generates its own prompts' answers, a different number of decode steps "
+                          "each, while sharded layers need every process in every forward. Use train.distributed: ddp "
+                          "(each GPU holds the whole model: load_in_4bit: true makes it fit), or train with fewer "
+                          "completion tokens (grpo.max_completion_length).")
     try:
         setup = build_setup(recipe, out_dir, device, architecture, tokenizer, data, total_steps, rewards, processes,
-                            schedule)
+                            schedule, strategy)
         display.header(recipe, architecture.family, setup.model, setup.trainable, device, setup.dtype, data.stats,
                        total_steps, setup.kernels)
         state = resumed_state(setup, snapshot, display) if snapshot else RunState()
@@ -142,16 +150,15 @@ def run(recipe: Recipe, out_dir: Optional[Path], display: TrainingDisplay, resum
             state = state_of_main(setup, state)
         train_loop(setup, state, display, stop)
     except torch.cuda.OutOfMemoryError:
-        gpu_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-        raise OutOfMemory(out_of_memory_advice(recipe, config, gpu_bytes, data.stats.longest)) from None
+        raise OutOfMemory(out_of_memory_advice(recipe, config, gpu_bytes, data.stats.longest, processes.count,
+                                               strategy)) from None
     return finish(setup, state, tokenizer, from_main(snapshot.step if snapshot else None))
 
 
 def build_setup(recipe: Recipe, out_dir: Optional[Path], device: torch.device, architecture: Architecture, tokenizer,
                 data: PreparedData, total_steps: int, rewards: list[Reward], processes: Processes = Processes(),
-                schedule: Optional[TrainSettings] = None) -> TrainingSetup:
+                schedule: Optional[TrainSettings] = None, strategy: str = "ddp") -> TrainingSetup:
     schedule = schedule or recipe.train
-    strategy = "ddp" if recipe.train.distributed == "auto" else recipe.train.distributed
     dtype = compute_dtype(recipe.model, device)
     model = load_model(recipe.model, architecture, device, dtype)
     model, kernels = prepare_for_training(model, architecture, recipe.lora, recipe.model.kernels and kernels_can_run(device),

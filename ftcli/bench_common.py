@@ -61,43 +61,57 @@ def random_model(shape: str, precision: str, device: torch.device, dtype: torch.
     """A Llama model of the named shape with random weights; its decoder linears in NF4 when precision is nf4.
 
     Weights are drawn on the device one layer at a time and quantized right away, as transformers does
-    when it loads a checkpoint with a BitsAndBytesConfig, so building an 8B model needs no 16 GB copy.
+    when it loads a checkpoint with a BitsAndBytesConfig, so building an 8B model needs no 16 GB copy (and a 70B
+    one in NF4 fits one GPU).
     """
     config = shape_config(shape, max_position_embeddings=131072, attn_implementation="sdpa")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     generator = torch.Generator(device).manual_seed(0)
-    model.to_empty(device=device)
-    model.tie_weights()  # to_empty gave the head its own copy of a tied embedding, which real loading never does
-    for name, parameter in model.named_parameters():
-        with torch.no_grad():
-            if name.endswith("norm.weight"):
-                parameter.copy_(1 + 0.1 * torch.randn(parameter.shape, generator=generator, device=device))
-            else:
-                parameter.normal_(0, 0.02, generator=generator)
-    with torch.device(device):  # to_empty left its computed buffers uninitialised
+    # the parts in the order of model.named_parameters(), so the draws are the same whatever the part sizes
+    layers = list(model.model.layers)
+    parts = [model.model.embed_tokens, *layers, model.model.norm]
+    if not config.tie_word_embeddings:
+        parts.append(model.lm_head)
+    names = {module: name for name, module in model.named_modules()}
+    for part in parts:
+        part.to_empty(device=device)
+        draw_random_weights(part, names[part], generator)
+        if precision == "nf4" and part in layers:
+            quantize_linears(part, dtype)
+    model.tie_weights()  # a tied head still held the embedding's meta tensor
+    with torch.device(device):  # the computed buffers were never built on the meta device
         model.model.rotary_emb = type(model.model.rotary_emb)(config)
     if precision == "nf4":
-        quantize_decoder_linears(model, dtype)
         model.is_loaded_in_4bit = True  # what transformers' bitsandbytes loader marks; peft reads it
     model.requires_grad_(False)
     model.config.use_cache = False
     return model
 
 
-def quantize_decoder_linears(model, compute_dtype: torch.dtype) -> None:
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, linear in list(parent.named_children()):
-                if not isinstance(linear, torch.nn.Linear):
-                    continue
-                quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                              compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True,
-                                              device="meta")
-                quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
-                                                     compress_statistics=True)
-                setattr(parent, name, quantized.to(linear.weight.device))
-                del linear
+def draw_random_weights(part: torch.nn.Module, prefix: str, generator: torch.Generator) -> None:
+    """Norm weights near 1, everything else N(0, 0.02); `prefix` is the part's name in the model."""
+    with torch.no_grad():
+        for name, parameter in part.named_parameters(prefix=prefix):
+            if name.endswith("norm.weight"):
+                parameter.copy_(1 + 0.1 * torch.randn(parameter.shape, generator=generator, device=parameter.device))
+            else:
+                parameter.normal_(0, 0.02, generator=generator)
+
+
+def quantize_linears(layer: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+    """A decoder layer's attention and MLP projections replaced by NF4 ones (double quantization)."""
+    for parent in (layer.self_attn, layer.mlp):
+        for name, linear in list(parent.named_children()):
+            if not isinstance(linear, torch.nn.Linear):
+                continue
+            quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                          compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True,
+                                          device="meta")
+            quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
+                                                 compress_statistics=True)
+            setattr(parent, name, quantized.to(linear.weight.device))
+            del linear
 
 
 def device_and_dtype() -> tuple[torch.device, torch.dtype]:

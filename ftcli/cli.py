@@ -39,18 +39,28 @@ def train(
     as_json: bool = typer.Option(False, "--json", help="Print only one JSON summary line at the end (for CI jobs)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint of an interrupted "
                                 "(or finished) run into the same output folder; starts afresh when there is none."),
+    gpus: int = typer.Option(1, "--gpus", metavar="N", help="Train with N processes on this machine, one per GPU, "
+                             "as `torchrun --nproc-per-node N -m ftcli train` would (N processes on the CPU where "
+                             "there is no CUDA GPU); batch_size counts rows per process."),
 ) -> None:
     """Validate the recipe, load and patch the model, train, and save the adapter folder."""
     console = _console(stderr=as_json)
     with _reported_errors("train", as_json):
         from ftcli.distributed import start_processes, stop_processes
+        from ftcli.launch import check_process_count, run_workers, train_workers
         from ftcli.output import check_output_free, locked_output_folder
         from ftcli.progress import TrainingDisplay
         from ftcli.recipe import load_recipe
         from ftcli.signals import StopRequest
         from ftcli import train as training
 
-        recipe = load_recipe(recipe_path, overrides)
+        device = check_process_count(gpus)
+        recipe = load_recipe(recipe_path, overrides)  # a bad recipe gets one message here, not one per process
+        if gpus > 1 and not dry_run:
+            if device == "cpu":
+                console.print(f"No CUDA GPU here: the {gpus} processes train on the CPU (gloo).", highlight=False)
+            workers = train_workers(_train_arguments(recipe_path, overrides, output, as_json, resume), gpus)
+            raise typer.Exit(run_workers(workers))
         if output:
             recipe.output.dir = str(output)
         final = Path(recipe.output.dir)
@@ -172,6 +182,17 @@ def export(
         for name, output in summary["outputs"].items():
             size = f", {output['bytes'] / 2**20:,.1f} MiB" if "bytes" in output else ""
             console.print(f"[green]{name}[/] -> [bold]{output['path']}[/]{size} ({output['seconds']:.1f} s)")
+
+
+def _train_arguments(recipe_path: Path, overrides: Optional[list[str]], output: Optional[Path], as_json: bool,
+                     resume: bool) -> list[str]:
+    """`ftcli train`'s command line again, from its parsed options, without --gpus: what each worker runs."""
+    arguments = [str(recipe_path)]
+    for override in overrides or []:
+        arguments += ["--set", override]
+    if output:
+        arguments += ["--output", str(output)]
+    return arguments + ["--json"] * as_json + ["--resume"] * resume
 
 
 def _finish(console: Console, summary: dict, as_json: bool) -> None:

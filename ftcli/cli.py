@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from ftcli.errors import FtcliError, debugging, redact, redacted_traceback, unexpected_error
+from ftcli.errors import FtcliError, PeerStopped, debugging, redact, redacted_traceback, unexpected_error
 
 TRUST_REMOTE_CODE_HELP = ("Run Python code shipped with the model (transformers' trust_remote_code); only for models "
                           "you trust. An output folder's recipe.yaml cannot turn this on.")
@@ -270,8 +270,8 @@ def _reported_errors(command: str, as_json: bool) -> Iterator[None]:
     except (Exception, KeyboardInterrupt) as caught:
         error = caught if isinstance(caught, FtcliError) else unexpected_error(caught, command)
         process = int(os.environ.get("RANK", "0"))  # of several, started by torchrun or --gpus
-        if process and not error.can_be_one_process_alone:  # process 0 reports what all processes met alike
-            raise typer.Exit(error.exit_code) from None
+        if isinstance(error, PeerStopped) and not debugging() or process and not error.can_be_one_process_alone:
+            raise typer.Exit(error.exit_code) from None  # process 0 reports what all processes met alike
         if process:
             error.message = f"(process {process}) {error.message}"
         console = _console(stderr=True)

@@ -136,6 +136,11 @@ class Interrupted(FtcliError):
         self.exit_code = 128 + signal_number
 
 
+class PeerStopped(FtcliError):
+    """A collective failed because another process of the run stopped: that process reports why, this one only
+    exits (its message would be a second one about the same failure)."""
+
+
 def first_line(error: BaseException) -> str:
     """The first line of a library exception's message (its type without one), to quote inside a paragraph."""
     return str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
@@ -152,8 +157,8 @@ def unexpected_error(error: BaseException, command: str) -> FtcliError:
                            "lists the processes holding it), or run on the CPU with CUDA_VISIBLE_DEVICES=\"\"; for "
                            "training, `ftcli plan RECIPE.yaml --gpu-memory SIZE` lists recipe changes that fit.")
     if _is_collective_failure(error):
-        return FtcliError(f"`ftcli {command}` stopped: another process of this run stopped first, and the collective "
-                          f"this one waited in failed ({detail}). That process's own message says why.")
+        return PeerStopped(f"`ftcli {command}` stopped: another process of this run stopped first, and the "
+                           f"collective this one waited in failed ({detail}). That process's own message says why.")
     unexpected = FtcliError(f"`ftcli {command}` failed: {type(error).__name__}: {detail}{_raised_at(error)}. ftcli did "
                             "not expect this failure, so the reason given is the failing library's own and ftcli cannot "
                             f"name the input to fix. Set {DEBUG_VARIABLE}=1 to see the traceback, and report it if the "
@@ -178,9 +183,13 @@ def _is_cuda_out_of_memory(error: BaseException) -> bool:
 
 
 def _is_collective_failure(error: BaseException) -> bool:
-    """A collective of torch.distributed failed, as it does when a process it waited for died."""
+    """A collective of torch.distributed failed, as it does when a process it waited for died: NCCL raises its
+    DistError, gloo a RuntimeError from inside torch.distributed."""
     torch = sys.modules.get("torch")
-    return torch is not None and isinstance(error, torch.distributed.DistError)
+    if torch is None or not isinstance(error, RuntimeError):
+        return False
+    frames = traceback.extract_tb(error.__traceback__)
+    return isinstance(error, torch.distributed.DistError) or bool(frames) and "torch/distributed/" in frames[-1].filename
 
 
 def _raised_at(error: BaseException) -> str:

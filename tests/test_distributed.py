@@ -3,9 +3,11 @@ all their rows, resume onto another number of processes, and process 0 alone wri
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from safetensors.torch import load_file
@@ -156,3 +158,56 @@ def test_grpo_over_two_processes_reports_the_rewards_of_all(tiny):
 
 def metrics_rows(folder) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def launch(recipe, *options: str) -> subprocess.Popen:
+    """`ftcli train RECIPE --gpus 2` on the CPU, as a user starts it."""
+    environment = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "ftcli", "train", str(recipe), "--gpus", "2", *options],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, cwd=ROOT)
+
+
+def worker_pids(launcher: subprocess.Popen) -> list[int]:
+    """The launcher's workers, process 0 first."""
+    children = subprocess.run(["ps", "--ppid", str(launcher.pid), "-o", "pid=", "--sort", "start_time"],
+                              capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in children]
+
+
+def test_sigterm_to_one_process_stops_all_after_one_checkpoint(tiny):
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(8)]
+    recipe = tiny_recipe(tiny, "long", rows, 2, train={"max_steps": 100000})
+    staging = tiny[0] / ".long.partial"
+    launcher = launch(recipe)
+    deadline = time.monotonic() + 300
+    while not ((staging / "metrics.jsonl").is_file() and len((staging / "metrics.jsonl").read_text().splitlines()) > 2):
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
+        time.sleep(0.2)
+    os.kill(worker_pids(launcher)[1], signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=300)
+    assert launcher.returncode == 143, stderr
+    checkpoints = list((staging / "checkpoints").iterdir())
+    assert len(checkpoints) == 1
+    step = int(checkpoints[0].name.removeprefix("step-"))
+    assert stderr.count("SIGTERM received: stopped after step") == 1
+    assert f"stopped after step {step} of 100000" in stderr
+    assert len((staging / "metrics.jsonl").read_text().splitlines()) == step
+
+
+def test_a_reward_that_fails_on_one_process_stops_all_with_one_message(tiny):
+    tmp, _ = tiny
+    (tmp / "rewards.py").write_text("def picky(completions, prompts, **columns):\n"
+                                    "    if any('plus 5' in prompt for prompt in prompts):\n"
+                                    "        raise ValueError('five is not allowed')\n"
+                                    "    return [1.0 for _ in completions]\n")
+    rows = [{"prompt": f"What is {i} plus {i}?"} for i in range(8)]
+    grpo = {"num_generations": 2, "max_prompt_length": 32, "max_completion_length": 4,
+            "rewards": [{"function": str(tmp / "rewards.py") + ":picky"}]}
+    launcher = launch(tiny_recipe(tiny, "picky", rows, 1, data={"format": "prompts"},
+                                  train={"method": "grpo", "max_steps": 8}, grpo=grpo))
+    _, stderr = launcher.communicate(timeout=300)
+    assert launcher.returncode == 2, stderr
+    assert stderr.count("error:") == 1, stderr
+    assert "five is not allowed" in stderr and "picky" in stderr
+    assert not (tmp / "picky").exists() and not (tmp / ".picky.partial").exists()

@@ -42,7 +42,7 @@ import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from torch.profiler import ProfilerActivity, profile
 
-from ftcli import bench_grpo, bench_preference
+from ftcli import bench_distributed, bench_grpo, bench_preference
 from ftcli.bench_common import (BENCH_LORA, CHECKPOINTING, LORA_SEED, add_training_arguments, ftcli_setup, method_of,
                                 random_model, side_in_subprocess)
 from ftcli.decoding import Decoder, Sampling
@@ -247,6 +247,9 @@ def print_table(args, results: list[dict]) -> None:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     method = method_of(argv)
+    if "--gpus" in argv:
+        bench_distributed.main(argv)
+        return
     if method in ("dpo", "grpo"):
         (bench_preference if method == "dpo" else bench_grpo).main(argv)
         return

@@ -57,7 +57,8 @@ def method_of(argv: list[str]) -> str:
     return parser.parse_known_args(argv)[0].method
 
 
-def random_model(shape: str, precision: str, device: torch.device, dtype: torch.dtype):
+def random_model(shape: str, precision: str, device: torch.device, dtype: torch.dtype,
+                 packed_in: torch.dtype = torch.uint8):
     """A Llama model of the named shape with random weights; its decoder linears in NF4 when precision is nf4.
 
     Weights are drawn on the device one layer at a time and quantized right away, as transformers does
@@ -78,7 +79,7 @@ def random_model(shape: str, precision: str, device: torch.device, dtype: torch.
         part.to_empty(device=device)
         draw_random_weights(part, names[part], generator)
         if precision == "nf4" and part in layers:
-            quantize_linears(part, dtype)
+            quantize_linears(part, dtype, packed_in)
     model.tie_weights()  # a tied head still held the embedding's meta tensor
     with torch.device(device):  # the computed buffers were never built on the meta device
         model.model.rotary_emb = type(model.model.rotary_emb)(config)
@@ -90,26 +91,32 @@ def random_model(shape: str, precision: str, device: torch.device, dtype: torch.
 
 
 def draw_random_weights(part: torch.nn.Module, prefix: str, generator: torch.Generator) -> None:
-    """Norm weights near 1, everything else N(0, 0.02); `prefix` is the part's name in the model."""
-    with torch.no_grad():
-        for name, parameter in part.named_parameters(prefix=prefix):
-            if name.endswith("norm.weight"):
-                parameter.copy_(1 + 0.1 * torch.randn(parameter.shape, generator=generator, device=parameter.device))
-            else:
-                parameter.normal_(0, 0.02, generator=generator)
+    """`draw_random_weight` for each parameter of `part`; `prefix` is the part's name in the model."""
+    for name, parameter in part.named_parameters(prefix=prefix):
+        draw_random_weight(parameter, name, generator)
 
 
-def quantize_linears(layer: torch.nn.Module, compute_dtype: torch.dtype) -> None:
-    """A decoder layer's attention and MLP projections replaced by NF4 ones (double quantization)."""
+@torch.no_grad()
+def draw_random_weight(tensor: torch.Tensor, name: str, generator: torch.Generator) -> None:
+    """A norm's weight near 1, any other N(0, 0.02)."""
+    if name.endswith("norm.weight"):
+        tensor.copy_(1 + 0.1 * torch.randn(tensor.shape, generator=generator, device=tensor.device))
+    else:
+        tensor.normal_(0, 0.02, generator=generator)
+
+
+def quantize_linears(layer: torch.nn.Module, compute_dtype: torch.dtype, packed_in: torch.dtype) -> None:
+    """A decoder layer's attention and MLP projections replaced by NF4 ones (double quantization), their 4-bit codes
+    packed into `packed_in` (the compute dtype for FSDP, as ftcli.loader.load_model(sharded=True) packs them)."""
     for parent in (layer.self_attn, layer.mlp):
         for name, linear in list(parent.named_children()):
             if not isinstance(linear, torch.nn.Linear):
                 continue
             quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                           compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True,
-                                          device="meta")
+                                          quant_storage=packed_in, device="meta")
             quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
-                                                 compress_statistics=True)
+                                                 compress_statistics=True, quant_storage=packed_in)
             setattr(parent, name, quantized.to(linear.weight.device))
             del linear
 

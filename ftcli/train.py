@@ -39,6 +39,7 @@ from ftcli.preference import PreferenceMethod
 from ftcli.progress import TrainingDisplay
 from ftcli.rewards import Reward, load_rewards
 from ftcli.recipe import PREFERENCE_METHODS, LoraSettings, Recipe, TrainSettings
+from ftcli.sharding import one_process_at_a_time, shard_decoder_layers
 from ftcli.signals import StopRequest
 from ftcli.snapshots import (Snapshot, check_compatible, load_optimizer_state, newest_snapshot, random_states,
                              restore_random_states, restore_snapshot, save_snapshot)
@@ -160,11 +161,7 @@ def build_setup(recipe: Recipe, out_dir: Optional[Path], device: torch.device, a
                 schedule: Optional[TrainSettings] = None, strategy: str = "ddp") -> TrainingSetup:
     schedule = schedule or recipe.train
     dtype = compute_dtype(recipe.model, device)
-    model = load_model(recipe.model, architecture, device, dtype)
-    model, kernels = prepare_for_training(model, architecture, recipe.lora, recipe.model.kernels and kernels_can_run(device),
-                                          recipe.train.gradient_checkpointing, recipe.train.seed, recipe.model.adapter)
-    if recipe.model.adapter and (recipe.train.method == "dpo" or (recipe.train.method == "grpo" and recipe.grpo.beta)):
-        load_reference_adapter(model, recipe.model.adapter)  # the reference is the policy the run starts from
+    model, kernels = trainable_model(recipe, architecture, device, dtype, processes if strategy == "fsdp" else None)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if recipe.train.method == "grpo":
         method = GrpoMethod(recipe, tokenizer, device, kernels.fused_loss, rewards)
@@ -175,6 +172,23 @@ def build_setup(recipe: Recipe, out_dir: Optional[Path], device: torch.device, a
     return TrainingSetup(recipe, out_dir, data, model, trainable, build_optimizer(trainable, recipe.train),
                          torch.amp.GradScaler(device.type) if dtype == torch.float16 else None, device, dtype,
                          kernels, total_steps, method, processes, schedule, strategy)
+
+
+def trainable_model(recipe: Recipe, architecture: Architecture, device: torch.device, dtype: torch.dtype,
+                    sharded_over: Optional[Processes]) -> tuple[torch.nn.Module, KernelSwaps]:
+    """The base model loaded and made trainable on `device`; with `sharded_over`, its decoder layers sharded over
+    those processes (ftcli/sharding.py)."""
+    with one_process_at_a_time(sharded_over, recipe.model) if sharded_over else nullcontext():
+        model = load_model(recipe.model, architecture, device, dtype, sharded=sharded_over is not None)
+        model, kernels = prepare_for_training(model, architecture, recipe.lora,
+                                              recipe.model.kernels and kernels_can_run(device),
+                                              recipe.train.gradient_checkpointing, recipe.train.seed,
+                                              recipe.model.adapter)
+        if recipe.model.adapter and (recipe.train.method == "dpo" or (recipe.train.method == "grpo" and recipe.grpo.beta)):
+            load_reference_adapter(model, recipe.model.adapter)  # the reference is the policy the run starts from
+        if sharded_over:
+            shard_decoder_layers(model, device, sharded_over)
+    return model, kernels
 
 
 def resumed_state(setup: TrainingSetup, snapshot: Snapshot, display: TrainingDisplay) -> RunState:

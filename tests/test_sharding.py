@@ -1,0 +1,192 @@
+"""FSDP2 sharding of the decoder layers, on the CPU with gloo: two processes, each computing its share of a batch on
+the sharded model, give the loss and the LoRA gradients of one process computing the whole batch on the whole model,
+with every checkpointing mode, with the kernels and with NF4 weights; and each process holds half of each layer's
+frozen weights, whole only while that layer computes."""
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from conftest import randomise
+from ftcli.architectures import ARCHITECTURES
+from ftcli.data.templates import IGNORE_INDEX, TokenizedExample
+from ftcli.distributed import Processes, global_sums, share, start_processes, stop_processes, sum_gradients
+from ftcli.loader import load_model
+from ftcli.recipe import LoraSettings, ModelSettings
+from ftcli.sharding import load_device, one_process_at_a_time, shard_decoder_layers
+from ftcli.train import collate, prepare_for_training, summed_token_loss, target_tokens
+
+PROCESSES = 2
+CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Case:
+    checkpointing: object = False
+    kernels: bool = False
+    load_in_4bit: bool = False
+
+    def settings(self, folder: Path) -> ModelSettings:
+        return ModelSettings(name=str(folder), load_in_4bit=self.load_in_4bit, dtype="float32")
+
+
+def rows() -> list[TokenizedExample]:
+    """Four rows of different lengths (so the shares pad differently), each with a masked prompt."""
+    generator = torch.Generator().manual_seed(4)
+    return [TokenizedExample(ids, [IGNORE_INDEX] * 3 + ids[3:], False)
+            for ids in (torch.randint(3, 300, (n,), generator=generator).tolist() for n in (9, 30, 17, 24))]
+
+
+def build(folder: Path, case: Case, processes: Processes):
+    """The tiny Llama with LoRA as training prepares it (B randomised, so A gets gradients), then sharded; in one
+    process sharding does nothing."""
+    settings, architecture = case.settings(folder), ARCHITECTURES["llama"]
+    loading_on = load_device(settings, CPU)
+    with one_process_at_a_time(processes, loading_on):
+        model = load_model(settings, architecture, loading_on, torch.float32)
+        model, swaps = prepare_for_training(model, architecture, LoraSettings(r=4, alpha=8), case.kernels,
+                                            case.checkpointing, seed=3)
+        randomise(model, "lora_B", 0.05, seed=2)
+        shard_decoder_layers(model, CPU, processes)
+    return model.train(), swaps
+
+
+def loss_and_grads(model, examples: list[TokenizedExample], all_targets: int, fused: bool):
+    """This process's summed token loss over all processes' targets, backward done; and the trained gradients."""
+    loss = summed_token_loss(model, collate(examples, 0, CPU), fused) / all_targets
+    loss.backward()
+    return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def frozen_layer_weights(layer: nn.Module) -> list[torch.Tensor]:
+    return [parameter for parameter in layer.parameters() if not parameter.requires_grad]
+
+
+def whole(weight: torch.Tensor) -> bool:
+    return not isinstance(weight, DTensor)
+
+
+def count_whole_layers(layers: nn.ModuleList) -> list[int]:
+    """At each layer's forward, after FSDP's gather, how many layers hold their frozen weights whole."""
+    counts = []
+    for layer in layers:
+        layer.register_forward_pre_hook(
+            lambda module, args: counts.append(sum(any(map(whole, frozen_layer_weights(other))) for other in layers)))
+    return counts
+
+
+def count_base_layer_calls(model) -> list[int]:
+    """Calls of the LoRA projections' base layers, which the LoRA kernels never make (they read the weight)."""
+    calls = []
+    for module in model.modules():
+        if hasattr(module, "lora_A"):
+            module.get_base_layer().register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def sharded_case(folder: Path, case: Case, processes: Processes) -> dict:
+    """One training micro-batch on the sharded model, seen from this process."""
+    model, _ = build(folder, case, processes)
+    layers = model.get_decoder().layers
+    whole_layers, base_calls = count_whole_layers(layers), count_base_layer_calls(model)
+    examples = rows()
+    all_targets = target_tokens(collate(examples, 0, CPU))
+    loss, own_grads = loss_and_grads(model, share(examples, processes), all_targets, case.kernels)
+    sum_gradients(p for p in model.parameters() if p.requires_grad)
+    weights = [weight for layer in layers for weight in frozen_layer_weights(layer)]
+    return {"loss": global_sums(loss)[0], "own_grads": own_grads,
+            "grads": {name: p.grad for name, p in model.named_parameters() if p.requires_grad},
+            "whole_layers": whole_layers, "base_calls": len(base_calls),
+            "sharded_after_step": not any(map(whole, weights)),
+            "held": sum(w.to_local().numel() for w in weights) / sum(w.numel() for w in weights)}
+
+
+def turn_times(processes: Processes, loading_on: torch.device) -> tuple[float, float]:
+    """When this process started and ended a block of one_process_at_a_time that takes a while."""
+    with one_process_at_a_time(processes, loading_on):
+        started = time.monotonic()  # one clock for all processes of the machine
+        time.sleep(0.3)
+        return started, time.monotonic()
+
+
+def worker(rank: int, port: int, folder: Path, cases: list[Case], out: Path) -> None:
+    """One of the processes, as torchrun starts it: its environment, then ftcli's own process group (gloo)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(PROCESSES), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    processes = start_processes()
+    try:
+        results = {"cases": [sharded_case(folder, case, processes) for case in cases],
+                   "turns": {device: turn_times(processes, torch.device(device)) for device in ("cpu", "cuda")}}
+    finally:
+        stop_processes()
+    torch.save(results, out / f"rank{rank}.pt")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_sharded(folder: Path, cases: list[Case], out: Path) -> list[list[dict]]:
+    """Each case's results on each process (results[rank][case])."""
+    torch.multiprocessing.start_processes(worker, args=(free_port(), folder, cases, out), nprocs=PROCESSES,
+                                          start_method="spawn")
+    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(PROCESSES)]
+
+
+def one_process(folder: Path, case: Case) -> tuple[float, dict]:
+    model, _ = build(folder, case, Processes())
+    examples = rows()
+    return loss_and_grads(model, examples, target_tokens(collate(examples, 0, CPU)), case.kernels)
+
+
+def largest_difference(got: dict, want: dict) -> float:
+    """The largest difference of any gradient over the largest gradient."""
+    assert got.keys() == want.keys() and want
+    return max(float((got[name] - want[name]).abs().max()) for name in want) / max(
+        float(grad.abs().max()) for grad in want.values())
+
+
+def assert_same_step(results: list[dict], case: Case, folder: Path) -> None:
+    loss, grads = one_process(folder, case)
+    for result in results:
+        assert result["loss"] == pytest.approx(loss, rel=1e-5), case
+        assert largest_difference(result["grads"], grads) < 1e-4, case
+        # the control: one process's share alone is far from the whole batch's gradients
+        assert largest_difference(result["own_grads"], grads) > 1e-2, case
+        # each process holds half of every frozen layer weight, and a layer is whole only while it computes
+        assert result["held"] == pytest.approx(1 / PROCESSES), case
+        assert result["whole_layers"] == [1, 1], case  # the two layers, one forward each
+        assert result["sharded_after_step"], case
+        assert (result["base_calls"] == 0) == case.kernels, case
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tiny_model_folder, tmp_path_factory):
+    """The fast cases, run once by two processes: every checkpointing mode, and NF4 weights."""
+    cases = [Case(checkpointing=mode) for mode in (False, True, "offload")] + [Case(True, load_in_4bit=True)]
+    return cases, run_sharded(tiny_model_folder("llama"), cases, tmp_path_factory.mktemp("sharded"))
+
+
+@pytest.mark.parametrize("index", range(4), ids=["no-checkpointing", "checkpointing", "offload", "nf4"])
+def test_two_processes_on_a_sharded_model_take_the_one_process_step(index, sharded_runs, tiny_model_folder):
+    cases, results = sharded_runs
+    assert_same_step([process["cases"][index] for process in results], cases[index], tiny_model_folder("llama"))
+
+
+def test_processes_load_into_host_memory_one_at_a_time(sharded_runs):
+    _, results = sharded_runs
+    first, second = (process["turns"]["cpu"] for process in results)
+    assert first[1] <= second[0]
+    # the control: loading onto GPUs, they run the block together
+    first, second = (process["turns"]["cuda"] for process in results)
+    assert second[0] < first[1] and first[0] < second[1]

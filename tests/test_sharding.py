@@ -20,6 +20,7 @@ from ftcli.architectures import ARCHITECTURES
 from ftcli.data.templates import IGNORE_INDEX, TokenizedExample
 from ftcli.distributed import Processes, global_sums, share, start_processes, stop_processes, sum_gradients
 from ftcli.loader import load_model
+from ftcli.patch import _lora_parts
 from ftcli.recipe import LoraSettings, ModelSettings
 from ftcli.sharding import load_device, one_process_at_a_time, shard_decoder_layers
 from ftcli.train import collate, prepare_for_training, summed_token_loss, target_tokens
@@ -190,3 +191,27 @@ def test_processes_load_into_host_memory_one_at_a_time(sharded_runs):
     # the control: loading onto GPUs, they run the block together
     first, second = (process["turns"]["cuda"] for process in results)
     assert second[0] < first[1] and first[0] < second[1]
+
+
+@pytest.mark.slow
+def test_the_kernels_compute_the_sharded_layers(tiny_model_folder, tmp_path):
+    """16-bit with offloaded checkpointing, and NF4 with plain recompute, all projections through the LoRA kernels
+    (the fused loss too) under Triton's interpreter."""
+    cases = [Case("offload", kernels=True), Case(True, kernels=True, load_in_4bit=True)]
+    results = run_sharded(tiny_model_folder("llama"), cases, tmp_path)
+    for index, case in enumerate(cases):
+        assert_same_step([process["cases"][index] for process in results], case, tiny_model_folder("llama"))
+
+
+def test_the_lora_kernels_take_the_quant_state_of_a_gathered_nf4_weight_from_its_module(tiny_model_folder):
+    """What FSDP puts in a Linear4bit's place while the layer computes: a plain tensor of the packed bytes."""
+    model, _ = build(tiny_model_folder("llama"), Case(load_in_4bit=True), Processes())
+    projection = model.get_decoder().layers[0].self_attn.o_proj
+    base = projection.get_base_layer()
+    packed = base.weight
+    base._parameters["weight"] = nn.Parameter(packed.as_subclass(torch.Tensor), requires_grad=False)
+    weight = _lora_parts(projection)[0]
+    assert weight.quant_state is base.quant_state is packed.quant_state
+    assert weight.data_ptr() == packed.data_ptr() and weight.shape == packed.shape  # the same bytes, no copy
+    del base.quant_state  # the control: without the module's copy the kernels cannot dequantize it
+    assert _lora_parts(projection) is None

@@ -15,11 +15,15 @@ import torch.multiprocessing
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+
 from conftest import randomise
 from ftcli.architectures import ARCHITECTURES
 from ftcli.data.templates import IGNORE_INDEX, TokenizedExample
-from ftcli.distributed import Processes, global_sums, share, start_processes, stop_processes, sum_gradients
-from ftcli.loader import load_model
+from ftcli.distributed import (Processes, global_sums, share, start_processes, stop_processes, sum_gradients,
+                               wait_for_all)
+from ftcli.loader import ADAPTER_WEIGHTS, TRAINED_ADAPTER, load_model
 from ftcli.patch import _lora_parts
 from ftcli.recipe import LoraSettings, ModelSettings
 from ftcli.sharding import load_device, one_process_at_a_time, shard_decoder_layers
@@ -118,6 +122,22 @@ def turn_times(processes: Processes, loading_on: torch.device) -> tuple[float, f
         return started, time.monotonic()
 
 
+def saved_and_restored(folder: Path, processes: Processes, out: Path) -> dict:
+    """The adapter process 0 saves from a sharded model (as a checkpoint does), loaded back into that model after
+    its trained parameters were zeroed (as a resume does): the trained parameters it restores."""
+    model, _ = build(folder, Case(), processes)
+    if processes.main:
+        model.save_pretrained(out / "adapter", selected_adapters=[TRAINED_ADAPTER])
+    wait_for_all()
+    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    with torch.no_grad():
+        for parameter in trained:
+            parameter.zero_()
+    result = set_peft_model_state_dict(model, load_file(out / "adapter" / ADAPTER_WEIGHTS))
+    assert not result.unexpected_keys
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
 def worker(rank: int, port: int, folder: Path, cases: list[Case], out: Path) -> None:
     """One of the processes, as torchrun starts it: its environment, then ftcli's own process group (gloo)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(PROCESSES), MASTER_ADDR="127.0.0.1",
@@ -125,7 +145,8 @@ def worker(rank: int, port: int, folder: Path, cases: list[Case], out: Path) -> 
     processes = start_processes()
     try:
         results = {"cases": [sharded_case(folder, case, processes) for case in cases],
-                   "turns": {device: turn_times(processes, torch.device(device)) for device in ("cpu", "cuda")}}
+                   "turns": {device: turn_times(processes, torch.device(device)) for device in ("cpu", "cuda")},
+                   "restored": saved_and_restored(folder, processes, out)}
     finally:
         stop_processes()
     torch.save(results, out / f"rank{rank}.pt")
@@ -191,6 +212,15 @@ def test_processes_load_into_host_memory_one_at_a_time(sharded_runs):
     # the control: loading onto GPUs, they run the block together
     first, second = (process["turns"]["cuda"] for process in results)
     assert second[0] < first[1] and first[0] < second[1]
+
+
+def test_an_adapter_saved_from_a_sharded_model_loads_back_into_it(sharded_runs, tiny_model_folder):
+    model, _ = build(tiny_model_folder("llama"), Case(), Processes())
+    want = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    for process in sharded_runs[1]:
+        assert process["restored"].keys() == want.keys()
+        for name, parameter in want.items():
+            assert torch.equal(process["restored"][name], parameter), name
 
 
 @pytest.mark.slow

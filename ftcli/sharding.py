@@ -11,13 +11,22 @@ lora.bias trains them) are left out of FSDP: plain tensors on every process, the
 ftcli.distributed.sum_gradients as under ddp, so FSDP only ever all-gathers frozen weights and reduces nothing, and
 the optimizer, checkpoints and a resume onto another number of processes see the same tensors as in one process.
 
-NF4 weights shard as their packed bytes: FSDP2 all-gathers a layer's uint8 weights and 16-bit norms together as
-bytes. The gathered weight is a plain tensor without bitsandbytes' quant_state, which bitsandbytes keeps on the
-Linear4bit module for this case; ftcli/patch.py reads it from there.
+NF4 weights shard as their packed bytes, which ftcli.loader.load_model(sharded=True) stores in the compute dtype
+(bitsandbytes' quant_storage): FSDP2 in torch 2.11 cannot shard a uint8 parameter. The gathered weight is a plain
+tensor without bitsandbytes' quant_state, which bitsandbytes keeps on the Linear4bit module for this case;
+ftcli/patch.py reads it from there, and ftcli_kernels/nf4_dequantize reads the packed weight as bytes.
 
 FSDP's gathers are collectives: every forward on one process must be matched by a forward on every other process
-(the same number of decoder calls, in the same order, gradients or not), or the processes wait on each other until
-the collective timeout. A process whose share of a micro-batch is empty still runs a forward.
+(the same number of decoder calls, in the same order, with gradients or without), or the processes wait on each other
+until the collective timeout. So a process whose share of a micro-batch is empty must still run a forward (and its
+backward), and evaluation, reference passes and generation must run the same passes on every process.
+
+Training code calls, in this order (see each function):
+
+    with one_process_at_a_time(processes, recipe.model):
+        model = load_model(recipe.model, architecture, device, dtype, sharded=True)
+        model, kernels = prepare_for_training(model, ...)     # and load_reference_adapter, when there is one
+        shard_decoder_layers(model, device, processes)
 """
 
 from contextlib import contextmanager
@@ -31,23 +40,16 @@ from ftcli.errors import ModelError
 from ftcli.recipe import ModelSettings
 
 
-def load_device(settings: ModelSettings, device: torch.device) -> torch.device:
-    """Where ftcli.loader.load_model puts a model that `shard_decoder_layers` will shard on `device`: 16-bit weights
-    on the CPU, so that a model larger than one GPU loads and each layer reaches the GPU as this process's shard;
-    NF4 weights on the GPU as in one process (a 70B model is about 40 GB in NF4), since bitsandbytes quantizes them
-    there."""
-    return device if settings.load_in_4bit else torch.device("cpu")
-
-
 @contextmanager
-def one_process_at_a_time(processes: Processes, loading_on: torch.device) -> Iterator[None]:
-    """Processes run the block (load, prepare, shard) one after another when it loads the model into host memory:
-    a 16-bit model is whole in memory until sharded (140 GB for 70B), and a machine holds one such copy, not one per
-    GPU. Loading onto GPUs, they run it together.
+def one_process_at_a_time(processes: Processes, settings: ModelSettings) -> Iterator[None]:
+    """Processes run the block (load, prepare, shard) one after another when it loads 16-bit weights, which stay in
+    host memory until sharded (140 GB for a 70B model): a machine holds one such copy, not one per GPU. NF4 weights
+    load onto the GPUs, all processes together.
 
     Process k waits for the k processes before it, runs the block, then waits for the rest: each barrier is passed
-    once process k has finished, so the blocks run in rank order and every process passes the same barriers."""
-    turns = processes.count if loading_on.type == "cpu" else 0
+    once one process has finished the block, so the blocks run in rank order and every process passes the same
+    barriers (each waiting at most one process's load)."""
+    turns = 0 if settings.load_in_4bit else processes.count
     for _ in range(min(processes.rank, turns)):
         wait_for_all()
     yield
@@ -56,14 +58,17 @@ def one_process_at_a_time(processes: Processes, loading_on: torch.device) -> Ite
 
 
 def shard_decoder_layers(model: nn.Module, device: torch.device, processes: Processes) -> None:
-    """Shard the frozen weights of each decoder layer of a LoRA-wrapped model (after
-    ftcli.train.prepare_for_training) over the processes, and move what stays whole to `device`. Nothing to do in
-    one process."""
+    """Shard the frozen weights of each decoder layer of a LoRA-wrapped model over the processes, and move what stays
+    whole to `device`; in one process, nothing is sharded and the whole model moves to `device`.
+
+    Called once every adapter is on the model (ftcli.train.prepare_for_training, ftcli.loader.load_reference_adapter):
+    a parameter added later would belong to no FSDP unit and stay where it was loaded."""
     # here, not at the top: FSDP imports DTensor, 2.5 s that a run without fsdp need not wait
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     if not processes.several:
+        _move_unsharded(model, device)
         return
     decoder = model.get_decoder()
     layers = _decoder_layers(decoder)
@@ -73,7 +78,7 @@ def shard_decoder_layers(model: nn.Module, device: torch.device, processes: Proc
         fully_shard(layer, mesh=mesh, ignored_params={p for p in layer.parameters() if p in trained})
     sharded = {parameter for layer in layers for parameter in layer.parameters() if parameter not in trained}
     fully_shard(decoder, mesh=mesh, ignored_params={p for p in decoder.parameters() if p not in sharded})
-    _move_whole_tensors(model, device)
+    _move_unsharded(model, device)
 
 
 def _decoder_layers(decoder: nn.Module) -> nn.ModuleList:
@@ -85,9 +90,10 @@ def _decoder_layers(decoder: nn.Module) -> nn.ModuleList:
 
 
 @torch.no_grad()
-def _move_whole_tensors(model: nn.Module, device: torch.device) -> None:
+def _move_unsharded(model: nn.Module, device: torch.device) -> None:
     """What FSDP left where the model was loaded (the embedding, final norm and head, the trained parameters, the
-    buffers outside the layers) onto `device`, keeping each parameter object, so tied weights stay tied."""
+    buffers outside the layers; everything in one process) onto `device`, keeping each parameter object, so tied
+    weights stay tied."""
     for parameter in model.parameters():
         if parameter.device.type != device.type:
             parameter.data = parameter.data.to(device)

@@ -26,7 +26,7 @@ from ftcli.distributed import (Processes, global_sums, share, start_processes, s
 from ftcli.loader import ADAPTER_WEIGHTS, TRAINED_ADAPTER, load_model
 from ftcli.patch import _lora_parts
 from ftcli.recipe import LoraSettings, ModelSettings
-from ftcli.sharding import load_device, one_process_at_a_time, shard_decoder_layers
+from ftcli.sharding import one_process_at_a_time, shard_decoder_layers
 from ftcli.train import collate, prepare_for_training, summed_token_loss, target_tokens
 
 PROCESSES = 2
@@ -54,9 +54,8 @@ def build(folder: Path, case: Case, processes: Processes):
     """The tiny Llama with LoRA as training prepares it (B randomised, so A gets gradients), then sharded; in one
     process sharding does nothing."""
     settings, architecture = case.settings(folder), ARCHITECTURES["llama"]
-    loading_on = load_device(settings, CPU)
-    with one_process_at_a_time(processes, loading_on):
-        model = load_model(settings, architecture, loading_on, torch.float32)
+    with one_process_at_a_time(processes, settings):
+        model = load_model(settings, architecture, CPU, torch.float32, sharded=processes.several)
         model, swaps = prepare_for_training(model, architecture, LoraSettings(r=4, alpha=8), case.kernels,
                                             case.checkpointing, seed=3)
         randomise(model, "lora_B", 0.05, seed=2)
@@ -114,9 +113,9 @@ def sharded_case(folder: Path, case: Case, processes: Processes) -> dict:
             "held": sum(w.to_local().numel() for w in weights) / sum(w.numel() for w in weights)}
 
 
-def turn_times(processes: Processes, loading_on: torch.device) -> tuple[float, float]:
+def turn_times(processes: Processes, load_in_4bit: bool) -> tuple[float, float]:
     """When this process started and ended a block of one_process_at_a_time that takes a while."""
-    with one_process_at_a_time(processes, loading_on):
+    with one_process_at_a_time(processes, ModelSettings(name="any", load_in_4bit=load_in_4bit)):
         started = time.monotonic()  # one clock for all processes of the machine
         time.sleep(0.3)
         return started, time.monotonic()
@@ -145,7 +144,7 @@ def worker(rank: int, port: int, folder: Path, cases: list[Case], out: Path) -> 
     processes = start_processes()
     try:
         results = {"cases": [sharded_case(folder, case, processes) for case in cases],
-                   "turns": {device: turn_times(processes, torch.device(device)) for device in ("cpu", "cuda")},
+                   "turns": {nf4: turn_times(processes, nf4) for nf4 in (False, True)},
                    "restored": saved_and_restored(folder, processes, out)}
     finally:
         stop_processes()
@@ -205,12 +204,12 @@ def test_two_processes_on_a_sharded_model_take_the_one_process_step(index, shard
     assert_same_step([process["cases"][index] for process in results], cases[index], tiny_model_folder("llama"))
 
 
-def test_processes_load_into_host_memory_one_at_a_time(sharded_runs):
+def test_processes_load_16_bit_weights_into_host_memory_one_at_a_time(sharded_runs):
     _, results = sharded_runs
-    first, second = (process["turns"]["cpu"] for process in results)
+    first, second = (process["turns"][False] for process in results)
     assert first[1] <= second[0]
-    # the control: loading onto GPUs, they run the block together
-    first, second = (process["turns"]["cuda"] for process in results)
+    # the control: loading NF4 weights onto the GPUs, they run the block together
+    first, second = (process["turns"][True] for process in results)
     assert second[0] < first[1] and first[0] < second[1]
 
 

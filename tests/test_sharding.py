@@ -1,29 +1,34 @@
 """FSDP2 sharding of the decoder layers, on the CPU with gloo: two processes, each computing its share of a batch on
 the sharded model, give the loss and the LoRA gradients of one process computing the whole batch on the whole model,
-with every checkpointing mode, with the kernels and with NF4 weights; and each process holds half of each layer's
-frozen weights, whole only while that layer computes."""
+with every checkpointing mode, with the kernels and with NF4 weights; each process holds half of each layer's
+frozen weights, whole only while that layer computes; the adapter saves and loads back as checkpoints need, and
+DPO's reference adapter shards with the base weights.
+
+The processes are spawned as torchrun would start them (the same environment variables) and join ftcli's own
+process group; all cases of a test run in one pair of processes, since each process spends seconds on imports."""
 
 import os
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
 import torch.multiprocessing
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from peft import set_peft_model_state_dict
-from safetensors.torch import load_file
-
-from conftest import randomise
+from conftest import make_output_folder, randomise
 from ftcli.architectures import ARCHITECTURES
 from ftcli.data.templates import IGNORE_INDEX, TokenizedExample
 from ftcli.distributed import (Processes, global_sums, share, start_processes, stop_processes, sum_gradients,
                                wait_for_all)
-from ftcli.loader import ADAPTER_WEIGHTS, TRAINED_ADAPTER, load_model
+from ftcli.loader import (ADAPTER_WEIGHTS, REFERENCE_ADAPTER, TRAINED_ADAPTER, load_model, load_reference_adapter,
+                          reference_policy)
 from ftcli.patch import _lora_parts
 from ftcli.recipe import LoraSettings, ModelSettings
 from ftcli.sharding import one_process_at_a_time, shard_decoder_layers
@@ -50,15 +55,17 @@ def rows() -> list[TokenizedExample]:
             for ids in (torch.randint(3, 300, (n,), generator=generator).tolist() for n in (9, 30, 17, 24))]
 
 
-def build(folder: Path, case: Case, processes: Processes):
-    """The tiny Llama with LoRA as training prepares it (B randomised, so A gets gradients), then sharded; in one
-    process sharding does nothing."""
+def build(folder: Path, case: Case, processes: Processes, reference: Optional[Path] = None):
+    """The tiny Llama with LoRA as training prepares it (B randomised, so A gets gradients), and the `reference`
+    adapter of DPO when given, then sharded; in one process sharding does nothing."""
     settings, architecture = case.settings(folder), ARCHITECTURES["llama"]
     with one_process_at_a_time(processes, settings):
         model = load_model(settings, architecture, CPU, torch.float32, sharded=processes.several)
         model, swaps = prepare_for_training(model, architecture, LoraSettings(r=4, alpha=8), case.kernels,
                                             case.checkpointing, seed=3)
         randomise(model, "lora_B", 0.05, seed=2)
+        if reference:
+            load_reference_adapter(model, reference)
         shard_decoder_layers(model, CPU, processes)
     return model.train(), swaps
 
@@ -117,7 +124,7 @@ def turn_times(processes: Processes, load_in_4bit: bool) -> tuple[float, float]:
     """When this process started and ended a block of one_process_at_a_time that takes a while."""
     with one_process_at_a_time(processes, ModelSettings(name="any", load_in_4bit=load_in_4bit)):
         started = time.monotonic()  # one clock for all processes of the machine
-        time.sleep(0.3)
+        time.sleep(1.0)
         return started, time.monotonic()
 
 
@@ -137,6 +144,19 @@ def saved_and_restored(folder: Path, processes: Processes, out: Path) -> dict:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def reference_and_policy_losses(model, processes: Processes) -> dict:
+    """The losses of the whole batch under DPO's reference adapter and then under the trained one, each process
+    computing its share; and whether the reference adapter (frozen, so sharded with the base weights) is sharded."""
+    examples = rows()
+    batch, all_targets = collate(share(examples, processes), 0, CPU), target_tokens(collate(examples, 0, CPU))
+    with reference_policy(model):
+        reference_loss = float(summed_token_loss(model, batch)) / all_targets
+    policy_loss = float(summed_token_loss(model, batch)) / all_targets
+    reference_weights = [p for name, p in model.named_parameters() if f".{REFERENCE_ADAPTER}." in name]
+    return {"losses": global_sums(reference_loss, policy_loss),
+            "sharded": bool(reference_weights) and not any(map(whole, reference_weights))}
+
+
 def worker(rank: int, port: int, folder: Path, cases: list[Case], out: Path) -> None:
     """One of the processes, as torchrun starts it: its environment, then ftcli's own process group (gloo)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(PROCESSES), MASTER_ADDR="127.0.0.1",
@@ -145,7 +165,9 @@ def worker(rank: int, port: int, folder: Path, cases: list[Case], out: Path) -> 
     try:
         results = {"cases": [sharded_case(folder, case, processes) for case in cases],
                    "turns": {nf4: turn_times(processes, nf4) for nf4 in (False, True)},
-                   "restored": saved_and_restored(folder, processes, out)}
+                   "restored": saved_and_restored(folder, processes, out),
+                   "reference": reference_and_policy_losses(build(folder, Case(), processes, out / "reference")[0],
+                                                            processes)}
     finally:
         stop_processes()
     torch.save(results, out / f"rank{rank}.pt")
@@ -157,8 +179,8 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_sharded(folder: Path, cases: list[Case], out: Path) -> list[list[dict]]:
-    """Each case's results on each process (results[rank][case])."""
+def run_sharded(folder: Path, cases: list[Case], out: Path) -> list[dict]:
+    """What each process found (results[rank]["cases"][case] and the checks after the cases)."""
     torch.multiprocessing.start_processes(worker, args=(free_port(), folder, cases, out), nprocs=PROCESSES,
                                           start_method="spawn")
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(PROCESSES)]
@@ -195,7 +217,9 @@ def assert_same_step(results: list[dict], case: Case, folder: Path) -> None:
 def sharded_runs(tiny_model_folder, tmp_path_factory):
     """The fast cases, run once by two processes: every checkpointing mode, and NF4 weights."""
     cases = [Case(checkpointing=mode) for mode in (False, True, "offload")] + [Case(True, load_in_4bit=True)]
-    return cases, run_sharded(tiny_model_folder("llama"), cases, tmp_path_factory.mktemp("sharded"))
+    out = tmp_path_factory.mktemp("sharded")
+    make_output_folder(tiny_model_folder("llama"), out / "reference", seed=5)
+    return cases, run_sharded(tiny_model_folder("llama"), cases, out)
 
 
 @pytest.mark.parametrize("index", range(4), ids=["no-checkpointing", "checkpointing", "offload", "nf4"])
@@ -244,3 +268,14 @@ def test_the_lora_kernels_take_the_quant_state_of_a_gathered_nf4_weight_from_its
     assert weight.data_ptr() == packed.data_ptr() and weight.shape == packed.shape  # the same bytes, no copy
     del base.quant_state  # the control: without the module's copy the kernels cannot dequantize it
     assert _lora_parts(projection) is None
+
+
+def test_the_reference_adapter_of_dpo_is_sharded_with_the_base_weights(sharded_runs, tiny_model_folder, tmp_path):
+    """Loaded before sharding and frozen: each process holds half of it, gathered with its layer."""
+    reference = make_output_folder(tiny_model_folder("llama"), tmp_path / "reference", seed=5)
+    want = reference_and_policy_losses(build(tiny_model_folder("llama"), Case(), Processes(), reference)[0],
+                                       Processes())["losses"]
+    assert abs(want[0] - want[1]) > 1e-3  # the control: the two adapters differ
+    for process in sharded_runs[1]:
+        assert process["reference"]["losses"] == pytest.approx(want, rel=1e-5)
+        assert process["reference"]["sharded"]

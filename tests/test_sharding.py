@@ -179,8 +179,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def reference_adapter(folder: Path, out: Path) -> Path:
+    """An adapter folder for DPO's reference, other than the trained adapter's start."""
+    return make_output_folder(folder, out / "reference", seed=5)
+
+
 def run_sharded(folder: Path, cases: list[Case], out: Path) -> list[dict]:
     """What each process found (results[rank]["cases"][case] and the checks after the cases)."""
+    reference_adapter(folder, out)
     torch.multiprocessing.start_processes(worker, args=(free_port(), folder, cases, out), nprocs=PROCESSES,
                                           start_method="spawn")
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(PROCESSES)]
@@ -217,9 +223,7 @@ def assert_same_step(results: list[dict], case: Case, folder: Path) -> None:
 def sharded_runs(tiny_model_folder, tmp_path_factory):
     """The fast cases, run once by two processes: every checkpointing mode, and NF4 weights."""
     cases = [Case(checkpointing=mode) for mode in (False, True, "offload")] + [Case(True, load_in_4bit=True)]
-    out = tmp_path_factory.mktemp("sharded")
-    make_output_folder(tiny_model_folder("llama"), out / "reference", seed=5)
-    return cases, run_sharded(tiny_model_folder("llama"), cases, out)
+    return cases, run_sharded(tiny_model_folder("llama"), cases, tmp_path_factory.mktemp("sharded"))
 
 
 @pytest.mark.parametrize("index", range(4), ids=["no-checkpointing", "checkpointing", "offload", "nf4"])
@@ -248,9 +252,11 @@ def test_an_adapter_saved_from_a_sharded_model_loads_back_into_it(sharded_runs, 
 
 @pytest.mark.slow
 def test_the_kernels_compute_the_sharded_layers(tiny_model_folder, tmp_path):
-    """16-bit with offloaded checkpointing, and NF4 with plain recompute, all projections through the LoRA kernels
-    (the fused loss too) under Triton's interpreter."""
-    cases = [Case("offload", kernels=True), Case(True, kernels=True, load_in_4bit=True)]
+    """16-bit and NF4 weights, all projections through the LoRA kernels (the fused loss too) under Triton's
+    interpreter. Without checkpointing, backward reads the weight a kernel's forward kept: FSDP has freed it since
+    and gathers it again into the same storage before the layer's backward."""
+    cases = [Case(False, kernels=True), Case("offload", kernels=True), Case(False, kernels=True, load_in_4bit=True),
+             Case(True, kernels=True, load_in_4bit=True)]
     results = run_sharded(tiny_model_folder("llama"), cases, tmp_path)
     for index, case in enumerate(cases):
         assert_same_step([process["cases"][index] for process in results], case, tiny_model_folder("llama"))
@@ -272,7 +278,7 @@ def test_the_lora_kernels_take_the_quant_state_of_a_gathered_nf4_weight_from_its
 
 def test_the_reference_adapter_of_dpo_is_sharded_with_the_base_weights(sharded_runs, tiny_model_folder, tmp_path):
     """Loaded before sharding and frozen: each process holds half of it, gathered with its layer."""
-    reference = make_output_folder(tiny_model_folder("llama"), tmp_path / "reference", seed=5)
+    reference = reference_adapter(tiny_model_folder("llama"), tmp_path)
     want = reference_and_policy_losses(build(tiny_model_folder("llama"), Case(), Processes(), reference)[0],
                                        Processes())["losses"]
     assert abs(want[0] - want[1]) > 1e-3  # the control: the two adapters differ

@@ -27,6 +27,7 @@ from ftcli.architectures import ARCHITECTURES
 from ftcli.data.templates import IGNORE_INDEX, TokenizedExample
 from ftcli.distributed import (Processes, global_sums, share, start_processes, stop_processes, sum_gradients,
                                wait_for_all)
+from ftcli.errors import ModelError
 from ftcli.loader import (ADAPTER_WEIGHTS, REFERENCE_ADAPTER, TRAINED_ADAPTER, load_model, load_reference_adapter,
                           reference_policy)
 from ftcli.patch import _lora_parts
@@ -285,3 +286,12 @@ def test_the_reference_adapter_of_dpo_is_sharded_with_the_base_weights(sharded_r
     for process in sharded_runs[1]:
         assert process["reference"]["losses"] == pytest.approx(want, rel=1e-5)
         assert process["reference"]["sharded"]
+
+
+def test_a_decoder_without_a_list_of_layers_is_refused_with_the_fix():
+    class Unsharded(nn.Module):
+        def get_decoder(self):
+            return nn.Linear(4, 4)
+
+    with pytest.raises(ModelError, match=r"train\.distributed: fsdp shards.*Use train\.distributed: ddp"):
+        shard_decoder_layers(Unsharded(), CPU, Processes(rank=0, count=2))

@@ -41,12 +41,16 @@ CPU = torch.device("cpu")
 
 @dataclass(frozen=True)
 class Case:
+    """A tiny model (`folder`, of `family`) trained one way."""
+
+    folder: Path
+    family: str = "llama"
     checkpointing: object = False
     kernels: bool = False
     load_in_4bit: bool = False
 
-    def settings(self, folder: Path) -> ModelSettings:
-        return ModelSettings(name=str(folder), load_in_4bit=self.load_in_4bit, dtype="float32")
+    def settings(self) -> ModelSettings:
+        return ModelSettings(name=str(self.folder), load_in_4bit=self.load_in_4bit, dtype="float32")
 
 
 def rows() -> list[TokenizedExample]:
@@ -56,10 +60,10 @@ def rows() -> list[TokenizedExample]:
             for ids in (torch.randint(3, 300, (n,), generator=generator).tolist() for n in (9, 30, 17, 24))]
 
 
-def build(folder: Path, case: Case, processes: Processes, reference: Optional[Path] = None):
-    """The tiny Llama with LoRA as training prepares it (B randomised, so A gets gradients), and the `reference`
+def build(case: Case, processes: Processes, reference: Optional[Path] = None):
+    """The tiny model with LoRA as training prepares it (B randomised, so A gets gradients), and the `reference`
     adapter of DPO when given, then sharded; in one process sharding does nothing."""
-    settings, architecture = case.settings(folder), ARCHITECTURES["llama"]
+    settings, architecture = case.settings(), ARCHITECTURES[case.family]
     with one_process_at_a_time(processes, settings):
         model = load_model(settings, architecture, CPU, torch.float32, sharded=processes.several)
         model, swaps = prepare_for_training(model, architecture, LoraSettings(r=4, alpha=8), case.kernels,
@@ -104,9 +108,9 @@ def count_base_layer_calls(model) -> list[int]:
     return calls
 
 
-def sharded_case(folder: Path, case: Case, processes: Processes) -> dict:
+def sharded_case(case: Case, processes: Processes) -> dict:
     """One training micro-batch on the sharded model, seen from this process."""
-    model, _ = build(folder, case, processes)
+    model, _ = build(case, processes)
     layers = model.get_decoder().layers
     whole_layers, base_calls = count_whole_layers(layers), count_base_layer_calls(model)
     examples = rows()
@@ -129,10 +133,10 @@ def turn_times(processes: Processes, load_in_4bit: bool) -> tuple[float, float]:
         return started, time.monotonic()
 
 
-def saved_and_restored(folder: Path, processes: Processes, out: Path) -> dict:
+def saved_and_restored(case: Case, processes: Processes, out: Path) -> dict:
     """The adapter process 0 saves from a sharded model (as a checkpoint does), loaded back into that model after
     its trained parameters were zeroed (as a resume does): the trained parameters it restores."""
-    model, _ = build(folder, Case(), processes)
+    model, _ = build(case, processes)
     if processes.main:
         model.save_pretrained(out / "adapter", selected_adapters=[TRAINED_ADAPTER])
     wait_for_all()
@@ -158,16 +162,17 @@ def reference_and_policy_losses(model, processes: Processes) -> dict:
             "sharded": bool(reference_weights) and not any(map(whole, reference_weights))}
 
 
-def worker(rank: int, port: int, folder: Path, cases: list[Case], out: Path) -> None:
-    """One of the processes, as torchrun starts it: its environment, then ftcli's own process group (gloo)."""
+def worker(rank: int, port: int, cases: list[Case], plain: Case, out: Path) -> None:
+    """One of the processes, as torchrun starts it: its environment, then ftcli's own process group (gloo). After the
+    cases, the checks that need one model trained the `plain` way."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(PROCESSES), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     processes = start_processes()
     try:
-        results = {"cases": [sharded_case(folder, case, processes) for case in cases],
+        results = {"cases": [sharded_case(case, processes) for case in cases],
                    "turns": {nf4: turn_times(processes, nf4) for nf4 in (False, True)},
-                   "restored": saved_and_restored(folder, processes, out),
-                   "reference": reference_and_policy_losses(build(folder, Case(), processes, out / "reference")[0],
+                   "restored": saved_and_restored(plain, processes, out),
+                   "reference": reference_and_policy_losses(build(plain, processes, out / "reference")[0],
                                                             processes)}
     finally:
         stop_processes()
@@ -180,21 +185,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def reference_adapter(folder: Path, out: Path) -> Path:
+def reference_adapter(case: Case, out: Path) -> Path:
     """An adapter folder for DPO's reference, other than the trained adapter's start."""
-    return make_output_folder(folder, out / "reference", seed=5)
+    return make_output_folder(case.folder, out / "reference", seed=5)
 
 
-def run_sharded(folder: Path, cases: list[Case], out: Path) -> list[dict]:
+def run_sharded(cases: list[Case], plain: Case, out: Path) -> list[dict]:
     """What each process found (results[rank]["cases"][case] and the checks after the cases)."""
-    reference_adapter(folder, out)
-    torch.multiprocessing.start_processes(worker, args=(free_port(), folder, cases, out), nprocs=PROCESSES,
+    reference_adapter(plain, out)
+    torch.multiprocessing.start_processes(worker, args=(free_port(), cases, plain, out), nprocs=PROCESSES,
                                           start_method="spawn")
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(PROCESSES)]
 
 
-def one_process(folder: Path, case: Case) -> tuple[float, dict]:
-    model, _ = build(folder, case, Processes())
+def one_process(case: Case) -> tuple[float, dict]:
+    model, _ = build(case, Processes())
     examples = rows()
     return loss_and_grads(model, examples, target_tokens(collate(examples, 0, CPU)), case.kernels)
 
@@ -206,8 +211,8 @@ def largest_difference(got: dict, want: dict) -> float:
         float(grad.abs().max()) for grad in want.values())
 
 
-def assert_same_step(results: list[dict], case: Case, folder: Path) -> None:
-    loss, grads = one_process(folder, case)
+def assert_same_step(results: list[dict], case: Case) -> None:
+    loss, grads = one_process(case)
     for result in results:
         assert result["loss"] == pytest.approx(loss, rel=1e-5), case
         assert largest_difference(result["grads"], grads) < 1e-4, case
@@ -221,16 +226,23 @@ def assert_same_step(results: list[dict], case: Case, folder: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def sharded_runs(tiny_model_folder, tmp_path_factory):
-    """The fast cases, run once by two processes: every checkpointing mode, and NF4 weights."""
-    cases = [Case(checkpointing=mode) for mode in (False, True, "offload")] + [Case(True, load_in_4bit=True)]
-    return cases, run_sharded(tiny_model_folder("llama"), cases, tmp_path_factory.mktemp("sharded"))
+def plain(tiny_model_folder) -> Case:
+    return Case(tiny_model_folder("llama"))
 
 
-@pytest.mark.parametrize("index", range(4), ids=["no-checkpointing", "checkpointing", "offload", "nf4"])
-def test_two_processes_on_a_sharded_model_take_the_one_process_step(index, sharded_runs, tiny_model_folder):
+@pytest.fixture(scope="module")
+def sharded_runs(tiny_model_folder, plain, tmp_path_factory):
+    """The fast cases, run once by two processes: every checkpointing mode, NF4 weights, and tied embeddings (the
+    head's weight is the embedding's, whole on every process)."""
+    cases = [Case(plain.folder, checkpointing=mode) for mode in (False, True, "offload")] + [
+        Case(plain.folder, checkpointing=True, load_in_4bit=True), Case(tiny_model_folder("qwen3"), "qwen3")]
+    return cases, run_sharded(cases, plain, tmp_path_factory.mktemp("sharded"))
+
+
+@pytest.mark.parametrize("index", range(5), ids=["no-checkpointing", "checkpointing", "offload", "nf4", "tied"])
+def test_two_processes_on_a_sharded_model_take_the_one_process_step(index, sharded_runs):
     cases, results = sharded_runs
-    assert_same_step([process["cases"][index] for process in results], cases[index], tiny_model_folder("llama"))
+    assert_same_step([process["cases"][index] for process in results], cases[index])
 
 
 def test_processes_load_16_bit_weights_into_host_memory_one_at_a_time(sharded_runs):
@@ -242,8 +254,8 @@ def test_processes_load_16_bit_weights_into_host_memory_one_at_a_time(sharded_ru
     assert second[0] < first[1] and first[0] < second[1]
 
 
-def test_an_adapter_saved_from_a_sharded_model_loads_back_into_it(sharded_runs, tiny_model_folder):
-    model, _ = build(tiny_model_folder("llama"), Case(), Processes())
+def test_an_adapter_saved_from_a_sharded_model_loads_back_into_it(sharded_runs, plain):
+    model, _ = build(plain, Processes())
     want = {name: p for name, p in model.named_parameters() if p.requires_grad}
     for process in sharded_runs[1]:
         assert process["restored"].keys() == want.keys()
@@ -251,21 +263,31 @@ def test_an_adapter_saved_from_a_sharded_model_loads_back_into_it(sharded_runs, 
             assert torch.equal(process["restored"][name], parameter), name
 
 
+def test_the_reference_adapter_of_dpo_is_sharded_with_the_base_weights(sharded_runs, plain, tmp_path):
+    """Loaded before sharding and frozen: each process holds half of it, gathered with its layer."""
+    model, _ = build(plain, Processes(), reference_adapter(plain, tmp_path))
+    want = reference_and_policy_losses(model, Processes())["losses"]
+    assert abs(want[0] - want[1]) > 1e-3  # the control: the two adapters differ
+    for process in sharded_runs[1]:
+        assert process["reference"]["losses"] == pytest.approx(want, rel=1e-5)
+        assert process["reference"]["sharded"]
+
+
 @pytest.mark.slow
-def test_the_kernels_compute_the_sharded_layers(tiny_model_folder, tmp_path):
+def test_the_kernels_compute_the_sharded_layers(plain, tmp_path):
     """16-bit and NF4 weights, all projections through the LoRA kernels (the fused loss too) under Triton's
     interpreter. Without checkpointing, backward reads the weight a kernel's forward kept: FSDP has freed it since
     and gathers it again into the same storage before the layer's backward."""
-    cases = [Case(False, kernels=True), Case("offload", kernels=True), Case(False, kernels=True, load_in_4bit=True),
-             Case(True, kernels=True, load_in_4bit=True)]
-    results = run_sharded(tiny_model_folder("llama"), cases, tmp_path)
+    cases = [Case(plain.folder, checkpointing=mode, kernels=True, load_in_4bit=nf4)
+             for mode, nf4 in ((False, False), ("offload", False), (False, True), (True, True))]
+    results = run_sharded(cases, plain, tmp_path)
     for index, case in enumerate(cases):
-        assert_same_step([process["cases"][index] for process in results], case, tiny_model_folder("llama"))
+        assert_same_step([process["cases"][index] for process in results], case)
 
 
-def test_the_lora_kernels_take_the_quant_state_of_a_gathered_nf4_weight_from_its_module(tiny_model_folder):
+def test_the_lora_kernels_take_the_quant_state_of_a_gathered_nf4_weight_from_its_module(plain):
     """What FSDP puts in a Linear4bit's place while the layer computes: a plain tensor of the packed bytes."""
-    model, _ = build(tiny_model_folder("llama"), Case(load_in_4bit=True), Processes())
+    model, _ = build(Case(plain.folder, load_in_4bit=True), Processes())
     projection = model.get_decoder().layers[0].self_attn.o_proj
     base = projection.get_base_layer()
     packed = base.weight
@@ -275,17 +297,6 @@ def test_the_lora_kernels_take_the_quant_state_of_a_gathered_nf4_weight_from_its
     assert weight.data_ptr() == packed.data_ptr() and weight.shape == packed.shape  # the same bytes, no copy
     del base.quant_state  # the control: without the module's copy the kernels cannot dequantize it
     assert _lora_parts(projection) is None
-
-
-def test_the_reference_adapter_of_dpo_is_sharded_with_the_base_weights(sharded_runs, tiny_model_folder, tmp_path):
-    """Loaded before sharding and frozen: each process holds half of it, gathered with its layer."""
-    reference = reference_adapter(tiny_model_folder("llama"), tmp_path)
-    want = reference_and_policy_losses(build(tiny_model_folder("llama"), Case(), Processes(), reference)[0],
-                                       Processes())["losses"]
-    assert abs(want[0] - want[1]) > 1e-3  # the control: the two adapters differ
-    for process in sharded_runs[1]:
-        assert process["reference"]["losses"] == pytest.approx(want, rel=1e-5)
-        assert process["reference"]["sharded"]
 
 
 def test_a_decoder_without_a_list_of_layers_is_refused_with_the_fix():

@@ -114,8 +114,13 @@ def load_config(settings: ModelSettings, named_by: str = RECIPE_MODEL):
 
 
 def load_model(settings: ModelSettings, architecture: Architecture, device: torch.device, dtype: torch.dtype,
-               named_by: str = RECIPE_MODEL):
-    """The frozen base model on `device`: NF4 with double quantization, or plain weights in `dtype`."""
+               named_by: str = RECIPE_MODEL, sharded: bool = False):
+    """The frozen base model on `device`: NF4 with double quantization, or plain weights in `dtype`.
+
+    `sharded`: for ftcli/sharding.py to shard next. 16-bit weights stay on the CPU, so that a model larger than one
+    GPU loads and each decoder layer reaches `device` as this process's shard; NF4 weights (which bitsandbytes
+    quantizes on the GPU) go to `device`, their packed bytes stored in `dtype`, because FSDP2 (torch 2.11) shards
+    only floating-point parameters."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     options = dict(dtype=dtype, trust_remote_code=settings.trust_remote_code,
@@ -123,14 +128,14 @@ def load_model(settings: ModelSettings, architecture: Architecture, device: torc
     if settings.load_in_4bit:
         options["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype)
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype if sharded else torch.uint8)
         options["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(model_folder(settings.name, named_by), **options)
     except (OSError, ValueError) as err:
         raise ModelError(_cannot_load(settings.name, named_by, "weights", err)) from None
     redact_origin(model)
-    if not settings.load_in_4bit:
+    if not (settings.load_in_4bit or sharded):  # else where from_pretrained put it
         model.to(device)
     model.requires_grad_(False)
     model.config.use_cache = False

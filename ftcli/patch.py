@@ -272,16 +272,37 @@ def _lora_parts(layer: nn.Module, x: torch.Tensor | None = None):
     if x is not None and (x.dtype not in KERNEL_DTYPES or torch.is_autocast_enabled(x.device.type)):
         return None
     scaling = 0.0 if layer.disable_adapters else layer.scaling[adapter]
-    return base.weight, base.bias, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, scaling
+    return _base_weight(base), base.bias, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, scaling
 
 
 def _dequantizable_4bit(base: nn.Module) -> bool:
     """A bitsandbytes 4-bit linear whose weight dequantize_4bit reads (not repacked for its CPU inference path)."""
     from bitsandbytes.nn import Linear4bit
 
+    if not isinstance(base, Linear4bit):
+        return False
+    quant_state = _quant_state(base)
+    return quant_state is not None and not getattr(quant_state, "packing_format_for_cpu", False)
+
+
+def _quant_state(base: nn.Module):
+    """A bitsandbytes 4-bit linear's quant_state: its weight's, or, while FSDP has put the gathered weight (a plain
+    tensor) in the weight's place (ftcli/sharding.py), the copy bitsandbytes keeps on the module for that case."""
     quant_state = getattr(base.weight, "quant_state", None)
-    return (isinstance(base, Linear4bit) and quant_state is not None
-            and not getattr(quant_state, "packing_format_for_cpu", False))
+    return quant_state if quant_state is not None else getattr(base, "quant_state", None)
+
+
+def _base_weight(base: nn.Module) -> torch.Tensor:
+    """The frozen weight the kernels read, which for a 4-bit base must carry its quant_state: FSDP's gathered
+    weight becomes a Params4bit over the very same bytes, as bitsandbytes' own forward does."""
+    weight = base.weight
+    if type(base) is nn.Linear or getattr(weight, "quant_state", None) is not None:
+        return weight
+    from bitsandbytes.nn import Params4bit
+
+    state = base.quant_state
+    return Params4bit(weight, quant_state=state, blocksize=state.blocksize, compress_statistics=state.nested,
+                      quant_type=state.quant_type, quant_storage=weight.dtype, bnb_quantized=True)
 
 
 def _mlp_projections(mlp: KernelGatedMLP) -> list[nn.Module]:

@@ -37,12 +37,14 @@ def _dequantize(packed_ptr, code_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_
 
 def nf4_dequantize(packed: torch.Tensor, quant_state, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """The dense (out, in) weight in `dtype` of a bitsandbytes NF4 Params4bit and its quant_state, written into
-    `out` when given (a contiguous block of a larger buffer, such as rows of stacked q, k, v weights)."""
+    `out` when given (a contiguous block of a larger buffer, such as rows of stacked q, k, v weights).
+
+    The packed bytes may be stored in a wider dtype (bitsandbytes' quant_storage, as FSDP needs: ftcli/sharding.py);
+    they are read as bytes."""
     # bitsandbytes' Params4bit routes every attribute read through __torch_function__; a plain view skips that
-    packed = packed.as_subclass(torch.Tensor)
-    if quant_state.quant_type != "nf4" or packed.dtype != torch.uint8:
-        raise ValueError(f"nf4_dequantize: expects NF4 weights packed in uint8, got {quant_state.quant_type} "
-                         f"in {packed.dtype}")
+    packed = packed_bytes(packed.as_subclass(torch.Tensor))
+    if quant_state.quant_type != "nf4":
+        raise ValueError(f"nf4_dequantize: expects NF4 weights, got {quant_state.quant_type}")
     shape = tuple(quant_state.shape)
     numel = shape[0] * shape[1]
     if numel % 2 or packed.numel() * 2 != numel or quant_state.blocksize % 2:
@@ -63,8 +65,14 @@ def nf4_dequantize(packed: torch.Tensor, quant_state, dtype: torch.dtype, out: t
     return out
 
 
+def packed_bytes(packed: torch.Tensor) -> torch.Tensor:
+    """NF4 weights as the uint8 bytes they are, whatever dtype stores them."""
+    return packed if packed.dtype == torch.uint8 else packed.contiguous().view(torch.uint8)
+
+
 def nf4_dequantize_reference(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
     """Plain PyTorch: both levels of scales rebuilt in float32, each byte split into its high and low weight."""
+    packed = packed_bytes(packed.as_subclass(torch.Tensor))
     if quant_state.nested:
         state2 = quant_state.state2
         scales = state2.code[quant_state.absmax.long()].view(-1, 1) * state2.absmax.repeat_interleave(

@@ -55,13 +55,14 @@ class RMSNormFunction(torch.autograd.Function):
         if n_cols > MAX_FUSED_WIDTH:
             raise ValueError(f"rms_norm: hidden size {n_cols} is over the fused kernel's limit {MAX_FUSED_WIDTH}")
         block = triton.next_power_of_2(n_cols)
-        y = torch.empty_like(x2d)
+        # In x's shape (rows as contiguous as x2d's) and returned as it is: FSDP warns of a view leaving a sharded model
+        y = torch.empty(shape, dtype=x.dtype, device=x.device)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         _forward[(n_rows,)](x2d, weight, y, rstd, x2d.stride(0), n_cols, eps, offset, BLOCK=block,
                             num_warps=_warps(block))
         ctx.save_for_backward(x2d, weight, rstd)
         ctx.offset, ctx.block = offset, block
-        return y.reshape(shape)
+        return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):

@@ -32,6 +32,20 @@ def test_nf4_dequantize_agrees_with_bitsandbytes():
     torch.testing.assert_close(nf4_dequantize(packed, state, torch.float32), dequantize_4bit(packed, state))
 
 
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+def test_nf4_dequantize_reads_weights_stored_in_a_wider_dtype_as_bytes(storage):
+    """bitsandbytes' quant_storage, which FSDP needs: the same bytes, whatever dtype holds them."""
+    weight = (torch.randn(96, 160, generator=torch.Generator().manual_seed(5)) * 0.05).to(DEVICE)
+    packed, state = quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    stored, stored_state = quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4",
+                                         quant_storage=storage)
+    assert stored.dtype == storage and torch.equal(stored.view(torch.uint8).view(-1), packed.view(-1))
+    want = nf4_dequantize(packed, state, torch.float32)
+    assert torch.equal(nf4_dequantize(stored, stored_state, torch.float32), want)
+    assert torch.equal(nf4_dequantize_reference(stored, stored_state, torch.float32),
+                       nf4_dequantize_reference(packed, state, torch.float32))
+
+
 def test_nf4_dequantize_refuses_other_layouts():
     packed, state = quantize_4bit(torch.randn(64, 64).to(DEVICE), blocksize=64, quant_type="fp4")
     with pytest.raises(ValueError, match="expects NF4"):

@@ -115,8 +115,10 @@ def quantize_linears(layer: torch.nn.Module, compute_dtype: torch.dtype, packed_
             quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                           compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True,
                                           quant_storage=packed_in, device="meta")
+            # `module`: bitsandbytes keeps the quantization state on the module too, where the LoRA kernels find it
+            # once FSDP has gathered the weight into a plain tensor
             quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
-                                                 compress_statistics=True, quant_storage=packed_in)
+                                                 compress_statistics=True, quant_storage=packed_in, module=quantized)
             setattr(parent, name, quantized.to(linear.weight.device))
             del linear
 

@@ -93,11 +93,12 @@ def _decoder_layers(decoder: nn.Module) -> nn.ModuleList:
 def _move_unsharded(model: nn.Module, device: torch.device) -> None:
     """What FSDP left where the model was loaded (the embedding, final norm and head, the trained parameters, the
     buffers outside the layers; everything in one process) onto `device`, keeping each parameter object, so tied
-    weights stay tied."""
+    weights stay tied. A tensor on the meta device has no data to move: a model built without weights (the
+    benchmark's 70B one) gets its memory from `to_empty` once sharded."""
     for parameter in model.parameters():
-        if parameter.device.type != device.type:
+        if parameter.device.type not in (device.type, "meta"):
             parameter.data = parameter.data.to(device)
     for module in model.modules():
         for name, buffer in module.named_buffers(recurse=False):
-            if buffer.device.type != device.type:
+            if buffer.device.type not in (device.type, "meta"):
                 setattr(module, name, buffer.to(device))

@@ -1,5 +1,6 @@
-"""Several processes on the CPU (gloo), started by torchrun: the same losses and adapter as one process that takes
-all their rows, resume onto another number of processes, and process 0 alone writing the output folder."""
+"""Several processes started by torchrun or `ftcli train --gpus 2` (on the CPU with gloo, or on two GPUs with NCCL
+where the machine has them): the same losses and adapter as one process that takes all their rows, resume onto
+another number of processes, stops and failures of one process, and process 0 alone writing the output folder."""
 
 import json
 import os
@@ -10,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, write_jsonl, write_recipe
@@ -27,14 +29,20 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def worker_environment() -> dict[str, str]:
+    """One thread a process, as the CPU has few cores; on a machine with fewer than two GPUs, no GPU (gloo on the
+    CPU), with two, the GPUs and NCCL. Every side of a comparison runs where the other does."""
+    hidden = {} if torch.cuda.device_count() >= 2 else {"CUDA_VISIBLE_DEVICES": ""}
+    return os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)} | hidden
+
+
 def train(recipe, processes: int, *options: str) -> subprocess.CompletedProcess:
-    """`ftcli train` in one process, or under torchrun in `processes`; one thread each, as the CPU has few cores."""
+    """`ftcli train` in one process, or under torchrun in `processes`."""
     command = [sys.executable, "-m", "ftcli", "train", str(recipe), *options]
     if processes > 1:
         command[1:2] = ["-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-addr",
                         "127.0.0.1", "--master-port", str(free_port()), "-m"]
-    environment = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(command, capture_output=True, text=True, timeout=1200, env=environment, cwd=ROOT)
+    return subprocess.run(command, capture_output=True, text=True, timeout=1200, env=worker_environment(), cwd=ROOT)
 
 
 def losses(folder) -> list[float]:
@@ -68,14 +76,17 @@ def fixture_recipe(smollm2_folder, tmp_path_factory):
     return recipe, folder
 
 
-def test_two_processes_equal_one_with_their_rows(fixture_recipe):
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_two_processes_equal_one_with_their_rows(fixture_recipe, distributed):
     recipe, folder = fixture_recipe
-    one = train(recipe("one", 4), 1)
-    assert one.returncode == 0, one.stderr
-    two = train(recipe("two", 2), 2)
+    if not (folder / "one").exists():
+        one = train(recipe("one", 4), 1)
+        assert one.returncode == 0, one.stderr
+    two = train(recipe(distributed, 2, distributed=distributed), 2, "--json")
     assert two.returncode == 0, two.stderr
-    assert_same_run(folder / "two", folder / "one")
-    assert not list(folder.glob(".two*")), "the staging folder is renamed away"
+    assert_same_run(folder / distributed, folder / "one")
+    assert json.loads(two.stdout.splitlines()[-1])["processes"] == 2
+    assert not list(folder.glob(f".{distributed}*")), "the staging folder is renamed away"
 
 
 def test_resume_from_two_processes_onto_one(fixture_recipe):
@@ -162,9 +173,9 @@ def metrics_rows(folder) -> list[dict]:
 
 def launch(recipe, *options: str) -> subprocess.Popen:
     """`ftcli train RECIPE --gpus 2` on the CPU, as a user starts it."""
-    environment = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-m", "ftcli", "train", str(recipe), "--gpus", "2", *options],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_environment(),
+                            cwd=ROOT)
 
 
 def worker_pids(launcher: subprocess.Popen) -> list[int]:

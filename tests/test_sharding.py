@@ -10,9 +10,10 @@ process group; all cases of a test run in one pair of processes, since each proc
 import os
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import pytest
 import torch
@@ -179,6 +180,21 @@ def worker(rank: int, port: int, cases: list[Case], plain: Case, out: Path) -> N
     torch.save(results, out / f"rank{rank}.pt")
 
 
+@contextmanager
+def gpus_hidden() -> Iterator[None]:
+    """The processes started inside see no GPU, so that they run on the CPU with gloo on a GPU machine too (these
+    tests compare CPU tensors; tests/test_distributed.py runs whole trainings on two GPUs where there are two)."""
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -193,8 +209,9 @@ def reference_adapter(case: Case, out: Path) -> Path:
 def run_sharded(cases: list[Case], plain: Case, out: Path) -> list[dict]:
     """What each process found (results[rank]["cases"][case] and the checks after the cases)."""
     reference_adapter(plain, out)
-    torch.multiprocessing.start_processes(worker, args=(free_port(), cases, plain, out), nprocs=PROCESSES,
-                                          start_method="spawn")
+    with gpus_hidden():
+        torch.multiprocessing.start_processes(worker, args=(free_port(), cases, plain, out), nprocs=PROCESSES,
+                                              start_method="spawn")
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(PROCESSES)]
 
 

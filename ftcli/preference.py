@@ -24,6 +24,7 @@ from ftcli.loader import reference_policy
 from ftcli.metrics import StepResult
 from ftcli.preference_losses import PairLogprobs, PairLosses, preference_loss
 from ftcli.recipe import Recipe
+from ftcli.sharding import pass_without_rows
 from ftcli.staging import staged_file
 
 REFERENCE_CACHE = "reference-logprobs.pt"
@@ -43,7 +44,10 @@ class PreferenceMethod:
         processes, clips and steps); the loss is divided by the pairs of all processes."""
         pairs, = global_sums(sum(len(examples) for examples in group))
         totals, step_loss, tokens = defaultdict(float), 0.0, 0
-        for examples in (examples for examples in group if examples):
+        for examples in group:
+            if not examples:
+                pass_without_rows(model)
+                continue
             batch = self.collate(model, examples)
             losses = self.pair_losses(model, examples, batch)
             loss = losses.loss.sum() / pairs

@@ -102,3 +102,17 @@ def _move_unsharded(model: nn.Module, device: torch.device) -> None:
         for name, buffer in module.named_buffers(recurse=False):
             if buffer.device.type not in (device.type, "meta"):
                 setattr(module, name, buffer.to(device))
+
+
+def pass_without_rows(model: nn.Module) -> None:
+    """What a process does for a micro-batch in which it has no rows (fewer rows than processes, at an epoch's end):
+    nothing, unless its decoder layers are sharded; then a forward and backward of one token, multiplied by 0 so
+    that no gradient changes, to gather each layer's weights together with the other processes, which would
+    otherwise wait for this one."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model.get_decoder(), FSDPModule):
+        return
+    token = torch.zeros((1, 1), dtype=torch.long, device=model.get_input_embeddings().weight.device)
+    (model(input_ids=token, use_cache=False).logits.float().sum() * 0).backward()
+

@@ -39,7 +39,7 @@ from ftcli.preference import PreferenceMethod
 from ftcli.progress import TrainingDisplay
 from ftcli.rewards import Reward, load_rewards
 from ftcli.recipe import PREFERENCE_METHODS, LoraSettings, Recipe, TrainSettings
-from ftcli.sharding import one_process_at_a_time, shard_decoder_layers
+from ftcli.sharding import one_process_at_a_time, pass_without_rows, shard_decoder_layers
 from ftcli.signals import StopRequest
 from ftcli.snapshots import (Snapshot, check_compatible, load_optimizer_state, newest_snapshot, random_states,
                              restore_random_states, restore_snapshot, save_snapshot)
@@ -268,8 +268,6 @@ def train_step(setup: TrainingSetup, state: RunState, step: int, group: list[lis
     or gradient norm that is not finite stops the run (every process alike) before the update."""
     shares = [share(batch, setup.processes) for batch in group]
     result = setup.method.accumulate_gradients(setup.model, shares, setup.scaler)
-    if setup.strategy == "fsdp":
-        match_sharded_passes(setup.model, sum(not rows for rows in shares))
     sum_gradients(setup.trainable)
     examples = [example for batch in group for example in batch]
     check_finite("training loss", result.loss, step, examples, setup)
@@ -281,15 +279,6 @@ def train_step(setup: TrainingSetup, state: RunState, step: int, group: list[lis
     setup.optimizer.zero_grad(set_to_none=True)
     state.advance(step, result.loss, rate, grad_norm, result.tokens)
     state.method_metrics = result.metrics
-
-
-def match_sharded_passes(model, missing: int) -> None:
-    """A forward and backward through the sharded model for each micro-batch in which this process had no rows
-    (fewer rows than processes, at an epoch's end): each pass gathers the layers' weights together with the
-    other processes, which would otherwise wait for this one. The loss is multiplied by 0, so no gradient changes."""
-    for _ in range(missing):
-        token = torch.zeros((1, 1), dtype=torch.long, device=model.device)
-        (model(input_ids=token).logits.float().sum() * 0).backward()
 
 
 def metrics_row(setup: TrainingSetup, state: RunState) -> dict:
@@ -425,7 +414,7 @@ class SupervisedMethod:
 
     def accumulate_gradients(self, model, group: list[list[TokenizedExample]],
                              scaler: Optional[torch.amp.GradScaler] = None) -> StepResult:
-        batches = [collate(examples, self.pad_id, self.device) for examples in group if examples]
+        batches = [collate(examples, self.pad_id, self.device) if examples else None for examples in group]
         loss, tokens = accumulate_gradients(model, batches, scaler, self.fused)
         return StepResult(loss, tokens)
 
@@ -510,17 +499,22 @@ def fused_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
                                       IGNORE_INDEX)
 
 
-def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]],
+def accumulate_gradients(model, batches: list[Optional[dict[str, torch.Tensor]]],
                          scaler: Optional[torch.amp.GradScaler] = None, fused: bool = False) -> tuple[float, int]:
-    """Backward over this process's micro-batches of one step; returns the step's mean token loss and its token
-    count, both of all processes (the loss is divided by the target tokens of all processes)."""
-    total_targets, = global_sums(sum(target_tokens(batch) for batch in batches))
+    """Backward over this process's micro-batches of one step (None where its share of one was empty); returns the
+    step's mean token loss and its token count, both of all processes (the loss is divided by the target tokens of
+    all processes)."""
+    present = [batch for batch in batches if batch is not None]
+    total_targets, = global_sums(sum(target_tokens(batch) for batch in present))
     step_loss = 0.0
     for batch in batches:
+        if batch is None:
+            pass_without_rows(model)
+            continue
         loss = summed_token_loss(model, batch, fused) / total_targets
         (scaler.scale(loss) if scaler else loss).backward()
         step_loss += loss.item()
-    step_loss, tokens = global_sums(step_loss, sum(int(batch["attention_mask"].sum()) for batch in batches))
+    step_loss, tokens = global_sums(step_loss, sum(int(batch["attention_mask"].sum()) for batch in present))
     return step_loss, int(tokens)
 
 

@@ -33,7 +33,8 @@ def worker_environment() -> dict[str, str]:
     """One thread a process, as the CPU has few cores; on a machine with fewer than two GPUs, no GPU (gloo on the
     CPU), with two, the GPUs and NCCL. Every side of a comparison runs where the other does."""
     hidden = {} if torch.cuda.device_count() >= 2 else {"CUDA_VISIBLE_DEVICES": ""}
-    return os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)} | hidden
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": path} | hidden
 
 
 def train(recipe, processes: int, *options: str) -> subprocess.CompletedProcess:
@@ -123,24 +124,30 @@ def tiny_recipe(tiny, name: str, rows: list[dict], batch_size: int, **sections):
                         train=train_section | sections.pop("train", {}), **sections)
 
 
-def test_a_process_with_no_rows_in_a_micro_batch_adds_nothing(tiny):
-    """9 rows in micro-batches of 4: the third has one row, which process 1 takes while process 0 has none."""
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_a_process_with_no_rows_in_a_micro_batch_adds_nothing(tiny, distributed):
+    """9 rows in micro-batches of 4: the third has one row, which process 1 takes while process 0 has none (under
+    fsdp it still runs a pass through the sharded layers, which process 1 gathers with it)."""
     rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
                           {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(9)]
-    assert train(tiny_recipe(tiny, "one", rows, 4), 1).returncode == 0
-    two = train(tiny_recipe(tiny, "two", rows, 2), 2)
+    one = train(tiny_recipe(tiny, "one", rows, 4), 1)
+    assert one.returncode == 0, one.stderr
+    two = train(tiny_recipe(tiny, "two", rows, 2, train={"distributed": distributed}), 2)
     assert two.returncode == 0, two.stderr
     assert_same_run(tiny[0] / "two", tiny[0] / "one")
 
 
-def test_dpo_over_two_processes_equals_one(tiny):
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_dpo_over_two_processes_equals_one(tiny, distributed):
     """Pair losses are divided by the pairs of all processes, and the reward metrics are means over all of them;
     the precomputed reference is process 0's."""
     rows = [{"prompt": f"What is {i} plus {i}?", "chosen": f"{i} plus {i} is {2 * i}.",
              "rejected": f"The number is {i}."} for i in range(10)]
     sections = dict(data={"format": "preference"}, train={"method": "dpo"}, preference={"precompute_reference": True})
-    assert train(tiny_recipe(tiny, "one", rows, 4, **sections), 1).returncode == 0
-    two = train(tiny_recipe(tiny, "two", rows, 2, **sections), 2)
+    one = train(tiny_recipe(tiny, "one", rows, 4, **sections), 1)
+    assert one.returncode == 0, one.stderr
+    two = train(tiny_recipe(tiny, "two", rows, 2, **(sections | {"train": {"method": "dpo", "distributed": distributed}})),
+                2)
     assert two.returncode == 0, two.stderr
     assert_same_run(tiny[0] / "two", tiny[0] / "one")
     one_rows, two_rows = (metrics_rows(tiny[0] / name) for name in ("one", "two"))

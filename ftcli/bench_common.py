@@ -74,7 +74,8 @@ def random_model(shape: str, precision: str, device: torch.device, dtype: torch.
     parts = [model.model.embed_tokens, *layers, model.model.norm]
     if not config.tie_word_embeddings:
         parts.append(model.lm_head)
-    names = {module: name for name, module in model.named_modules()}
+    # the parts' names only: a map of every module would keep each replaced 16-bit linear (and its weights) alive
+    names = {module: name for name, module in model.named_modules() if any(module is part for part in parts)}
     for part in parts:
         part.to_empty(device=device)
         draw_random_weights(part, names[part], generator)

@@ -237,7 +237,8 @@ def assert_same_step(results: list[dict], case: Case) -> None:
         assert largest_difference(result["own_grads"], grads) > 1e-2, case
         # each process holds half of every frozen layer weight, and a layer is whole only while it computes
         assert result["held"] == pytest.approx(1 / PROCESSES), case
-        assert result["whole_layers"] == [1, 1], case  # the two layers, one forward each
+        # every forward of a layer (two layers; transformers 5.17 also counts checkpointing's recomputes) sees it alone
+        assert len(result["whole_layers"]) >= 2 and set(result["whole_layers"]) == {1}, case
         assert result["sharded_after_step"], case
         assert (result["base_calls"] == 0) == case.kernels, case
 

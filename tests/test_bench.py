@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ftcli import bench_common, bench_grpo, bench_preference
 
@@ -181,3 +182,22 @@ def test_find_longest_doubles_each_sides_completion_until_one_fails(monkeypatch,
     assert rows["trl"] == ["2,048", "2.00", "4,096", "failed:", "torch.OutOfMemoryError:", "CUDA", "out", "of",
                            "memory."]
     assert rows["ftcli"] == ["8,192", "8.00", "not", "tried", "(limit)"]
+
+
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_bench_trains_on_one_gpu_then_on_two(distributed):
+    """--gpus 2 on a tiny shape: the one-process side, then two processes (on the CPU with gloo where there are not
+    two GPUs), whose tokens/s counts both processes' rows; fsdp's 16-bit model is built on the meta device."""
+    command = [sys.executable, "-m", "ftcli.bench", "--gpus", "2", "--distributed", distributed, "--shape", "tiny",
+               "--precision", "bf16", "--seq", "32", "--bs", "2", "--steps", "2", "--warmup", "1",
+               "--checkpointing", "true", "--json"]
+    on_cpu = {} if torch.cuda.device_count() >= 2 else {"CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"} | on_cpu)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    one, two = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert "error" not in one and "error" not in two, (one.get("stderr"), two.get("stderr"))
+    assert (one["side"], one["gpus"], two["side"], two["gpus"]) == ("1 GPU", 1, f"2 GPUs {distributed}", 2)
+    assert len(one["step_s"]) == len(two["step_s"]) == 2
+    # random weights over a 512-word vocabulary: a first loss near ln(512), and one that the updates move
+    for side in (one, two):
+        assert side["losses"][0] == pytest.approx(math.log(512), rel=0.05) and side["losses"][-1] != side["losses"][0]

@@ -189,3 +189,14 @@ def side_in_subprocess(side: str, command: list[str]) -> dict:
         return {"side": side, "error": (completed.stderr.strip().splitlines() or ["no output"])[-1],
                 "stderr": completed.stderr[-4000:]}
     return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def report(results: list[dict], as_json: bool, print_table: Callable[[], None]) -> None:
+    """The sides' results as one JSON line, or the failed sides' stderr and then the table."""
+    if as_json:
+        print(json.dumps(results))
+        return
+    for result in results:
+        if "stderr" in result:
+            print(f"--- {result['side']} stderr (tail) ---\n{result['stderr']}")
+    print_table()

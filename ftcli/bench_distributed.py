@@ -22,7 +22,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from ftcli.bench_common import (BENCH_LORA, CHECKPOINTING, LORA_SEED, device_and_dtype, draw_random_weight, ftcli_setup,
-                                random_model, side_in_subprocess, synchronize)
+                                random_model, report, side_in_subprocess, synchronize)
 from ftcli.distributed import Processes, global_max, start_processes, stop_processes, sum_gradients
 from ftcli.loader import TRAINED_ADAPTER
 from ftcli.optim import build_optimizer
@@ -173,13 +173,7 @@ def main(argv=None) -> None:
     results = [side_in_subprocess("1 GPU", one_gpu) if fits_one_gpu(args) else
                {"side": "1 GPU", "skipped": "does not fit one GPU (ftcli plan); not run"},
                side_in_subprocess(f"{args.gpus} GPUs {args.distributed}", several)]
-    if args.json:
-        print(json.dumps(results))
-        return
-    for result in results:
-        if "stderr" in result:
-            print(f"--- {result['side']} stderr (tail) ---\n{result['stderr']}")
-    print_table(args, results)
+    report(results, args.json, lambda: print_table(args, results))
 
 
 if __name__ == "__main__":

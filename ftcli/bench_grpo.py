@@ -46,7 +46,7 @@ from typing import Iterator, Optional
 import torch
 
 from ftcli.bench_common import (BENCH_LORA, CHECKPOINTING, FIRST_PLAIN_ID, LORA_SEED, PAD_ID, add_training_arguments,
-                                against_trl, device_and_dtype, ftcli_setup, random_model, side_in_subprocess,
+                                against_trl, device_and_dtype, ftcli_setup, random_model, report, side_in_subprocess,
                                 synchronize, word_tokenizer, write_random_model)
 from ftcli.data.templates import PromptExample
 from ftcli.generation import BatchedSampler
@@ -260,10 +260,4 @@ def main(argv: list[str]) -> None:
             print_longest(args, found)
         return
     results = run_sides(args)
-    if args.json:
-        print(json.dumps(results))
-        return
-    for result in results:
-        if "stderr" in result:
-            print(f"--- {result['side']} stderr (tail) ---\n{result['stderr']}")
-    print_table(args, results)
+    report(results, args.json, lambda: print_table(args, results))

@@ -34,7 +34,7 @@ import torch
 
 from ftcli.bench_common import (BENCH_LORA, CHECKPOINTING, END_ID, FIRST_PLAIN_ID, LORA_SEED, PAD_ID,
                                 add_training_arguments, against_trl, device_and_dtype, ftcli_setup, random_model,
-                                side_in_subprocess, synchronize, write_random_model)
+                                report, side_in_subprocess, synchronize, write_random_model)
 from ftcli.data.templates import PreferenceExample
 from ftcli.optim import build_optimizer
 from ftcli.preference import PreferenceMethod
@@ -188,10 +188,4 @@ def main(argv: list[str]) -> None:
         print(json.dumps(measure_ftcli(args, args.only)))
         return
     results = run_sides(args, argv)
-    if args.json:
-        print(json.dumps(results))
-        return
-    for result in results:
-        if "stderr" in result:
-            print(f"--- {result['side']} stderr (tail) ---\n{result['stderr']}")
-    print_table(args, results)
+    report(results, args.json, lambda: print_table(args, results))

@@ -184,7 +184,8 @@ def trainable_model(recipe: Recipe, architecture: Architecture, device: torch.de
                                               recipe.model.kernels and kernels_can_run(device),
                                               recipe.train.gradient_checkpointing, recipe.train.seed,
                                               recipe.model.adapter)
-        if recipe.model.adapter and (recipe.train.method == "dpo" or (recipe.train.method == "grpo" and recipe.grpo.beta)):
+        compares_with_start = recipe.train.method == "dpo" or (recipe.train.method == "grpo" and recipe.grpo.beta)
+        if recipe.model.adapter and compares_with_start:
             load_reference_adapter(model, recipe.model.adapter)  # the reference is the policy the run starts from
         if sharded_over:
             shard_decoder_layers(model, device, sharded_over)
@@ -409,7 +410,8 @@ class SupervisedMethod:
     def __init__(self, recipe: Recipe, pad_id: int, device: torch.device, fused: bool):
         self.batch_size, self.pad_id, self.device, self.fused = recipe.train.batch_size, pad_id, device, fused
 
-    def prepare(self, model, train: list[TokenizedExample], evaluation: list[TokenizedExample], out_dir: Optional[Path]) -> None:
+    def prepare(self, model, train: list[TokenizedExample], evaluation: list[TokenizedExample],
+                out_dir: Optional[Path]) -> None:
         """Nothing to compute before training (preference methods may precompute their reference)."""
 
     def accumulate_gradients(self, model, group: list[list[TokenizedExample]],

@@ -65,7 +65,7 @@ def train(
             recipe.output.dir = str(output)
         final = Path(recipe.output.dir)
         if dry_run:
-            summary = training.dry_run(recipe)
+            summary = training.dry_run(recipe, gpus)
             check_output_free(final, recipe.output.overwrite)
             _finish(console, summary, as_json)
             return

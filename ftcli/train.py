@@ -380,9 +380,9 @@ def prepare_for_training(model, architecture: Architecture, lora: LoraSettings, 
     return model, swaps
 
 
-def dry_run(recipe: Recipe) -> dict:
+def dry_run(recipe: Recipe, processes: int = 1) -> dict:
     """Everything `run` checks before training, without reading weights: recipe, model config, the adapter it starts
-    from, data, LoRA targets."""
+    from, data, LoRA targets; the steps are those of `processes` processes, each taking batch_size rows."""
     config, architecture = load_config(recipe.model)
     recipe = start_from_adapter(recipe, config, architecture)
     load_rewards(recipe.grpo.rewards)
@@ -396,7 +396,8 @@ def dry_run(recipe: Recipe) -> dict:
             "train_examples": len(data.train), "eval_examples": len(data.eval), "truncated": stats.truncated,
             "dropped_no_target": stats.dropped_no_target, "tokens": stats.tokens, "target_tokens": stats.target_tokens,
             "longest": stats.longest, "skipped_invalid": stats.skipped_invalid, "packed_rows": stats.packed_rows,
-            "steps": count_steps(len(data.train), recipe.train)}
+            "steps": count_steps(len(data.train), recipe.train.model_copy(
+                update={"batch_size": recipe.train.batch_size * processes}))}
 
 
 def seed_everything(seed: int) -> None:

@@ -234,9 +234,13 @@ def test_one_gpu_trains_in_this_process(recipe, tmp_path, launched):
 
 
 def test_gpus_with_dry_run_validates_once_in_this_process(recipe, launched):
-    result = run_cli("train", recipe, "--gpus", "2", "--dry-run", "--json")
+    """It counts the steps of two processes: an epoch of 4 rows is 2 steps of 2 rows, or 1 step of 2 x 2 rows."""
+    one_epoch = ["--set", "train.max_steps=null", "--set", "train.epochs=1", "--dry-run", "--json"]
+    result = run_cli("train", recipe, "--gpus", "2", *one_epoch)
     assert result.exit_code == 0, result.output
-    assert launched == [] and json.loads(result.stdout.splitlines()[-1])["dry_run"] is True
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert launched == [] and summary["dry_run"] is True and summary["steps"] == 1
+    assert json.loads(run_cli("train", recipe, *one_epoch).stdout.splitlines()[-1])["steps"] == 2
 
 
 def test_a_bad_recipe_is_reported_once_before_any_worker_starts(recipe, launched):

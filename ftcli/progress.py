@@ -16,6 +16,11 @@ from ftcli.patch import KernelSwaps
 from ftcli.recipe import DEFAULT_BETA, PREFERENCE_METHODS
 
 
+# how several processes share the model, as the header says it
+SPREAD = {"ddp": "the whole model on each, adapter gradients summed",
+          "fsdp": "the decoder layers' weights sharded over them (FSDP2), adapter gradients summed"}
+
+
 class TrainingDisplay:
     def __init__(self, console: Console, enabled: bool = True):
         self.console = console
@@ -25,7 +30,7 @@ class TrainingDisplay:
         self.tokens_per_s = 0.0
 
     def header(self, recipe, family: str, model, trainable, device: torch.device, dtype: torch.dtype,
-               stats, total_steps: int, kernels: KernelSwaps) -> None:
+               stats, total_steps: int, kernels: KernelSwaps, processes: int = 1, strategy: str = "ddp") -> None:
         if not self.enabled:
             return
         # bitsandbytes packs two 4-bit weights into each stored byte, so a Params4bit's numel is half its weights
@@ -49,9 +54,10 @@ class TrainingDisplay:
                      + (f", {stats.skipped_invalid} invalid rows skipped" if stats.skipped_invalid else "")
                      + (f", packed into {stats.packed_rows} rows" if stats.packed_rows else "")),
             ("schedule", f"{total_steps} steps x {recipe.train.batch_size} x {recipe.train.grad_accum} "
-                         f"{unit if unit != 'examples' else 'sequences'}, "
-                         f"lr {recipe.train.learning_rate:g} {recipe.train.lr_scheduler}"),
-        ]:
+                         f"{unit if unit != 'examples' else 'sequences'}"
+                         + (f" x {processes} processes" if processes > 1 else "")
+                         + f", lr {recipe.train.learning_rate:g} {recipe.train.lr_scheduler}"),
+        ] + ([("processes", f"{processes}, {strategy}: " + SPREAD[strategy])] if processes > 1 else []):
             table.add_row(f"[bold]{name}[/]", redact(value))
         self.console.print(table)
 

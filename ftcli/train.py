@@ -145,7 +145,7 @@ def run(recipe: Recipe, out_dir: Optional[Path], display: TrainingDisplay, resum
         setup = build_setup(recipe, out_dir, device, architecture, tokenizer, data, total_steps, rewards, processes,
                             schedule, strategy)
         display.header(recipe, architecture.family, setup.model, setup.trainable, device, setup.dtype, data.stats,
-                       total_steps, setup.kernels)
+                       total_steps, setup.kernels, processes.count, strategy)
         state = resumed_state(setup, snapshot, display) if snapshot else RunState()
         if processes.several:
             state = state_of_main(setup, state)

@@ -151,8 +151,11 @@ def test_dpo_over_two_processes_equals_one(tiny, distributed):
     assert two.returncode == 0, two.stderr
     assert_same_run(tiny[0] / "two", tiny[0] / "one")
     one_rows, two_rows = (metrics_rows(tiny[0] / name) for name in ("one", "two"))
-    for name in ("rewards_chosen", "rewards_rejected", "reward_accuracy"):
-        assert [row[name] for row in two_rows] == pytest.approx([row[name] for row in one_rows], rel=1e-4, abs=1e-6)
+    for name in ("rewards_chosen", "rewards_rejected", "reward_margin"):
+        assert [row[name] for row in two_rows] == pytest.approx([row[name] for row in one_rows], rel=1e-4, abs=1e-5)
+    # the share of pairs with a positive margin: at step 1 the policy is the reference and each margin is rounding
+    # noise (on two H200s under fsdp 0.0 against 0.25), so it is compared from step 2 on
+    assert [row["reward_accuracy"] for row in two_rows[1:]] == [row["reward_accuracy"] for row in one_rows[1:]]
     assert (tiny[0] / "two" / REFERENCE_CACHE).is_file()
 
 

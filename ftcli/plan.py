@@ -44,7 +44,7 @@ from ftcli.errors import InputError, OutOfMemory
 from ftcli.loader import load_config, load_tokenizer, meta_model
 from ftcli.recipe import DEFAULT_TARGET_MODULES, Recipe
 from ftcli.shapes import SHAPES, shape_config
-from ftcli.steps import count_steps
+from ftcli.steps import count_steps, micro_batch_of_all
 from ftcli_kernels.limits import LOGITS_CHUNK_BYTES
 
 GIB = 2**30
@@ -351,9 +351,9 @@ def plan_recipe(recipe: Recipe, budget: Optional[int] = None, gpus: int = 1) -> 
     config, _ = load_config(recipe.model)
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe.data, tokenizer, recipe.example_length_limit(), recipe.train.seed)
-    rows = recipe.train.batch_size * gpus  # a micro-batch over all processes: one process's with this batch_size
-    steps = count_steps(len(data.train), recipe.train.model_copy(update={"batch_size": rows}))
-    passes = steps * rows * recipe.train.grad_accum / len(data.train)
+    schedule = micro_batch_of_all(recipe.train, gpus)
+    steps = count_steps(len(data.train), schedule)
+    passes = steps * schedule.batch_size * schedule.grad_accum / len(data.train)
     per_example = rows_per_example(recipe)  # GRPO: each prompt's G rows, at their longest
     train_tokens = sum((example.row_length() + completion_length(recipe)) * per_example for example in data.train)
     tokens = round(train_tokens * passes)

@@ -12,6 +12,12 @@ from ftcli.data.templates import TokenizedExample
 from ftcli.recipe import TrainSettings
 
 
+def micro_batch_of_all(settings: TrainSettings, processes: int) -> TrainSettings:
+    """The train settings as the data order sees a run of `processes` processes: each micro-batch holds batch_size
+    rows of every process, the rows one process with batch_size x processes would take."""
+    return settings.model_copy(update={"batch_size": settings.batch_size * processes})
+
+
 def steps_per_epoch(examples: int, settings: TrainSettings) -> int:
     """Optimizer steps in one pass over the data: micro-batches of batch_size, grad_accum of them a step (the last
     micro-batch and the last step of an epoch are short when the numbers do not divide)."""

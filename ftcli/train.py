@@ -45,7 +45,7 @@ from ftcli.snapshots import (Snapshot, check_compatible, load_optimizer_state, n
                              restore_random_states, restore_snapshot, save_snapshot)
 from ftcli.staging import atomic_write_text
 from ftcli.start_adapter import start_from_adapter
-from ftcli.steps import count_steps, data_position, examples_in_run, step_groups
+from ftcli.steps import count_steps, data_position, examples_in_run, micro_batch_of_all, step_groups
 
 
 @dataclass
@@ -66,7 +66,6 @@ class TrainingSetup:
     method: Union["SupervisedMethod", PreferenceMethod, GrpoMethod]
     processes: Processes
     schedule: TrainSettings  # the recipe's train section with the micro-batch of all processes: the data order
-    strategy: str  # how several processes share the model: ddp or fsdp (one process: ddp, which then does nothing)
 
 
 @dataclass
@@ -128,7 +127,7 @@ def run(recipe: Recipe, out_dir: Optional[Path], display: TrainingDisplay, resum
     device = pick_device()  # with several processes, start_processes made this process's own GPU the current one
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe.data, tokenizer, recipe.example_length_limit(), recipe.train.seed)
-    schedule = recipe.train.model_copy(update={"batch_size": recipe.train.batch_size * processes.count})
+    schedule = micro_batch_of_all(recipe.train, processes.count)
     total_steps = count_steps(len(data.train), schedule)
     if snapshot and snapshot.step >= total_steps:
         raise CheckpointError(f"Checkpoint {snapshot.path} is at step {snapshot.step}, and the recipe trains for "
@@ -171,7 +170,7 @@ def build_setup(recipe: Recipe, out_dir: Optional[Path], device: torch.device, a
     method.prepare(model, examples_in_run(data.train, schedule, total_steps), data.eval, out_dir)
     return TrainingSetup(recipe, out_dir, data, model, trainable, build_optimizer(trainable, recipe.train),
                          torch.amp.GradScaler(device.type) if dtype == torch.float16 else None, device, dtype,
-                         kernels, total_steps, method, processes, schedule, strategy)
+                         kernels, total_steps, method, processes, schedule)
 
 
 def trainable_model(recipe: Recipe, architecture: Architecture, device: torch.device, dtype: torch.dtype,
@@ -396,8 +395,7 @@ def dry_run(recipe: Recipe, processes: int = 1) -> dict:
             "train_examples": len(data.train), "eval_examples": len(data.eval), "truncated": stats.truncated,
             "dropped_no_target": stats.dropped_no_target, "tokens": stats.tokens, "target_tokens": stats.target_tokens,
             "longest": stats.longest, "skipped_invalid": stats.skipped_invalid, "packed_rows": stats.packed_rows,
-            "steps": count_steps(len(data.train), recipe.train.model_copy(
-                update={"batch_size": recipe.train.batch_size * processes}))}
+            "steps": count_steps(len(data.train), micro_batch_of_all(recipe.train, processes))}
 
 
 def seed_everything(seed: int) -> None:

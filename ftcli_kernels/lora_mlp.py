@@ -7,6 +7,11 @@ dequantizes NF4 base weights again instead of keeping them from forward. Backwar
 chunk at a time (the MLP treats each row alone), so of its four gate-wide temporaries (h, its gradient, and the
 gradients of gate and up) only a chunk's exist at once: the DPO benchmark's step (6,144 tokens of Llama-3-8B)
 peaked at 7.07 GiB instead of 7.25, the SFT one (4,096 tokens) at 6.58 instead of 6.68.
+
+Long inputs go tile by tile (`tile_rows`): forward computes gate, up, the activation and down for one tile of rows
+at a time and keeps only x and the r-wide LoRA intermediates, and backward computes each tile's gate and up again.
+No full-length gate-wide tensor then exists, which at 131,072 tokens of Llama-3-8B is 3.5 GiB each; the price is
+one more gate and up matmul in backward, small beside attention at such lengths.
 """
 
 from typing import Optional
@@ -14,9 +19,9 @@ from typing import Optional
 import torch
 
 from ftcli_kernels.gated_activation import ACTIVATIONS, activation_backward, activation_forward, gated_activation_reference
-from ftcli_kernels.limits import MLP_BACKWARD_CHUNK_BYTES
-from ftcli_kernels.lora_linear import (cast_all, check_projection, lora_linear_reference, project, project_backward,
-                                       split_projections)
+from ftcli_kernels.limits import MLP_BACKWARD_CHUNK_BYTES, mlp_tile_rows
+from ftcli_kernels.lora_linear import (cast_all, check_projection, dense_weight, lora_linear_reference, project,
+                                       project_backward, split_projections)
 
 
 def _gate_and_up(inner: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,59 +29,106 @@ def _gate_and_up(inner: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
 
 
 class LoraGatedMLPFunction(torch.autograd.Function):
-    """Projections are (gate, up, down) or (gate_up, down); `adapters` holds A, B of each in that order."""
+    """Projections are (gate, up, down) or (gate_up, down); `adapters` holds A, B of each in that order. With
+    `tile_rows` (0: whole) forward and backward go tile by tile and gate and up are not kept."""
 
     @staticmethod
-    def forward(ctx, x, activation, weights, biases, scalings, chunk_rows, *adapters):
+    def forward(ctx, x, activation, weights, biases, scalings, chunk_rows, tile_rows, *adapters):
         ctx.adapter_dtype = adapters[0].dtype
         adapters = cast_all(adapters, x.dtype)  # cast once, kept cast for backward
         x2d = x.reshape(-1, x.shape[-1])
-        inner, inner_xa = [], []
-        for index in range(len(weights) - 1):
-            out, xa = project(x2d, weights[index], biases[index], *adapters[2 * index:2 * index + 2], scalings[index])
-            inner.append(out)
-            inner_xa.append(xa)
-        hidden = activation_forward(*_gate_and_up(inner), activation)
-        out, down_xa = project(hidden, weights[-1], biases[-1], *adapters[-2:], scalings[-1])
+        if tile_rows:
+            inner = []
+            out, inner_xa, down_xa = _tiled_forward(x2d, activation, weights, biases, scalings, adapters, tile_rows)
+        else:
+            inner, inner_xa = [], []
+            for index in range(len(weights) - 1):
+                out, xa = project(x2d, weights[index], biases[index], *adapters[2 * index:2 * index + 2],
+                                  scalings[index])
+                inner.append(out)
+                inner_xa.append(xa)
+            hidden = activation_forward(*_gate_and_up(inner), activation)
+            out, down_xa = project(hidden, weights[-1], biases[-1], *adapters[-2:], scalings[-1])
         ctx.save_for_backward(x, *inner, *inner_xa, down_xa, *adapters)
-        ctx.activation, ctx.weights, ctx.scalings, ctx.chunk_rows = activation, weights, scalings, chunk_rows
+        ctx.activation, ctx.weights, ctx.biases, ctx.scalings = activation, weights, biases, scalings
+        ctx.chunk_rows, ctx.tile_rows = tile_rows or chunk_rows, tile_rows
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
         x, *saved = ctx.saved_tensors
         count = len(ctx.weights) - 1
-        inner, inner_xa, down_xa, adapters = saved[:count], saved[count:2 * count], saved[2 * count], saved[2 * count + 1:]
+        kept = 0 if ctx.tile_rows else count  # gate and up, kept by forward when it ran whole
+        inner, inner_xa = saved[:kept], saved[kept:kept + count]
+        down_xa, adapters = saved[kept + count], saved[kept + count + 1:]
         x2d, grad2d = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        # Tiles use every weight once per tile, so each is dequantized once for all of them
+        weights = [dense_weight(w, x.dtype) for w in ctx.weights] if ctx.tile_rows else ctx.weights
         need_x = ctx.needs_input_grad[0]
         grad_x = torch.zeros_like(x2d) if need_x else None
         grad_adapters = None
         for start in range(0, x2d.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
-            grads = _chunk_backward(ctx, grad2d[rows], x2d[rows], [t[rows] for t in inner],
-                                    [t[rows] for t in inner_xa], down_xa[rows], adapters,
-                                    grad_x[rows] if need_x else None)
+            if ctx.tile_rows:
+                inner_rows = _inner_projections(x2d[rows], weights[:-1], ctx.biases[:-1], [t[rows] for t in inner_xa],
+                                                adapters[1:-2:2], ctx.scalings[:-1])
+            else:
+                inner_rows = [t[rows] for t in inner]
+            grads = _chunk_backward(ctx, weights, grad2d[rows], x2d[rows], inner_rows, [t[rows] for t in inner_xa],
+                                    down_xa[rows], adapters, grad_x[rows] if need_x else None)
             if grad_adapters is None:  # summed over chunks in the adapters' own dtype (float32), not the compute dtype
                 grad_adapters = cast_all(grads, ctx.adapter_dtype)
             else:
                 grad_adapters = [total.add_(chunk) for total, chunk in zip(grad_adapters, grads)]
-        return None if grad_x is None else grad_x.view(x.shape), None, None, None, None, None, *grad_adapters
+        return None if grad_x is None else grad_x.view(x.shape), None, None, None, None, None, None, *grad_adapters
 
 
-def _chunk_backward(ctx, grad, x2d, inner, inner_xa, down_xa, adapters, grad_x: Optional[torch.Tensor]) -> list:
+def _tiled_forward(x2d, activation, weights, biases, scalings, adapters, tile_rows):
+    """The MLP's output and the r-wide x A^T of every projection, computed a tile of rows at a time."""
+    dense = [dense_weight(w, x2d.dtype) for w in weights]
+    count = len(weights) - 1
+    inner_xa = [x2d @ lora_A.t() for lora_A in adapters[0:2 * count:2]]
+    down_A, down_B = adapters[-2:]
+    out = x2d.new_empty(x2d.shape[0], dense[-1].shape[0])
+    down_xa = x2d.new_empty(x2d.shape[0], down_A.shape[0])
+    for start in range(0, x2d.shape[0], tile_rows):
+        rows = slice(start, start + tile_rows)
+        inner = _inner_projections(x2d[rows], dense[:-1], biases[:-1], [t[rows] for t in inner_xa],
+                                   adapters[1:2 * count:2], scalings[:-1])
+        hidden = activation_forward(*_gate_and_up(inner), activation)
+        del inner
+        torch.mm(hidden, down_A.t(), out=down_xa[rows])
+        if biases[-1] is None:
+            torch.mm(hidden, dense[-1].t(), out=out[rows])
+        else:
+            torch.addmm(biases[-1].to(x2d.dtype), hidden, dense[-1].t(), out=out[rows])
+        out[rows].addmm_(down_xa[rows], down_B.t(), alpha=scalings[-1])
+    return out, inner_xa, down_xa
+
+
+def _inner_projections(x2d, dense_weights, biases, inner_xa, lora_Bs, scalings) -> list[torch.Tensor]:
+    """Gate and up (or gate_up) of some rows from dense weights and the rows' saved x A^T."""
+    inner = []
+    for weight, bias, xa, lora_B, scaling in zip(dense_weights, biases, inner_xa, lora_Bs, scalings):
+        out = x2d @ weight.t() if bias is None else torch.addmm(bias.to(x2d.dtype), x2d, weight.t())
+        inner.append(out.addmm_(xa, lora_B.t(), alpha=scaling))
+    return inner
+
+
+def _chunk_backward(ctx, weights, grad, x2d, inner, inner_xa, down_xa, adapters, grad_x: Optional[torch.Tensor]) -> list:
     """The gradients of A and B of every projection from a chunk of rows, its x gradient added into `grad_x`."""
     count = len(inner)
     gate, up = _gate_and_up(inner)
     hidden = activation_forward(gate, up, ctx.activation)
-    grad_hidden, grad_A, grad_B = project_backward(grad, hidden, down_xa, ctx.weights[-1], *adapters[-2:],
+    grad_hidden, grad_A, grad_B = project_backward(grad, hidden, down_xa, weights[-1], *adapters[-2:],
                                                    ctx.scalings[-1], True)
     del hidden
     grad_gate, grad_up = activation_backward(gate, up, grad_hidden, ctx.activation)
-    del grad_hidden
+    del grad_hidden, gate, up, inner
     grad_inner = [grad_gate, grad_up] if count == 2 else [torch.cat((grad_gate, grad_up), dim=-1)]
     grads = []
     for index in range(count):
-        _, *projection_grads = project_backward(grad_inner[index], x2d, inner_xa[index], ctx.weights[index],
+        _, *projection_grads = project_backward(grad_inner[index], x2d, inner_xa[index], weights[index],
                                                 *adapters[2 * index:2 * index + 2], ctx.scalings[index],
                                                 grad_x is not None, into=grad_x)
         grads += projection_grads
@@ -84,11 +136,12 @@ def _chunk_backward(ctx, grad, x2d, inner, inner_xa, down_xa, adapters, grad_x: 
 
 
 def lora_gated_mlp(x: torch.Tensor, activation: str, projections: list[tuple],
-                   backward_chunk_rows: Optional[int] = None) -> torch.Tensor:
+                   backward_chunk_rows: Optional[int] = None, tile_rows: Optional[int] = None) -> torch.Tensor:
     """The MLP over `projections`: (weight, bias, lora_A, lora_B, scaling) of gate, up, down or gate_up, down.
 
     `backward_chunk_rows` (default: as many rows as fit MLP_BACKWARD_CHUNK_BYTES of one gate-wide temporary)
-    bounds the rows backward works on at once."""
+    bounds the rows backward works on at once. `tile_rows` (default: limits.mlp_tile_rows, which tiles only long
+    inputs; 0 runs whole) makes forward and backward go tile by tile without keeping gate and up."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"lora_gated_mlp: unknown activation {activation!r}; use one of {', '.join(ACTIVATIONS)}")
     if len(projections) not in (2, 3):
@@ -101,8 +154,11 @@ def lora_gated_mlp(x: torch.Tensor, activation: str, projections: list[tuple],
     check_projection("lora_gated_mlp", x.dtype, inner_width, *projections[-1][:4])
     if backward_chunk_rows is None:
         backward_chunk_rows = max(1, MLP_BACKWARD_CHUNK_BYTES // (inner_width * x.element_size()))
+    if tile_rows is None:
+        tile_rows = mlp_tile_rows(x.numel() // x.shape[-1], inner_width, x.element_size())
     weights, biases, scalings, adapters = split_projections(projections)
-    return LoraGatedMLPFunction.apply(x, activation, weights, biases, scalings, backward_chunk_rows, *adapters)
+    return LoraGatedMLPFunction.apply(x, activation, weights, biases, scalings, backward_chunk_rows, tile_rows,
+                                      *adapters)
 
 
 def lora_gated_mlp_reference(x: torch.Tensor, activation: str, projections: list[tuple]) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 from bitsandbytes.functional import dequantize_4bit
 from bitsandbytes.nn import Params4bit
 
+import ftcli_kernels.limits
 import ftcli_kernels.lora_linear
 from conftest import DEVICE
 from ftcli_kernels.accuracy import relative_error
@@ -79,9 +80,11 @@ def test_lora_linear_matches_reference(shape, bias, base, dtype):
 @pytest.mark.parametrize("base", ["plain", "nf4"])
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("layout", ["split", "fused"])
-@pytest.mark.parametrize("chunk_rows", [None, 3], ids=["one-chunk", "rows-in-chunks"])
-def test_lora_gated_mlp_matches_reference(layout, activation, base, dtype, chunk_rows):
-    """Backward one chunk of rows at a time (3 of the 10 rows, the last chunk short) gives the same gradients."""
+@pytest.mark.parametrize("chunk_rows, tile_rows", [(None, 0), (3, 0), (None, 4)],
+                         ids=["one-chunk", "rows-in-chunks", "tiles"])
+def test_lora_gated_mlp_matches_reference(layout, activation, base, dtype, chunk_rows, tile_rows):
+    """Backward one chunk of rows at a time (3 of the 10 rows, the last chunk short), or forward and backward in
+    tiles of 4 rows with gate and up computed again, gives the same output and gradients."""
     hidden, inner = 64, 128
     generator = torch.Generator().manual_seed(hash((layout, activation, base)) % 2**31)
     x = torch.randn(2, 5, hidden, generator=generator).to(DEVICE, dtype).requires_grad_()
@@ -91,7 +94,7 @@ def test_lora_gated_mlp_matches_reference(layout, activation, base, dtype, chunk
     references = [as_reference(part) for part in parts]
     x_ref = x.detach().double().requires_grad_()
 
-    y = lora_gated_mlp(x, activation, parts, chunk_rows)
+    y = lora_gated_mlp(x, activation, parts, chunk_rows, tile_rows)
     assert y.shape == x.shape
     inputs = (x, *(t for part in parts for t in part[2:4]))
     reference_inputs = (x_ref, *(t for part in references for t in part[2:4]))
@@ -159,6 +162,24 @@ def test_backward_keeps_activations_and_adapters_only(base):
     assert sorted(mlp_saved) == sorted([(tokens, hidden), (tokens, inner), (tokens, inner)] + [(tokens, RANK)] * 3
                                        + [(RANK, hidden), (inner, RANK)] * 2 + [(RANK, inner), (hidden, RANK)])
     assert max(torch.Size(shape).numel() for shape in mlp_saved) < hidden * inner
+
+    tiled_saved = [shape for shape, _ in saved_shapes(lambda: lora_gated_mlp(x, "silu", mlp, tile_rows=3))]
+    assert sorted(tiled_saved) == sorted([(tokens, hidden)] + [(tokens, RANK)] * 3
+                                         + [(RANK, hidden), (inner, RANK)] * 2 + [(RANK, inner), (hidden, RANK)])
+
+
+def test_long_inputs_go_through_the_mlp_in_tiles(monkeypatch):
+    """Above the threshold (lowered here to 10 rows of the gate) the MLP keeps x but neither gate nor up."""
+    monkeypatch.setattr(ftcli_kernels.limits, "MLP_TILE_THRESHOLD_BYTES", 10 * 128 * 4)
+    monkeypatch.setattr(ftcli_kernels.limits, "MLP_TILE_BYTES", 4 * 128 * 4)
+    assert ftcli_kernels.limits.mlp_tile_rows(10, 128, 4) == 0 and ftcli_kernels.limits.mlp_tile_rows(11, 128, 4) == 4
+    generator = torch.Generator().manual_seed(3)
+    mlp = [projection(generator, 128, 64, torch.float32, "plain", False) for _ in range(2)]
+    mlp.append(projection(generator, 64, 128, torch.float32, "plain", False))
+    for rows, gate_kept in ((10, True), (11, False)):
+        x = torch.randn(rows, 64, generator=generator).to(DEVICE).requires_grad_()
+        saved = [shape for shape, _ in saved_shapes(lambda: lora_gated_mlp(x, "silu", mlp))]
+        assert ((rows, 128) in saved) == gate_kept
 
 
 @pytest.mark.parametrize("base", ["plain", "nf4"])

@@ -6,7 +6,9 @@ sequence. With `offload`, torch's non-reentrant checkpoint still does the work (
 the forward's RNG state restored so LoRA dropout draws the same mask again); only the inputs it saves go
 through saved-tensor hooks that copy them to pinned CPU memory on a side stream while the GPU computes the
 next layers. In backward, bringing a layer's input back starts the copy of the input of the layer before
-it, so each transfer overlaps a layer's recompute and backward.
+it, so each transfer overlaps a layer's recompute and backward. `layers_on_gpu` keeps the inputs of the first
+layers of each forward on the GPU instead, as plain checkpointing does, so that a long sequence is limited by
+neither the GPU's memory nor the host's alone (ftcli/plan.py decides how many).
 
 transformers passes a decoder layer its hidden state positionally and everything else by keyword, bound into
 the function it checkpoints, so the saved inputs are the hidden state alone: the attention mask, rotary
@@ -26,8 +28,9 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
-def enable_checkpointing(model, mode: Union[bool, str]) -> None:
-    """Checkpoint every decoder layer of a transformers model: plain recompute (True) or "offload"."""
+def enable_checkpointing(model, mode: Union[bool, str], layers_on_gpu: int = 0) -> None:
+    """Checkpoint every decoder layer of a transformers model: plain recompute (True) or "offload", which keeps
+    the inputs of the first `layers_on_gpu` layers on the GPU."""
     if not mode:
         return
     settings = {"use_reentrant": False}
@@ -38,7 +41,7 @@ def enable_checkpointing(model, mode: Union[bool, str]) -> None:
     if mode == "offload":
         # transformers takes no checkpoint function publicly: its kwargs only reach torch's checkpoint, and its
         # own offload option copies synchronously on the compute stream. This is the method its enable calls.
-        model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=OffloadedCheckpoint())
+        model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=OffloadedCheckpoint(layers_on_gpu))
 
 
 class _Offloaded:
@@ -60,10 +63,12 @@ class OffloadedCheckpoint:
     On the CPU the same steps run with plain copies (no streams, no pinning), so tests exercise them.
     """
 
-    def __init__(self):
+    def __init__(self, layers_on_gpu: int = 0):
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._in_flight: deque = deque()  # (saved, event) of copies to the CPU whose device tensor is still held
         self._last: Optional[weakref.ref] = None
+        self.layers_on_gpu = layers_on_gpu
+        self._packed = 0  # layer inputs saved by the forward under way; backward's first unpack ends it
 
     def __call__(self, function, *args, **kwargs):
         with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
@@ -71,6 +76,9 @@ class OffloadedCheckpoint:
 
     def pack(self, tensor: torch.Tensor):
         if tensor.numel() == 0:  # the placeholder some torch versions save beside the inputs
+            return tensor
+        self._packed += 1
+        if self._packed <= self.layers_on_gpu:
             return tensor
         self._release_copied()
         saved = _Offloaded(tensor.device, self._last)
@@ -90,6 +98,7 @@ class OffloadedCheckpoint:
         return saved
 
     def unpack(self, saved) -> torch.Tensor:
+        self._packed = 0
         if isinstance(saved, torch.Tensor):
             return saved
         self._start_load(saved)

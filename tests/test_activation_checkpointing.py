@@ -21,11 +21,11 @@ from tiny_models import FAMILIES
 MODES = [False, True, "offload"]
 
 
-def lora_model(folder, family: str, mode, dropout: float = 0.0):
+def lora_model(folder, family: str, mode, dropout: float = 0.0, layers_on_gpu: int = 0):
     architecture = ARCHITECTURES[family]
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                  attn_implementation=architecture.attention).requires_grad_(False)
-    enable_checkpointing(model, mode)
+    enable_checkpointing(model, mode, layers_on_gpu)
     model = add_lora(model, LoraSettings(r=4, alpha=8, dropout=dropout), architecture, seed=3)
     randomise(model, "lora_B", 0.05, seed=2)
     return model.train()
@@ -168,3 +168,24 @@ def test_a_recipe_with_offload_trains_as_without_checkpointing(tmp_path, tiny_mo
         assert f"gradient_checkpointing: {str(mode).lower()}" in (out / "recipe.yaml").read_text()
     assert len(offloads.packed) == 3 * 2  # 3 steps of one micro-batch, 2 layers
     assert losses["offload"] == pytest.approx(losses[False], rel=1e-6)
+
+
+def test_the_first_layers_inputs_can_stay_on_the_device(tiny_model_folder, offloads):
+    """layers_on_gpu=1 of 2: in each of two steps the bottom layer's input is kept as it is and only the top one's
+    goes to host memory, with the loss and gradients of offloading both."""
+    batch = batch_of_two()
+    both = lora_model(tiny_model_folder("llama"), "llama", "offload")
+    split = lora_model(tiny_model_folder("llama"), "llama", "offload", layers_on_gpu=1)
+    for step in range(2):
+        del offloads.packed[:]
+        loss, grads = loss_and_grads(both, batch)
+        assert [type(packed).__name__ for _, packed in offloads.packed] == ["_Offloaded"] * 2
+        del offloads.packed[:]
+        split_loss, split_grads = loss_and_grads(split, batch)
+        (bottom, bottom_packed), (_, top_packed) = offloads.packed
+        assert bottom_packed is bottom and top_packed.host.device.type == "cpu", step
+        assert split_loss == loss
+        for name, grad in grads.items():
+            assert torch.equal(split_grads[name], grad), name
+        both.zero_grad(set_to_none=True)
+        split.zero_grad(set_to_none=True)

@@ -54,7 +54,7 @@ from ftcli.train import summed_token_loss, target_tokens
 SIDES = ("hf", "ftcli")
 
 
-def hf_training(model, precision: str):
+def hf_training(model, precision: str, lora_r: int):
     """The plain Hugging Face QLoRA setup; returns the model and a function of a batch giving its mean loss."""
     if precision == "nf4":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
@@ -62,14 +62,14 @@ def hf_training(model, precision: str):
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(LORA_SEED)
-    model = get_peft_model(model, LoraConfig(r=BENCH_LORA.r, lora_alpha=BENCH_LORA.alpha, lora_dropout=0.0,
+    model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_r, lora_dropout=0.0,
                                              target_modules=BENCH_LORA.target_modules, task_type="CAUSAL_LM"))
     return model, lambda batch: model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
 
 
-def ftcli_training(model, checkpointing):
+def ftcli_training(model, checkpointing, lora_r: int):
     """The path `ftcli train` takes after loading: kernels, checkpointing, LoRA, and its own loss."""
-    model, kernels = ftcli_setup(model, checkpointing)
+    model, kernels = ftcli_setup(model, checkpointing, lora_r)
     return model, lambda batch: summed_token_loss(model, batch, kernels.fused_loss) / target_tokens(batch)
 
 
@@ -79,9 +79,9 @@ def measure(side: str, args) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = random_model(args.shape, args.precision, device, dtype)
     if side == "hf":
-        model, mean_loss = hf_training(model, args.precision)
+        model, mean_loss = hf_training(model, args.precision, args.lora_r)
     else:
-        model, mean_loss = ftcli_training(model, args.checkpointing)
+        model, mean_loss = ftcli_training(model, args.checkpointing, args.lora_r)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if side == "hf":
         optimizer = bnb.optim.AdamW8bit(trainable, lr=2e-4, weight_decay=0.0)

@@ -45,6 +45,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     parser.add_argument("--checkpointing", choices=sorted(CHECKPOINTING), default="offload",
                         help="ftcli's gradient checkpointing; the others always recompute on the GPU")
+    parser.add_argument("--lora-r", type=int, default=BENCH_LORA.r, help="LoRA rank of every side (alpha equals it)")
     parser.add_argument("--steps", type=int, default=5, help="measured steps")
     parser.add_argument("--warmup", type=int, default=2, help="steps run before measuring (compilation, caches)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
@@ -156,9 +157,10 @@ def write_random_model(shape: str, folder: Path) -> None:
     word_tokenizer(SHAPES[shape]["vocab_size"]).save_pretrained(folder)
 
 
-def ftcli_setup(model, checkpointing) -> tuple[torch.nn.Module, KernelSwaps]:
+def ftcli_setup(model, checkpointing, lora_r: int = BENCH_LORA.r) -> tuple[torch.nn.Module, KernelSwaps]:
     """The path `ftcli train` takes after loading: kernels, checkpointing and LoRA."""
-    return prepare_for_training(model, ARCHITECTURES["llama"], BENCH_LORA, kernels=True,
+    lora = BENCH_LORA.model_copy(update={"r": lora_r, "alpha": lora_r})
+    return prepare_for_training(model, ARCHITECTURES["llama"], lora, kernels=True,
                                 gradient_checkpointing=checkpointing, seed=LORA_SEED)
 
 

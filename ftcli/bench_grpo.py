@@ -98,7 +98,7 @@ def measure_ftcli(args) -> dict:
     recipe = bench_recipe(args)
     tokenizer = word_tokenizer(SHAPES[args.shape]["vocab_size"])
     model, kernels = ftcli_setup(random_model(args.shape, args.precision, device, dtype),
-                                CHECKPOINTING[args.checkpointing])
+                                CHECKPOINTING[args.checkpointing], args.lora_r)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, recipe.train)
     method = GrpoMethod(recipe, tokenizer, device, kernels.fused_loss, load_rewards(recipe.grpo.rewards))
@@ -185,7 +185,7 @@ def bench_command(args) -> list[str]:
 def peer_command(args, folder: str) -> list[str]:
     """TRL's command line, with every setting it shares with ftcli's side."""
     settings = {"generations": args.generations, "completion-len": args.completion_len, "warmup": args.warmup,
-                "steps": args.steps, "rank": BENCH_LORA.r, "alpha": BENCH_LORA.alpha,
+                "steps": args.steps, "rank": args.lora_r, "alpha": args.lora_r,
                 "targets": ",".join(BENCH_LORA.target_modules), "seed": LORA_SEED, "learning-rate": LEARNING_RATE,
                 "precision": args.precision, "reward-pattern": REWARD_PATTERN}
     return [sys.executable, str(PEER_SCRIPT), folder, str(Path(folder) / PROMPTS_FILE),

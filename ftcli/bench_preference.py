@@ -81,7 +81,7 @@ def measure_ftcli(args, side: str) -> dict:
     of the reference pass before training, for ftcli-cached)."""
     device, dtype = device_and_dtype()
     recipe = bench_recipe(args, precompute_reference=side == "ftcli-cached")
-    model, _ = ftcli_setup(random_model(args.shape, "nf4", device, dtype), args.checkpointing)
+    model, _ = ftcli_setup(random_model(args.shape, "nf4", device, dtype), args.checkpointing, args.lora_r)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, recipe.train)
     method = PreferenceMethod(recipe, PAD_ID, device, fused=True)
@@ -133,8 +133,8 @@ def run_sides(args, argv: list[str]) -> list[dict]:
 
 def peer_command(side: str, args, folder: str) -> list[str]:
     """The peer's command line, with every setting it shares with ftcli's side."""
-    settings = {"pairs": args.pairs, "warmup": args.warmup, "steps": args.steps, "rank": BENCH_LORA.r,
-                "alpha": BENCH_LORA.alpha, "targets": ",".join(BENCH_LORA.target_modules), "seed": LORA_SEED,
+    settings = {"pairs": args.pairs, "warmup": args.warmup, "steps": args.steps, "rank": args.lora_r,
+                "alpha": args.lora_r, "targets": ",".join(BENCH_LORA.target_modules), "seed": LORA_SEED,
                 "beta": BETA, "learning-rate": LEARNING_RATE}
     return [sys.executable, str(PEER_SCRIPT), side, folder, str(Path(folder) / PAIRS_FILE),
             *(f"--{name}={value}" for name, value in settings.items())]

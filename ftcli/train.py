@@ -34,7 +34,7 @@ from ftcli.grpo import GrpoMethod
 from ftcli.metrics import MetricsLog, StepResult, plot_losses
 from ftcli.optim import build_optimizer, set_learning_rate
 from ftcli.patch import KernelSwaps, apply_kernels, apply_lora_kernels, kernels_can_run
-from ftcli.plan import choose_strategy, out_of_memory_advice
+from ftcli.plan import Checkpointing, choose_checkpointing, choose_strategy, out_of_memory_advice
 from ftcli.preference import PreferenceMethod
 from ftcli.progress import TrainingDisplay
 from ftcli.rewards import Reward, load_rewards
@@ -140,27 +140,30 @@ def run(recipe: Recipe, out_dir: Optional[Path], display: TrainingDisplay, resum
                           "each, while sharded layers need every process in every forward. Use train.distributed: ddp "
                           "(each GPU holds the whole model: load_in_4bit: true makes it fit), or train with fewer "
                           "completion tokens (grpo.max_completion_length).")
+    checkpointing = choose_checkpointing(recipe, config, gpu_bytes, data.stats.longest, processes.count, strategy)
     try:
         setup = build_setup(recipe, out_dir, device, architecture, tokenizer, data, total_steps, rewards, processes,
-                            schedule, strategy)
+                            schedule, strategy, checkpointing)
         display.header(recipe, architecture.family, setup.model, setup.trainable, device, setup.dtype, data.stats,
-                       total_steps, setup.kernels, processes.count, strategy)
+                       total_steps, setup.kernels, processes.count, strategy, checkpointing)
         state = resumed_state(setup, snapshot, display) if snapshot else RunState()
         if processes.several:
             state = state_of_main(setup, state)
         train_loop(setup, state, display, stop)
     except torch.cuda.OutOfMemoryError:
         raise OutOfMemory(out_of_memory_advice(recipe, config, gpu_bytes, data.stats.longest, processes.count,
-                                               strategy)) from None
+                                               strategy, checkpointing)) from None
     return finish(setup, state, tokenizer, from_main(snapshot.step if snapshot else None))
 
 
 def build_setup(recipe: Recipe, out_dir: Optional[Path], device: torch.device, architecture: Architecture, tokenizer,
                 data: PreparedData, total_steps: int, rewards: list[Reward], processes: Processes = Processes(),
-                schedule: Optional[TrainSettings] = None, strategy: str = "ddp") -> TrainingSetup:
+                schedule: Optional[TrainSettings] = None, strategy: str = "ddp",
+                checkpointing: Checkpointing = True) -> TrainingSetup:
     schedule = schedule or recipe.train
     dtype = compute_dtype(recipe.model, device)
-    model, kernels = trainable_model(recipe, architecture, device, dtype, processes if strategy == "fsdp" else None)
+    model, kernels = trainable_model(recipe, architecture, device, dtype, processes if strategy == "fsdp" else None,
+                                     checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if recipe.train.method == "grpo":
         method = GrpoMethod(recipe, tokenizer, device, kernels.fused_loss, rewards)
@@ -174,14 +177,14 @@ def build_setup(recipe: Recipe, out_dir: Optional[Path], device: torch.device, a
 
 
 def trainable_model(recipe: Recipe, architecture: Architecture, device: torch.device, dtype: torch.dtype,
-                    sharded_over: Optional[Processes]) -> tuple[torch.nn.Module, KernelSwaps]:
-    """The base model loaded and made trainable on `device`; with `sharded_over`, its decoder layers sharded over
-    those processes (ftcli/sharding.py)."""
+                    sharded_over: Optional[Processes], checkpointing: Checkpointing) -> tuple[torch.nn.Module, KernelSwaps]:
+    """The base model loaded and made trainable on `device`, its decoder layers checkpointed as `checkpointing`
+    (the recipe's, auto resolved); with `sharded_over`, sharded over those processes (ftcli/sharding.py)."""
     with one_process_at_a_time(sharded_over, recipe.model) if sharded_over else nullcontext():
         model = load_model(recipe.model, architecture, device, dtype, sharded=sharded_over is not None)
         model, kernels = prepare_for_training(model, architecture, recipe.lora,
                                               recipe.model.kernels and kernels_can_run(device),
-                                              recipe.train.gradient_checkpointing, recipe.train.seed,
+                                              checkpointing, recipe.train.seed,
                                               recipe.model.adapter)
         compares_with_start = recipe.train.method == "dpo" or (recipe.train.method == "grpo" and recipe.grpo.beta)
         if recipe.model.adapter and compares_with_start:

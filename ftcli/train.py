@@ -177,7 +177,8 @@ def build_setup(recipe: Recipe, out_dir: Optional[Path], device: torch.device, a
 
 
 def trainable_model(recipe: Recipe, architecture: Architecture, device: torch.device, dtype: torch.dtype,
-                    sharded_over: Optional[Processes], checkpointing: Checkpointing) -> tuple[torch.nn.Module, KernelSwaps]:
+                    sharded_over: Optional[Processes],
+                    checkpointing: Checkpointing) -> tuple[torch.nn.Module, KernelSwaps]:
     """The base model loaded and made trainable on `device`, its decoder layers checkpointed as `checkpointing`
     (the recipe's, auto resolved); with `sharded_over`, sharded over those processes (ftcli/sharding.py)."""
     with one_process_at_a_time(sharded_over, recipe.model) if sharded_over else nullcontext():

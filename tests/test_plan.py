@@ -650,3 +650,27 @@ def test_train_resolves_auto_before_loading_and_its_header_says_so(tmp_path, tin
                 "cuda": "checkpointing false (auto): every layer's activations kept, nothing recomputed"}[DEVICE]
     assert expected in " ".join(result.output.split())
     assert "gradient_checkpointing: auto" in (tmp_path / "out" / "recipe.yaml").read_text()  # resolved per run
+
+
+def test_train_keeps_the_planned_layers_inputs_on_the_gpu(tmp_path, tiny_model_folder, monkeypatch):
+    """What layers_to_keep_on_gpu says (here 1, as for a host short of memory) reaches the offloaded checkpointing
+    and the header."""
+    import ftcli.train
+    from ftcli.activation_checkpointing import enable_checkpointing
+
+    enabled = []
+
+    def recorded(model, mode, layers_on_gpu=0):
+        enabled.append((mode, layers_on_gpu))
+        enable_checkpointing(model, mode, layers_on_gpu)
+
+    monkeypatch.setattr(ftcli.train, "layers_to_keep_on_gpu", lambda *args: 1)
+    monkeypatch.setattr(ftcli.train, "enable_checkpointing", recorded)
+    data = write_jsonl(tmp_path / "train.jsonl", long_rows(2, 5))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_folder("llama"), data, tmp_path / "out",
+                          train={"max_steps": 1, "gradient_checkpointing": "offload"})
+    result = run_cli("train", recipe)
+    assert result.exit_code == 0, result.output
+    assert enabled == [("offload", 1)]
+    assert ("checkpointing offload: each layer's input kept in CPU memory, the layer recomputed in backward; the "
+            "first 1 layers' inputs on the GPU, as the host has no room") in " ".join(result.output.split())

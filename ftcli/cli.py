@@ -88,9 +88,15 @@ def plan(
     overrides: Optional[list[str]] = typer.Option(None, "--set", metavar="SECTION.KEY=VALUE",
                                                   help="Override one recipe field; repeatable."),
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", metavar="SIZE",
-                                             help="Say whether the run fits a GPU of this size, e.g. 16GiB, 24GB, 80GiB."),
+                                             help="Say whether the run fits a GPU of this size, e.g. 16GiB, 24GB, "
+                                             "80GiB (default: this machine's GPU, if it has one)."),
     gpus: int = typer.Option(1, "--gpus", metavar="N", help="Plan a run on N GPUs, one process each: the per-GPU "
                              "peak of ddp and fsdp, and which one train.distributed: auto picks."),
+    host_memory: Optional[str] = typer.Option(None, "--host-memory", metavar="SIZE", help="CPU memory the offloaded "
+                                              "layer inputs may take, pinned (default: what this machine has "
+                                              "available now)."),
+    longest: bool = typer.Option(False, "--longest", help="Also find the longest max_seq_length, in steps of 1,024 "
+                                 "tokens at the recipe's batch_size, that fits the GPU and the host memory."),
     as_json: bool = typer.Option(False, "--json", help="Print the estimate as one JSON line."),
 ) -> None:
     """Estimate peak GPU memory, steps and tokens of a recipe before any weight is loaded."""
@@ -101,7 +107,8 @@ def plan(
 
         recipe = load_recipe(recipe_path, overrides)
         budget = planning.parse_size(gpu_memory) if gpu_memory else None
-        estimate = planning.plan_recipe(recipe, budget, gpus)
+        host_budget = planning.parse_size(host_memory, "--host-memory") if host_memory else planning.local_host_memory()
+        estimate = planning.plan_recipe(recipe, budget, gpus, host_budget, longest)
         if as_json:
             _print_json(estimate.summary())
         else:

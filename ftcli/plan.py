@@ -9,10 +9,13 @@ The estimate models what ftcli itself allocates, from the model's config.json al
   adamw_8bit, 32 bits with adamw);
 - activations: what one decoder layer keeps for backward, per token, and how many layers keep it under each
   gradient-checkpointing mode (all of them without checkpointing; only the layer inputs with `true`;
-  the inputs wait in CPU memory with `offload`, two layers' worth on the GPU while in flight);
+  the inputs wait in CPU memory with `offload`, two layers' worth on the GPU while in flight, except the first
+  `layers_kept_on_gpu` layers' inputs, which stay on the GPU as under `true`);
 - the transient peak of one layer's recompute and backward (the gated MLP's backward holds gate, up and
   their gradients, and one projection's weight dequantized to 16 bits), and of the LM head, whose fused
-  cross-entropy goes through the logits 256 MiB at a time.
+  cross-entropy goes through the logits 256 MiB at a time. Past a length (ftcli_kernels.limits.mlp_tile_rows) the
+  MLP kernel goes through the sequence in tiles: it keeps only its input, gate and up exist a tile at a time, and
+  backward holds its three projections dequantized at once.
 
 Peak memory is then the largest of three moments: the end of the forward (at the LM head), the backward
 of the top layer (every saved input still there) and the backward of the bottom layer (every adapter
@@ -28,14 +31,23 @@ gradients and optimizer states (all-reduced as under ddp) and its own activation
 two layers' weights gathered whole: the one it computes and the one prefetched. `auto` picks ddp when its
 per-GPU peak fits the GPU, else fsdp.
 
+Host memory: under `offload` each offloaded layer input waits in pinned CPU memory, which PyTorch's pinned-memory
+cache hands out in powers of two. When the host cannot hold them all, the first layers keep their inputs on the
+GPU instead, as many as the host cannot hold (as long as the GPU has room), so neither memory alone limits the
+length. `train.gradient_checkpointing: auto` picks the fastest policy whose need fits the GPU: false (nothing
+recomputed), else true, else offload; without a GPU to check against, true. The longest length that fits
+(`--longest`) is searched in steps of 1,024 tokens.
+
     python -m ftcli.plan --shape llama3-8b --seq 2048 --bs 2 --checkpointing offload
+    python -m ftcli.plan --shape llama3-8b --bs 1 --lora-r 32 --longest --gpu-memory 80GiB --host-memory 128GiB
 """
 
 import argparse
 import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import Literal, Optional, Union
+from pathlib import Path
+from typing import Callable, Literal, Optional, Union
 
 import torch
 
@@ -45,7 +57,7 @@ from ftcli.loader import load_config, load_tokenizer, meta_model
 from ftcli.recipe import DEFAULT_TARGET_MODULES, Recipe
 from ftcli.shapes import SHAPES, shape_config
 from ftcli.steps import count_steps, micro_batch_of_all
-from ftcli_kernels.limits import LOGITS_CHUNK_BYTES
+from ftcli_kernels.limits import LOGITS_CHUNK_BYTES, mlp_tile_rows
 
 GIB = 2**30
 CUDA_CONTEXT_BYTES = 0.5 * GIB  # the CUDA context and libraries' workspaces, outside PyTorch's allocator
@@ -53,6 +65,8 @@ ALLOCATOR_SLACK = 0.05  # memory the caching allocator holds beyond the peak it 
 DOES_NOT_FIT_EXIT_CODE = OutOfMemory.exit_code  # as a run that ran out of memory
 Strategy = Literal["ddp", "fsdp"]
 STRATEGIES: tuple[Strategy, ...] = ("ddp", "fsdp")
+Checkpointing = Union[bool, Literal["offload"]]  # train.gradient_checkpointing once auto is resolved
+LENGTH_STEP = 1024  # the longest length that fits is a multiple of this
 
 
 @dataclass
@@ -103,7 +117,9 @@ class Setup:
     load_in_4bit: bool = True
     compute_bytes: int = 2
     kernels: bool = True
-    checkpointing: Union[bool, str] = True
+    checkpointing: Checkpointing = True
+    layers_kept_on_gpu: int = 0  # offload: the first this many layers keep their inputs on the GPU
+    tiled_mlp: bool = True  # the MLP kernel tiles long inputs, as its own rule decides; False: always whole
     lora_r: int = 16
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     optimizer: str = "adamw_8bit"
@@ -111,14 +127,19 @@ class Setup:
     shard_layers: bool = False  # fsdp: the decoder layers' weights are split over the processes
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe, seq: int, processes: int = 1, strategy: Strategy = "ddp") -> "Setup":
+    def from_recipe(cls, recipe: Recipe, seq: int, processes: int = 1, strategy: Strategy = "ddp",
+                    checkpointing: Optional[Checkpointing] = None) -> "Setup":
         """`seq` is the longest example; GRPO's loss rows are its prompts, each answered num_generations times and
         as long as the prompt and max_completion_length together (its generation cache, freed before the loss,
-        is smaller than the loss's activations)."""
+        is smaller than the loss's activations). `checkpointing` replaces the recipe's; the recipe's auto, which
+        `settled_setup` resolves against a GPU, is true here, as where there is no GPU."""
         targets = recipe.lora.target_modules
+        if checkpointing is None:
+            requested = recipe.train.gradient_checkpointing
+            checkpointing = True if requested == "auto" else requested
         return cls(batch_size=recipe.train.batch_size * rows_per_example(recipe), seq=seq + completion_length(recipe), load_in_4bit=recipe.model.load_in_4bit,
                    compute_bytes=4 if recipe.model.dtype == "float32" else 2, kernels=recipe.model.kernels,
-                   checkpointing=recipe.train.gradient_checkpointing, lora_r=recipe.lora.r,
+                   checkpointing=checkpointing, lora_r=recipe.lora.r,
                    lora_targets=list(DEFAULT_TARGET_MODULES) if targets == "all-linear" else list(targets),
                    optimizer=recipe.train.optimizer, processes=processes,
                    shard_layers=strategy == "fsdp" and processes > 1)
@@ -128,6 +149,7 @@ class Setup:
 class MemoryEstimate:
     parts: dict[str, float]  # bytes of each component at the peak moment
     moment: str  # which moment of the step is the peak
+    host: float = 0.0  # pinned CPU memory of the offloaded layer inputs, of all the processes together
 
     @property
     def peak(self) -> float:
@@ -142,10 +164,21 @@ class MemoryEstimate:
         """Whether the run fits a GPU of `budget` bytes; None when there is no budget to check against."""
         return None if budget is None else self.needed <= budget
 
+    def host_fits(self, host_budget: Optional[int]) -> Optional[bool]:
+        """Whether the offloaded layer inputs fit `host_budget` bytes of CPU memory; None without a budget."""
+        return None if host_budget is None else self.host <= host_budget
+
+    def fits_both(self, budget: Optional[int], host_budget: Optional[int]) -> Optional[bool]:
+        """Whether the run fits the GPU and the host: False when either is known not to, None when the GPU is
+        unknown."""
+        gpu, host = self.fits(budget), self.host_fits(host_budget)
+        return False if False in (gpu, host) else gpu
+
     def figures(self) -> dict:
         """The estimate in GiB, for --json."""
         return {"peak_gib": round(self.peak / GIB, 2), "needed_gib": round(self.needed / GIB, 2),
-                "peak_moment": self.moment, "parts_gib": {k: round(v / GIB, 3) for k, v in self.parts.items()}}
+                "host_gib": round(self.host / GIB, 2), "peak_moment": self.moment,
+                "parts_gib": {k: round(v / GIB, 3) for k, v in self.parts.items()}}
 
 
 def estimate_memory(model: ModelShape, setup: Setup) -> MemoryEstimate:
@@ -170,26 +203,24 @@ def estimate_memory(model: ModelShape, setup: Setup) -> MemoryEstimate:
     optimizer_state = lora_params * optimizer_bytes
     gradients = lora_params * 4
 
-    h, inner = model.hidden, model.intermediate
-    q_width, kv_width = model.heads * model.head_dim, model.kv_heads * model.head_dim
-    layer_input = tokens * h * a
-    if setup.kernels:
-        # Kept for backward by one layer: both norms' outputs, q, k, v, the attention output, the residual
-        # between attention and MLP, and the MLP's gate and up (its own kernel recomputes the activation)
-        layer_saved = tokens * a * (3 * h + 2 * q_width + 2 * kv_width + 2 * inner)
-    else:
-        # peft and bitsandbytes modules also keep the activation, the gated product and float32 copies of
-        # the adapters' inputs
-        layer_saved = tokens * a * (3 * h + 2 * q_width + 2 * kv_width + 4 * inner) + tokens * 4 * (4 * h + inner)
-    # The MLP backward adds its recomputed activation or its gradient and the gradients of gate and up,
-    # the gradient flowing in and out of the layer; a 4-bit projection is dequantized for its matmuls
-    backward_extra = tokens * a * (3 * inner + 3 * h)
-    dequantized = max(i * o for i, o in projections.values()) * a if setup.load_in_4bit else 0
+    h = model.hidden
+    layer_input = layer_input_bytes(model, setup)
+    layer_saved, backward_extra = layer_activation_bytes(model, setup)
+    # a 4-bit projection is dequantized for its matmuls; the tiled MLP dequantizes its three once for all tiles
+    mlp_weights = sum(i * o for name, (i, o) in projections.items() if name in ("gate_proj", "up_proj", "down_proj"))
+    largest = mlp_weights if mlp_tile_rows_of(model, setup) else max(i * o for i, o in projections.values())
+    dequantized = largest * a if setup.load_in_4bit else 0
 
     layer_backward = backward_extra + dequantized
-    if setup.checkpointing == "offload":  # this layer's input and the prefetched one below it
-        kept_top = kept_bottom = kept_forward = 2 * layer_input
+    host = 0
+    if setup.checkpointing == "offload":
+        # the inputs kept on the GPU, then of the offloaded ones this layer's and the prefetched one below it;
+        # under the bottom layer, only its own input is left of those kept on the GPU
+        kept = setup.layers_kept_on_gpu
+        kept_top = kept_forward = (kept + min(2, model.layers - kept)) * layer_input
+        kept_bottom = (1 if kept else 2) * layer_input
         layer_backward += layer_saved
+        host = setup.processes * (model.layers - kept) * pinned_bytes(layer_input)
     elif setup.checkpointing:  # every layer's input until its backward; the layer in backward is recomputed
         kept_top, kept_bottom, kept_forward = model.layers * layer_input, layer_input, model.layers * layer_input
         layer_backward += layer_saved
@@ -216,7 +247,49 @@ def estimate_memory(model: ModelShape, setup: Setup) -> MemoryEstimate:
     if setup.processes > 1:
         moments["gradient sum across processes"] = base | {"lora gradients": gradients, "gradient sum buffer": gradients}
     moment = max(moments, key=lambda name: sum(moments[name].values()))
-    return MemoryEstimate(moments[moment], moment)
+    return MemoryEstimate(moments[moment], moment, host)
+
+
+def layer_input_bytes(model: ModelShape, setup: Setup) -> int:
+    """One decoder layer's input, the hidden state: what checkpointing keeps of a layer, and offload copies out."""
+    return setup.batch_size * setup.seq * model.hidden * setup.compute_bytes
+
+
+def layer_activation_bytes(model: ModelShape, setup: Setup) -> tuple[int, int]:
+    """What one decoder layer keeps for backward, and what its backward holds on top of that (besides a dequantized
+    weight), at the setup's tokens: every per-token activation term of the estimate is here."""
+    a, tokens = setup.compute_bytes, setup.batch_size * setup.seq
+    h, inner = model.hidden, model.intermediate
+    # both norms' outputs, q, k, v, the attention output and the residual between attention and MLP
+    attention = 3 * h + 2 * model.heads * model.head_dim + 2 * model.kv_heads * model.head_dim
+    tile_rows = mlp_tile_rows_of(model, setup)
+    if tile_rows:
+        # the MLP keeps its input (the norm's output, counted above) and computes gate and up again a tile at a
+        # time: a tile's gate, up, activation and their gradient; and the gradient flowing in and out of the layer
+        return tokens * a * attention, tokens * a * 3 * h + min(tokens, tile_rows) * inner * a * 4
+    if setup.kernels:
+        saved = tokens * a * (attention + 2 * inner)  # and the MLP's gate and up; its kernel recomputes the rest
+    else:
+        # peft and bitsandbytes modules also keep gate, up, the activation, the gated product and float32 copies
+        # of the adapters' inputs
+        saved = tokens * a * (attention + 4 * inner) + tokens * 4 * (4 * h + inner)
+    # The MLP backward adds its recomputed activation or its gradient and the gradients of gate and up, and the
+    # gradient flowing in and out of the layer
+    return saved, tokens * a * (3 * inner + 3 * h)
+
+
+def mlp_tile_rows_of(model: ModelShape, setup: Setup) -> int:
+    """Rows of one tile of the MLP, 0 when it runs whole: the kernel's own rule (ftcli_kernels.limits), which the
+    plan and the kernel share; peft's MLP (kernels off) never tiles."""
+    if not setup.kernels or not setup.tiled_mlp:
+        return 0
+    return mlp_tile_rows(setup.batch_size * setup.seq, model.intermediate, setup.compute_bytes)
+
+
+def pinned_bytes(size: int) -> int:
+    """Pinned CPU memory PyTorch takes for a tensor of `size` bytes: its caching host allocator rounds each block
+    up to a power of two (ATen's CachingHostAllocator), so a 2.1 GiB layer input holds 4 GiB."""
+    return 1 << (size - 1).bit_length() if size > 0 else 0
 
 
 def nf4_packed_bytes(weights: int) -> int:
@@ -231,11 +304,11 @@ def nf4_absmax_bytes(weights: int) -> int:
     return blocks + 4 * math.ceil(blocks / 256)
 
 
-def parse_size(text: str) -> int:
-    """Bytes in a size such as 16GiB, 24GB, 80G or 16 (GiB when no unit is given)."""
+def parse_size(text: str, flag: str = "--gpu-memory") -> int:
+    """Bytes in a size such as 16GiB, 24GB, 80G or 16 (GiB when no unit is given), given to `flag`."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(GiB|GB|G|MiB|MB|M)?\s*", text, re.IGNORECASE)
     if not match:
-        raise InputError(f"--gpu-memory {text!r} is not a size; write it like 16GiB, 24GB or 80GiB.")
+        raise InputError(f"{flag} {text!r} is not a size; write it like 16GiB, 24GB or 80GiB.")
     units = {"gib": GIB, "g": GIB, "gb": 10**9, "mib": 2**20, "m": 2**20, "mb": 10**6, None: GIB}
     return int(float(match.group(1)) * units[(match.group(2) or "").lower() or None])
 
@@ -251,19 +324,30 @@ class Plan:
     budget: Optional[int]
     strategies: dict[str, MemoryEstimate] = field(default_factory=dict)  # with several GPUs: each strategy's
     strategy: Optional[Strategy] = None  # with several GPUs: the one train.distributed picks
+    host_budget: Optional[int] = None  # CPU memory the offloaded layer inputs may take
+    longest: Optional[Setup] = None  # with --longest: the setup of the longest rows that fit
 
     @property
     def fits(self) -> Optional[bool]:
-        return self.memory.fits(self.budget)
+        return self.memory.fits_both(self.budget, self.host_budget)
 
     def summary(self) -> dict:
         summary = {"status": "ok", **self.memory.figures(), "steps": self.steps, "tokens": self.tokens,
                    "seq": self.setup.seq, "batch_size": self.setup.batch_size,
-                   "gpu_memory_gib": None if self.budget is None else round(self.budget / GIB, 2), "fits": self.fits}
+                   "checkpointing": self.setup.checkpointing, "layers_kept_on_gpu": self.setup.layers_kept_on_gpu,
+                   "gpu_memory_gib": gib_or_none(self.budget), "host_memory_gib": gib_or_none(self.host_budget),
+                   "fits": self.fits}
         if self.strategies:
             summary |= {"gpus": self.setup.processes, "strategy": self.strategy,
                         "strategies": {name: memory.figures() | {"fits": memory.fits(self.budget)}
                                        for name, memory in self.strategies.items()}}
+        if self.longest:
+            memory = estimate_memory(self.shape, self.longest)
+            summary["longest"] = {"seq": self.longest.seq, "batch_size": self.longest.batch_size,
+                                  "tokens": self.longest.seq * self.longest.batch_size,
+                                  "checkpointing": self.longest.checkpointing,
+                                  "layers_kept_on_gpu": self.longest.layers_kept_on_gpu,
+                                  "needed_gib": round(memory.needed / GIB, 2), "host_gib": round(memory.host / GIB, 2)}
         return summary
 
     def report(self) -> str:
@@ -279,19 +363,87 @@ class Plan:
         if self.strategies:
             lines += strategy_table(self.strategies, gpus, self.budget)
             lines.append(strategy_reason(self.recipe.train.distributed, self.strategy, self.budget))
+        lines.append(checkpointing_reason(self.recipe.train.gradient_checkpointing, self.setup.checkpointing,
+                                          self.budget))
         under = f" per GPU under {self.strategy}" if self.strategies else ""
         lines.append(f"Peak GPU memory{under}, at the {self.memory.moment}: {self.memory.peak / GIB:.2f} GiB allocated")
         lines += [f"  {name:<36}{value / GIB:>8.2f} GiB" for name, value in self.memory.parts.items()]
         lines.append(f"Needs about {self.memory.needed / GIB:.2f} GiB of GPU memory with the CUDA context and "
                      "allocator slack.")
+        if self.setup.checkpointing == "offload":
+            lines.append(offload_line(self.shape, self.setup, self.memory, self.host_budget))
         if self.budget is not None:
-            verdict = "fits" if self.fits else "does not fit"
-            where = f"{gpus} GPUs with {self.budget / GIB:.1f} GiB each" if gpus > 1 else \
-                f"a GPU with {self.budget / GIB:.1f} GiB"
-            lines.append(f"It {verdict} {where}.")
-            if not self.fits:
+            gpu_fits = self.memory.fits(self.budget)
+            lines.append(f"It {'fits' if gpu_fits else 'does not fit'} {gpus_of(self.budget, gpus)}.")
+            if not gpu_fits:
                 lines.append(smaller_settings(self.recipe, self.shape, self.setup, self.budget))
+        if self.memory.host_fits(self.host_budget) is False:
+            lines.append("Its offloaded layer inputs do not fit the host's memory: shorten model.max_seq_length or "
+                         "lower train.batch_size, or free host memory (--host-memory SIZE says how much there is).")
+        if self.longest:
+            lines += longest_lines(self.shape, self.longest, self.budget, self.host_budget)
         return "\n".join(lines)
+
+
+def gib_or_none(size: Optional[int]) -> Optional[float]:
+    return None if size is None else round(size / GIB, 2)
+
+
+def gpus_of(budget: int, gpus: int) -> str:
+    """The GPUs a plan is checked against, in words."""
+    return f"{gpus} GPUs with {budget / GIB:.1f} GiB each" if gpus > 1 else f"a GPU with {budget / GIB:.1f} GiB"
+
+
+def checkpointing_reason(requested: Union[Checkpointing, str], chosen: Checkpointing, budget: Optional[int]) -> str:
+    """Why the run would use `chosen` gradient checkpointing, in one sentence."""
+    if requested != "auto":
+        return f"train.gradient_checkpointing: {str(chosen).lower()}, as the recipe says."
+    if budget is None:
+        return ("train.gradient_checkpointing: auto picks true: there is no GPU memory to check against "
+                "(--gpu-memory SIZE gives one).")
+    gpu = f"a GPU with {budget / GIB:.1f} GiB"
+    if chosen is False:
+        return f"train.gradient_checkpointing: auto picks false: every layer's activations fit {gpu}, so nothing is " \
+               "recomputed."
+    if chosen is True:
+        return (f"train.gradient_checkpointing: auto picks true: every layer's activations do not fit {gpu}, its "
+                "input alone does, and each layer is recomputed from it in backward.")
+    return (f"train.gradient_checkpointing: auto picks offload: not even every layer's input fits {gpu}, so they "
+            "wait in CPU memory.")
+
+
+def offload_line(shape: ModelShape, setup: Setup, memory: MemoryEstimate, host_budget: Optional[int]) -> str:
+    """Where the offloaded layer inputs wait, how much host memory they take, and whether the host has it."""
+    kept = setup.layers_kept_on_gpu
+    pinned = pinned_bytes(layer_input_bytes(shape, setup))
+    each = f"{pinned / GIB:.2f} GiB" if pinned >= GIB else f"{pinned / 2**20:.0f} MiB"
+    processes = f" in each of {setup.processes} processes" if setup.processes > 1 else ""
+    line = (f"Offloaded layer inputs: those of {shape.layers - kept} of {shape.layers} layers wait in pinned CPU "
+            f"memory, {each} each{processes} (PyTorch pins in powers of two): {memory.host / GIB:.2f} GiB")
+    if host_budget is None:
+        return line + " of host memory."
+    available = f"the host's {host_budget / GIB:.1f} GiB available"
+    if memory.host_fits(host_budget):
+        if kept:
+            return (f"{line}; {available} cannot hold all {shape.layers}, so the first {kept} layers keep their "
+                    "inputs on the GPU.")
+        return f"{line}, within {available}."
+    gpu_room = f", even with the first {kept} layers' inputs kept on the GPU (all it has room for)" if kept else ""
+    return f"{line}, more than {available}{gpu_room}."
+
+
+def longest_lines(shape: ModelShape, longest: Setup, budget: int, host_budget: Optional[int],
+                  batch_from: str = "train.batch_size") -> list[str]:
+    """The longest rows that fit, and what they need, for the report; `batch_from` says where the batch comes from."""
+    memory = estimate_memory(shape, longest)
+    host = f" and {host_budget / GIB:.1f} GiB of host memory" if host_budget is not None else ""
+    kept = longest.layers_kept_on_gpu
+    split = f", the first {kept} of {shape.layers} layers' inputs kept on the GPU" if kept else ""
+    return [f"Longest max_seq_length that fits {gpus_of(budget, longest.processes)}{host}, in steps of "
+            f"{LENGTH_STEP:,}: {longest.seq:,} tokens, at batch {longest.batch_size} ({batch_from}) "
+            f"= {longest.seq * longest.batch_size:,} tokens a micro-batch.",
+            f"  There: checkpointing {str(longest.checkpointing).lower()}{split}; about {memory.needed / GIB:.2f} GiB "
+            f"of GPU memory and {memory.host / GIB:.2f} GiB of pinned host memory."]
 
 
 def strategy_table(strategies: dict[str, MemoryEstimate], gpus: int, budget: Optional[int]) -> list[str]:
@@ -333,18 +485,137 @@ def choose_strategy(recipe: Recipe, config, processes: int, gpu_bytes: Optional[
         return recipe.train.distributed
     if processes == 1:
         return "ddp"
-    ddp = estimate_memory(ModelShape.from_config(config), Setup.from_recipe(recipe, longest, processes, "ddp"))
+    # with gradient_checkpointing: auto, ddp is chosen if it fits with the least memory (offload); the
+    # checkpointing is chosen for the strategy afterwards (choose_checkpointing)
+    least = "offload" if recipe.train.gradient_checkpointing == "auto" else None
+    ddp = estimate_memory(ModelShape.from_config(config), Setup.from_recipe(recipe, longest, processes, "ddp", least))
     return pick_strategy("auto", ddp, gpu_bytes)
 
 
+def pick_checkpointing(shape: ModelShape, setup: Setup, requested: Union[Checkpointing, str],
+                       budget: Optional[int]) -> Checkpointing:
+    """The recipe's gradient checkpointing; for auto, the fastest whose need fits `budget`: false (nothing
+    recomputed), else true, else offload, and true when there is no budget to check against."""
+    if requested != "auto":
+        return requested
+    if budget is None:
+        return True
+    for mode in (False, True):
+        if estimate_memory(shape, replace(setup, checkpointing=mode, layers_kept_on_gpu=0)).fits(budget):
+            return mode
+    return "offload"
+
+
+def pick_layers_kept_on_gpu(shape: ModelShape, setup: Setup, budget: Optional[int], host_budget: Optional[int]) -> int:
+    """Under offload, how many of the first layers keep their inputs on the GPU: none when the host holds all
+    of them (or either memory is unknown); else as many as the host cannot hold, or as many as the GPU has room
+    for when that is fewer."""
+    if setup.checkpointing != "offload" or budget is None or host_budget is None:
+        return 0
+    per_layer = setup.processes * pinned_bytes(layer_input_bytes(shape, setup))
+    needed = max(0, shape.layers - host_budget // per_layer)
+    while needed and not estimate_memory(shape, replace(setup, layers_kept_on_gpu=needed)).fits(budget):
+        needed -= 1
+    return needed
+
+
+def settled_setup(shape: ModelShape, setup: Setup, requested: Union[Checkpointing, str], budget: Optional[int],
+                  host_budget: Optional[int]) -> Setup:
+    """`setup` with the recipe's gradient checkpointing (`requested`) resolved against a GPU of `budget` bytes and,
+    under offload, the layers whose inputs stay on the GPU for a host of `host_budget` bytes."""
+    setup = replace(setup, checkpointing=pick_checkpointing(shape, setup, requested, budget), layers_kept_on_gpu=0)
+    return replace(setup, layers_kept_on_gpu=pick_layers_kept_on_gpu(shape, setup, budget, host_budget))
+
+
+def choose_checkpointing(recipe: Recipe, config, gpu_bytes: Optional[int], longest: int, processes: int = 1,
+                         strategy: Strategy = "ddp") -> Checkpointing:
+    """train.gradient_checkpointing, with auto resolved against GPUs of `gpu_bytes` (None when there is no GPU:
+    true) for a data set whose longest example has `longest` tokens."""
+    if recipe.train.gradient_checkpointing != "auto":
+        return recipe.train.gradient_checkpointing
+    shape = ModelShape.from_config(config)
+    return pick_checkpointing(shape, Setup.from_recipe(recipe, longest, processes, strategy), "auto", gpu_bytes)
+
+
+def layers_to_keep_on_gpu(recipe: Recipe, config, gpu_bytes: Optional[int], host_bytes: Optional[int], longest: int,
+                          processes: int = 1, strategy: Strategy = "ddp") -> int:
+    """How many of the first decoder layers keep their inputs on the GPU under offload, for GPUs of `gpu_bytes` and
+    a host of `host_bytes` shared by `processes` processes (0 when either is unknown, or the host holds them
+    all); with gradient_checkpointing auto, of the policy it resolves to."""
+    shape = ModelShape.from_config(config)
+    setup = Setup.from_recipe(recipe, longest, processes, strategy)
+    return settled_setup(shape, setup, recipe.train.gradient_checkpointing, gpu_bytes, host_bytes).layers_kept_on_gpu
+
+
+def longest_setup(shape: ModelShape, setup: Setup, requested: Union[Checkpointing, str], budget: int,
+                  host_budget: Optional[int]) -> Optional[Setup]:
+    """The setup, settled, of the longest rows (a multiple of LENGTH_STEP, at the setup's batch size) whose need fits
+    the GPU and the host; None when not even LENGTH_STEP fits.
+
+    The need grows with the length, except where the MLP starts going in tiles, where it drops: the lengths on
+    either side of that point are searched apart."""
+    def at(seq: int) -> Setup:
+        return settled_setup(shape, replace(setup, seq=seq), requested, budget, host_budget)
+
+    def fits(seq: int) -> bool:
+        return bool(estimate_memory(shape, at(seq)).fits_both(budget, host_budget))
+
+    tiled_from = tiling_starts(shape, setup)
+    if tiled_from is not None and fits(tiled_from):
+        return at(longest_multiple(fits, tiled_from))
+    if fits(LENGTH_STEP):
+        return at(longest_multiple(fits, LENGTH_STEP, tiled_from))
+    return None
+
+
+def tiling_starts(shape: ModelShape, setup: Setup) -> Optional[int]:
+    """The shortest multiple of LENGTH_STEP at which the MLP goes in tiles; None when it never does."""
+    def tiled(seq: int) -> bool:
+        return mlp_tile_rows_of(shape, replace(setup, seq=seq)) > 0
+
+    if not setup.kernels or not setup.tiled_mlp:
+        return None
+    if tiled(LENGTH_STEP):
+        return LENGTH_STEP
+    return longest_multiple(lambda seq: not tiled(seq), LENGTH_STEP) + LENGTH_STEP
+
+
+def longest_multiple(holds: Callable[[int], bool], start: int, stop: Optional[int] = None) -> int:
+    """The largest multiple of LENGTH_STEP for which `holds`, a condition true up to some length and false beyond:
+    bisection between `start`, where it holds, and `stop`, where it does not (None: found by doubling)."""
+    low, high = start, stop
+    while high is None:
+        if holds(2 * low):
+            low *= 2
+        else:
+            high = 2 * low
+    while high - low > LENGTH_STEP:
+        middle = (low + high) // (2 * LENGTH_STEP) * LENGTH_STEP
+        low, high = (middle, high) if holds(middle) else (low, middle)
+    return low
+
+
 def local_gpu_memory() -> Optional[int]:
-    """The memory of this machine's first GPU, to check a plan for several GPUs against; None without a GPU."""
+    """The memory of this machine's first GPU, to check a plan against; None without a GPU."""
     return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
 
 
-def plan_recipe(recipe: Recipe, budget: Optional[int] = None, gpus: int = 1) -> Plan:
+def local_host_memory() -> Optional[int]:
+    """The CPU memory this machine has available now (MemAvailable, Linux), which a run's pinned memory must fit;
+    None where /proc/meminfo cannot tell."""
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    match = re.search(r"^MemAvailable:\s+(\d+) kB", text, re.M)
+    return int(match.group(1)) * 1024 if match else None
+
+
+def plan_recipe(recipe: Recipe, budget: Optional[int] = None, gpus: int = 1, host_budget: Optional[int] = None,
+                longest: bool = False) -> Plan:
     """Read the model's config and tokenize the data (no weights) to plan the run on `gpus` GPUs, one process
-    each. With several, every strategy is estimated and checked against `budget`, or else this machine's GPU."""
+    each, checked against GPUs of `budget` bytes (else this machine's GPU) and a host of `host_budget`. With
+    several, every strategy is estimated. With `longest`, the longest rows that fit are searched too."""
     if gpus < 1:
         raise InputError(f"--gpus {gpus} is not a number of GPUs: give how many GPUs the run will use (one process "
                          "each), 1 or more, for example --gpus 2.")
@@ -359,14 +630,40 @@ def plan_recipe(recipe: Recipe, budget: Optional[int] = None, gpus: int = 1) -> 
     tokens = round(train_tokens * passes)
     shape = ModelShape.from_config(config)
     seq = max(example.row_length() for example in data.train)
-    if gpus == 1:
-        setup = Setup.from_recipe(recipe, seq)
-        return Plan(recipe, shape, setup, estimate_memory(shape, setup), steps, tokens, budget)
-    setups = {name: Setup.from_recipe(recipe, seq, gpus, name) for name in STRATEGIES}
-    strategies = {name: estimate_memory(shape, setup) for name, setup in setups.items()}
     budget = local_gpu_memory() if budget is None else budget
-    strategy = pick_strategy(recipe.train.distributed, strategies["ddp"], budget)
-    return Plan(recipe, shape, setups[strategy], strategies[strategy], steps, tokens, budget, strategies, strategy)
+    requested = recipe.train.gradient_checkpointing
+    setups = {name: settled_setup(shape, Setup.from_recipe(recipe, seq, gpus, name), requested, budget, host_budget)
+              for name in (STRATEGIES if gpus > 1 else ("ddp",))}
+    strategies = {name: estimate_memory(shape, setup) for name, setup in setups.items()}
+    if gpus == 1:
+        plan = Plan(recipe, shape, setups["ddp"], strategies["ddp"], steps, tokens, budget, host_budget=host_budget)
+    else:
+        strategy = pick_strategy(recipe.train.distributed, strategies["ddp"], budget)
+        plan = Plan(recipe, shape, setups[strategy], strategies[strategy], steps, tokens, budget, strategies, strategy,
+                    host_budget)
+    if longest:
+        plan.longest = longest_or_advice(recipe, shape, plan.setup, budget, host_budget)
+    return plan
+
+
+def longest_or_advice(recipe: Recipe, shape: ModelShape, setup: Setup, budget: Optional[int],
+                      host_budget: Optional[int]) -> Setup:
+    """The settled setup of the longest rows that fit `budget` and `host_budget`; an error saying what would fit
+    when not even LENGTH_STEP tokens do, or when there is no GPU memory to search against."""
+    if budget is None:
+        raise InputError("--longest searches the longest rows that fit a GPU, and this machine has none to measure: "
+                         "give the GPU's memory with --gpu-memory SIZE, for example --gpu-memory 80GiB.")
+    longest = longest_setup(shape, setup, recipe.train.gradient_checkpointing, budget, host_budget)
+    if longest:
+        return longest
+    shortest = settled_setup(shape, replace(setup, seq=LENGTH_STEP), recipe.train.gradient_checkpointing, budget,
+                             host_budget)
+    memory = estimate_memory(shape, shortest)
+    host = f" and {host_budget / GIB:.1f} GiB of host memory" if host_budget is not None else ""
+    raise OutOfMemory(f"--longest: not even rows of {LENGTH_STEP:,} tokens at batch {setup.batch_size} fit "
+                      f"{gpus_of(budget, setup.processes)}{host}: they need about {memory.needed / GIB:.2f} GiB of GPU "
+                      f"memory and {memory.host / GIB:.2f} GiB of pinned host memory, under checkpointing "
+                      f"{str(shortest.checkpointing).lower()}. {smaller_settings(recipe, shape, shortest, budget)}")
 
 
 def grpo_rows(recipe: Recipe) -> str:
@@ -437,10 +734,11 @@ def smaller_settings(recipe: Recipe, shape: ModelShape, setup: Setup, budget: Op
 
 
 def out_of_memory_advice(recipe: Recipe, config, gpu_bytes: Optional[int], longest: int, processes: int = 1,
-                         strategy: Strategy = "ddp") -> str:
-    """The message for a CUDA out-of-memory error: what was estimated, and the recipe knobs that would fit."""
+                         strategy: Strategy = "ddp", checkpointing: Optional[Checkpointing] = None) -> str:
+    """The message for a CUDA out-of-memory error: what was estimated, and the recipe knobs that would fit
+    (`checkpointing`: what the run used, the recipe's auto resolved)."""
     shape = ModelShape.from_config(config)
-    setup = Setup.from_recipe(recipe, longest, processes, strategy)
+    setup = Setup.from_recipe(recipe, longest, processes, strategy, checkpointing)
     needed = estimate_memory(shape, setup).needed
     where = f"this GPU's {gpu_bytes / GIB:.1f} GiB" if gpu_bytes else "the GPU's memory"
     return (f"CUDA ran out of memory: the run needs more than {where} (ftcli estimates about {needed / GIB:.1f} GiB "
@@ -455,23 +753,43 @@ def main(argv=None) -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--bs", type=int, default=2)
-    parser.add_argument("--checkpointing", choices=["offload", "true", "false"], default="offload")
+    parser.add_argument("--checkpointing", choices=["offload", "true", "false", "auto"], default="offload")
     parser.add_argument("--precision", choices=["nf4", "bf16"], default="nf4")
+    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank, on all seven projections")
     parser.add_argument("--gpus", type=int, default=1, help="processes, one per GPU; the estimate is per GPU")
     parser.add_argument("--distributed", choices=STRATEGIES, default="ddp")
+    parser.add_argument("--gpu-memory", metavar="SIZE", help="resolve auto and split the offloaded layer inputs "
+                        "against a GPU of this size (default: this machine's)")
+    parser.add_argument("--host-memory", metavar="SIZE", help="CPU memory the offloaded layer inputs may take "
+                        "(default: none counted)")
+    parser.add_argument("--longest", action="store_true", help="also the longest --seq, in steps of 1,024, that fits")
     args = parser.parse_args(argv)
     if args.gpus < 1:
         parser.error(f"--gpus {args.gpus}: give 1 or more")
+    budget = parse_size(args.gpu_memory) if args.gpu_memory else local_gpu_memory()
+    host_budget = parse_size(args.host_memory, "--host-memory") if args.host_memory else None
+    if args.longest and budget is None:
+        parser.error("--longest needs --gpu-memory SIZE on a machine without a GPU")
     shape = ModelShape.from_config(shape_config(args.shape))
-    checkpointing = {"offload": "offload", "true": True, "false": False}[args.checkpointing]
-    setup = Setup(batch_size=args.bs, seq=args.seq, load_in_4bit=args.precision == "nf4", checkpointing=checkpointing,
-                  processes=args.gpus, shard_layers=args.distributed == "fsdp" and args.gpus > 1)
+    requested = {"offload": "offload", "true": True, "false": False, "auto": "auto"}[args.checkpointing]
+    setup = settled_setup(shape, Setup(batch_size=args.bs, seq=args.seq, load_in_4bit=args.precision == "nf4",
+                                       lora_r=args.lora_r, processes=args.gpus,
+                                       shard_layers=args.distributed == "fsdp" and args.gpus > 1),
+                          requested, budget, host_budget)
     memory = estimate_memory(shape, setup)
     gpus = f"  {args.distributed} on {args.gpus} GPUs" if args.gpus > 1 else ""
-    print(f"{args.shape}  {args.precision}  seq {args.seq} x batch {args.bs}  checkpointing {args.checkpointing}{gpus}: "
-          f"estimated peak {memory.peak / GIB:.2f} GiB allocated{' per GPU' if gpus else ''}, at the {memory.moment}")
+    kept = f" ({setup.layers_kept_on_gpu} layers' inputs kept on the GPU)" if setup.layers_kept_on_gpu else ""
+    print(f"{args.shape}  {args.precision}  r={args.lora_r}  seq {args.seq} x batch {args.bs}  checkpointing "
+          f"{str(setup.checkpointing).lower()}{kept}{gpus}: estimated peak {memory.peak / GIB:.2f} GiB allocated"
+          f"{' per GPU' if gpus else ''}, at the {memory.moment}")
     for name, value in memory.parts.items():
         print(f"  {name:<36}{value / GIB:>8.3f} GiB")
+    if setup.checkpointing == "offload":
+        print(f"  {'pinned host memory':<36}{memory.host / GIB:>8.3f} GiB")
+    if args.longest:
+        longest = longest_setup(shape, setup, requested, budget, host_budget)
+        print("\n".join(longest_lines(shape, longest, budget, host_budget, "--bs")) if longest else
+              f"Not even {LENGTH_STEP:,} tokens fit {gpus_of(budget, args.gpus)}.")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ from ftcli.recipe import DEFAULT_BETA, PREFERENCE_METHODS
 # how several processes share the model, as the header says it
 SPREAD = {"ddp": "the whole model on each, adapter gradients summed",
           "fsdp": "the decoder layers' weights sharded over them (FSDP2), adapter gradients summed"}
+# what each gradient-checkpointing policy keeps, as the header says it
+KEPT = {False: "every layer's activations kept, nothing recomputed",
+        True: "each layer's input kept, the layer recomputed in backward",
+        "offload": "each layer's input kept in CPU memory, the layer recomputed in backward"}
 
 
 class TrainingDisplay:
@@ -30,7 +34,8 @@ class TrainingDisplay:
         self.tokens_per_s = 0.0
 
     def header(self, recipe, family: str, model, trainable, device: torch.device, dtype: torch.dtype,
-               stats, total_steps: int, kernels: KernelSwaps, processes: int = 1, strategy: str = "ddp") -> None:
+               stats, total_steps: int, kernels: KernelSwaps, processes: int = 1, strategy: str = "ddp",
+               checkpointing=True, layers_on_gpu: int = 0) -> None:
         if not self.enabled:
             return
         # bitsandbytes packs two 4-bit weights into each stored byte, so a Params4bit's numel is half its weights
@@ -57,6 +62,7 @@ class TrainingDisplay:
                          f"{unit if unit != 'examples' else 'sequences'}"
                          + (f" x {processes} processes" if processes > 1 else "")
                          + f", lr {recipe.train.learning_rate:g} {recipe.train.lr_scheduler}"),
+            ("checkpointing", checkpointing_line(recipe, checkpointing, layers_on_gpu)),
         ] + ([("processes", f"{processes}, {strategy}: " + SPREAD[strategy])] if processes > 1 else []):
             table.add_row(f"[bold]{name}[/]", redact(value))
         self.console.print(table)
@@ -102,6 +108,13 @@ def method_line(recipe) -> str:
                 f"{grpo.max_completion_length} tokens, temperature {grpo.temperature:g}, beta {grpo.beta:g}, "
                 f"rewards: {', '.join(f'{r.metric_name()} x{r.weight:g}' for r in grpo.rewards)}")
     return method + (f", beta {recipe.beta():g}" if method in DEFAULT_BETA else "")
+
+
+def checkpointing_line(recipe, checkpointing, layers_on_gpu: int) -> str:
+    """The gradient checkpointing the run uses (auto resolved), and where the offloaded layer inputs wait."""
+    auto = " (auto)" if recipe.train.gradient_checkpointing == "auto" else ""
+    split = f"; the first {layers_on_gpu} layers' inputs on the GPU, as the host has no room" if layers_on_gpu else ""
+    return f"{str(checkpointing).lower()}{auto}: {KEPT[checkpointing]}{split}"
 
 
 def kernels_line(kernels: KernelSwaps) -> str:

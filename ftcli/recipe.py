@@ -121,10 +121,12 @@ class TrainSettings(Section):
     weight_decay: float = Field(0.01, ge=0, description="Decoupled weight decay on LoRA weights.")
     optimizer: Literal["adamw_8bit", "adamw"] = Field("adamw_8bit", description="adamw_8bit (bitsandbytes) or adamw (PyTorch).")
     max_grad_norm: Optional[float] = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 or null disables clipping.")
-    gradient_checkpointing: Union[bool, Literal["offload"]] = Field(
-        True, description="Recompute each decoder layer in backward instead of keeping its activations: true keeps "
-        "the layer inputs on the GPU, offload keeps them in CPU memory (copied while the GPU computes; for long "
-        "sequences), false recomputes nothing.")
+    gradient_checkpointing: Union[bool, Literal["offload", "auto"]] = Field(
+        "auto", description="Recompute each decoder layer in backward instead of keeping its activations: true keeps "
+        "the layer inputs on the GPU, offload keeps them in pinned CPU memory (copied while the GPU computes; for long "
+        "sequences; when the host cannot hold them all, the first layers' inputs stay on the GPU), false recomputes "
+        "nothing. auto: the fastest that ftcli plan estimates fits the GPU at the longest example, false, else true, "
+        "else offload; true where there is no GPU.")
     seed: int = Field(3407, description="Seed for LoRA initialisation, shuffling and dropout.")
     logging_steps: int = Field(1, gt=0, description="Write a metrics row every this many optimizer steps.")
     save_steps: int = Field(0, ge=0, description="Save a checkpoint (adapter, optimizer, random states, data position) "
@@ -141,9 +143,9 @@ class TrainSettings(Section):
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
     def _checkpointing_mode(cls, value):
-        if isinstance(value, bool) or value == "offload":
+        if isinstance(value, bool) or value in ("offload", "auto"):
             return value
-        raise ValueError(f"must be true, false or offload (got {value!r})")
+        raise ValueError(f"must be true, false, offload or auto (got {value!r})")
 
     @model_validator(mode="after")
     def _needs_a_length(self):

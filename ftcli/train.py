@@ -34,7 +34,8 @@ from ftcli.grpo import GrpoMethod
 from ftcli.metrics import MetricsLog, StepResult, plot_losses
 from ftcli.optim import build_optimizer, set_learning_rate
 from ftcli.patch import KernelSwaps, apply_kernels, apply_lora_kernels, kernels_can_run
-from ftcli.plan import choose_strategy, out_of_memory_advice
+from ftcli.plan import (Checkpointing, choose_checkpointing, choose_strategy, layers_to_keep_on_gpu, local_host_memory,
+                        out_of_memory_advice)
 from ftcli.preference import PreferenceMethod
 from ftcli.progress import TrainingDisplay
 from ftcli.rewards import Reward, load_rewards
@@ -140,27 +141,32 @@ def run(recipe: Recipe, out_dir: Optional[Path], display: TrainingDisplay, resum
                           "each, while sharded layers need every process in every forward. Use train.distributed: ddp "
                           "(each GPU holds the whole model: load_in_4bit: true makes it fit), or train with fewer "
                           "completion tokens (grpo.max_completion_length).")
+    checkpointing = choose_checkpointing(recipe, config, gpu_bytes, data.stats.longest, processes.count, strategy)
+    layers_on_gpu = layers_to_keep_on_gpu(recipe, config, gpu_bytes, local_host_memory(), data.stats.longest,
+                                          processes.count, strategy)
     try:
         setup = build_setup(recipe, out_dir, device, architecture, tokenizer, data, total_steps, rewards, processes,
-                            schedule, strategy)
+                            schedule, strategy, checkpointing, layers_on_gpu)
         display.header(recipe, architecture.family, setup.model, setup.trainable, device, setup.dtype, data.stats,
-                       total_steps, setup.kernels, processes.count, strategy)
+                       total_steps, setup.kernels, processes.count, strategy, checkpointing, layers_on_gpu)
         state = resumed_state(setup, snapshot, display) if snapshot else RunState()
         if processes.several:
             state = state_of_main(setup, state)
         train_loop(setup, state, display, stop)
     except torch.cuda.OutOfMemoryError:
         raise OutOfMemory(out_of_memory_advice(recipe, config, gpu_bytes, data.stats.longest, processes.count,
-                                               strategy)) from None
+                                               strategy, checkpointing)) from None
     return finish(setup, state, tokenizer, from_main(snapshot.step if snapshot else None))
 
 
 def build_setup(recipe: Recipe, out_dir: Optional[Path], device: torch.device, architecture: Architecture, tokenizer,
                 data: PreparedData, total_steps: int, rewards: list[Reward], processes: Processes = Processes(),
-                schedule: Optional[TrainSettings] = None, strategy: str = "ddp") -> TrainingSetup:
+                schedule: Optional[TrainSettings] = None, strategy: str = "ddp",
+                checkpointing: Checkpointing = True, layers_on_gpu: int = 0) -> TrainingSetup:
     schedule = schedule or recipe.train
     dtype = compute_dtype(recipe.model, device)
-    model, kernels = trainable_model(recipe, architecture, device, dtype, processes if strategy == "fsdp" else None)
+    model, kernels = trainable_model(recipe, architecture, device, dtype, processes if strategy == "fsdp" else None,
+                                     checkpointing, layers_on_gpu)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if recipe.train.method == "grpo":
         method = GrpoMethod(recipe, tokenizer, device, kernels.fused_loss, rewards)
@@ -174,15 +180,17 @@ def build_setup(recipe: Recipe, out_dir: Optional[Path], device: torch.device, a
 
 
 def trainable_model(recipe: Recipe, architecture: Architecture, device: torch.device, dtype: torch.dtype,
-                    sharded_over: Optional[Processes]) -> tuple[torch.nn.Module, KernelSwaps]:
-    """The base model loaded and made trainable on `device`; with `sharded_over`, its decoder layers sharded over
-    those processes (ftcli/sharding.py)."""
+                    sharded_over: Optional[Processes], checkpointing: Checkpointing,
+                    layers_on_gpu: int) -> tuple[torch.nn.Module, KernelSwaps]:
+    """The base model loaded and made trainable on `device`, its decoder layers checkpointed as `checkpointing`
+    (the recipe's, auto resolved; under offload the first `layers_on_gpu` keep their inputs on the GPU); with
+    `sharded_over`, sharded over those processes (ftcli/sharding.py)."""
     with one_process_at_a_time(sharded_over, recipe.model) if sharded_over else nullcontext():
         model = load_model(recipe.model, architecture, device, dtype, sharded=sharded_over is not None)
         model, kernels = prepare_for_training(model, architecture, recipe.lora,
                                               recipe.model.kernels and kernels_can_run(device),
-                                              recipe.train.gradient_checkpointing, recipe.train.seed,
-                                              recipe.model.adapter)
+                                              checkpointing, recipe.train.seed,
+                                              recipe.model.adapter, layers_on_gpu)
         compares_with_start = recipe.train.method == "dpo" or (recipe.train.method == "grpo" and recipe.grpo.beta)
         if recipe.model.adapter and compares_with_start:
             load_reference_adapter(model, recipe.model.adapter)  # the reference is the policy the run starts from
@@ -366,13 +374,14 @@ def divergence_message(quantity: str, value: float, step: int, examples: list[To
 
 def prepare_for_training(model, architecture: Architecture, lora: LoraSettings, kernels: bool,
                          gradient_checkpointing: Union[bool, str], seed: int,
-                         adapter: Optional[str] = None) -> tuple[torch.nn.Module, KernelSwaps]:
-    """Kernels, checkpointing and LoRA (new, or the `adapter` folder's) on a loaded base model, in the order they
-    must go on; returns the trainable model and what the kernels took over (nothing without kernels).
+                         adapter: Optional[str] = None, layers_on_gpu: int = 0) -> tuple[torch.nn.Module, KernelSwaps]:
+    """Kernels, checkpointing (under offload, the first `layers_on_gpu` layers' inputs stay on the GPU) and LoRA
+    (new, or the `adapter` folder's) on a loaded base model, in the order they must go on; returns the trainable
+    model and what the kernels took over (nothing without kernels).
 
     The norm and MLP kernels go in before peft wraps the projections, so the LoRA kernels find them."""
     swaps = apply_kernels(model, architecture) if kernels else KernelSwaps()
-    enable_checkpointing(model, gradient_checkpointing)
+    enable_checkpointing(model, gradient_checkpointing, layers_on_gpu)
     model = add_lora(model, lora, architecture, seed, adapter)
     if kernels:
         swaps.module_counts |= apply_lora_kernels(model)

@@ -2,24 +2,38 @@
 measurements on the GPU, fits / does not fit, and the CLI's output."""
 
 import json
+import math
+import re
 import shutil
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import assert_clean_failure, run_cli, write_jsonl, write_recipe
+from conftest import DEVICE, assert_clean_failure, run_cli, write_jsonl, write_recipe
 from ftcli.errors import InputError
-from ftcli.plan import GIB, ModelShape, Setup, choose_strategy, estimate_memory, parse_size
+from ftcli.plan import (GIB, LENGTH_STEP, ModelShape, Setup, choose_checkpointing, choose_strategy, estimate_memory,
+                        layer_activation_bytes, layers_to_keep_on_gpu, local_host_memory, longest_setup, parse_size,
+                        pick_layers_kept_on_gpu, pinned_bytes, settled_setup, tiling_starts)
 from ftcli.recipe import Recipe
 from ftcli.recipe import DEFAULT_TARGET_MODULES
 from ftcli.shapes import shape_config
+from ftcli_kernels.limits import mlp_tile_rows
 
 # Peak allocated memory measured with `python -m ftcli.bench --only ftcli` on an H100 (Llama-3-8B shape,
 # LoRA r=16 on all seven projections, NF4, kernels, AdamW8bit): (seq, batch, checkpointing) -> GiB
 MEASURED_H100 = {(2048, 2, "offload"): 6.68, (2048, 2, True): 7.44, (8192, 1, "offload"): 7.53}
 # The same for the Llama-3.2-1B shape (tied head), measured on an H200 (docs/benchmarks.md)
 MEASURED_1B_H200 = {(2048, 2, "offload"): 1.70, (2048, 2, True): 1.92, (8192, 1, "offload"): 2.09}
+
+
+@pytest.fixture(autouse=True)
+def machine_without_gpu_with_64_gib_free(monkeypatch):
+    """Plans do not depend on the machine the tests run on: no GPU of its own, 64 GiB of host memory available."""
+    monkeypatch.setattr("ftcli.plan.local_gpu_memory", lambda: None)
+    monkeypatch.setattr("ftcli.plan.local_host_memory", lambda: 64 * GIB)
 
 
 def shape_of(name):
@@ -340,3 +354,323 @@ def test_plan_cli_no_gpus(tmp_path, eight_b_folder, gpus):
     recipe = write_recipe(tmp_path / "r.yaml", eight_b_folder, data, tmp_path / "out")
     result = run_cli("plan", recipe, "--gpus", gpus)
     assert_clean_failure(result, 2, f"--gpus {gpus} is not a number of GPUs", "1 or more")
+
+
+# Longer context: the sequence-tiled MLP, host memory for offloading, the GPU/CPU split, --longest and auto
+
+EIGHT_B_LAYER_INPUT_PER_TOKEN = 4096 * 2  # hidden x bf16: what offload copies to the CPU per layer and token
+
+
+def test_the_mlp_tiles_once_one_gate_wide_tensor_passes_one_gib():
+    """Llama-3-8B's gate is 14,336 bf16 values a token: 2**30 / 28,672 = 37,449.1 tokens fit in 1 GiB; a tile is
+    256 MiB of it, 9,362 rows."""
+    assert (mlp_tile_rows(37449, 14336, 2), mlp_tile_rows(37450, 14336, 2)) == (0, 9362)
+    assert mlp_tile_rows(18725, 14336, 4) == 4681  # float32 halves the length
+    shape = shape_of("llama3-8b")
+    assert tiling_starts(shape, Setup(batch_size=1, seq=2048)) == 37 * 1024  # the first multiple of 1,024 past it
+    assert tiling_starts(shape, Setup(batch_size=2, seq=2048)) == 19 * 1024  # two rows: half the length
+    assert tiling_starts(shape, Setup(batch_size=1, seq=2048, kernels=False)) is None  # peft's MLP never tiles
+
+
+def test_layer_activations_by_hand_and_what_the_tiled_mlp_drops():
+    shape, tokens = shape_of("llama3-8b"), 65536
+    # norms' outputs, residual, attention output 3 x 4096; q and its rotated copy 2 x 4096; k, v 2 x 1024
+    attention = 3 * 4096 + 2 * 4096 + 2 * 1024
+    whole = layer_activation_bytes(shape, Setup(batch_size=1, seq=tokens, tiled_mlp=False))
+    assert whole == (tokens * 2 * (attention + 2 * 14336), tokens * 2 * (3 * 14336 + 3 * 4096))
+    tiled = layer_activation_bytes(shape, Setup(batch_size=1, seq=tokens))  # the kernel tiles 65,536 tokens
+    assert tiled == (tokens * 2 * attention, tokens * 2 * 3 * 4096 + 9362 * 14336 * 2 * 4)
+    # tiled, backward holds gate, up and down dequantized at once, not only the largest projection
+    mlp_weights, largest = 3 * 4096 * 14336 * 2, 4096 * 14336 * 2
+    for setup, layer_bytes, dequantized in ((Setup(batch_size=1, seq=tokens, tiled_mlp=False), whole, largest),
+                                            (Setup(batch_size=1, seq=tokens), tiled, mlp_weights)):
+        assert estimate_memory(shape, setup).parts["one layer's recompute and backward"] == sum(layer_bytes) + dequantized
+    # the estimate follows the kernel's rule: whole up to 37,449 tokens, tiled beyond
+    short, long = Setup(batch_size=1, seq=36 * 1024), Setup(batch_size=1, seq=37 * 1024)
+    assert estimate_memory(shape, short).parts == estimate_memory(shape, replace(short, tiled_mlp=False)).parts
+    assert estimate_memory(shape, long).peak < estimate_memory(shape, replace(long, tiled_mlp=False)).peak
+    assert estimate_memory(shape, long).peak < estimate_memory(shape, short).peak  # tiling saves more than a step adds
+
+
+@pytest.mark.parametrize("seq,per_layer", [(131072, GIB), (100000, GIB), (140000, 2 * GIB), (2048, 16 * 2**20)])
+def test_offloaded_inputs_take_pinned_host_memory_in_powers_of_two(seq, per_layer):
+    """131,072 tokens x 4,096 x 2 bytes is 1 GiB a layer; 100,000 tokens (781 MiB) are pinned as 1 GiB too."""
+    shape = shape_of("llama3-8b")
+    assert pinned_bytes(seq * EIGHT_B_LAYER_INPUT_PER_TOKEN) == per_layer
+    offload = Setup(batch_size=1, seq=seq, checkpointing="offload")
+    assert estimate_memory(shape, offload).host == 32 * per_layer
+    assert estimate_memory(shape, replace(offload, processes=2)).host == 2 * 32 * per_layer  # each process its own
+    assert estimate_memory(shape, replace(offload, layers_kept_on_gpu=4)).host == 28 * per_layer
+    assert estimate_memory(shape, replace(offload, checkpointing=True)).host == 0
+    assert estimate_memory(shape, replace(offload, checkpointing=False)).host == 0
+
+
+def test_each_layer_kept_on_the_gpu_moves_its_input_from_the_host_to_the_gpu():
+    shape = shape_of("llama3-8b")
+
+    def estimate(kept):  # 131,072 tokens: 1 GiB a layer input
+        return estimate_memory(shape, Setup(batch_size=1, seq=131072, checkpointing="offload", layers_kept_on_gpu=kept))
+
+    for kept in (1, 4, 16, 30):
+        assert estimate(kept).moment == "backward of the top layer"
+        # the inputs kept, and of the offloaded ones the top layer's and the one prefetched below it
+        assert estimate(kept).parts["saved activations"] == (kept + 2) * GIB
+        assert estimate(0).host - estimate(kept).host == kept * GIB
+    assert estimate(16).peak - estimate(4).peak == 12 * GIB
+    # 31 or all 32 kept: plain checkpointing's GPU memory
+    plain = estimate_memory(shape, Setup(batch_size=1, seq=131072, checkpointing=True))
+    assert estimate(31).parts == estimate(32).parts == plain.parts
+    assert (estimate(31).host, estimate(32).host) == (GIB, 0)
+
+
+def test_the_split_keeps_what_the_host_cannot_hold_on_the_gpu_as_far_as_it_has_room():
+    shape = shape_of("llama3-8b")
+    offload = Setup(batch_size=1, seq=131072, checkpointing="offload")  # 1 GiB a layer
+
+    def kept(gpu, host):
+        return pick_layers_kept_on_gpu(shape, offload, gpu, host)
+
+    assert kept(80 * GIB, 64 * GIB) == 0  # the host holds all 32
+    assert kept(80 * GIB, 20 * GIB) == 12  # 20 on the host, 12 on the GPU
+    assert kept(80 * GIB, int(20.5 * GIB)) == 12  # a layer is pinned whole or not at all
+    assert kept(80 * GIB, None) == kept(None, 20 * GIB) == 0  # a memory unknown: as today
+    assert pick_layers_kept_on_gpu(shape, replace(offload, checkpointing=True), 80 * GIB, 20 * GIB) == 0
+    room_for_five = int(estimate_memory(shape, replace(offload, layers_kept_on_gpu=5)).needed) + 1
+    assert kept(room_for_five, 20 * GIB) == 5  # the GPU's room is the limit; the host is then short
+    settled = settled_setup(shape, offload, "offload", room_for_five, 20 * GIB)
+    assert estimate_memory(shape, settled).fits_both(room_for_five, 20 * GIB) is False
+
+
+def test_layers_to_keep_on_gpu_is_what_the_train_path_asks():
+    config = shape_config("llama3-8b")
+    recipe = Recipe(model={"name": "m"}, data={"path": "d"},
+                    train={"batch_size": 1, "gradient_checkpointing": "offload"})
+    assert layers_to_keep_on_gpu(recipe, config, 80 * GIB, 20 * GIB, 131072) == 12
+    assert layers_to_keep_on_gpu(recipe, config, 80 * GIB, 200 * GIB, 131072) == 0
+    assert layers_to_keep_on_gpu(recipe, config, None, 20 * GIB, 131072) == 0  # no GPU
+    # two processes on the machine share its host memory: each gets half
+    assert layers_to_keep_on_gpu(recipe, config, 80 * GIB, 40 * GIB, 131072, processes=2) == 12
+
+
+def test_the_longest_length_is_the_last_multiple_of_1024_below_a_hand_computed_boundary():
+    """Offload, whole MLP, one row of Llama-3-8B with r=32: past the first layers the need is linear, and each
+    token adds 1.05 x (2 x 8,192 two layer inputs + 102,400 the layer keeps + 110,592 its backward) bytes."""
+    shape = shape_of("llama3-8b")
+    setup = Setup(batch_size=1, seq=2048, checkpointing="offload", lora_r=32, tiled_mlp=False)
+    per_token = 1.05 * (2 * 8192 + 2 * (3 * 4096 + 2 * 4096 + 2 * 1024 + 2 * 14336) + 2 * (3 * 14336 + 3 * 4096))
+    at_1024 = estimate_memory(shape, replace(setup, seq=1024)).needed
+    for budget in (12 * GIB, 40 * GIB, 80 * GIB):
+        boundary = 1024 + (budget - at_1024) / per_token  # the tokens where the need reaches the budget
+        longest = longest_setup(shape, setup, "offload", budget, None)
+        assert longest.seq == int(boundary) // LENGTH_STEP * LENGTH_STEP
+        assert estimate_memory(shape, longest).fits(budget)
+        assert not estimate_memory(shape, replace(longest, seq=longest.seq + LENGTH_STEP)).fits(budget)
+    # exact at the edge: a budget of just the need of 40 x 1,024 tokens fits it, one byte less does not
+    edge = math.ceil(estimate_memory(shape, replace(setup, seq=40 * 1024)).needed)
+    assert longest_setup(shape, setup, "offload", edge, None).seq == 40 * 1024
+    assert longest_setup(shape, setup, "offload", edge - 1, None).seq == 39 * 1024
+    # the answer grows with the budget
+    seqs = [longest_setup(shape, setup, "offload", gib * GIB, None).seq for gib in (10, 20, 40, 80, 140)]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+def test_the_search_finds_the_lengths_past_where_the_mlp_starts_tiling():
+    """The need drops where the MLP starts going in tiles; a budget too small for the last whole-MLP length
+    still fits lengths beyond it."""
+    shape = shape_of("llama3-8b")
+    setup = Setup(batch_size=1, seq=2048, checkpointing="offload")
+    starts = tiling_starts(shape, setup)
+    budget = int(estimate_memory(shape, replace(setup, seq=starts - LENGTH_STEP)).needed) - 1
+    longest = longest_setup(shape, setup, "offload", budget, None)
+    assert longest.seq > starts and estimate_memory(shape, longest).fits(budget)
+    assert not estimate_memory(shape, replace(longest, seq=longest.seq + LENGTH_STEP)).fits(budget)
+    # a budget under the first tiled length's need: the longest whole-MLP length that fits
+    below = int(estimate_memory(shape, replace(setup, seq=starts)).needed) - 1
+    longest = longest_setup(shape, setup, "offload", below, None)
+    assert longest.seq < starts and estimate_memory(shape, longest).fits(below)
+    assert not estimate_memory(shape, replace(longest, seq=longest.seq + LENGTH_STEP)).fits(below)
+
+
+def test_the_issue_shape_on_80_gib_is_limited_by_the_host_and_keeps_layers_on_the_gpu():
+    """Llama-3-8B NF4, r=32, one row, offload: 524,288 tokens are 4 GiB a layer; 120 GiB of host memory hold 30
+    layers, the GPU keeps 2. One step further each layer is pinned as 8 GiB and the GPU would need 17 more."""
+    shape = shape_of("llama3-8b")
+    setup = Setup(batch_size=1, seq=2048, checkpointing="offload", lora_r=32)
+    longest = longest_setup(shape, setup, "offload", 80 * GIB, 120 * GIB)
+    assert (longest.seq, longest.layers_kept_on_gpu, longest.checkpointing) == (524288, 2, "offload")
+    assert estimate_memory(shape, longest).host == 30 * 4 * GIB
+    unlimited_host = longest_setup(shape, setup, "offload", 80 * GIB, None)
+    assert unlimited_host.seq > longest.seq and unlimited_host.layers_kept_on_gpu == 0
+
+
+def eight_b_recipe(**train):
+    return Recipe(model={"name": "m"}, data={"path": "d"}, train={"batch_size": 2} | train)
+
+
+@pytest.mark.parametrize("budget,expected", [(24, False), (16, True), (8, "offload"), (7, "offload"),
+                                             (None, True)])
+def test_auto_checkpointing_picks_the_fastest_that_fits(budget, expected):
+    """At 2 x 2048 tokens of Llama-3-8B the needs are about 21.1 GiB keeping everything, 8.3 recomputing from
+    the inputs on the GPU, 7.5 with the inputs offloaded: 24 GiB keeps everything, 16 recomputes, 8 offloads, 7
+    fits none (offload is the least), and without a GPU auto is true."""
+    config, shape = shape_config("llama3-8b"), shape_of("llama3-8b")
+    needs = {mode: estimate_memory(shape, Setup(batch_size=2, seq=2048, checkpointing=mode)).needed / GIB
+             for mode in (False, True, "offload")}
+    assert needs == pytest.approx({False: 21.06, True: 8.35, "offload": 7.52}, abs=0.01)
+    gpu = None if budget is None else budget * GIB
+    assert choose_checkpointing(eight_b_recipe(gradient_checkpointing="auto"), config, gpu, 2048) == expected
+    assert choose_checkpointing(eight_b_recipe(), config, gpu, 2048) == expected  # auto is the default
+    for mode in (True, False, "offload"):  # what the recipe says is what it gets
+        assert choose_checkpointing(eight_b_recipe(gradient_checkpointing=mode), config, gpu, 2048) == mode
+
+
+def test_auto_checkpointing_with_several_gpus_is_of_the_strategy_chosen():
+    """ddp is chosen when it fits with the least memory (offload); the checkpointing is then the fastest under it.
+    Per GPU, 70B in NF4 at 2 x 2048 needs about 47.8 GiB under ddp recomputing from inputs on the GPU, 43.5 with
+    them offloaded; under fsdp 31.9 and 27.6 (and over 95 keeping everything, either way)."""
+    config = shape_config("llama3-70b")
+    recipe = seventy_b_recipe(gradient_checkpointing="auto")
+    for gib, strategy, checkpointing in ((48, "ddp", True), (44, "ddp", "offload"), (40, "fsdp", True)):
+        assert choose_strategy(recipe, config, 2, gib * GIB, 2048) == strategy
+        assert choose_checkpointing(recipe, config, gib * GIB, 2048, 2, strategy) == checkpointing
+
+
+def offload_cli_recipe(tmp_path, folder, **train):
+    data = write_jsonl(tmp_path / "train.jsonl", long_rows(4, 3000))
+    return write_recipe(tmp_path / "r.yaml", folder, data, tmp_path / "out",
+                        model={"load_in_4bit": True, "dtype": "bfloat16", "kernels": True, "max_seq_length": 2048},
+                        lora={"r": 32, "alpha": 32},
+                        train={"batch_size": 1, "grad_accum": 1, "gradient_checkpointing": "offload",
+                               "optimizer": "adamw_8bit"} | train)
+
+
+def test_plan_cli_longest(tmp_path, eight_b_folder):
+    recipe = offload_cli_recipe(tmp_path, eight_b_folder)
+    result = run_cli("plan", recipe, "--gpu-memory", "80GiB", "--host-memory", "120GiB", "--longest", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["longest"] == {"seq": 524288, "batch_size": 1, "tokens": 524288, "checkpointing": "offload",
+                                  "layers_kept_on_gpu": 2, "needed_gib": summary["longest"]["needed_gib"],
+                                  "host_gib": 120.0}
+    assert 50 < summary["longest"]["needed_gib"] <= 80
+    # at the recipe's own length: 2,048 tokens are 16 MiB a layer, 32 layers 0.5 GiB, all on the host
+    assert (summary["seq"], summary["host_gib"], summary["layers_kept_on_gpu"]) == (2048, 0.5, 0)
+    assert (summary["host_memory_gib"], summary["gpu_memory_gib"], summary["fits"]) == (120.0, 80.0, True)
+
+    result = run_cli("plan", recipe, "--gpu-memory", "80GiB", "--host-memory", "120GiB", "--longest")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert ("Longest max_seq_length that fits a GPU with 80.0 GiB and 120.0 GiB of host memory, in steps of 1,024: "
+            "524,288 tokens, at batch 1 (train.batch_size) = 524,288 tokens a micro-batch.") in text
+    assert "There: checkpointing offload, the first 2 of 32 layers' inputs kept on the GPU;" in text
+    assert "and 120.00 GiB of pinned host memory." in text
+    assert ("Offloaded layer inputs: those of 32 of 32 layers wait in pinned CPU memory, 16 MiB each (PyTorch pins in "
+            "powers of two): 0.50 GiB, within the host's 120.0 GiB available.") in text
+
+    # the host's memory defaults to what the machine has available (64 GiB here): fewer layers on the host
+    result = run_cli("plan", recipe, "--gpu-memory", "80GiB", "--longest", "--json")
+    longest = json.loads(result.stdout.splitlines()[-1])["longest"]
+    assert longest["host_gib"] <= 64 and longest["seq"] < 524288
+
+
+def test_plan_cli_splits_the_layer_inputs_when_the_host_is_short(tmp_path, eight_b_folder):
+    """100 MiB holds six 16 MiB layer inputs; the other 26 stay on the GPU."""
+    recipe = offload_cli_recipe(tmp_path, eight_b_folder)
+    result = run_cli("plan", recipe, "--gpu-memory", "16GiB", "--host-memory", "100MiB", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert (summary["layers_kept_on_gpu"], summary["host_gib"], summary["fits"]) == (26, round(6 * 16 / 1024, 2), True)
+    result = run_cli("plan", recipe, "--gpu-memory", "16GiB", "--host-memory", "100MiB")
+    assert "the host's 0.1 GiB available cannot hold all 32, so the first 26 layers keep their inputs on the GPU" in \
+        " ".join(result.output.split())
+
+
+def test_plan_cli_says_what_auto_picks_and_why(tmp_path, eight_b_folder):
+    recipe = offload_cli_recipe(tmp_path, eight_b_folder, batch_size=2, gradient_checkpointing="auto")
+    lora = ["--set", "lora.r=16"]
+    reasons = {"24GiB": ("auto picks false: every layer's activations fit a GPU with 24.0 GiB, so nothing is "
+                         "recomputed.", False),
+               "16GiB": ("auto picks true: every layer's activations do not fit a GPU with 16.0 GiB, its input alone "
+                         "does, and each layer is recomputed from it in backward.", True),
+               "8GiB": ("auto picks offload: not even every layer's input fits a GPU with 8.0 GiB, so they wait in "
+                        "CPU memory.", "offload")}
+    for budget, (reason, mode) in reasons.items():
+        result = run_cli("plan", recipe, *lora, "--gpu-memory", budget)
+        assert result.exit_code == 0, result.output
+        assert f"train.gradient_checkpointing: {reason}" in " ".join(result.output.split())
+        summary = json.loads(run_cli("plan", recipe, *lora, "--gpu-memory", budget, "--json").stdout.splitlines()[-1])
+        assert summary["checkpointing"] == mode
+    result = run_cli("plan", recipe, *lora)
+    assert "auto picks true: there is no GPU memory to check against (--gpu-memory SIZE gives one)." in \
+        " ".join(result.output.split())
+    result = run_cli("plan", recipe, *lora, "--set", "train.gradient_checkpointing=offload")
+    assert "train.gradient_checkpointing: offload, as the recipe says." in " ".join(result.output.split())
+
+
+def test_plan_cli_longest_errors(tmp_path, eight_b_folder):
+    recipe = offload_cli_recipe(tmp_path, eight_b_folder)
+    result = run_cli("plan", recipe, "--gpu-memory", "5GiB", "--longest")
+    assert_clean_failure(result, 4, "--longest: not even rows of 1,024 tokens at batch 1 fit a GPU with 5.0 GiB and "
+                         "64.0 GiB of host memory", "under checkpointing offload", "model.load_in_4bit")
+    result = run_cli("plan", recipe, "--longest")
+    assert_clean_failure(result, 2, "--longest searches the longest rows that fit a GPU", "--gpu-memory 80GiB")
+    result = run_cli("plan", recipe, "--host-memory", "lots")
+    assert_clean_failure(result, 2, "--host-memory 'lots' is not a size", "16GiB")
+
+
+def test_plan_module_longest(capsys):
+    from ftcli.plan import main
+
+    main(["--shape", "llama3-8b", "--bs", "1", "--lora-r", "32", "--longest", "--gpu-memory", "80GiB",
+          "--host-memory", "120GiB"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "r=32" in out and "pinned host memory 0.500 GiB" in out
+    assert "in steps of 1,024: 524,288 tokens, at batch 1 (--bs)" in out
+    with pytest.raises(SystemExit):
+        main(["--longest"])  # this machine has no GPU to search against
+
+
+def test_local_host_memory_is_what_linux_has_available():
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.exists():
+        assert local_host_memory() is None
+        return
+    available = int(re.search(r"^MemAvailable:\s+(\d+) kB", meminfo.read_text(), re.M).group(1)) * 1024
+    assert local_host_memory() == pytest.approx(available, rel=0.2)  # memory moves between the two reads
+
+
+def test_train_resolves_auto_before_loading_and_its_header_says_so(tmp_path, tiny_model_folder):
+    """Without a GPU auto is true; on a GPU the tiny model's activations fit, and nothing is recomputed."""
+    data = write_jsonl(tmp_path / "train.jsonl", long_rows(2, 5))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_folder("llama"), data, tmp_path / "out",
+                          train={"max_steps": 1, "gradient_checkpointing": "auto"})
+    result = run_cli("train", recipe)
+    assert result.exit_code == 0, result.output
+    expected = {"cpu": "checkpointing true (auto): each layer's input kept, the layer recomputed in backward",
+                "cuda": "checkpointing false (auto): every layer's activations kept, nothing recomputed"}[DEVICE]
+    assert expected in " ".join(result.output.split())
+    assert "gradient_checkpointing: auto" in (tmp_path / "out" / "recipe.yaml").read_text()  # resolved per run
+
+
+def test_train_keeps_the_planned_layers_inputs_on_the_gpu(tmp_path, tiny_model_folder, monkeypatch):
+    """What layers_to_keep_on_gpu says (here 1, as for a host short of memory) reaches the offloaded checkpointing
+    and the header."""
+    import ftcli.train
+    from ftcli.activation_checkpointing import enable_checkpointing
+
+    enabled = []
+
+    def recorded(model, mode, layers_on_gpu=0):
+        enabled.append((mode, layers_on_gpu))
+        enable_checkpointing(model, mode, layers_on_gpu)
+
+    monkeypatch.setattr(ftcli.train, "layers_to_keep_on_gpu", lambda *args: 1)
+    monkeypatch.setattr(ftcli.train, "enable_checkpointing", recorded)
+    data = write_jsonl(tmp_path / "train.jsonl", long_rows(2, 5))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_folder("llama"), data, tmp_path / "out",
+                          train={"max_steps": 1, "gradient_checkpointing": "offload"})
+    result = run_cli("train", recipe)
+    assert result.exit_code == 0, result.output
+    assert enabled == [("offload", 1)]
+    assert ("checkpointing offload: each layer's input kept in CPU memory, the layer recomputed in backward; the "
+            "first 1 layers' inputs on the GPU, as the host has no room") in " ".join(result.output.split())

@@ -239,8 +239,8 @@ def test_override_of_an_unknown_section_names_the_override(tmp_path):
     assert "--set 'foo.bar=1': foo is not a recipe field; valid keys here: model, lora, data, train, preference, grpo, output." in message
 
 
-@pytest.mark.parametrize("value,expected", [("true", True), ("false", False), ("offload", "offload")])
-def test_gradient_checkpointing_is_true_false_or_offload(tmp_path, value, expected):
+@pytest.mark.parametrize("value,expected", [("true", True), ("false", False), ("offload", "offload"), ("auto", "auto")])
+def test_gradient_checkpointing_is_true_false_offload_or_auto(tmp_path, value, expected):
     recipe = load_recipe(recipe_file(tmp_path, MINIMAL), [f"train.gradient_checkpointing={value}"])
     assert recipe.train.gradient_checkpointing == expected
     assert load_recipe(recipe_file(tmp_path, recipe.to_yaml(), name="resolved.yaml")) == recipe
@@ -250,7 +250,7 @@ def test_gradient_checkpointing_is_true_false_or_offload(tmp_path, value, expect
 def test_other_gradient_checkpointing_values_name_the_choices(tmp_path, value):
     message = error_of(recipe_file(tmp_path, MINIMAL + f"train:\n  gradient_checkpointing: {value}\n"))
     shown = repr(int(value)) if value.isdigit() else repr(value)
-    assert f"line 6: train.gradient_checkpointing: must be true, false or offload (got {shown})." in message
+    assert f"line 6: train.gradient_checkpointing: must be true, false, offload or auto (got {shown})." in message
 
 
 # The resolved recipe

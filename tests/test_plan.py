@@ -379,7 +379,11 @@ def test_layer_activations_by_hand_and_what_the_tiled_mlp_drops():
     whole = layer_activation_bytes(shape, Setup(batch_size=1, seq=tokens, tiled_mlp=False))
     assert whole == (tokens * 2 * (attention + 2 * 14336), tokens * 2 * (3 * 14336 + 3 * 4096))
     tiled = layer_activation_bytes(shape, Setup(batch_size=1, seq=tokens))  # the kernel tiles 65,536 tokens
-    assert tiled == (tokens * 2 * attention, tokens * 2 * 3 * 4096 + 9362 * 14336 * 2 * 4)
+    # tiled, backward holds the larger of a tile's four gate-wide temporaries and attention backward's float32
+    # query-gradient accumulator with key and value gradients at 32 heads: here attention's, 2 GiB against 1
+    mlp_tile, attention_backward = 9362 * 14336 * 2 * 4, tokens * 32 * 128 * (4 + 2 * 2)
+    assert attention_backward > mlp_tile
+    assert tiled == (tokens * 2 * attention, tokens * 2 * 3 * 4096 + attention_backward)
     # tiled, backward holds gate, up and down dequantized at once, not only the largest projection
     mlp_weights, largest = 3 * 4096 * 14336 * 2, 4096 * 14336 * 2
     for setup, layer_bytes, dequantized in ((Setup(batch_size=1, seq=tokens, tiled_mlp=False), whole, largest),

@@ -52,8 +52,6 @@ def train_trl(folder: str, batches: list[list[list[int]]], args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    if args.precision == "nf4" and not CUDA:
-        raise SystemExit("trl with --precision nf4 needs a GPU (bitsandbytes' NF4); use --precision bf16 on the CPU")
     nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=nf4 if args.precision == "nf4" else None,
@@ -117,8 +115,6 @@ class BatchRecorder:
 
 def train_unsloth(folder: str, batches: list[list[list[int]]], args) -> dict:
     """Unsloth's 4-bit (or 16-bit) load and adapter, trained in a plain loop timed as ftcli's side is."""
-    if not CUDA:
-        raise SystemExit("unsloth needs a GPU: its kernels run on CUDA only")
     from unsloth import FastLanguageModel  # before bitsandbytes and transformers: its import patches them
 
     import bitsandbytes as bnb
@@ -153,10 +149,15 @@ def train_unsloth(folder: str, batches: list[list[list[int]]], args) -> dict:
 TRAINERS = {"trl": train_trl, "unsloth": train_unsloth}
 
 
-def require(peer: str) -> None:
-    """End with a one-line reason when the peer's library cannot be imported here."""
-    if importlib.util.find_spec(peer) is None:
-        raise SystemExit(f"{peer} is not importable: {PEER_SITE_HINT}")
+def require(args) -> None:
+    """End with a one-line reason when the peer cannot run here: its library is not importable, or it needs a GPU."""
+    if importlib.util.find_spec(args.peer) is None:
+        raise SystemExit(f"{args.peer} is not importable: {PEER_SITE_HINT}")
+    if args.peer == "unsloth" and not CUDA:
+        raise SystemExit("unsloth needs a GPU: its kernels run on CUDA only")
+    if args.precision == "nf4" and not CUDA:
+        raise SystemExit(f"{args.peer} with --precision nf4 needs a GPU (bitsandbytes' NF4); use --precision bf16 on "
+                         "the CPU")
 
 
 def versions(peer: str) -> dict[str, str]:
@@ -185,7 +186,7 @@ def main() -> None:
         parser.add_argument(f"--{name}", type=kind, required=True)
     parser.add_argument("--targets", type=lambda names: names.split(","), required=True, help="comma-separated")
     args = parser.parse_args()
-    require(args.peer)
+    require(args)
     batches = json.loads(Path(args.batches_file).read_text())
     result = TRAINERS[args.peer](args.folder, batches, args)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if CUDA else None

@@ -85,7 +85,8 @@ def peer_inputs(args, peers: list[str]) -> Iterator[dict]:
     with tempfile.TemporaryDirectory(prefix="ftcli-bench-sft-") as scratch:
         batches = Path(scratch) / BATCHES_FILE
         batches.write_text(json.dumps(random_batches(args.shape, args.seq, args.bs)))
-        folder = Path(args.keep_model) / args.shape if args.keep_model else Path(scratch) / "model"
+        # absolute: a relative local path can read as a hub repository's name to a peer's loader
+        folder = (Path(args.keep_model) / args.shape if args.keep_model else Path(scratch) / "model").resolve()
         written = {} if folder.is_dir() else write_model_folder(args.shape, folder)
         yield written if "error" in written else {"folder": str(folder), "batches": str(batches)}
 
@@ -97,8 +98,9 @@ def write_model_folder(shape: str, folder: Path) -> dict:
     shutil.rmtree(partial, ignore_errors=True)
     written = side_in_subprocess("folder", [sys.executable, "-m", "ftcli.bench", f"--shape={shape}",
                                             f"--write-model={partial}"])
-    if "error" not in written:
-        partial.rename(folder)
+    if "error" in written:
+        return written | {"error": f"writing the peers' model folder failed: {written['error']}"}
+    partial.rename(folder)
     return written
 
 

@@ -72,7 +72,7 @@ def test_calls_interleave_the_sides_and_write_the_model_folder_once(monkeypatch,
     assert (tmp_path / "tiny").is_dir() and not (tmp_path / "tiny.partial").exists()
     peer_commands = [command for side, command in commands if side in ("unsloth", "trl")]
     assert all(command[3:5] == peer_commands[0][3:5] for command in peer_commands)  # the same folder and batches
-    assert peer_commands[0][3] == str(tmp_path / "tiny")
+    assert peer_commands[0][3] == str((tmp_path / "tiny").resolve())
     in_memory = [command for side, command in commands if side in ("ftcli", "hf")]
     assert all(command[-3:] in (["--only", "ftcli", "--json"], ["--only", "hf", "--json"]) for command in in_memory)
 

@@ -30,12 +30,13 @@ def test_bench_sides_train_the_same_model_to_the_same_losses():
     assert ftcli["losses"][-1] != ftcli["losses"][0]  # the LoRA weights really moved
 
 
-def test_trl_peer_trains_the_in_memory_model_on_the_same_batches_to_the_same_losses():
+def test_trl_peer_trains_the_in_memory_model_on_the_same_batches_to_the_same_losses(monkeypatch):
     """TRL's SFTTrainer loads the folder written for it, trains on exactly the in-memory sides' batches (no end token,
     no packing, every token a label) and, in float32 on the CPU, reaches hf's losses step for step (and so ftcli's:
     see the test above; ftcli's side is left out here, as the Triton interpreter makes it slow)."""
     import trl
 
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # every process on the CPU, in float32, on a GPU machine too
     args = argparse.Namespace(shape="tiny", precision="bf16", seq=32, bs=2, steps=1, warmup=1, keep_model=None)
     argv = ["--shape=tiny", "--precision=bf16", "--seq=32", "--bs=2", "--steps=1", "--warmup=1"]
     with bench_peers.peer_inputs(args, ["trl"]) as inputs:

@@ -3,10 +3,10 @@
     python -m ftcli.bench --shape llama3-8b --seq 2048 --bs 2 --peer unsloth --peer trl --calls 3
 
 Every side trains the same random-weight model (the decoder's linear layers in NF4 with double quantization, or
-16-bit with --precision bf16) on the same two batches of random token ids, alternated, no padding, with LoRA r=16 on
-all seven projections, bitsandbytes' AdamW8bit at lr 2e-4 and clipping at 1.0. Each side runs in its own process,
-so none inherits another's allocations or compiled kernels. A call's tokens/s is over its median step after
-warm-up; peak is torch.cuda.max_memory_allocated from the first training step on, weights included.
+16-bit with --precision bf16) on the same two batches of random token ids, alternated, no padding, with LoRA r=16
+(--lora-r) on all seven projections, bitsandbytes' AdamW8bit at lr 2e-4 and clipping at 1.0. Each side runs in its
+own process, so none inherits another's allocations or compiled kernels. A call's tokens/s is over its median step
+after warm-up; peak is torch.cuda.max_memory_allocated from the first training step on, weights included.
 
 The peers (--peer, repeatable or comma-separated; hf when none is given):
 

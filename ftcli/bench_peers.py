@@ -115,8 +115,8 @@ def measure_side(side: str, argv: list[str], args, inputs: dict) -> dict:
 
 def peer_command(side: str, args, inputs: dict) -> list[str]:
     """The peer's command line, with every setting it shares with ftcli's side."""
-    settings = {"precision": args.precision, "warmup": args.warmup, "steps": args.steps, "rank": BENCH_LORA.r,
-                "alpha": BENCH_LORA.alpha, "targets": ",".join(BENCH_LORA.target_modules), "seed": LORA_SEED,
+    settings = {"precision": args.precision, "warmup": args.warmup, "steps": args.steps, "rank": args.lora_r,
+                "alpha": args.lora_r, "targets": ",".join(BENCH_LORA.target_modules), "seed": LORA_SEED,
                 "learning-rate": LEARNING_RATE}
     return [sys.executable, str(PEER_SCRIPT), side, inputs["folder"], inputs["batches"],
             *(f"--{name}={value}" for name, value in settings.items())]

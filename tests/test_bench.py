@@ -37,8 +37,9 @@ def test_trl_peer_trains_the_in_memory_model_on_the_same_batches_to_the_same_los
     import trl
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # every process on the CPU, in float32, on a GPU machine too
-    args = argparse.Namespace(shape="tiny", precision="bf16", seq=32, bs=2, steps=1, warmup=1, keep_model=None)
-    argv = ["--shape=tiny", "--precision=bf16", "--seq=32", "--bs=2", "--steps=1", "--warmup=1"]
+    args = argparse.Namespace(shape="tiny", precision="bf16", seq=32, bs=2, steps=1, warmup=1, lora_r=8,
+                              keep_model=None)
+    argv = ["--shape=tiny", "--precision=bf16", "--seq=32", "--bs=2", "--steps=1", "--warmup=1", "--lora-r=8"]
     with bench_peers.peer_inputs(args, ["trl"]) as inputs:
         peer = bench_peers.measure_side("trl", argv, args, inputs)
     hf = bench_peers.measure_side("hf", argv, args, {})
@@ -63,7 +64,7 @@ def test_calls_interleave_the_sides_and_write_the_model_folder_once(monkeypatch,
 
     monkeypatch.setattr(bench_peers, "side_in_subprocess", side_in_subprocess)
     args = argparse.Namespace(peer=[["unsloth", "trl"], ["hf"]], calls=2, shape="tiny", seq=8, bs=2, steps=1,
-                              warmup=1, precision="nf4", keep_model=str(tmp_path))
+                              warmup=1, precision="nf4", lora_r=16, keep_model=str(tmp_path))
     results = bench_peers.run_calls(args, ["--peer", "unsloth,trl", "--peer", "hf", "--calls", "2"])
 
     assert [(result["call"], result["side"]) for result in results] == \

@@ -1,17 +1,32 @@
-"""Training speed and memory of ftcli against the plain Hugging Face QLoRA recipe, on one GPU, in one run.
+"""Training speed and memory of ftcli against its peers for supervised fine-tuning, on one GPU, in one run.
 
-    python -m ftcli.bench --shape llama3-8b --seq 2048 --bs 2
+    python -m ftcli.bench --shape llama3-8b --seq 2048 --bs 2 --peer unsloth --peer trl --calls 3
 
-Both sides train the same random-weight model (built in memory from the shape's config, linear layers
-quantized to NF4 with double quantization) on the same random token ids, with LoRA r=16 on all seven
-projections and bitsandbytes' AdamW8bit. Each side runs in its own process, so neither inherits the
-other's allocations or compiled kernels; the parent prints one table. Tokens/s is the median over the
-measured steps after warm-up; peak is torch.cuda.max_memory_allocated from the first training step on,
-weights included.
+Every side trains the same random-weight model (the decoder's linear layers in NF4 with double quantization, or
+16-bit with --precision bf16) on the same two batches of random token ids, alternated, no padding, with LoRA r=16
+(--lora-r) on all seven projections, bitsandbytes' AdamW8bit at lr 2e-4 and clipping at 1.0. Each side runs in its
+own process, so none inherits another's allocations or compiled kernels. A call's tokens/s is over its median step
+after warm-up; peak is torch.cuda.max_memory_allocated from the first training step on, weights included.
 
-The baseline is what most people run: transformers + peft + bitsandbytes with
-prepare_model_for_kbit_training, SDPA attention, non-reentrant gradient checkpointing, and the model's
-own loss. ftcli's side is the path `ftcli train` takes, set up by the same function.
+The peers (--peer, repeatable or comma-separated; hf when none is given):
+
+- **hf**: the classic recipe, transformers + peft + bitsandbytes with prepare_model_for_kbit_training, SDPA,
+  non-reentrant gradient checkpointing and the model's own loss, built in memory as ftcli's side is.
+- **trl**: TRL's SFTTrainer as its users run it today: the model loaded in bf16 (NF4 through a BitsAndBytesConfig),
+  the adapter from a peft LoraConfig, checkpointing, TRL's fused LM head.
+- **unsloth**: Unsloth's FastLanguageModel, its 4-bit load and `use_gradient_checkpointing="unsloth"`.
+
+trl and unsloth run benchmarks/sft_peers.py with whatever is importable (ftcli never imports them; on the GPU machine
+put .peersite on PYTHONPATH) and load a model folder written first: the bf16 weights ftcli's side draws in memory,
+quantized on load as their users do. --keep-model DIR keeps that folder as DIR/SHAPE for later runs of the shape.
+
+With --calls N the whole comparison runs N times, interleaved (ftcli, each peer, ftcli again ...), each side a fresh
+process every call, and one table gives per side the median tokens/s over the calls, the spread (how much slower
+the slowest call is than the fastest, in percent), the largest peak, the first-step loss, and ftcli's speed and
+peak over the side's. A side that fails (not importable, out of memory) fails its row with the reason and the rest
+of the table prints; the exit code is 1 only when ftcli's own side failed.
+
+ftcli's side is the path `ftcli train` takes, set up by the same function.
 
     python -m ftcli.bench --decode --shape llama3-8b --precision bf16 --prompt-len 128 --new-tokens 256
 
@@ -30,28 +45,31 @@ With --method grpo it compares GRPO training, generation included, with TRL's GR
 
 import argparse
 import cProfile
+import importlib.metadata
 import io
 import json
 import pstats
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import bitsandbytes as bnb
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from torch.profiler import ProfilerActivity, profile
 
-from ftcli import bench_distributed, bench_grpo, bench_preference
+from ftcli import bench_distributed, bench_grpo, bench_peers, bench_preference
 from ftcli.bench_common import (BENCH_LORA, CHECKPOINTING, LORA_SEED, add_training_arguments, ftcli_setup, method_of,
-                                random_model, side_in_subprocess)
+                                random_batches, random_model, write_random_model)
 from ftcli.decoding import Decoder, Sampling
 from ftcli.optim import build_optimizer
 from ftcli.recipe import TrainSettings
 from ftcli.shapes import SHAPES
 from ftcli.train import summed_token_loss, target_tokens
 
-SIDES = ("hf", "ftcli")
+SIDES = ("hf", "ftcli")  # the sides this module builds in memory and trains (--only)
+VERSIONS_OF = ("torch", "triton", "transformers", "peft", "bitsandbytes")  # what each side reports it ran
 
 
 def hf_training(model, precision: str, lora_r: int):
@@ -83,15 +101,15 @@ def measure(side: str, args) -> dict:
     else:
         model, mean_loss = ftcli_training(model, args.checkpointing, args.lora_r)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    learning_rate = bench_peers.LEARNING_RATE
     if side == "hf":
-        optimizer = bnb.optim.AdamW8bit(trainable, lr=2e-4, weight_decay=0.0)
+        optimizer = bnb.optim.AdamW8bit(trainable, lr=learning_rate, weight_decay=0.0)
     else:
-        optimizer = build_optimizer(trainable, TrainSettings(optimizer="adamw_8bit", learning_rate=2e-4, weight_decay=0.0))
-    generator = torch.Generator().manual_seed(1)
-    vocab = SHAPES[args.shape]["vocab_size"]
+        optimizer = build_optimizer(trainable, TrainSettings(optimizer="adamw_8bit", learning_rate=learning_rate,
+                                                             weight_decay=0.0))
     batches = []
-    for _ in range(2):  # two different batches, alternated, so no step replays the previous one's data
-        ids = torch.randint(0, vocab, (args.bs, args.seq), generator=generator).to(device)
+    for rows in random_batches(args.shape, args.seq, args.bs):
+        ids = torch.tensor(rows, device=device)
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
 
     model.train()
@@ -110,7 +128,7 @@ def measure(side: str, args) -> dict:
         times.append(time.perf_counter() - started)
     result = {"side": side, "step_s": times[args.warmup:], "losses": losses,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "versions": versions()}
     if args.profile and side == "ftcli" and device.type == "cuda":
         result["profile"] = profile_step(mean_loss, batches[0], optimizer, trainable, args.trace)
         result["profile"] += "\n" + profile_host(mean_loss, batches[0], optimizer, trainable)
@@ -224,24 +242,14 @@ def print_decode_table(args, results: list[dict]) -> None:
           "token-for-token equality is tested in float32 (tests/test_decoding.py).")
 
 
-def print_table(args, results: list[dict]) -> None:
-    tokens = args.seq * args.bs
-    device = next((r["device"] for r in results if "device" in r), "?")
-    print(f"\n{device}  {args.shape}  {args.precision}  seq {args.seq} x batch {args.bs}  "
-          f"(median of {args.steps} steps after {args.warmup} warm-up)")
-    print(f"{'side':<8}{'tokens/s':>10}{'step s':>9}{'peak GiB':>10}{'first loss':>12}{'last loss':>11}")
-    speeds = {}
-    for result in results:
-        if "error" in result:
-            print(f"{result['side']:<8}  failed: {result['error']}")
-            continue
-        step = statistics.median(result["step_s"])
-        speeds[result["side"]] = tokens / step
-        peak = f"{result['peak_gib']:.2f}" if result["peak_gib"] is not None else "-"
-        print(f"{result['side']:<8}{tokens / step:>10,.0f}{step:>9.3f}{peak:>10}"
-              f"{result['losses'][0]:>12.4f}{result['losses'][-1]:>11.4f}")
-    if len(speeds) == 2:
-        print(f"ftcli / hf speed: {speeds['ftcli'] / speeds['hf']:.2f}x")
+def versions() -> dict[str, str]:
+    found = {}
+    for package in VERSIONS_OF:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = "unknown"
+    return found
 
 
 def main(argv=None) -> None:
@@ -258,6 +266,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--bs", type=int, default=2)
     parser.add_argument("--precision", choices=["nf4", "bf16"], default="nf4")
+    bench_peers.add_arguments(parser)
     parser.add_argument("--only", choices=SIDES, help="run one side in this process")
     parser.add_argument("--profile", action="store_true", help="also print ftcli's per-kernel GPU time and the host's Python time of one step")
     parser.add_argument("--trace", help="with --profile: write the step's Chrome trace (JSON) to this path")
@@ -275,22 +284,19 @@ def main(argv=None) -> None:
             print_decode_table(args, results)
         return
     args.checkpointing = CHECKPOINTING[args.checkpointing]
-
-    if args.only:
-        results = [measure(args.only, args)]
-    else:
-        forwarded = [a for a in argv if a != "--json"]
-        results = [side_in_subprocess(side, [sys.executable, "-m", "ftcli.bench", *forwarded, "--only", side, "--json"])
-                   for side in SIDES]
-    if args.json:
-        print(json.dumps(results[0] if args.only else results))
+    if args.write_model:
+        write_random_model(args.shape, Path(args.write_model))
+        print(json.dumps({"side": "folder", "written": args.write_model}))
         return
-    for result in results:
-        if "profile" in result:
-            print(result["profile"])
-        if "stderr" in result:
-            print(f"--- {result['side']} stderr (tail) ---\n{result['stderr']}")
-    print_table(args, results)
+    if args.only:
+        result = measure(args.only, args)
+        if args.json:
+            print(json.dumps(result))
+            return
+        results = [result | {"call": 1}]
+    else:
+        results = bench_peers.run_calls(args, argv)
+    sys.exit(bench_peers.report(args, results))
 
 
 if __name__ == "__main__":

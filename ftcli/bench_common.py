@@ -3,8 +3,8 @@ side run in its own process.
 
 `python -m ftcli.bench` compares ftcli with its peers for SFT (ftcli/bench.py), DPO (ftcli/bench_preference.py) and
 GRPO (ftcli/bench_grpo.py); every side draws the same weights and, on ftcli's side, is set up as `ftcli train` sets it
-up. The peers of DPO and GRPO load those weights from a folder, with a word-level tokenizer whose text gives back
-exactly the token ids it was written from.
+up. The peers that run their own libraries (TRL and Unsloth for SFT, DPO and GRPO) load those weights from a folder,
+with a word-level tokenizer whose text gives back exactly the token ids it was written from.
 """
 
 import argparse
@@ -39,7 +39,7 @@ FIRST_PLAIN_ID = 10
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of both training benchmarks."""
     parser.add_argument("--method", choices=METHODS, default="sft",
-                        help="sft: supervised fine-tuning against plain transformers + peft; dpo: preference training "
+                        help="sft: supervised fine-tuning against its peers (--peer hf, trl, unsloth); dpo: preference training "
                         "against TRL and Unsloth; grpo: reinforcement learning against TRL (their own options: "
                         "--method dpo --help, --method grpo --help)")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
@@ -123,6 +123,13 @@ def quantize_linears(layer: torch.nn.Module, compute_dtype: torch.dtype, packed_
                                                  compress_statistics=True, quant_storage=packed_in, module=quantized)
             setattr(parent, name, quantized.to(linear.weight.device))
             del linear
+
+
+def random_batches(shape: str, seq: int, rows: int) -> list[list[list[int]]]:
+    """The SFT bench's two batches of `rows` x `seq` random token ids, seeded; every side alternates them, so that no
+    step replays the previous one's data."""
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randint(0, SHAPES[shape]["vocab_size"], (rows, seq), generator=generator).tolist() for _ in range(2)]
 
 
 def device_and_dtype() -> tuple[torch.device, torch.dtype]:

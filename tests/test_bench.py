@@ -1,4 +1,5 @@
-"""The benchmark script runs both sides on a tiny shape, and they compute the same losses; the DPO benchmark's
+"""The benchmark script runs both sides on a tiny shape, and they compute the same losses (TRL's SFTTrainer too);
+its calls interleave the sides and its table gives medians, spreads and ratios; the DPO benchmark's
 TRL side trains the pairs it is given, and its table compares every side with TRL; the GRPO benchmark's sides run
 on the CPU, TRL's generating every token from the prompts it is given, and its tables compare with TRL."""
 
@@ -13,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from ftcli import bench_common, bench_grpo, bench_preference
+from ftcli import bench_common, bench_grpo, bench_peers, bench_preference
 
 
 def test_bench_sides_train_the_same_model_to_the_same_losses():
@@ -21,12 +22,131 @@ def test_bench_sides_train_the_same_model_to_the_same_losses():
                "--steps", "2", "--warmup", "1", "--json"]
     completed = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"TRITON_INTERPRET": "1"})
     assert completed.returncode == 0, completed.stderr[-2000:]
-    hf, ftcli = json.loads(completed.stdout.strip().splitlines()[-1])
-    assert (hf["side"], ftcli["side"]) == ("hf", "ftcli") and "error" not in ftcli, ftcli.get("stderr")
+    ftcli, hf = json.loads(completed.stdout.strip().splitlines()[-1])["calls"]
+    assert (ftcli["side"], hf["side"]) == ("ftcli", "hf") and "error" not in ftcli, ftcli.get("stderr")
     assert len(hf["step_s"]) == len(ftcli["step_s"]) == 2 and min(ftcli["step_s"]) > 0
     # Same weights, data and LoRA seed: float32 on the CPU, so both sides agree step for step
     assert ftcli["losses"] == pytest.approx(hf["losses"], rel=1e-4)
     assert ftcli["losses"][-1] != ftcli["losses"][0]  # the LoRA weights really moved
+
+
+def test_trl_peer_trains_the_in_memory_model_on_the_same_batches_to_the_same_losses(monkeypatch):
+    """TRL's SFTTrainer loads the folder written for it, trains on exactly the in-memory sides' batches (no end token,
+    no packing, every token a label) and, in float32 on the CPU, reaches hf's losses step for step (and so ftcli's:
+    see the test above; ftcli's side is left out here, as the Triton interpreter makes it slow)."""
+    import trl
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # every process on the CPU, in float32, on a GPU machine too
+    args = argparse.Namespace(shape="tiny", precision="bf16", seq=32, bs=2, steps=1, warmup=1, lora_r=8,
+                              keep_model=None)
+    argv = ["--shape=tiny", "--precision=bf16", "--seq=32", "--bs=2", "--steps=1", "--warmup=1", "--lora-r=8"]
+    with bench_peers.peer_inputs(args, ["trl"]) as inputs:
+        peer = bench_peers.measure_side("trl", argv, args, inputs)
+    hf = bench_peers.measure_side("hf", argv, args, {})
+    assert "error" not in peer and "error" not in hf, (peer.get("stderr"), hf.get("stderr"))
+    assert peer["same_batches"] is True and peer["versions"]["trl"] == trl.__version__
+    assert len(peer["step_s"]) == 1 and peer["step_s"][0] > 0
+    assert len(peer["losses"]) == 2 and peer["losses"] == pytest.approx(hf["losses"], rel=1e-4)
+    assert peer["losses"][1] != peer["losses"][0]  # the adapter moved after the first step
+
+
+def test_calls_interleave_the_sides_and_write_the_model_folder_once(monkeypatch, tmp_path):
+    """Each call runs ftcli, then the peers as given; the folder trl and unsloth load is written once for all calls
+    (and, kept with --keep-model, not again by a later run)."""
+    commands = []
+
+    def side_in_subprocess(side, command):
+        commands.append((side, command))
+        written = next((option.split("=", 1)[1] for option in command if option.startswith("--write-model=")), None)
+        if written:
+            os.makedirs(written)
+        return {"side": side, "step_s": [1.0], "losses": [1.0], "peak_gib": 1.0}
+
+    monkeypatch.setattr(bench_peers, "side_in_subprocess", side_in_subprocess)
+    args = argparse.Namespace(peer=[["unsloth", "trl"], ["hf"]], calls=2, shape="tiny", seq=8, bs=2, steps=1,
+                              warmup=1, precision="nf4", lora_r=16, keep_model=str(tmp_path))
+    results = bench_peers.run_calls(args, ["--peer", "unsloth,trl", "--peer", "hf", "--calls", "2"])
+
+    assert [(result["call"], result["side"]) for result in results] == \
+        [(1, "ftcli"), (1, "unsloth"), (1, "trl"), (1, "hf"), (2, "ftcli"), (2, "unsloth"), (2, "trl"), (2, "hf")]
+    assert [side for side, _ in commands] == ["folder", *(side for _, side in bench_peers.call_order(["unsloth", "trl",
+                                                                                                      "hf"], 2))]
+    assert (tmp_path / "tiny").is_dir() and not (tmp_path / "tiny.partial").exists()
+    peer_commands = [command for side, command in commands if side in ("unsloth", "trl")]
+    assert all(command[3:5] == peer_commands[0][3:5] for command in peer_commands)  # the same folder and batches
+    assert peer_commands[0][3] == str((tmp_path / "tiny").resolve())
+    in_memory = [command for side, command in commands if side in ("ftcli", "hf")]
+    assert all(command[-3:] in (["--only", "ftcli", "--json"], ["--only", "hf", "--json"]) for command in in_memory)
+
+    commands.clear()
+    bench_peers.run_calls(argparse.Namespace(**vars(args) | {"peer": [["trl"]], "calls": 1}), [])
+    assert [side for side, _ in commands] == ["ftcli", "trl"]  # the kept folder is reused, not written again
+
+
+def test_peer_option_takes_names_repeated_or_comma_separated(capsys):
+    parser = argparse.ArgumentParser()
+    bench_peers.add_arguments(parser)
+    assert bench_peers.chosen_peers(parser.parse_args([])) == ["hf"]
+    assert bench_peers.chosen_peers(parser.parse_args(["--peer", "unsloth, trl", "--peer", "trl,hf"])) == \
+        ["unsloth", "trl", "hf"]
+    for bad in (["--peer", "unsloth,peft"], ["--calls", "0"]):
+        with pytest.raises(SystemExit) as stopped:
+            parser.parse_args(bad)
+        assert stopped.value.code == 2
+    errors = capsys.readouterr().err
+    assert "argument --peer: unknown peer peft: choose from hf, trl, unsloth" in errors
+    assert "argument --calls: '0' is not a number of calls: give a whole number, 1 or more" in errors
+
+
+def test_a_peer_that_is_not_importable_ends_with_a_one_line_reason(tmp_path):
+    command = [sys.executable, str(bench_peers.PEER_SCRIPT), "unsloth", str(tmp_path), str(tmp_path / "batches.json"),
+               "--precision=nf4", "--warmup=1", "--steps=1", "--rank=16", "--alpha=16", "--targets=q_proj",
+               "--seed=3407", "--learning-rate=2e-4"]
+    hidden = os.environ | {"PYTHONPATH": ""}  # .peersite, where the GPU machine keeps unsloth, is not on the path
+    find = "import importlib.util; print(importlib.util.find_spec('unsloth'))"
+    installed = subprocess.run([sys.executable, "-c", find], capture_output=True, text=True, env=hidden, cwd=tmp_path)
+    if installed.stdout.strip() != "None":
+        pytest.skip("unsloth is installed in this Python itself")
+    completed = subprocess.run(command, capture_output=True, text=True, env=hidden, cwd=tmp_path)
+    assert completed.returncode == 1 and completed.stdout == ""
+    assert completed.stderr.strip().splitlines() == \
+        ["unsloth is not importable: put .peersite on PYTHONPATH (../shared/tools/peer-site.sh builds it)"]
+
+
+def fake_call(side: str, call: int, step_s: list[float], peak_gib, first_loss: float = 12.0) -> dict:
+    return {"side": side, "call": call, "step_s": step_s, "losses": [first_loss, first_loss - 1], "peak_gib": peak_gib,
+            "device": "GPU", "versions": {"torch": "2.11.0"}}
+
+
+def test_sft_table_gives_each_sides_median_spread_peak_and_ftclis_ratios(capsys):
+    args = argparse.Namespace(shape="tiny", precision="nf4", seq=512, bs=2, calls=3, steps=3, warmup=1, json=False)
+    results = []  # 1,024 tokens a step; each call's figure is its median step
+    calls = [(0.5, 1.0, 6.0), (0.4, 1.0, 6.5), (0.5, 0.8, 6.2)]  # ftcli's step and peak, unsloth's step
+    for call, (ftcli_step, unsloth_step, ftcli_peak) in enumerate(calls, 1):
+        results.append(fake_call("ftcli", call, [ftcli_step, ftcli_step, 9.0], ftcli_peak, first_loss=12.5753))
+        results.append(fake_call("unsloth", call, [unsloth_step] * 3, 8.0 + call, first_loss=12.5749))
+        results.append({"side": "trl", "call": call, "error": "trl is not importable: put .peersite on PYTHONPATH",
+                        "stderr": "trl is not importable: put .peersite on PYTHONPATH\n"})
+        results.append(fake_call("hf", call, [4.0] * 3, 16.0) if call != 2 else
+                       {"side": "hf", "call": 2, "error": "torch.OutOfMemoryError: CUDA out of memory.",
+                        "stderr": "Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory.\n"})
+
+    assert bench_peers.report(args, results) == 0  # only a failure of ftcli's own side fails the run
+    output = capsys.readouterr().out
+    rows = table_rows(output)
+    # ftcli: calls at 2,048, 2,560, 2,048 tokens/s: median 2,048, slowest 20% under the fastest; largest peak 6.50
+    assert rows["ftcli"] == ["2,048", "20.0%", "6.50", "12.5753", "1.00x", "1.00x", "2,048", "/", "2,560", "/", "2,048"]
+    # unsloth: 1,024, 1,024, 1,280: ftcli's 2,048 is 2.00x; its 6.50 GiB is 0.59x unsloth's largest, 11.00
+    assert rows["unsloth"] == ["1,024", "20.0%", "11.00", "12.5749", "2.00x", "0.59x", "1,024", "/", "1,024", "/",
+                               "1,280"]
+    assert " ".join(rows["trl"]) == "failed in calls 1, 2, 3: trl is not importable: put .peersite on PYTHONPATH"
+    assert rows["hf"] == ["256", "0.0%", "16.00", "12.0000", "8.00x", "0.41x", "256", "/", "256"]
+    assert "failed in call 2: torch.OutOfMemoryError: CUDA out of memory." in output
+    assert "--- hf stderr, call 2 (tail) ---" in output and "--- trl stderr" not in output  # one line says it all
+
+    results[0] = {"side": "ftcli", "call": 1, "error": "RuntimeError: boom", "stderr": "RuntimeError: boom\n"}
+    assert bench_peers.report(args, results) == 1
+    capsys.readouterr()
 
 
 def test_bench_decode_times_both_decoders_on_the_same_greedy_tokens():

@@ -37,13 +37,16 @@ def cast_all(tensors, dtype: torch.dtype) -> list[torch.Tensor]:
     return copies
 
 
+def base_projection(x2d, weight, bias) -> torch.Tensor:
+    """x W^T + b in x's dtype; the dense weight dies on return."""
+    base = dense_weight(weight, x2d.dtype).t()
+    return x2d @ base if bias is None else torch.addmm(bias.to(x2d.dtype), x2d, base)
+
+
 def project(x2d, weight, bias, lora_A, lora_B, scaling):
     """(x W^T + b + s (x A^T) B^T, x A^T), both in x's dtype, with A and B already in it; the dense weight dies
     on return."""
-    dtype = x2d.dtype
-    base = dense_weight(weight, dtype).t()
-    out = x2d @ base if bias is None else torch.addmm(bias.to(dtype), x2d, base)
-    del base
+    out = base_projection(x2d, weight, bias)
     xa = x2d @ lora_A.t()
     out.addmm_(xa, lora_B.t(), alpha=scaling)
     return out, xa

@@ -9,9 +9,16 @@ gradients of gate and up) only a chunk's exist at once: the DPO benchmark's step
 peaked at 7.07 GiB instead of 7.25, the SFT one (4,096 tokens) at 6.58 instead of 6.68.
 
 Long inputs go tile by tile (`tile_rows`): forward computes gate, up, the activation and down for one tile of rows
-at a time and keeps only x and the r-wide LoRA intermediates, and backward computes each tile's gate and up again.
-No full-length gate-wide tensor then exists, which at 131,072 tokens of Llama-3-8B is 3.5 GiB each; the price is
-one more gate and up matmul in backward, small beside attention at such lengths.
+at a time and keeps only x, and backward computes each tile's gate and up again. No full-length gate-wide tensor
+then exists, which at 131,072 tokens of Llama-3-8B is 3.5 GiB each.
+
+The op is two autograd Functions. The first does all of backward and keeps what backward needs; the second computes
+the output from what the first handed it and keeps nothing. Under gradient checkpointing, backward runs the layer's
+forward again only to recompute the kept tensors, and torch stops that recompute as soon as the last one is
+kept again (non-reentrant checkpoint's early stop): where the MLP is the layer's last op that keeps anything (Llama,
+Mistral, Qwen, Phi; not Gemma, whose norm after the MLP keeps the output), the second Function is never run again.
+That leaves out the down matmul of every recompute, and when tiled all three, which pays for computing gate and up
+again in backward.
 """
 
 from typing import Optional
@@ -20,8 +27,8 @@ import torch
 
 from ftcli_kernels.gated_activation import ACTIVATIONS, activation_backward, activation_forward, gated_activation_reference
 from ftcli_kernels.limits import MLP_BACKWARD_CHUNK_BYTES, mlp_tile_rows
-from ftcli_kernels.lora_linear import (cast_all, check_projection, dense_weight, lora_linear_reference, project,
-                                       project_backward, split_projections)
+from ftcli_kernels.lora_linear import (base_projection, cast_all, check_projection, dense_weight, lora_linear_reference, project,
+                                       project_backward, scaled, split_projections)
 
 
 def _gate_and_up(inner: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,53 +36,61 @@ def _gate_and_up(inner: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
 
 
 class LoraGatedMLPFunction(torch.autograd.Function):
-    """Projections are (gate, up, down) or (gate_up, down); `adapters` holds A, B of each in that order. With
-    `tile_rows` (0: whole) forward and backward go tile by tile and gate and up are not kept."""
+    """The MLP's backward. Projections are (gate, up, down) or (gate_up, down); `adapters` holds A, B of each in
+    that order. Returns a stand-in of the output (an expanded zero: no memory) through which the output's gradient
+    comes back, and, when not tiled, the activated product and the down projection's LoRA term, from which
+    LoraGatedMLPOutput makes the output."""
 
     @staticmethod
     def forward(ctx, x, activation, weights, biases, scalings, chunk_rows, tile_rows, *adapters):
         ctx.adapter_dtype = adapters[0].dtype
         adapters = cast_all(adapters, x.dtype)  # cast once, kept cast for backward
         x2d = x.reshape(-1, x.shape[-1])
-        if tile_rows:
-            inner = []
-            out, inner_xa, down_xa = _tiled_forward(x2d, activation, weights, biases, scalings, adapters, tile_rows)
-        else:
-            inner, inner_xa = [], []
-            for index in range(len(weights) - 1):
-                out, xa = project(x2d, weights[index], biases[index], *adapters[2 * index:2 * index + 2],
-                                  scalings[index])
-                inner.append(out)
-                inner_xa.append(xa)
-            hidden = activation_forward(*_gate_and_up(inner), activation)
-            out, down_xa = project(hidden, weights[-1], biases[-1], *adapters[-2:], scalings[-1])
-        ctx.save_for_backward(x, *inner, *inner_xa, down_xa, *adapters)
+        out_width = adapters[-1].shape[0]
+        stand_in = x.new_zeros(()).expand(*x.shape[:-1], out_width)
         ctx.activation, ctx.weights, ctx.biases, ctx.scalings = activation, weights, biases, scalings
         ctx.chunk_rows, ctx.tile_rows = tile_rows or chunk_rows, tile_rows
-        return out.view(*x.shape[:-1], out.shape[-1])
+        if tile_rows:
+            ctx.save_for_backward(x, *adapters)
+            return (stand_in,)
+        inner, inner_xa = [], []
+        for index in range(len(weights) - 1):
+            out, xa = project(x2d, weights[index], biases[index], *adapters[2 * index:2 * index + 2], scalings[index])
+            inner.append(out)
+            inner_xa.append(xa)
+        hidden = activation_forward(*_gate_and_up(inner), activation)
+        down_xa = hidden @ adapters[-2].t()
+        lora_term = scaled(down_xa @ adapters[-1].t(), scalings[-1])
+        ctx.save_for_backward(x, *inner, *inner_xa, down_xa, *adapters)
+        ctx.mark_non_differentiable(hidden, lora_term)
+        return stand_in, hidden, lora_term
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, *unused):
         x, *saved = ctx.saved_tensors
         count = len(ctx.weights) - 1
-        kept = 0 if ctx.tile_rows else count  # gate and up, kept by forward when it ran whole
-        inner, inner_xa = saved[:kept], saved[kept:kept + count]
-        down_xa, adapters = saved[kept + count], saved[kept + count + 1:]
         x2d, grad2d = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
-        # Tiles use every weight once per tile, so each is dequantized once for all of them
-        weights = [dense_weight(w, x.dtype) for w in ctx.weights] if ctx.tile_rows else ctx.weights
+        if ctx.tile_rows:
+            inner, inner_xa, down_xa, adapters = None, None, None, saved
+            # Tiles use every weight once per tile, so each is dequantized once for all of them
+            weights = [dense_weight(w, x.dtype) for w in ctx.weights]
+        else:
+            inner, inner_xa, down_xa, adapters = saved[:count], saved[count:2 * count], saved[2 * count], saved[2 * count + 1:]
+            weights = ctx.weights
         need_x = ctx.needs_input_grad[0]
         grad_x = torch.zeros_like(x2d) if need_x else None
         grad_adapters = None
         for start in range(0, x2d.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
             if ctx.tile_rows:
-                inner_rows = _inner_projections(x2d[rows], weights[:-1], ctx.biases[:-1], [t[rows] for t in inner_xa],
-                                                adapters[1:-2:2], ctx.scalings[:-1])
+                rows_inner_xa = [x2d[rows] @ lora_A.t() for lora_A in adapters[0:2 * count:2]]
+                rows_inner = _inner_projections(x2d[rows], weights[:-1], ctx.biases[:-1], rows_inner_xa,
+                                                adapters[1:2 * count:2], ctx.scalings[:-1])
+                rows_down_xa = None
             else:
-                inner_rows = [t[rows] for t in inner]
-            grads = _chunk_backward(ctx, weights, grad2d[rows], x2d[rows], inner_rows, [t[rows] for t in inner_xa],
-                                    down_xa[rows], adapters, grad_x[rows] if need_x else None)
+                rows_inner_xa, rows_inner, rows_down_xa = [t[rows] for t in inner_xa], [t[rows] for t in inner], down_xa[rows]
+            grads = _chunk_backward(ctx, weights, grad2d[rows], x2d[rows], rows_inner, rows_inner_xa, rows_down_xa,
+                                    adapters, grad_x[rows] if need_x else None)
             if grad_adapters is None:  # summed over chunks in the adapters' own dtype (float32), not the compute dtype
                 grad_adapters = cast_all(grads, ctx.adapter_dtype)
             else:
@@ -83,31 +98,48 @@ class LoraGatedMLPFunction(torch.autograd.Function):
         return None if grad_x is None else grad_x.view(x.shape), None, None, None, None, None, None, *grad_adapters
 
 
-def _tiled_forward(x2d, activation, weights, biases, scalings, adapters, tile_rows):
-    """The MLP's output and the r-wide x A^T of every projection, computed a tile of rows at a time."""
+class LoraGatedMLPOutput(torch.autograd.Function):
+    """The MLP's output: from the activated product and the LoRA term when LoraGatedMLPFunction ran whole, else tile
+    by tile from x. It keeps nothing, and hands the output's gradient to the stand-in unchanged."""
+
+    @staticmethod
+    def forward(ctx, stand_in, x, activation, weights, biases, scalings, tile_rows, adapters, hidden=None,
+                lora_term=None):
+        x2d = x.reshape(-1, x.shape[-1])
+        if tile_rows:
+            out = _tiled_output(x2d, activation, weights, biases, scalings, cast_all(adapters, x.dtype), tile_rows)
+        else:
+            out = base_projection(hidden, weights[-1], biases[-1]).add_(lora_term)
+        return out.view(stand_in.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None, None, None, None, None, None, None
+
+
+def _tiled_output(x2d, activation, weights, biases, scalings, adapters, tile_rows) -> torch.Tensor:
+    """The MLP's output, computed a tile of rows at a time."""
     dense = [dense_weight(w, x2d.dtype) for w in weights]
     count = len(weights) - 1
-    inner_xa = [x2d @ lora_A.t() for lora_A in adapters[0:2 * count:2]]
     down_A, down_B = adapters[-2:]
     out = x2d.new_empty(x2d.shape[0], dense[-1].shape[0])
-    down_xa = x2d.new_empty(x2d.shape[0], down_A.shape[0])
     for start in range(0, x2d.shape[0], tile_rows):
         rows = slice(start, start + tile_rows)
-        inner = _inner_projections(x2d[rows], dense[:-1], biases[:-1], [t[rows] for t in inner_xa],
-                                   adapters[1:2 * count:2], scalings[:-1])
+        inner_xa = [x2d[rows] @ lora_A.t() for lora_A in adapters[0:2 * count:2]]
+        inner = _inner_projections(x2d[rows], dense[:-1], biases[:-1], inner_xa, adapters[1:2 * count:2],
+                                   scalings[:-1])
         hidden = activation_forward(*_gate_and_up(inner), activation)
         del inner
-        torch.mm(hidden, down_A.t(), out=down_xa[rows])
         if biases[-1] is None:
             torch.mm(hidden, dense[-1].t(), out=out[rows])
         else:
             torch.addmm(biases[-1].to(x2d.dtype), hidden, dense[-1].t(), out=out[rows])
-        out[rows].addmm_(down_xa[rows], down_B.t(), alpha=scalings[-1])
-    return out, inner_xa, down_xa
+        out[rows].addmm_(hidden @ down_A.t(), down_B.t(), alpha=scalings[-1])
+    return out
 
 
 def _inner_projections(x2d, dense_weights, biases, inner_xa, lora_Bs, scalings) -> list[torch.Tensor]:
-    """Gate and up (or gate_up) of some rows from dense weights and the rows' saved x A^T."""
+    """Gate and up (or gate_up) of some rows from dense weights and the rows' x A^T."""
     inner = []
     for weight, bias, xa, lora_B, scaling in zip(dense_weights, biases, inner_xa, lora_Bs, scalings):
         out = x2d @ weight.t() if bias is None else torch.addmm(bias.to(x2d.dtype), x2d, weight.t())
@@ -115,11 +147,15 @@ def _inner_projections(x2d, dense_weights, biases, inner_xa, lora_Bs, scalings) 
     return inner
 
 
-def _chunk_backward(ctx, weights, grad, x2d, inner, inner_xa, down_xa, adapters, grad_x: Optional[torch.Tensor]) -> list:
-    """The gradients of A and B of every projection from a chunk of rows, its x gradient added into `grad_x`."""
+def _chunk_backward(ctx, weights, grad, x2d, inner, inner_xa, down_xa: Optional[torch.Tensor], adapters,
+                    grad_x: Optional[torch.Tensor]) -> list:
+    """The gradients of A and B of every projection from a chunk of rows, its x gradient added into `grad_x`;
+    `down_xa` is computed here when not given (tiles keep none)."""
     count = len(inner)
     gate, up = _gate_and_up(inner)
     hidden = activation_forward(gate, up, ctx.activation)
+    if down_xa is None:
+        down_xa = hidden @ adapters[-2].t()
     grad_hidden, grad_A, grad_B = project_backward(grad, hidden, down_xa, weights[-1], *adapters[-2:],
                                                    ctx.scalings[-1], True)
     del hidden
@@ -157,8 +193,10 @@ def lora_gated_mlp(x: torch.Tensor, activation: str, projections: list[tuple],
     if tile_rows is None:
         tile_rows = mlp_tile_rows(x.numel() // x.shape[-1], inner_width, x.element_size())
     weights, biases, scalings, adapters = split_projections(projections)
-    return LoraGatedMLPFunction.apply(x, activation, weights, biases, scalings, backward_chunk_rows, tile_rows,
-                                      *adapters)
+    stand_in, *parts = LoraGatedMLPFunction.apply(x, activation, weights, biases, scalings, backward_chunk_rows,
+                                                  tile_rows, *adapters)
+    return LoraGatedMLPOutput.apply(stand_in, x, activation, weights, biases, scalings, tile_rows, tuple(adapters),
+                                    *parts)
 
 
 def lora_gated_mlp_reference(x: torch.Tensor, activation: str, projections: list[tuple]) -> torch.Tensor:

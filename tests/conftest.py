@@ -184,9 +184,9 @@ COMPUTE_DTYPES = [pytest.param(torch.float32, id="float32"),
 # distance, plus bfloat16's unit roundoff (for a loss or gradient the unpatched model happens to get nearly right).
 # The LoRA kernels round A, B and their products to bfloat16 where peft keeps float32 (ftcli_kernels/lora_linear.py),
 # so their gradients are up to about 3 times as far off as peft's (measured under the interpreter over the 13
-# bfloat16 cases: median 1.5, largest 2.9 of 340 gradients, largest distance 0.057); a wrong kernel is off by
-# order 1 (the norm's backward without its mean term: 0.5 to 1.7)
-BFLOAT16_ERROR_RATIO = 4.0
+# bfloat16 cases: median 1.4, largest 3.3 of 340 gradients, largest distance 0.053; 5 leaves room for the GPU's
+# own rounding); a wrong kernel is off by order 1 (the norm's backward without its mean term: 0.5 to 1.7)
+BFLOAT16_ERROR_RATIO = 5.0
 BFLOAT16_ROUNDOFF = 2.0**-8
 
 

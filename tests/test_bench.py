@@ -20,7 +20,7 @@ from ftcli import bench_common, bench_grpo, bench_peers, bench_preference
 
 # How far apart the two sides' losses may be. On the CPU both compute in float32. On a GPU the bench computes in
 # bfloat16, and the plain side keeps the norms, embeddings and head in float32 (prepare_model_for_kbit_training);
-# this bench run on the CPU in bfloat16 put the sides' losses at most 9e-4 apart
+# this bench run on the CPU in bfloat16 put the sides' losses at most 1.1e-3 apart
 SAME_LOSSES = {"cpu": dict(rel=1e-4), "cuda": dict(abs=3e-3)}[DEVICE.type]
 
 

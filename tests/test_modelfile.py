@@ -7,6 +7,7 @@ import re
 import gguf
 import pytest
 
+from conftest import skip_without_smollm2
 from ftcli.data.templates import BUILTIN_TEMPLATES
 from ftcli.export.modelfile import modelfile_text
 from ftcli.fixture import fixture_gguf
@@ -51,6 +52,7 @@ PHI_3 = ("{% for message in messages %}{% if message['role'] == 'system' %}{{'<|
 
 def smollm2_template() -> str:
     """SmolLM2-135M-Instruct's, from the fixture's own GGUF file."""
+    skip_without_smollm2()
     return gguf.GGUFReader(fixture_gguf()).fields["tokenizer.chat_template"].contents()
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import randomise
+from conftest import COMPUTE_DTYPES, DEVICE, assert_matches_unpatched, randomise
 from ftcli.architectures import ARCHITECTURES
 from ftcli.loader import add_lora
 from ftcli.patch import KernelGatedMLP, KernelRMSNorm, RotaryDispatch, apply_kernels, apply_lora_kernels
@@ -39,12 +39,15 @@ def loss_and_grads(model, batch, fused: bool = False):
     return float(loss), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.parametrize("dtype", COMPUTE_DTYPES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_patched_model_matches_unpatched(family, tiny_model_folder, monkeypatch):
+def test_patched_model_matches_unpatched(family, dtype, tiny_model_folder, monkeypatch):
     architecture = ARCHITECTURES[family]
     base = AutoModelForCausalLM.from_pretrained(tiny_model_folder(family), dtype=torch.float32,
                                                 attn_implementation=architecture.attention)
     randomise(base, "norm", 0.3, seed=1)  # Gemma's norms start at zero, which would hide a wrong (1 + w) offset
+    base.to(DEVICE, dtype)
+    reference = copy.deepcopy(base).float()  # unpatched in float32 on the same (rounded) weights
     patched = copy.deepcopy(base)
     swaps = apply_kernels(patched, architecture)
     counts, layers = swaps.module_counts, base.config.num_hidden_layers
@@ -53,7 +56,7 @@ def test_patched_model_matches_unpatched(family, tiny_model_folder, monkeypatch)
     assert sum(isinstance(m, KernelRMSNorm) for m in patched.modules()) == counts["rms_norm"]
     assert sum(isinstance(m, KernelGatedMLP) for m in patched.modules()) == layers
 
-    models = [add_lora(m, LoraSettings(r=4, alpha=8), architecture, seed=3) for m in (base, patched)]
+    models = [add_lora(m, LoraSettings(r=4, alpha=8), architecture, seed=3) for m in (base, patched, reference)]
     attention_projections = (2 if family == "phi3" else 4) * layers  # phi3 fuses q, k, v into qkv_proj
     stacked = 0 if family == "phi3" else layers
     assert apply_lora_kernels(models[1]) == {"lora_mlp": layers, "lora_qkv": stacked,
@@ -63,7 +66,7 @@ def test_patched_model_matches_unpatched(family, tiny_model_folder, monkeypatch)
     generator = torch.Generator().manual_seed(4)
     examples = [TokenizedExample(ids, [-100] * 3 + ids[3:], False)
                 for ids in (torch.randint(3, 300, (n,), generator=generator).tolist() for n in (9, 14))]
-    batch = collate(examples, 0, torch.device("cpu"))
+    batch = collate(examples, 0, DEVICE)
 
     rope_calls = count_calls(monkeypatch, rope_kernel, "apply_rope")
     fused_calls = count_calls(monkeypatch, cross_entropy_kernel, "fused_linear_cross_entropy")
@@ -72,17 +75,15 @@ def test_patched_model_matches_unpatched(family, tiny_model_folder, monkeypatch)
     lora_qkv_calls = count_calls(monkeypatch, lora_qkv_kernel, "lora_projections")
     head_calls = []
     models[1].get_output_embeddings().register_forward_hook(lambda *_: head_calls.append(1))
-    patched_loss, patched_grads = loss_and_grads(models[1], batch, fused=True)
+    patched_step = loss_and_grads(models[1], batch, fused=True)
     assert len(rope_calls) == layers  # the RoPE kernel really ran, once per attention layer
     assert len(fused_calls) == 1 and not head_calls  # the loss came from the fused kernel, not the head's logits
     assert len(lora_calls) == attention_projections - 3 * stacked and len(lora_qkv_calls) == stacked
     assert len(lora_mlp_calls) == layers
-    loss, grads = loss_and_grads(models[0], batch)
+    unpatched_step = loss_and_grads(models[0], batch)
     assert len(rope_calls) == layers  # the unpatched model, run after it, ran transformers' own RoPE
-    assert patched_loss == pytest.approx(loss, rel=1e-5)
-    assert grads.keys() == patched_grads.keys() and grads
-    for name, grad in grads.items():
-        torch.testing.assert_close(patched_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    reference_step = unpatched_step if dtype == torch.float32 else loss_and_grads(models[2], batch)
+    assert_matches_unpatched(dtype, patched_step, unpatched_step, reference_step)
 
 
 def test_rope_dispatch_is_installed_once_and_falls_back(tiny_model_folder, monkeypatch):

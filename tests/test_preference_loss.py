@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import lora_model
+from conftest import DEVICE, lora_model
 from ftcli.answer_logprobs import collate_pairs, pair_logprobs, shared_prompt_fits
 from ftcli.data.templates import IGNORE_INDEX, PreferenceExample
 from ftcli.pair_attention import PAIR_ATTENTION
@@ -179,9 +179,9 @@ def test_fused_scoring_with_kernels_equals_unfused(family, tiny_model_folder):
     pairs = make_pairs(seed=11)
     results = []
     for kernels in (True, False):
-        model, swapped = lora_model(folder, family, kernels=kernels)
+        model, swapped = lora_model(folder, family, kernels=kernels, device=DEVICE)
         assert bool(swapped) == kernels
-        step = PreferenceMethod(recipe(folder, "dpo", {"beta": 0.5}), 0, CPU, fused=kernels)
+        step = PreferenceMethod(recipe(folder, "dpo", {"beta": 0.5}), 0, DEVICE, fused=kernels)
         results.append((step.accumulate_gradients(model, [pairs]).loss, lora_gradients(model)))
     (loss, grads), (want_loss, want_grads) = results
     assert loss == pytest.approx(want_loss, rel=1e-5)

@@ -183,16 +183,19 @@ def worker(rank: int, port: int, cases: list[Case], plain: Case, out: Path) -> N
 @contextmanager
 def gpus_hidden() -> Iterator[None]:
     """The processes started inside see no GPU, so that they run on the CPU with gloo on a GPU machine too (these
-    tests compare CPU tensors; tests/test_distributed.py runs whole trainings on two GPUs where there are two)."""
-    before = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    tests compare CPU tensors; tests/test_distributed.py runs whole trainings on two GPUs where there are two); the
+    conftest each imports picks the CPU for the kernels too, whatever FTCLI_TEST_DEVICE this process has."""
+    hidden = {"CUDA_VISIBLE_DEVICES": "", "FTCLI_TEST_DEVICE": "cpu"}
+    before = {name: os.environ.get(name) for name in hidden}
+    os.environ.update(hidden)
     try:
         yield
     finally:
-        if before is None:
-            del os.environ["CUDA_VISIBLE_DEVICES"]
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = before
+        for name, value in before.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 def free_port() -> int:

@@ -9,7 +9,7 @@ import yaml
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import assert_clean_failure, make_output_folder, randomise, run_cli, write_jsonl, write_recipe
+from conftest import DEVICE, assert_clean_failure, make_output_folder, randomise, run_cli, write_jsonl, write_recipe
 from test_patch_lora import assert_same_training, batch
 from test_resume import CHAT_ROWS, RESUMABLE, adapter, interrupted_run, losses
 from ftcli.architectures import ARCHITECTURES
@@ -298,12 +298,12 @@ def test_a_checkpoint_holds_only_the_trained_adapter_and_may_be_started_from(wor
 
 def test_kernels_and_checkpointing_train_a_loaded_adapter_as_peft_does_and_switch_to_the_reference(workspace):
     tmp, base, data, start = workspace
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).requires_grad_(False)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(DEVICE).requires_grad_(False)
     model, swaps = prepare_for_training(model, ARCHITECTURES["llama"], LoraSettings(r=4, alpha=8), kernels=True,
                                         gradient_checkpointing=True, seed=0, adapter=str(start))
     assert swaps.module_counts["lora_mlp"] == swaps.module_counts["lora_qkv"] == 2  # one of each per layer
-    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), start,
-                                      is_trainable=True)
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(DEVICE),
+                                      start, is_trainable=True)
     assert_same_training(model.train(), plain.train())
 
     load_reference_adapter(model, start)

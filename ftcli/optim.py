@@ -12,7 +12,7 @@ from ftcli.errors import CheckpointError
 from ftcli.recipe import TrainSettings
 
 # bitsandbytes 0.50's 8-bit update scales each moment by the largest value of its block of this many elements, on
-# every backend: BLOCKSIZE_2STATE in csrc/ops.cuh, `blocksize = 256` in backends/cpu/ops.py and in
+# every backend: BLOCKSIZE_2STATE in csrc/ops.cu, `blocksize = 256` in backends/cpu/ops.py and in
 # Optimizer2State.init_state, which sizes the absmax vectors
 STATE_BLOCK = 256
 # its CUDA kernel counts elements in 32-bit ints (`const int n`, and n rounded up to whole blocks)

@@ -17,7 +17,7 @@ import torch
 from ftcli.optim import build_optimizer
 from ftcli.recipe import TrainSettings
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CUDA = torch.cuda.is_available()
 
 
 def lora_shapes(layers: int, hidden: int, kv: int, intermediate: int, rank: int) -> list[tuple[int, int]]:
@@ -28,14 +28,14 @@ def lora_shapes(layers: int, hidden: int, kv: int, intermediate: int, rank: int)
 
 
 def synchronize() -> None:
-    if DEVICE == "cuda":
+    if CUDA:
         torch.cuda.synchronize()
 
 
 def measure(build, shapes: list[tuple[int, int]], warmup: int = 3, steps: int = 10) -> dict:
-    parameters = [torch.nn.Parameter(torch.randn(shape, device=DEVICE) * 0.01) for shape in shapes]
+    parameters = [torch.nn.Parameter(torch.randn(shape, device="cuda" if CUDA else "cpu") * 0.01) for shape in shapes]
     optimizer = build(parameters)
-    if DEVICE == "cuda":
+    if CUDA:
         torch.cuda.reset_peak_memory_stats()
     host, wall = [], []
     for _ in range(warmup + steps):
@@ -48,7 +48,7 @@ def measure(build, shapes: list[tuple[int, int]], warmup: int = 3, steps: int = 
         synchronize()
         host.append(enqueued - started)
         wall.append(time.perf_counter() - started)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else float("nan")
     return {"host_ms": 1e3 * statistics.median(host[warmup:]), "wall_ms": 1e3 * statistics.median(wall[warmup:]),
             "peak_gib": peak}
 
@@ -66,7 +66,7 @@ def main() -> None:
     options = dict(lr=settings.learning_rate, weight_decay=settings.weight_decay)
     sides = {"bitsandbytes AdamW8bit": lambda parameters: bitsandbytes.optim.AdamW8bit(parameters, **options),
              "ftcli AdamW8bit (flat)": lambda parameters: build_optimizer(parameters, settings)}
-    print(f"{len(shapes)} tensors, {sum(i * o for i, o in shapes) / 1e6:.1f} M parameters, {DEVICE}")
+    print(f"{len(shapes)} tensors, {sum(i * o for i, o in shapes) / 1e6:.1f} M parameters, {'cuda' if CUDA else 'cpu'}")
     for name, build in sides.items():
         result = measure(build, shapes)
         print(f"{name:24} host {result['host_ms']:7.2f} ms  wall {result['wall_ms']:7.2f} ms  "

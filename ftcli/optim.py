@@ -39,8 +39,9 @@ def flat_adamw_8bit() -> type:
     stay in 32 bits) gets the same bits stepped alone or as a block-aligned slice of a longer tensor. Those matrices
     are gathered into one flat tensor at each step (so weights changed between steps, by a resume or a broadcast,
     are the ones stepped), updated in one call and copied back; the flat copies of weights and gradients exist only
-    inside step(), so forward and backward hold no memory for them. The other parameters are stepped one by one, as
-    bitsandbytes does, minus its device waits (they exist for paged states, which this optimizer refuses).
+    inside step() (twice the matrices' size, while the activations of backward are gone), so forward and backward
+    hold no memory for them. The other parameters are stepped one by one, as bitsandbytes does, minus its device
+    waits (they exist for paged states, which this optimizer refuses).
 
     A subclass rather than a wrapper, so that param_groups lists the trained parameters themselves: the float16
     GradScaler unscales and checks the gradients it finds there, and set_learning_rate writes the rate there. One

@@ -100,7 +100,10 @@ def restore_snapshot(snapshot: Snapshot, model, optimizer, scaler) -> None:
     if unexpected:
         raise CheckpointError(f"Checkpoint {snapshot.path} holds adapter weights this model has no place for "
                               f"({', '.join(unexpected[:3])}); it was saved from another model or LoRA setup.")
-    load_optimizer_state(optimizer, saved["optimizer"])
+    try:
+        load_optimizer_state(optimizer, saved["optimizer"])
+    except CheckpointError as refused:  # the optimizer says why its state cannot continue; this names the checkpoint
+        raise CheckpointError(f"Cannot resume from {snapshot.path}. {refused.message}") from None
     if scaler and saved["scaler"]:
         scaler.load_state_dict(saved["scaler"])
     restore_random_states(saved["rng"])

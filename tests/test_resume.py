@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_clean_failure, run_cli, write_jsonl, write_recipe
+from ftcli.optim import FLAT_STATE
 from ftcli.progress import TrainingDisplay
 
 CHAT_ROWS = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
@@ -51,8 +52,10 @@ class StopAfter(TrainingDisplay):
             self.stop.signal_number = signal.SIGTERM
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
-def test_interrupted_then_resumed_equals_uninterrupted(workspace, optimizer):
+# r=64 makes most of the tiny model's LoRA matrices whole 256-element blocks of at least 4096 elements, which
+# adamw_8bit steps as one flat tensor (the k and v projections' B matrices, 2048 elements, it steps apart)
+@pytest.mark.parametrize("optimizer, r", [("adamw", 4), ("adamw_8bit", 4), ("adamw_8bit", 64)])
+def test_interrupted_then_resumed_equals_uninterrupted(workspace, optimizer, r):
     from ftcli.errors import Interrupted
     from ftcli.output import locked_output_folder, partial_folder
     from ftcli.recipe import load_recipe
@@ -60,7 +63,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(workspace, optimizer):
     from ftcli.train import run
 
     tmp, model, data = workspace
-    settings = RESUMABLE | {"train": RESUMABLE["train"] | {"optimizer": optimizer}}
+    settings = RESUMABLE | {"train": RESUMABLE["train"] | {"optimizer": optimizer},
+                            "lora": RESUMABLE["lora"] | {"r": r, "alpha": 2 * r}}
     whole = write_recipe(tmp / "whole.yaml", model, data, tmp / "whole", **settings)
     assert run_cli("train", whole, "--json").exit_code == 0
 
@@ -75,6 +79,9 @@ def test_interrupted_then_resumed_equals_uninterrupted(workspace, optimizer):
     # step-2 was pruned (limit 2); step-4 from save_steps and step-5 from the stop remain
     assert sorted(p.name for p in (partial / "checkpoints").iterdir()) == ["step-4", "step-5"]
     assert len(losses(partial)) == 5
+    saved = torch.load(partial / "checkpoints" / "step-5" / "training_state.pt", weights_only=True)["optimizer"]
+    flat = saved.get(FLAT_STATE, {"members": []})["members"]
+    assert len(flat) == (24 if (optimizer, r) == ("adamw_8bit", 64) else 0)  # 12 of each layer's 14 matrices
 
     result = run_cli("train", tmp / "cut.yaml", "--resume", "--json")
     assert result.exit_code == 0, result.output
@@ -232,6 +239,18 @@ def test_resume_from_a_damaged_checkpoint_is_a_checkpoint_error_naming_it(worksp
     message = " ".join(result.output.split())
     assert "step-3 is damaged and cannot be read" in message and "Delete that folder" in message
     assert "Traceback" not in result.output
+
+
+def test_resume_from_a_checkpoint_of_the_per_matrix_8bit_adamw_is_a_checkpoint_error_naming_it(workspace):
+    tmp, model, data = workspace
+    path = interrupted_run(tmp, model, data, stop_after=3, lora={"r": 64, "alpha": 128},
+                           train={"optimizer": "adamw_8bit"})
+    written = tmp / ".cut.partial" / "checkpoints" / "step-3" / "training_state.pt"
+    saved = torch.load(written, weights_only=True)
+    del saved["optimizer"][FLAT_STATE]  # the earlier ftcli's optimizer saved no flat moments
+    torch.save(saved, written)
+    assert_clean_failure(run_cli("train", path, "--resume"), 2, "Cannot resume from", "step-3",
+                         "written by an earlier ftcli", "Delete the checkpoints to start the run again")
 
 
 def test_two_runs_cannot_share_an_output_folder(tmp_path):

@@ -91,7 +91,7 @@ def test_rope_dispatch_is_installed_once_and_falls_back(tiny_model_folder, monke
     module, cos and sin that need gradients (which the kernel does not give) go to transformers' code."""
     from transformers.models.llama import modeling_llama
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_folder("llama"), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_folder("llama"), dtype=torch.float32).to(DEVICE)
     patched = copy.deepcopy(base)
     for model in (patched, copy.deepcopy(base)):
         apply_kernels(model, ARCHITECTURES["llama"])
@@ -99,8 +99,8 @@ def test_rope_dispatch_is_installed_once_and_falls_back(tiny_model_folder, monke
     assert isinstance(dispatch, RotaryDispatch) and not isinstance(dispatch.original, RotaryDispatch)
 
     rope_calls = count_calls(monkeypatch, rope_kernel, "apply_rope")
-    hidden = torch.randn(2, 5, base.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    cos, sin = base.model.rotary_emb(hidden, torch.arange(5)[None])
+    hidden = torch.randn(2, 5, base.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    cos, sin = base.model.rotary_emb(hidden, torch.arange(5, device=DEVICE)[None])
     attention, patched_attention = base.model.layers[0].self_attn, patched.model.layers[0].self_attn
     want = attention(hidden, (cos, sin), None)[0]
     assert not rope_calls

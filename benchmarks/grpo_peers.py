@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
+from peer_timing import CUDA, step_timer, synchronize
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-CUDA = torch.cuda.is_available()
 
 
 def load_model(folder: str, precision: str):
@@ -70,7 +71,6 @@ def train(model, tokenizer, prompts: list[list[int]], args) -> dict:
     """Train warmup + steps prompts through GRPOTrainer, timing each optimizer step and each generate call."""
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     times = []
@@ -78,15 +78,6 @@ def train(model, tokenizer, prompts: list[list[int]], args) -> dict:
     def pattern_reward(completions, **_) -> list[float]:
         """What ftcli's built-in regex_format scores: 1 where the pattern matches the completion, else 0."""
         return [float(re.search(args.reward_pattern, text, re.DOTALL) is not None) for text in completions]
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *_, **__):
-            synchronize()
-            self.started = time.perf_counter()
-
-        def on_step_end(self, *_, **__):
-            synchronize()
-            times.append(time.perf_counter() - self.started)
 
     rows = [{"prompt": " ".join(tokenizer.convert_ids_to_tokens(ids))} for ids in prompts]
     config = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="grpo-peer-"), num_generations=args.generations,
@@ -102,7 +93,7 @@ def train(model, tokenizer, prompts: list[list[int]], args) -> dict:
     lora = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=args.targets,
                       task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=model, reward_funcs=pattern_reward, args=config, train_dataset=Dataset.from_list(rows),
-                          processing_class=tokenizer, peft_config=lora, callbacks=[StepTimer()])
+                          processing_class=tokenizer, peft_config=lora, callbacks=[step_timer(times)])
     timer = GenerationTimer(trainer.model)
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
@@ -113,11 +104,6 @@ def train(model, tokenizer, prompts: list[list[int]], args) -> dict:
             "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if CUDA else None,
             "device": torch.cuda.get_device_name() if CUDA else "cpu"}
-
-
-def synchronize() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
 
 
 def main() -> None:

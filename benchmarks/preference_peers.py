@@ -18,16 +18,16 @@ import argparse
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+from peer_timing import CUDA, step_timer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
 
-CUDA = torch.cuda.is_available()
 
 
 def load_trl(folder: str, max_length: int, args):
@@ -65,19 +65,9 @@ LOADERS = {"trl": load_trl, "unsloth": load_unsloth}
 def train(model, tokenizer, lora, pairs: list[list[list[int]]], args) -> dict:
     """Train pairs x (warmup + steps) pairs through DPOTrainer, timing each optimizer step."""
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     times = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *_, **__):
-            synchronize()
-            self.started = time.perf_counter()
-
-        def on_step_end(self, *_, **__):
-            synchronize()
-            times.append(time.perf_counter() - self.started)
 
     # Answers start with a space, so the prompt's words and the answer's stay apart; they end with the end token
     # already, so TRL adds none
@@ -93,7 +83,7 @@ def train(model, tokenizer, lora, pairs: list[list[list[int]]], args) -> dict:
                        logging_steps=1, report_to=[], save_strategy="no", dataloader_num_workers=0,
                        disable_tqdm=True)
     trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         peft_config=lora, callbacks=[StepTimer()])
+                         peft_config=lora, callbacks=[step_timer(times)])
     same_ids = all([row.get("prompt_ids"), row.get("chosen_ids"), row.get("rejected_ids")] == pair
                    for row, pair in zip(trainer.train_dataset, pairs))
     if CUDA:
@@ -103,11 +93,6 @@ def train(model, tokenizer, lora, pairs: list[list[list[int]]], args) -> dict:
             "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if CUDA else None,
             "device": torch.cuda.get_device_name() if CUDA else "cpu"}
-
-
-def synchronize() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
 
 
 def main() -> None:

@@ -33,11 +33,12 @@ from pathlib import Path
 
 import torch
 
+from peer_timing import CUDA, step_timer, synchronize
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
 
-CUDA = torch.cuda.is_available()
 PEER_SITE_HINT = "put .peersite on PYTHONPATH (../shared/tools/peer-site.sh builds it)"
 # The packages whose versions each side reports
 VERSIONS_OF = {"trl": ("trl", "transformers", "peft", "bitsandbytes", "datasets", "torch"),
@@ -49,7 +50,7 @@ def train_trl(folder: str, batches: list[list[list[int]]], args) -> dict:
     """TRL's SFTTrainer over warmup + steps steps, the batches in turn, timing each optimizer step."""
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
     nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -58,20 +59,6 @@ def train_trl(folder: str, batches: list[list[list[int]]], args) -> dict:
                                                  dtype=torch.bfloat16 if CUDA else torch.float32,
                                                  device_map={"": 0} if CUDA else None, attn_implementation="sdpa")
     times = []
-
-    class StepTimer(TrainerCallback):
-        def on_train_begin(self, *_, **__):
-            synchronize()
-            if CUDA:
-                torch.cuda.reset_peak_memory_stats()
-
-        def on_step_begin(self, *_, **__):
-            synchronize()
-            self.started = time.perf_counter()
-
-        def on_step_end(self, *_, **__):
-            synchronize()
-            times.append(time.perf_counter() - self.started)
 
     step_count = args.warmup + args.steps
     expected = [batches[step % len(batches)] for step in range(step_count)]
@@ -87,7 +74,7 @@ def train_trl(folder: str, batches: list[list[list[int]]], args) -> dict:
     torch.manual_seed(args.seed)  # the LoRA weights SFTTrainer draws as it adds the adapter, as every side draws them
     trainer = SFTTrainer(model=model, args=config, processing_class=AutoTokenizer.from_pretrained(folder),
                          train_dataset=Dataset.from_list([{"input_ids": row} for batch in expected for row in batch]),
-                         peft_config=lora, callbacks=[StepTimer()])
+                         peft_config=lora, callbacks=[step_timer(times, reset_peak_at_start=True)])
     collated = BatchRecorder(trainer.data_collator)
     trainer.data_collator = collated
     trainer.train()
@@ -168,11 +155,6 @@ def versions(peer: str) -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             found[package] = "unknown"
     return found
-
-
-def synchronize() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
 
 
 def main() -> None:

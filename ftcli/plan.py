@@ -6,7 +6,7 @@ The estimate models what ftcli itself allocates, from the model's config.json al
   per block of 64 and a float32 per 256 blocks), embeddings, LM head, norms and biases in 16 bits, counted
   on the model built on the meta device;
 - LoRA: float32 adapters and their float32 gradients, and the optimizer's two moments (8 bits each with
-  adamw_8bit, 32 bits with adamw);
+  adamw_8bit, 32 bits with adamw); adamw_8bit's step gathers the adapters and their gradients into flat copies;
 - activations: what one decoder layer keeps for backward, per token, and how many layers keep it under each
   gradient-checkpointing mode (all of them without checkpointing; only the layer inputs with `true`;
   the inputs wait in CPU memory with `offload`, two layers' worth on the GPU while in flight, except the first
@@ -246,6 +246,8 @@ def estimate_memory(model: ModelShape, setup: Setup) -> MemoryEstimate:
         moments = {name: parts | gathered for name, parts in moments.items()}
     if setup.processes > 1:
         moments["gradient sum across processes"] = base | {"lora gradients": gradients, "gradient sum buffer": gradients}
+    if setup.optimizer == "adamw_8bit":  # its one update gathers the adapters and their gradients (ftcli/optim.py)
+        moments["optimizer step"] = base | {"lora gradients": gradients, "flat copies for the 8-bit update": 2 * adapters}
     moment = max(moments, key=lambda name: sum(moments[name].values()))
     return MemoryEstimate(moments[moment], moment, host)
 

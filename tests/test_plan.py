@@ -250,14 +250,26 @@ def test_fsdp_shards_the_decoder_layers_and_keeps_the_rest_whole(load_in_4bit):
 
 
 def test_summing_the_gradients_across_processes_is_the_peak_when_activations_are_tiny():
-    """ddp's one flat buffer of all adapter gradients: larger than a short row's backward."""
+    """ddp's one flat buffer of all adapter gradients: larger than a short row's backward (with PyTorch's AdamW,
+    whose step gathers nothing)."""
     shape = shape_of("llama3-8b")
-    alone = estimate_memory(shape, Setup(batch_size=1, seq=16))
-    two = estimate_memory(shape, Setup(batch_size=1, seq=16, processes=2))
+    alone = estimate_memory(shape, Setup(batch_size=1, seq=16, optimizer="adamw"))
+    two = estimate_memory(shape, Setup(batch_size=1, seq=16, processes=2, optimizer="adamw"))
     lora = 4 * 32 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))  # float32 A and B
     assert two.moment == "gradient sum across processes" and alone.moment != two.moment
     assert two.parts["lora gradients"] == two.parts["gradient sum buffer"] == lora
     assert two.peak > alone.peak
+
+
+def test_the_8bit_optimizer_step_is_the_peak_when_activations_are_tiny():
+    """The flat 8-bit update gathers the adapters and their gradients once more: at 16 tokens that is the peak,
+    at 2 x 2,048 a layer's backward still is."""
+    shape = shape_of("llama3-8b")
+    lora = 4 * 32 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))  # float32 A and B
+    short = estimate_memory(shape, Setup(batch_size=1, seq=16))
+    assert short.moment == "optimizer step"
+    assert short.parts["lora gradients"] == lora and short.parts["flat copies for the 8-bit update"] == 2 * lora
+    assert "backward" in estimate_memory(shape, Setup(batch_size=2, seq=2048)).moment
 
 
 def seventy_b_recipe(**train):
@@ -462,9 +474,9 @@ def test_the_longest_length_is_the_last_multiple_of_1024_below_a_hand_computed_b
     shape = shape_of("llama3-8b")
     setup = Setup(batch_size=1, seq=2048, checkpointing="offload", lora_r=32, tiled_mlp=False)
     per_token = 1.05 * (2 * 8192 + 2 * (3 * 4096 + 2 * 4096 + 2 * 1024 + 2 * 14336) + 2 * (3 * 14336 + 3 * 4096))
-    at_1024 = estimate_memory(shape, replace(setup, seq=1024)).needed
+    at_8192 = estimate_memory(shape, replace(setup, seq=8192)).needed  # a layer's backward is the peak from here on
     for budget in (12 * GIB, 40 * GIB, 80 * GIB):
-        boundary = 1024 + (budget - at_1024) / per_token  # the tokens where the need reaches the budget
+        boundary = 8192 + (budget - at_8192) / per_token  # the tokens where the need reaches the budget
         longest = longest_setup(shape, setup, "offload", budget, None)
         assert longest.seq == int(boundary) // LENGTH_STEP * LENGTH_STEP
         assert estimate_memory(shape, longest).fits(budget)

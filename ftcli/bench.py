@@ -20,7 +20,7 @@ trl and unsloth run benchmarks/sft_peers.py with whatever is importable (ftcli n
 put .peersite on PYTHONPATH) and load a model folder written first: the bf16 weights ftcli's side draws in memory,
 quantized on load as their users do. --keep-model DIR keeps that folder as DIR/SHAPE for later runs of the shape.
 
-With --calls N the whole comparison runs N times, interleaved (ftcli, each peer, ftcli again ...), each side a fresh
+With --calls N the whole comparison runs N times, interleaved (each call starts one side later), each side a fresh
 process every call, and one table gives per side the median tokens/s over the calls, the spread (how much slower
 the slowest call is than the fastest, in percent), the largest peak, the first-step loss, and ftcli's speed and
 peak over the side's. A side that fails (not importable, out of memory) fails its row with the reason and the rest

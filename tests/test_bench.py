@@ -66,8 +66,8 @@ def test_trl_peer_trains_the_in_memory_model_on_the_same_batches_to_the_same_los
 
 
 def test_calls_interleave_the_sides_and_write_the_model_folder_once(monkeypatch, tmp_path):
-    """Each call runs ftcli, then the peers as given; the folder trl and unsloth load is written once for all calls
-    (and, kept with --keep-model, not again by a later run)."""
+    """The first call runs ftcli, then the peers as given, and each next call starts one side later; the folder trl
+    and unsloth load is written once for all calls (and, kept with --keep-model, not again by a later run)."""
     commands = []
 
     def side_in_subprocess(side, command):
@@ -83,7 +83,7 @@ def test_calls_interleave_the_sides_and_write_the_model_folder_once(monkeypatch,
     results = bench_peers.run_calls(args, ["--peer", "unsloth,trl", "--peer", "hf", "--calls", "2"])
 
     assert [(result["call"], result["side"]) for result in results] == \
-        [(1, "ftcli"), (1, "unsloth"), (1, "trl"), (1, "hf"), (2, "ftcli"), (2, "unsloth"), (2, "trl"), (2, "hf")]
+        [(1, "ftcli"), (1, "unsloth"), (1, "trl"), (1, "hf"), (2, "unsloth"), (2, "trl"), (2, "hf"), (2, "ftcli")]
     assert [side for side, _ in commands] == ["folder", *(side for _, side in bench_peers.call_order(["unsloth", "trl",
                                                                                                       "hf"], 2))]
     assert (tmp_path / "tiny").is_dir() and not (tmp_path / "tiny.partial").exists()

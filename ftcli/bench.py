@@ -48,6 +48,7 @@ import cProfile
 import importlib.metadata
 import io
 import json
+import os
 import pstats
 import statistics
 import sys
@@ -254,6 +255,11 @@ def versions() -> dict[str, str]:
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        # Triton compiles for GPUs only; set here, its interpreter runs ftcli's kernels in every side's process
+        os.environ["TRITON_INTERPRET"] = "1"
+        print("No GPU here: ftcli's kernels run in Triton's CPU interpreter, slowly, so the figures show that the sides "
+              "run and agree, not how fast they are.", file=sys.stderr)
     method = method_of(argv)
     if "--gpus" in argv:
         bench_distributed.main(argv)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from ftcli import bench_common, bench_grpo, bench_peers, bench_preference
+from ftcli import bench, bench_common, bench_grpo, bench_peers, bench_preference
 
 # How far apart the two sides' losses may be. On the CPU both compute in float32. On a GPU the bench computes in
 # bfloat16, and the plain side keeps the norms, embeddings and head in float32 (prepare_model_for_kbit_training);
@@ -340,3 +340,13 @@ def test_bench_trains_on_one_gpu_then_on_two(distributed):
     # random weights over a 512-word vocabulary: a first loss near ln(512), and one that the updates move
     for side in (one, two):
         assert side["losses"][0] == pytest.approx(math.log(512), rel=0.05) and side["losses"][-1] != side["losses"][0]
+
+
+def test_without_a_gpu_the_bench_runs_the_kernels_in_the_interpreter_and_says_so(monkeypatch, capsys):
+    """Triton compiles for GPUs only: on a CPU machine every side's process must inherit TRITON_INTERPRET."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        bench.main(["--shape", "no-such-shape"])  # stops in argument parsing, after the check
+    assert os.environ["TRITON_INTERPRET"] == "1"
+    assert "No GPU here: ftcli's kernels run in Triton's CPU interpreter" in capsys.readouterr().err

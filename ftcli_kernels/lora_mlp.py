@@ -53,11 +53,7 @@ class LoraGatedMLPFunction(torch.autograd.Function):
         if tile_rows:
             ctx.save_for_backward(x, *adapters)
             return (stand_in,)
-        inner, inner_xa = [], []
-        for index in range(len(weights) - 1):
-            out, xa = project(x2d, weights[index], biases[index], *adapters[2 * index:2 * index + 2], scalings[index])
-            inner.append(out)
-            inner_xa.append(xa)
+        inner, inner_xa = _inner_projections(x2d, weights[:-1], biases[:-1], scalings[:-1], adapters[:-2])
         hidden = activation_forward(*_gate_and_up(inner), activation)
         down_xa = hidden @ adapters[-2].t()
         lora_term = scaled(down_xa @ adapters[-1].t(), scalings[-1])
@@ -83,9 +79,8 @@ class LoraGatedMLPFunction(torch.autograd.Function):
         for start in range(0, x2d.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
             if ctx.tile_rows:
-                rows_inner_xa = [x2d[rows] @ lora_A.t() for lora_A in adapters[0:2 * count:2]]
-                rows_inner = _inner_projections(x2d[rows], weights[:-1], ctx.biases[:-1], rows_inner_xa,
-                                                adapters[1:2 * count:2], ctx.scalings[:-1])
+                rows_inner, rows_inner_xa = _inner_projections(x2d[rows], weights[:-1], ctx.biases[:-1],
+                                                               ctx.scalings[:-1], adapters[:-2])
                 rows_down_xa = None
             else:
                 rows_inner_xa, rows_inner, rows_down_xa = [t[rows] for t in inner_xa], [t[rows] for t in inner], down_xa[rows]
@@ -120,14 +115,11 @@ class LoraGatedMLPOutput(torch.autograd.Function):
 def _tiled_output(x2d, activation, weights, biases, scalings, adapters, tile_rows) -> torch.Tensor:
     """The MLP's output, computed a tile of rows at a time."""
     dense = [dense_weight(w, x2d.dtype) for w in weights]
-    count = len(weights) - 1
     down_A, down_B = adapters[-2:]
     out = x2d.new_empty(x2d.shape[0], dense[-1].shape[0])
     for start in range(0, x2d.shape[0], tile_rows):
         rows = slice(start, start + tile_rows)
-        inner_xa = [x2d[rows] @ lora_A.t() for lora_A in adapters[0:2 * count:2]]
-        inner = _inner_projections(x2d[rows], dense[:-1], biases[:-1], inner_xa, adapters[1:2 * count:2],
-                                   scalings[:-1])
+        inner, _ = _inner_projections(x2d[rows], dense[:-1], biases[:-1], scalings[:-1], adapters[:-2])
         hidden = activation_forward(*_gate_and_up(inner), activation)
         del inner
         if biases[-1] is None:
@@ -138,13 +130,11 @@ def _tiled_output(x2d, activation, weights, biases, scalings, adapters, tile_row
     return out
 
 
-def _inner_projections(x2d, dense_weights, biases, inner_xa, lora_Bs, scalings) -> list[torch.Tensor]:
-    """Gate and up (or gate_up) of some rows from dense weights and the rows' x A^T."""
-    inner = []
-    for weight, bias, xa, lora_B, scaling in zip(dense_weights, biases, inner_xa, lora_Bs, scalings):
-        out = x2d @ weight.t() if bias is None else torch.addmm(bias.to(x2d.dtype), x2d, weight.t())
-        inner.append(out.addmm_(xa, lora_B.t(), alpha=scaling))
-    return inner
+def _inner_projections(x2d, weights, biases, scalings, adapters) -> tuple[list, list]:
+    """Gate and up (or gate_up) of the rows `x2d`, and each one's x A^T; `adapters` holds A, B of each."""
+    projected = [project(x2d, weight, bias, *adapters[2 * index:2 * index + 2], scaling)
+                 for index, (weight, bias, scaling) in enumerate(zip(weights, biases, scalings))]
+    return [out for out, _ in projected], [xa for _, xa in projected]
 
 
 def _chunk_backward(ctx, weights, grad, x2d, inner, inner_xa, down_xa: Optional[torch.Tensor], adapters,

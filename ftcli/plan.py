@@ -494,7 +494,7 @@ def choose_strategy(recipe: Recipe, config, processes: int, gpu_bytes: Optional[
     if processes == 1:
         return "ddp"
     # with gradient_checkpointing: auto, ddp is chosen if it fits with the least memory (offload); the
-    # checkpointing is chosen for the strategy afterwards (choose_checkpointing)
+    # checkpointing is chosen for the strategy afterwards (settle_checkpointing)
     least = "offload" if recipe.train.gradient_checkpointing == "auto" else None
     ddp = estimate_memory(ModelShape.from_config(config), Setup.from_recipe(recipe, longest, processes, "ddp", least))
     return pick_strategy("auto", ddp, gpu_bytes)
@@ -535,24 +535,18 @@ def settled_setup(shape: ModelShape, setup: Setup, requested: Union[Checkpointin
     return replace(setup, layers_kept_on_gpu=pick_layers_kept_on_gpu(shape, setup, budget, host_budget))
 
 
-def choose_checkpointing(recipe: Recipe, config, gpu_bytes: Optional[int], longest: int, processes: int = 1,
-                         strategy: Strategy = "ddp") -> Checkpointing:
-    """train.gradient_checkpointing, with auto resolved against GPUs of `gpu_bytes` (None when there is no GPU:
-    true) for a data set whose longest example has `longest` tokens."""
-    if recipe.train.gradient_checkpointing != "auto":
-        return recipe.train.gradient_checkpointing
-    shape = ModelShape.from_config(config)
-    return pick_checkpointing(shape, Setup.from_recipe(recipe, longest, processes, strategy), "auto", gpu_bytes)
-
-
-def layers_to_keep_on_gpu(recipe: Recipe, config, gpu_bytes: Optional[int], host_bytes: Optional[int], longest: int,
-                          processes: int = 1, strategy: Strategy = "ddp") -> int:
-    """How many of the first decoder layers keep their inputs on the GPU under offload, for GPUs of `gpu_bytes` and
-    a host of `host_bytes` shared by `processes` processes (0 when either is unknown, or the host holds them
-    all); with gradient_checkpointing auto, of the policy it resolves to."""
-    shape = ModelShape.from_config(config)
-    setup = Setup.from_recipe(recipe, longest, processes, strategy)
-    return settled_setup(shape, setup, recipe.train.gradient_checkpointing, gpu_bytes, host_bytes).layers_kept_on_gpu
+def settle_checkpointing(recipe: Recipe, config, gpu_bytes: Optional[int], host_bytes: Optional[int], longest: int,
+                         processes: int = 1, strategy: Strategy = "ddp") -> tuple[Checkpointing, int]:
+    """train.gradient_checkpointing with auto resolved against GPUs of `gpu_bytes` (None when there is no GPU:
+    true), and under offload how many of the first decoder layers keep their inputs on the GPU for a host of
+    `host_bytes` shared by `processes` processes (0 when either memory is unknown, or the host holds them all),
+    for a data set whose longest example has `longest` tokens."""
+    requested = recipe.train.gradient_checkpointing
+    if requested not in ("auto", "offload"):  # nothing to decide
+        return requested, 0
+    setup = settled_setup(ModelShape.from_config(config), Setup.from_recipe(recipe, longest, processes, strategy),
+                          requested, gpu_bytes, host_bytes)
+    return setup.checkpointing, setup.layers_kept_on_gpu
 
 
 def longest_setup(shape: ModelShape, setup: Setup, requested: Union[Checkpointing, str], budget: int,

@@ -34,8 +34,8 @@ from ftcli.grpo import GrpoMethod
 from ftcli.metrics import MetricsLog, StepResult, plot_losses
 from ftcli.optim import build_optimizer, set_learning_rate
 from ftcli.patch import KernelSwaps, apply_kernels, apply_lora_kernels, kernels_can_run
-from ftcli.plan import (Checkpointing, choose_checkpointing, choose_strategy, layers_to_keep_on_gpu, local_host_memory,
-                        out_of_memory_advice)
+from ftcli.plan import (Checkpointing, choose_strategy, local_host_memory, out_of_memory_advice,
+                        settle_checkpointing)
 from ftcli.preference import PreferenceMethod
 from ftcli.progress import TrainingDisplay
 from ftcli.rewards import Reward, load_rewards
@@ -141,9 +141,8 @@ def run(recipe: Recipe, out_dir: Optional[Path], display: TrainingDisplay, resum
                           "each, while sharded layers need every process in every forward. Use train.distributed: ddp "
                           "(each GPU holds the whole model: load_in_4bit: true makes it fit), or train with fewer "
                           "completion tokens (grpo.max_completion_length).")
-    checkpointing = choose_checkpointing(recipe, config, gpu_bytes, data.stats.longest, processes.count, strategy)
-    layers_on_gpu = layers_to_keep_on_gpu(recipe, config, gpu_bytes, local_host_memory(), data.stats.longest,
-                                          processes.count, strategy)
+    checkpointing, layers_on_gpu = settle_checkpointing(recipe, config, gpu_bytes, local_host_memory(),
+                                                        data.stats.longest, processes.count, strategy)
     try:
         setup = build_setup(recipe, out_dir, device, architecture, tokenizer, data, total_steps, rewards, processes,
                             schedule, strategy, checkpointing, layers_on_gpu)

@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import DEVICE, assert_clean_failure, run_cli, write_jsonl, write_recipe
 from ftcli.errors import InputError
-from ftcli.plan import (GIB, LENGTH_STEP, ModelShape, Setup, choose_checkpointing, choose_strategy, estimate_memory,
-                        layer_activation_bytes, layers_to_keep_on_gpu, local_host_memory, longest_setup, parse_size,
-                        pick_layers_kept_on_gpu, pinned_bytes, settled_setup, tiling_starts)
+from ftcli.plan import (GIB, LENGTH_STEP, ModelShape, Setup, choose_strategy, estimate_memory,
+                        layer_activation_bytes, local_host_memory, longest_setup, parse_size,
+                        pick_layers_kept_on_gpu, pinned_bytes, settle_checkpointing, settled_setup, tiling_starts)
 from ftcli.recipe import Recipe
 from ftcli.recipe import DEFAULT_TARGET_MODULES
 from ftcli.shapes import shape_config
@@ -457,15 +457,15 @@ def test_the_split_keeps_what_the_host_cannot_hold_on_the_gpu_as_far_as_it_has_r
     assert estimate_memory(shape, settled).fits_both(room_for_five, 20 * GIB) is False
 
 
-def test_layers_to_keep_on_gpu_is_what_the_train_path_asks():
+def test_the_layers_kept_on_the_gpu_are_what_the_train_path_asks():
     config = shape_config("llama3-8b")
     recipe = Recipe(model={"name": "m"}, data={"path": "d"},
                     train={"batch_size": 1, "gradient_checkpointing": "offload"})
-    assert layers_to_keep_on_gpu(recipe, config, 80 * GIB, 20 * GIB, 131072) == 12
-    assert layers_to_keep_on_gpu(recipe, config, 80 * GIB, 200 * GIB, 131072) == 0
-    assert layers_to_keep_on_gpu(recipe, config, None, 20 * GIB, 131072) == 0  # no GPU
+    assert settle_checkpointing(recipe, config, 80 * GIB, 20 * GIB, 131072)[1] == 12
+    assert settle_checkpointing(recipe, config, 80 * GIB, 200 * GIB, 131072)[1] == 0
+    assert settle_checkpointing(recipe, config, None, 20 * GIB, 131072)[1] == 0  # no GPU
     # two processes on the machine share its host memory: each gets half
-    assert layers_to_keep_on_gpu(recipe, config, 80 * GIB, 40 * GIB, 131072, processes=2) == 12
+    assert settle_checkpointing(recipe, config, 80 * GIB, 40 * GIB, 131072, processes=2)[1] == 12
 
 
 def test_the_longest_length_is_the_last_multiple_of_1024_below_a_hand_computed_boundary():
@@ -534,10 +534,10 @@ def test_auto_checkpointing_picks_the_fastest_that_fits(budget, expected):
              for mode in (False, True, "offload")}
     assert needs == pytest.approx({False: 21.06, True: 8.35, "offload": 7.52}, abs=0.01)
     gpu = None if budget is None else budget * GIB
-    assert choose_checkpointing(eight_b_recipe(gradient_checkpointing="auto"), config, gpu, 2048) == expected
-    assert choose_checkpointing(eight_b_recipe(), config, gpu, 2048) == expected  # auto is the default
+    assert settle_checkpointing(eight_b_recipe(gradient_checkpointing="auto"), config, gpu, None, 2048)[0] == expected
+    assert settle_checkpointing(eight_b_recipe(), config, gpu, None, 2048)[0] == expected  # auto is the default
     for mode in (True, False, "offload"):  # what the recipe says is what it gets
-        assert choose_checkpointing(eight_b_recipe(gradient_checkpointing=mode), config, gpu, 2048) == mode
+        assert settle_checkpointing(eight_b_recipe(gradient_checkpointing=mode), config, gpu, None, 2048)[0] == mode
 
 
 def test_auto_checkpointing_with_several_gpus_is_of_the_strategy_chosen():
@@ -548,7 +548,7 @@ def test_auto_checkpointing_with_several_gpus_is_of_the_strategy_chosen():
     recipe = seventy_b_recipe(gradient_checkpointing="auto")
     for gib, strategy, checkpointing in ((48, "ddp", True), (44, "ddp", "offload"), (40, "fsdp", True)):
         assert choose_strategy(recipe, config, 2, gib * GIB, 2048) == strategy
-        assert choose_checkpointing(recipe, config, gib * GIB, 2048, 2, strategy) == checkpointing
+        assert settle_checkpointing(recipe, config, gib * GIB, None, 2048, 2, strategy)[0] == checkpointing
 
 
 def offload_cli_recipe(tmp_path, folder, **train):
@@ -669,8 +669,8 @@ def test_train_resolves_auto_before_loading_and_its_header_says_so(tmp_path, tin
 
 
 def test_train_keeps_the_planned_layers_inputs_on_the_gpu(tmp_path, tiny_model_folder, monkeypatch):
-    """What layers_to_keep_on_gpu says (here 1, as for a host short of memory) reaches the offloaded checkpointing
-    and the header."""
+    """What settle_checkpointing says (here offload with 1 layer's input on the GPU, as for a host short of memory)
+    reaches the offloaded checkpointing and the header."""
     import ftcli.train
     from ftcli.activation_checkpointing import enable_checkpointing
 
@@ -680,7 +680,7 @@ def test_train_keeps_the_planned_layers_inputs_on_the_gpu(tmp_path, tiny_model_f
         enabled.append((mode, layers_on_gpu))
         enable_checkpointing(model, mode, layers_on_gpu)
 
-    monkeypatch.setattr(ftcli.train, "layers_to_keep_on_gpu", lambda *args: 1)
+    monkeypatch.setattr(ftcli.train, "settle_checkpointing", lambda *args: ("offload", 1))
     monkeypatch.setattr(ftcli.train, "enable_checkpointing", recorded)
     data = write_jsonl(tmp_path / "train.jsonl", long_rows(2, 5))
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model_folder("llama"), data, tmp_path / "out",

@@ -6,7 +6,9 @@ input dtype, one Triton pass that turns the chunk's logits into its losses and o
 d loss / d logits, and two more matmuls for the gradients of the hidden states and (when trained) the weight.
 The loss is the graph's last scalar, so gradients are computed in forward and backward only scales them by
 its incoming gradient, as Liger-Kernel does. Ignored rows (prompt, padding) are dropped before the matmul
-rather than computed and zeroed: their gradient is zero, and they are often half of a batch's tokens.
+rather than computed and zeroed: their gradient is zero, and they are often half of a batch's tokens. Only while
+a CUDA graph is captured (ftcli/step_graph.py), where no count may be read back from the GPU, do all rows go
+through, ignored ones zeroed by the kernel.
 """
 
 from typing import Optional
@@ -32,12 +34,15 @@ def _capped(x, softcap, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def loss_and_logit_grad(logits_ptr, labels_ptr, loss_ptr, stride, n_cols, softcap, SOFTCAP: tl.constexpr,
-                         WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
-    """One row: logsumexp by a running max and sum in float32, then softmax - one_hot written over the logits."""
+def loss_and_logit_grad(logits_ptr, labels_ptr, loss_ptr, stride, n_cols, softcap, ignore_index,
+                        SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    """One row: logsumexp by a running max and sum in float32, then softmax - one_hot written over the logits;
+    a row labelled ignore_index gets loss and gradient zero."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride
     label = tl.load(labels_ptr + row)
+    counted = label != ignore_index
+    label = tl.where(counted, label, 0)
     running_max = float("-inf")
     running_sum = 0.0
     for start in range(0, n_cols, BLOCK):
@@ -50,7 +55,7 @@ def loss_and_logit_grad(logits_ptr, labels_ptr, loss_ptr, stride, n_cols, softca
         running_max = new_max
     logsumexp = running_max + tl.log(running_sum)
     target = _capped(tl.load(row_ptr + label).to(tl.float32), softcap, SOFTCAP)
-    tl.store(loss_ptr + row, logsumexp - target)
+    tl.store(loss_ptr + row, tl.where(counted, logsumexp - target, 0.0))
     if WRITE_GRAD:
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
@@ -60,6 +65,7 @@ def loss_and_logit_grad(logits_ptr, labels_ptr, loss_ptr, stride, n_cols, softca
             if SOFTCAP:
                 capped_fraction = z / softcap
                 grad = grad * (1.0 - capped_fraction * capped_fraction)  # d tanh = 1 - tanh^2
+            grad = tl.where(counted, grad, 0.0)
             tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
@@ -69,22 +75,30 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 ignore_index: int, chunk_rows: int, grad_enabled: bool):
         want_hidden_grad = grad_enabled and ctx.needs_input_grad[0]
         want_weight_grad = grad_enabled and ctx.needs_input_grad[1]
-        rows = (labels != ignore_index).nonzero().squeeze(1)
+        rows = None if capturing(hidden) else (labels != ignore_index).nonzero().squeeze(1)
+        count = hidden.shape[0] if rows is None else rows.numel()
         vocab = weight.shape[0]
         block = min(triton.next_power_of_2(vocab), MAX_BLOCK)
-        losses = torch.zeros(rows.numel(), dtype=torch.float32, device=hidden.device)
+        losses = torch.zeros(count, dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if want_hidden_grad else None
         grad_weight = torch.zeros_like(weight) if want_weight_grad else None
-        for start in range(0, rows.numel(), chunk_rows):
-            chunk = rows[start:start + chunk_rows]
-            hidden_chunk = hidden.index_select(0, chunk)
+        for start in range(0, count, chunk_rows):
+            if rows is None:
+                chunk = slice(start, start + chunk_rows)
+                hidden_chunk, labels_chunk = hidden[chunk], labels[chunk]
+            else:
+                chunk = rows[start:start + chunk_rows]
+                hidden_chunk, labels_chunk = hidden.index_select(0, chunk), labels.index_select(0, chunk)
             logits = hidden_chunk @ weight.T
-            loss_and_logit_grad[(chunk.numel(),)](
-                logits, labels.index_select(0, chunk), losses[start:], logits.stride(0), vocab,
-                1.0 if softcap is None else float(softcap), SOFTCAP=softcap is not None,
+            loss_and_logit_grad[(logits.shape[0],)](
+                logits, labels_chunk, losses[start:], logits.stride(0), vocab,
+                1.0 if softcap is None else float(softcap), ignore_index, SOFTCAP=softcap is not None,
                 WRITE_GRAD=want_hidden_grad or want_weight_grad, BLOCK=block, num_warps=warps_for_block(block))
             if want_hidden_grad:
-                grad_hidden.index_copy_(0, chunk, logits @ weight)
+                if rows is None:
+                    torch.mm(logits, weight, out=grad_hidden[chunk])
+                else:
+                    grad_hidden.index_copy_(0, chunk, logits @ weight)
             if want_weight_grad:
                 grad_weight.addmm_(logits.T, hidden_chunk)
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -121,7 +135,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tenso
         raise ValueError(f"fused_linear_cross_entropy: softcap must be positive, got {softcap}")
     vocab = lm_head_weight.shape[0]
     out_of_range = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-    if out_of_range.any():
+    if not capturing(hidden) and out_of_range.any():
         raise ValueError(f"fused_linear_cross_entropy: label {int(labels[out_of_range][0])} is outside the "
                          f"vocabulary [0, {vocab}) and is not ignore_index {ignore_index}")
     if chunk_rows is None:
@@ -140,6 +154,12 @@ def cross_entropy_reference(hidden: torch.Tensor, lm_head_weight: torch.Tensor, 
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     return torch.nn.functional.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+
+
+def capturing(tensor: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of `tensor`'s device: then nothing may be read
+    back from the GPU."""
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def warps_for_block(block: int) -> int:

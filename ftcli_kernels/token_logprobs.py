@@ -16,6 +16,8 @@ import triton
 from ftcli_kernels.cross_entropy import MAX_BLOCK, loss_and_logit_grad, warps_for_block
 from ftcli_kernels.limits import LOGITS_CHUNK_BYTES, require_kernel_dtype
 
+NOTHING_IGNORED = -1  # no token's id: every row's log-probability counts
+
 
 class TokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
@@ -31,7 +33,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
             logits = hidden_chunk @ weight.T
             loss_and_logit_grad[(hidden_chunk.shape[0],)](
                 logits, targets[start:start + chunk_rows], negative_logprobs[start:], logits.stride(0), vocab,
-                1.0 if softcap is None else float(softcap), SOFTCAP=softcap is not None, WRITE_GRAD=want_grad,
+                1.0 if softcap is None else float(softcap), NOTHING_IGNORED, SOFTCAP=softcap is not None, WRITE_GRAD=want_grad,
                 BLOCK=block, num_warps=warps_for_block(block))
             if want_grad:
                 torch.matmul(logits, weight, out=grad_negative[start:start + chunk_rows])

@@ -110,3 +110,13 @@ def test_unsupported_inputs_fail_loudly():
         fused_linear_cross_entropy(hidden, weight, labels[:3])
     with pytest.raises(TypeError, match="unsupported dtype"):
         fused_linear_cross_entropy(hidden.double(), weight.double(), labels)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0], ids=["plain", "softcap"])
+def test_every_row_path_of_graph_capture_zeroes_ignored_rows(monkeypatch, softcap):
+    """While a CUDA graph is captured no row count can be read back, so every row goes through the kernel and the
+    ignored ones must come out with loss and gradient zero: the same results as dropping them."""
+    import ftcli_kernels.cross_entropy as cross_entropy
+
+    monkeypatch.setattr(cross_entropy, "capturing", lambda tensor: True)
+    assert_matches_reference(37, 48, 257, 8, softcap, torch.float32, TOLERANCE[torch.float32])

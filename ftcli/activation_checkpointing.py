@@ -69,6 +69,7 @@ class OffloadedCheckpoint:
         self._last: Optional[weakref.ref] = None
         self.layers_on_gpu = layers_on_gpu
         self._packed = 0  # layer inputs saved by the forward under way; backward's first unpack ends it
+        self._host_buffers: list[torch.Tensor] = []  # the pinned CPU copy of each offloaded input, kept for the next step
 
     def __call__(self, function, *args, **kwargs):
         with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
@@ -88,7 +89,7 @@ class OffloadedCheckpoint:
         else:
             stream.wait_stream(torch.cuda.current_stream(tensor.device))
             with torch.cuda.stream(stream):
-                saved.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+                saved.host = self._host_buffer(self._packed - self.layers_on_gpu - 1, tensor)
                 saved.host.copy_(tensor.detach(), non_blocking=True)
                 saved.copied = stream.record_event()
             # Held until the compute stream has waited for the copy, so no kernel can reuse the memory it reads
@@ -98,7 +99,9 @@ class OffloadedCheckpoint:
         return saved
 
     def unpack(self, saved) -> torch.Tensor:
-        self._packed = 0
+        if self._packed:  # backward begins: no copy of the forward may stay in flight into the next step
+            self._release_copied()
+            self._packed = 0
         if isinstance(saved, torch.Tensor):
             return saved
         self._start_load(saved)
@@ -109,6 +112,18 @@ class OffloadedCheckpoint:
         if previous is not None:
             self._start_load(previous)  # overlaps this layer's recompute and backward
         return tensor
+
+    def _host_buffer(self, index: int, tensor: torch.Tensor) -> torch.Tensor:
+        """Pinned CPU memory for the forward's `index`-th offloaded input: the memory it had last step when that is
+        large enough. No pinned memory is then allocated once the longest step has run, and a CUDA graph that
+        captured a step (ftcli/step_graph.py) copies into memory that outlives the capture. Reuse is safe because
+        every copy to and from it runs on the one side stream, in order."""
+        if index == len(self._host_buffers):
+            self._host_buffers.append(torch.empty(0, dtype=tensor.dtype))
+        flat = self._host_buffers[index]
+        if flat.dtype != tensor.dtype or flat.numel() < tensor.numel():
+            flat = self._host_buffers[index] = torch.empty(tensor.numel(), dtype=tensor.dtype, pin_memory=True)
+        return flat[:tensor.numel()].view(tensor.shape)
 
     def _start_load(self, saved: _Offloaded) -> None:
         if saved.on_device is not None:  # still there from the forward, or already prefetched

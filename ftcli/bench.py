@@ -67,6 +67,7 @@ from ftcli.decoding import Decoder, Sampling
 from ftcli.optim import build_optimizer
 from ftcli.recipe import TrainSettings
 from ftcli.shapes import SHAPES
+from ftcli.step_graph import GraphedMicroBatch
 from ftcli.train import summed_token_loss, target_tokens
 
 SIDES = ("hf", "ftcli")  # the sides this module builds in memory and trains (--only)
@@ -87,9 +88,26 @@ def hf_training(model, precision: str, lora_r: int):
 
 
 def ftcli_training(model, checkpointing, lora_r: int):
-    """The path `ftcli train` takes after loading: kernels, checkpointing, LoRA, and its own loss."""
+    """The path `ftcli train` takes after loading: kernels, checkpointing, LoRA, and its own loss, summed over the
+    batch's target tokens."""
     model, kernels = ftcli_setup(model, checkpointing, lora_r)
-    return model, lambda batch: summed_token_loss(model, batch, kernels.fused_loss) / target_tokens(batch)
+    return model, lambda batch: summed_token_loss(model, batch, kernels.fused_loss)
+
+
+def eager_micro_batch(mean_loss):
+    """Forward and backward of a batch, op by op; returns the loss."""
+    def train_micro_batch(batch):
+        loss = mean_loss(batch)
+        loss.backward()
+        return loss
+    return train_micro_batch
+
+
+def graphed_micro_batch(model, summed_loss, trainable):
+    """Forward and backward of a batch replayed as a CUDA graph (ftcli/step_graph.py); returns the loss. The batches
+    have no padding, so they go without a mask, which a graph could not skip by looking at it."""
+    graphed = GraphedMicroBatch(model, summed_loss, trainable)
+    return lambda batch: graphed({name: batch[name] for name in ("input_ids", "labels")}, 1 / target_tokens(batch))
 
 
 def measure(side: str, args) -> dict:
@@ -100,8 +118,11 @@ def measure(side: str, args) -> dict:
     if side == "hf":
         model, mean_loss = hf_training(model, args.precision, args.lora_r)
     else:
-        model, mean_loss = ftcli_training(model, args.checkpointing, args.lora_r)
+        model, summed_loss = ftcli_training(model, args.checkpointing, args.lora_r)
+        mean_loss = lambda batch: summed_loss(batch) / target_tokens(batch)  # noqa: E731
     trainable = [p for p in model.parameters() if p.requires_grad]
+    graphed = side == "ftcli" and args.cuda_graph and device.type == "cuda"
+    train_micro_batch = graphed_micro_batch(model, summed_loss, trainable) if graphed else eager_micro_batch(mean_loss)
     learning_rate = bench_peers.LEARNING_RATE
     if side == "hf":
         optimizer = bnb.optim.AdamW8bit(trainable, lr=learning_rate, weight_decay=0.0)
@@ -120,31 +141,30 @@ def measure(side: str, args) -> dict:
     times, losses = [], []
     for step in range(args.warmup + args.steps):
         started = time.perf_counter()
-        loss = mean_loss(batches[step % 2])
-        loss.backward()
+        loss = train_micro_batch(batches[step % 2])
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not graphed)
         losses.append(float(loss.detach()))  # synchronizes with the device
         times.append(time.perf_counter() - started)
     result = {"side": side, "step_s": times[args.warmup:], "losses": losses,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "versions": versions()}
     if args.profile and side == "ftcli" and device.type == "cuda":
-        result["profile"] = profile_step(mean_loss, batches[0], optimizer, trainable, args.trace)
-        result["profile"] += "\n" + profile_host(mean_loss, batches[0], optimizer, trainable)
+        result["profile"] = profile_step(train_micro_batch, batches[0], optimizer, trainable, args.trace)
+        result["profile"] += "\n" + profile_host(train_micro_batch, batches[0], optimizer, trainable)
     return result
 
 
-def profile_step(mean_loss, batch, optimizer, trainable, trace_path) -> str:
+def profile_step(train_micro_batch, batch, optimizer, trainable, trace_path) -> str:
     """The GPU kernels of one training step, grouped by name, longest total first, and how long the host
     took to enqueue the step against the step's wall time (equal means the GPU waited on Python)."""
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
         started = time.perf_counter()
-        mean_loss(batch).backward()
+        train_micro_batch(batch)
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=False)
         enqueued = time.perf_counter()
         torch.cuda.synchronize()
         finished = time.perf_counter()
@@ -154,14 +174,14 @@ def profile_step(mean_loss, batch, optimizer, trainable, trace_path) -> str:
     return table + f"\nhost enqueued the step in {1e3 * (enqueued - started):.0f} ms of {1e3 * (finished - started):.0f} ms"
 
 
-def profile_host(mean_loss, batch, optimizer, trainable) -> str:
+def profile_host(train_micro_batch, batch, optimizer, trainable) -> str:
     """The Python functions the host spends one training step in, by own time: what to cut when the GPU waits."""
     profiler = cProfile.Profile()
     profiler.enable()
-    mean_loss(batch).backward()
+    train_micro_batch(batch)
     torch.nn.utils.clip_grad_norm_(trainable, 1.0)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=False)
     profiler.disable()
     torch.cuda.synchronize()
     report = io.StringIO()
@@ -274,6 +294,8 @@ def main(argv=None) -> None:
     parser.add_argument("--precision", choices=["nf4", "bf16"], default="nf4")
     bench_peers.add_arguments(parser)
     parser.add_argument("--only", choices=SIDES, help="run one side in this process")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="ftcli's side replays each micro-batch as a CUDA graph (ftcli/step_graph.py)")
     parser.add_argument("--profile", action="store_true", help="also print ftcli's per-kernel GPU time and the host's Python time of one step")
     parser.add_argument("--trace", help="with --profile: write the step's Chrome trace (JSON) to this path")
     parser.add_argument("--decode", action="store_true", help="measure answering (decode tokens/s) instead of training")

@@ -456,11 +456,12 @@ def collate(examples: list[TokenizedExample], pad_id: int, device: torch.device)
 
 
 def model_inputs(model, batch: dict[str, torch.Tensor]) -> dict:
-    """What the model is called with: the padding mask; or, for packed rows, the restarting position ids and no
-    mask, from which transformers builds a block-diagonal causal mask for SDPA and eager attention. Flash-attention
-    takes the example boundaries as cumulative lengths over the flattened batch instead."""
+    """What the model is called with: the padding mask (none for a batch known to have no padding); or, for packed
+    rows, the restarting position ids and no mask, from which transformers builds a block-diagonal causal mask for
+    SDPA and eager attention. Flash-attention takes the example boundaries as cumulative lengths over the flattened
+    batch instead."""
     if "position_ids" not in batch:
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     if "flash" in (model.config._attn_implementation or ""):
         inputs |= example_boundaries(batch["position_ids"])

@@ -201,7 +201,10 @@ def recipe(tmp_path, tiny_model_folder):
 
 @pytest.fixture
 def launched(monkeypatch):
-    """The workers `ftcli train --gpus N` would start, recorded instead of started."""
+    """The workers `ftcli train --gpus N` would start, recorded instead of started, on a machine that, if it has
+    CUDA, has GPUs enough for them (a test that needs fewer says so itself)."""
+    if torch.cuda.is_available():
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     started = []
     monkeypatch.setattr(launch, "run_workers", lambda workers: started.append(workers) or 0)
     return started

@@ -74,7 +74,7 @@ class GraphedMicroBatch:
 
         side = torch.cuda.Stream(device)
         graph = torch.cuda.CUDAGraph()
-        with causal_attention(self.model, batch["input_ids"].shape[-1]):
+        with causal_attention(self.model, batch):
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 for _ in range(WARMUP_RUNS):
@@ -94,17 +94,18 @@ class GraphedMicroBatch:
 
 
 @contextmanager
-def causal_attention(model, length: int):
-    """Within it, the model attends through CAUSAL_ATTENTION, where that is exact for unpadded rows of `length`
-    tokens: no layer has a sliding window shorter than that."""
+def causal_attention(model, batch: dict[str, torch.Tensor]):
+    """Within it, the model attends through CAUSAL_ATTENTION, where that is exact for `batch`: it has no padding mask
+    and no packed position ids, and no layer has a sliding window shorter than its rows."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     config = model.config.get_text_config()
     previous = config._attn_implementation
     window = getattr(config, "sliding_window", None)
+    length = batch["input_ids"].shape[-1]
     sliding = window is not None and window < length and "sliding" in str(getattr(config, "layer_types", "sliding"))
-    if previous != "sdpa" or sliding:
+    if previous != "sdpa" or sliding or "attention_mask" in batch or "position_ids" in batch:
         yield
         return
     AttentionInterface.register(CAUSAL_ATTENTION, sdpa_attention_forward)

@@ -70,18 +70,24 @@ def test_graph_replays_give_the_eager_losses_and_gradients(family, checkpointing
     assert any(float(g.abs().sum()) > 0 for g in grads[1])
 
 
-@pytest.mark.parametrize("family, length, used", [("llama", 24, True), ("mistral", 24, False), ("mistral", 12, True)])
-def test_causal_attention_gives_the_models_own_logits_where_it_applies(family, length, used, tiny_model_folder):
+@pytest.mark.parametrize("family, length, padded, used", [
+    ("llama", 24, False, True), ("llama", 24, True, False), ("mistral", 24, False, False), ("mistral", 12, False, True)])
+def test_causal_attention_gives_the_models_own_logits_where_it_applies(family, length, padded, used, tiny_model_folder):
     """Mistral's tiny model has a sliding window of 16 tokens (tests/tiny_models.py): over 24 tokens a maskless causal
-    attention would be wrong, so the model keeps its own; over 12 the window changes nothing."""
+    attention would be wrong, so the model keeps its own; over 12 the window changes nothing. A padded batch keeps
+    its mask."""
     model, _ = lora_model(tiny_model_folder(family), family, kernels=False)
     model.config.get_text_config()._attn_implementation = "sdpa"
     input_ids = torch.randint(3, 300, (2, length), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": input_ids}
+    if padded:
+        batch["attention_mask"] = torch.ones_like(input_ids)
+        batch["attention_mask"][1, length // 2:] = 0
     with torch.no_grad():
-        want = model(input_ids=input_ids).logits
-        with causal_attention(model, length):
+        want = model(**batch).logits
+        with causal_attention(model, batch):
             implementation = model.config.get_text_config()._attn_implementation
-            logits = model(input_ids=input_ids).logits
+            logits = model(**batch).logits
     assert (implementation == CAUSAL_ATTENTION) == used
     assert model.config.get_text_config()._attn_implementation == "sdpa"
     torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)

@@ -11,7 +11,7 @@ from conftest import skip_without_smollm2
 from ftcli.data.templates import BUILTIN_TEMPLATES
 from ftcli.export.modelfile import modelfile_text
 from ftcli.fixture import fixture_gguf
-from go_template import Message, UnsupportedTemplate, ollama_prompt, render
+from ftcli.export.go_template import Message, UnsupportedTemplate, ollama_prompt, render
 from tiny_models import build_tiny_tokenizer
 
 SYSTEM = {"role": "system", "content": "You are terse."}

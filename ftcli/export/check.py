@@ -113,18 +113,22 @@ def check_failure(check: dict) -> Optional[CheckFailed]:
 
 
 def check_report(check: dict) -> Group:
-    """The check as the terminal shows it: one row per file, then each file's problems and warnings."""
-    table = Table(title=f"Export check on {check['sample']} and {len(check['files'])} file(s)", title_justify="left")
-    for column in ("file", "weights (largest error)", "top token: answers", "every position", "largest logit diff",
-                   "greedy answers", "verdict"):
-        table.add_column(column, justify="left" if column in ("file", "verdict") else "right")
+    """The check as the terminal shows it: one row per file, then each file's problems and warnings. Columns:
+    the largest weight error, the share of answer and of all positions with the trained model's top token, the
+    largest logit difference, and the greedy answers identical to the trained model's."""
+    first = next(iter(check["files"].values()))
+    table = Table(title=f"Export check on {first['greedy_prompts']} prompts ({check['sample']}): "
+                        f"{first['answer_positions']} answer positions of {first['positions']}", title_justify="left")
+    table.add_column("file", no_wrap=True)
+    for column in ("weights", "answers", "all", "logits", "greedy"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("verdict", no_wrap=True)
     lines = []
     for name, result in check["files"].items():
         weight = result["largest_weight_error"]
-        table.add_row(name, f"{weight['relative_rms']:.2%} {weight['type']}",
-                      f"{result['answers']:.1%} of {result['answer_positions']}",
-                      f"{result['every_position']:.1%} of {result['positions']}",
-                      f"{result['max_logit_difference']:.3g}", f"{result['greedy_same']} of {result['greedy_prompts']} same",
+        table.add_row(name, f"{weight['relative_rms']:.2%} {weight['type']}", f"{result['answers']:.1%}",
+                      f"{result['every_position']:.1%}", f"{result['max_logit_difference']:.3g}",
+                      f"{result['greedy_same']}/{result['greedy_prompts']}",
                       Text(result["verdict"], style=VERDICT_STYLES[result["verdict"]]))
         lines += [Text.assemble(("error: ", "bold red"), f"{name}: {problem}") for problem in result["problems"]]
         lines += [Text.assemble(("warning: ", "yellow"), f"{name}: {warning}") for warning in result["warnings"]]

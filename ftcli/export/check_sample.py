@@ -25,7 +25,7 @@ GENERIC_PROMPTS = ["Hello! Who are you?", "What is the capital of France?"]
 class CheckSample:
     conversations: list[Conversation]  # the run's rows with their answers: teacher-forced, rendered by the templates
     prompts: list[Conversation]  # what both models answer greedily: each row up to its last answer, then GENERIC_PROMPTS
-    origin: str  # where the rows came from, or why there are none
+    origin: str  # where the prompts came from: how many rows of which data, or why none
 
 
 def check_sample(out_dir: Path) -> CheckSample:
@@ -36,14 +36,15 @@ def check_sample(out_dir: Path) -> CheckSample:
 
 
 def _run_conversations(out_dir: Path) -> tuple[list[Conversation], str]:
+    generic = f"{len(GENERIC_PROMPTS)} generic"
     recipe_path = out_dir / "recipe.yaml"
     if not recipe_path.is_file():
-        return [], f"no {recipe_path.name} in {out_dir}, so generic prompts only"
+        return [], f"{generic} only: no {recipe_path.name} in {out_dir} names the run's data"
     try:
         recipe = load_recipe(recipe_path)
         train_rows, eval_rows = choose_rows(read_rows(recipe.data), recipe.data, recipe.train.seed)
     except FtcliError as error:
-        return [], f"the run's data cannot be read here ({error.message}), so generic prompts only"
+        return [], f"{generic} only: the run's data cannot be read here ({error.message})"
     split, rows = ("evaluation", eval_rows) if eval_rows else ("training", train_rows)
     conversations = []
     for row in rows:
@@ -52,7 +53,7 @@ def _run_conversations(out_dir: Path) -> tuple[list[Conversation], str]:
             conversations.append(conversation)
         if len(conversations) == SAMPLE_ROWS:
             break
-    return conversations, f"{len(conversations)} {split} rows of {recipe.data.path}"
+    return conversations, f"{len(conversations)} {split} rows of {recipe.data.path}, {generic}"
 
 
 def _conversation(values: dict, origin: str, settings) -> Conversation:

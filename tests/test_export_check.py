@@ -98,6 +98,19 @@ def test_a_run_is_checked_on_its_own_data(checked_run):
     assert json.loads((default_export_folder(out) / CHECK_FILE).read_text())["files"] == check["files"]
 
 
+def test_a_raw_text_run_is_checked_on_raw_prompts(tiny_model_folder, tmp_path):
+    """A run without a chat template (data.format text): prompts as plain text, ended by the end-of-sequence id."""
+    out = make_output_folder(tiny_model_folder("qwen2"), tmp_path / "run")
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.chat_template = None
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer.save_pretrained(out)
+    assert AutoTokenizer.from_pretrained(out).chat_template is None
+    check = export(out, gguf_types="f16")["check"]
+    result = check["files"]["run-f16.gguf"]
+    assert (result["verdict"], result["problems"], result["answers"]) == ("passed", [], 1.0), result
+
+
 def test_an_altered_chat_template_is_caught_with_its_first_difference(checked_run, tmp_path):
     out, summary = checked_run
 

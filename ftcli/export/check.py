@@ -86,7 +86,7 @@ def check_files(source: ExportSource, files: list[WrittenFile], tokenizer, folde
     weights = dict(merged_tensors(source))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                              trust_remote_code=source.trust_remote_code).to(device).eval()
-    _load(model, config, {name: weight.float() for name, weight in weights.items()})
+    _load(model, {name: weight.float() for name, weight in weights.items()})
     sample = check_sample(source.out_dir)
     reference = reference_run(model, tokenizer, sample.prompts)
     parameters = sum(weight.numel() for name, weight in weights.items() if name != "lm_head.weight")
@@ -138,14 +138,15 @@ def check_report(check: dict) -> Group:
 def _check_file(file: WrittenFile, model, config, weights, tokenizer, sample, reference: ReferenceRun,
                 parameters: int) -> dict:
     gguf_file = GgufFile(file.gguf)
-    stored = stored_weights(gguf_file, config, list(weights))
-    errors = list(_weight_errors(config, weights, stored))
+    errors = []
+    for name, stored in stored_weights(gguf_file, config, list(weights)):  # one at a time: memory holds one
+        errors.append((name, stored.qtype, _weight_error(config, weights[name], name, stored)))
+        if stored.values.numel() == weights[name].numel():
+            model.get_parameter(name).data.copy_(hf_weight(config, name, stored.values.reshape(weights[name].shape)))
     problems = _weight_problems(errors)
     format_found, notes = format_problems(gguf_file, file.modelfile.read_text(), tokenizer, sample.conversations,
                                           sample.prompts)
     problems += format_found
-    _load(model, config, {name: hf_weight(config, name, tensor.values.reshape(weights[name].shape))
-                          for name, tensor in stored.items()})
     agreement = compare(model, tokenizer, reference)
     warnings = notes + _agreement_warnings(file.type_name, agreement, len(reference.greedy), parameters)
     verdict = "failed" if problems else "warning" if warnings else "passed"
@@ -154,17 +155,14 @@ def _check_file(file: WrittenFile, model, config, weights, tokenizer, sample, re
             **agreement.summary(int(reference.answer.sum()), len(reference.answer), len(reference.greedy))}
 
 
-def _weight_errors(config, weights: dict, stored: dict[str, StoredWeight]):
-    """(hf name, stored type, relative RMS error) of every tensor the file holds."""
-    for name, tensor in stored.items():
-        expected = gguf_weight(config, name, weights[name])
-        values = tensor.values.reshape(expected.shape) if tensor.values.numel() == expected.numel() else None
-        if values is None:
-            yield name, tensor.qtype, float("inf")
-            continue
-        scale = torch.linalg.vector_norm(expected).item()
-        error = torch.linalg.vector_norm(values - expected).item()
-        yield name, tensor.qtype, error / scale if scale else error
+def _weight_error(config, weight: torch.Tensor, name: str, stored: StoredWeight) -> float:
+    """The stored tensor's RMS error relative to the weight it was made from, in the file's layout."""
+    expected = gguf_weight(config, name, weight)
+    if stored.values.numel() != expected.numel():
+        return float("inf")
+    scale = torch.linalg.vector_norm(expected).item()
+    error = torch.linalg.vector_norm(stored.values.reshape(expected.shape) - expected).item()
+    return error / scale if scale else error
 
 
 def _weight_problems(errors: list[tuple[str, Q, float]]) -> list[str]:
@@ -201,7 +199,7 @@ def _size(parameters: int) -> str:
     return f"{parameters / 1e9:.1f}B" if parameters >= 1e9 else f"{parameters / 1e6:.3g}M"
 
 
-def _load(model, config, state: dict[str, torch.Tensor]) -> None:
+def _load(model, state: dict[str, torch.Tensor]) -> None:
     """Put `state` into the model's weights; only a head tied to the embedding may be missing from it."""
     device = next(model.parameters()).device
     missing, unexpected = model.load_state_dict({name: tensor.to(device) for name, tensor in state.items()},

@@ -17,7 +17,8 @@ from typing import Optional
 from jinja2 import TemplateError
 
 from ftcli.data.formats import Conversation
-from ftcli.data.templates import end_of_turn_ids, render_generation_prompt, tokenizer_adds_bos
+from ftcli.data.templates import render_generation_prompt, tokenizer_adds_bos
+from ftcli.export.check_model import answer_end_ids
 from ftcli.export.go_template import ollama_prompt
 from ftcli.export.gguf_reader import GgufFile
 from ftcli.export.modelfile import modelfile_fields
@@ -27,10 +28,12 @@ SYSTEM_PROBE = {"role": "system", "content": "Answer briefly."}  # a system turn
 
 def format_problems(file: GgufFile, modelfile: str, tokenizer, conversations: list[Conversation],
                     prompts: list[Conversation]) -> tuple[list[str], list[str]]:
-    """(problems, notes): what the file or its Modelfile get wrong, and what the check could not look at."""
+    """(problems, warnings): what the file or its Modelfile get wrong, and what the check could not look at."""
+    template, system, stops = modelfile_fields(modelfile)
+    if not tokenizer.chat_template:  # a raw-text run: no chat format to check, only where text ends
+        return _stop_problems(file, tokenizer, stops, needs_end_of_turn=False), []
     prompts = prompts + [[SYSTEM_PROBE] + prompt for prompt in prompts[:1]]
     problems, notes = _template_problems(file, tokenizer, conversations, prompts), []
-    template, system, stops = modelfile_fields(modelfile)
     if template is None:
         notes.append("the Modelfile has no TEMPLATE (the chat template is like no built-in one): Ollama will not lay "
                      "out chats as training did; write its TEMPLATE by hand")
@@ -83,14 +86,14 @@ def _stop_problems(file: GgufFile, tokenizer, stops: list[str], needs_end_of_tur
         problems.append(f"the file's end-of-sequence id (tokenizer.ggml.eos_token_id) is {_shown(file, eos)}, but "
                         f"training appended {tokenizer.eos_token_id} ({tokenizer.eos_token!r}) to every answer, so "
                         "generation would not stop where the trained model stops")
-    ends = end_of_turn_ids(tokenizer)
+    ends = answer_end_ids(tokenizer)
     for kind in ("eot", "eom"):
         written = file.fields.get(f"tokenizer.ggml.{kind}_token_id")
         if written is not None and written not in ends:
             problems.append(f"the file's tokenizer.ggml.{kind}_token_id is {_shown(file, written)}, which the "
                             f"trained model never ends an answer with (it ends with {_ids_shown(tokenizer, ends)})")
     wanted = {tokenizer.convert_ids_to_tokens(index) for index in (ends if needs_end_of_turn else
-                                                                   {tokenizer.eos_token_id})}
+                                                                   {tokenizer.eos_token_id} - {None})}
     missing = sorted(wanted - set(stops))
     if missing:
         problems.append(f"the Modelfile does not stop at {', '.join(map(repr, missing))}, which ends the trained "

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ftcli.data.formats import Conversation
-from ftcli.data.templates import end_of_turn_ids, generation_prompt_ids
+from ftcli.data.templates import end_of_turn_ids, generation_prompt_ids, prompt_text_ids
 
 GREEDY_TOKENS = 32
 MAX_PROMPT_TOKENS = 256  # a longer prompt keeps its end: the check compares two models, it needs no long rows
@@ -50,7 +50,7 @@ class Agreement:
 
 
 def reference_run(model, tokenizer, prompts: list[Conversation]) -> ReferenceRun:
-    prompt_ids = [generation_prompt_ids(tokenizer, prompt)[-MAX_PROMPT_TOKENS:] for prompt in prompts]
+    prompt_ids = [_prompt_ids(tokenizer, prompt)[-MAX_PROMPT_TOKENS:] for prompt in prompts]
     rows, answer, greedy, position = [], [], [], 0
     for prompt, ids, reply in zip(prompts, prompt_ids, _greedy_answers(model, tokenizer, prompt_ids)):
         rows.append(ids + reply)
@@ -88,7 +88,7 @@ def compare(model, tokenizer, reference: ReferenceRun) -> Agreement:
 def _greedy_answers(model, tokenizer, prompt_ids: list[list[int]]) -> list[list[int]]:
     """The trained model's greedy answer to each prompt, through its end-of-turn token or GREEDY_TOKENS long, all
     prompts in one batch: on a CPU each decoding step costs about as much for one row as for twenty."""
-    ends = sorted(end_of_turn_ids(tokenizer, getattr(model, "generation_config", None)))
+    ends = sorted(answer_end_ids(tokenizer, getattr(model, "generation_config", None)))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ends[0]
     width = max(map(len, prompt_ids))
     device = next(model.parameters()).device
@@ -102,6 +102,21 @@ def _greedy_answers(model, tokenizer, prompt_ids: list[list[int]]) -> list[list[
         stop = next((i + 1 for i, token in enumerate(generated) if token in ends), len(generated))
         answers.append(generated[:stop])
     return answers
+
+
+def answer_end_ids(tokenizer, generation_config=None) -> set[int]:
+    """The ids that end the trained model's answers; the end-of-sequence id alone for a run without a chat
+    template (raw text)."""
+    if not tokenizer.chat_template:
+        return {tokenizer.eos_token_id} - {None}
+    return end_of_turn_ids(tokenizer, generation_config)
+
+
+def _prompt_ids(tokenizer, prompt: Conversation) -> list[int]:
+    """The prompt as training laid it out: through the chat template, or its text where there is none."""
+    if not tokenizer.chat_template:
+        return prompt_text_ids(tokenizer, "\n\n".join(message["content"] for message in prompt))
+    return generation_prompt_ids(tokenizer, prompt)
 
 
 def _shown(tokenizer, token: torch.Tensor) -> str:

@@ -10,7 +10,7 @@ Hugging Face names through the TensorNameMap the writer used, in the writer's la
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import gguf
 import numpy as np
@@ -112,12 +112,10 @@ def gguf_names(config, hf_names: list[str]) -> dict[str, str]:
             if not (hf_name == "lm_head.weight" and tied)}
 
 
-def stored_weights(file: GgufFile, config, hf_names: list[str]) -> dict[str, StoredWeight]:
-    """Every weight in `hf_names` as the file stores it, by Hugging Face name."""
-    stored = {}
+def stored_weights(file: GgufFile, config, hf_names: list[str]) -> Iterator[tuple[str, StoredWeight]]:
+    """Every weight in `hf_names` as the file stores it, by Hugging Face name, one at a time."""
     for hf_name, gguf_name in gguf_names(config, hf_names).items():
         if gguf_name not in file.tensors:
             raise FtcliError(f"{file.path} has no tensor {gguf_name} (the model's {hf_name}), so llama.cpp cannot load "
                              "it. Export the file again with --overwrite.")
-        stored[hf_name] = StoredWeight(file.tensors[gguf_name].qtype, torch.from_numpy(file.values(gguf_name)))
-    return stored
+        yield hf_name, StoredWeight(file.tensors[gguf_name].qtype, torch.from_numpy(file.values(gguf_name)))

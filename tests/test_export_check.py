@@ -56,23 +56,24 @@ def check_one(out, path, type_name="f16") -> dict:
 @pytest.mark.slow
 def test_fixture_files_pass_with_the_agreement_the_fixture_tests_measure(quickstart_export):
     """The quickstart export (conftest) checks its files; check.json holds the figures. The thresholds are
-    test_export_fixture's, over the trained model's own answers to 8 identity prompts and 2 generic ones (measured:
-    f16 100% / 100%, q8_0 99.5% / 99.7%, q4_k_m 98.9% / 91.7%, q6_k 99.5% / 94.9%, q5_k_m 88.9% / 68.2%)."""
+    test_export_fixture's, over the trained model's own answers to 6 identity prompts and 2 generic ones (measured,
+    answers / all positions / greedy: f16 100% / 100% / 8 of 8, q8_0 99.4% / 99.8% / 7, q4_k_m 98.7% / 90.8% / 7,
+    q6_k 99.4% / 94.3% / 7, q5_k_m 90.8% / 67.5% / 1)."""
     check = json.loads((quickstart_export / CHECK_FILE).read_text())
     files = {result["type"]: result for result in check["files"].values()}
     assert sorted(files) == ["f16", "q4_k_m", "q5_k_m", "q6_k", "q8_0"] and check["status"] != "failed"
     assert all(result["problems"] == [] for result in files.values())
     f16 = files["f16"]
-    assert (f16["verdict"], f16["answers"], f16["every_position"], f16["greedy_same"]) == ("passed", 1.0, 1.0, 10)
+    assert (f16["verdict"], f16["answers"], f16["every_position"], f16["greedy_same"]) == ("passed", 1.0, 1.0, 8)
     assert f16["max_logit_difference"] < 1e-3 and f16["largest_weight_error"]["relative_rms"] == 0
     assert files["q8_0"]["verdict"] == "passed" and files["q8_0"]["answers"] >= 0.99
-    assert files["q8_0"]["every_position"] >= 0.95 and files["q8_0"]["greedy_same"] >= 8
+    assert files["q8_0"]["every_position"] >= 0.95 and files["q8_0"]["greedy_same"] >= 6
     assert files["q4_k_m"]["verdict"] == "passed" and files["q4_k_m"]["answers"] >= 0.90
     assert files["q4_k_m"]["every_position"] >= 0.85
     assert files["q6_k"]["verdict"] == "passed"
     # q5_k_m is worse than q4_k_m on this model (README: its rows fall back to Q5_1): a warning, not a failure
     assert files["q5_k_m"]["verdict"] in ("passed", "warning")
-    assert all("try q6_k or q8_0" in warning for warning in files["q5_k_m"]["warnings"])
+    assert all("quantization error; try q6_k or q8_0" in warning for warning in files["q5_k_m"]["warnings"])
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -191,7 +191,8 @@ def _agreement_warnings(type_name: str, agreement: Agreement, prompts: int, para
                         f"try {wanted.instead}")
     if agreement.greedy_same < wanted.greedy * prompts:
         warnings.append(f"{type_name} answers {prompts - agreement.greedy_same} of {prompts} prompts otherwise than "
-                        f"the trained model (first: {agreement.first_greedy_difference}); try {wanted.instead}")
+                        f"the trained model (first: {agreement.first_greedy_difference}): quantization error; try "
+                        f"{wanted.instead}")
     return warnings
 
 

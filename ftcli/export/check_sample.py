@@ -14,9 +14,9 @@ from ftcli.data.sources import read_rows
 from ftcli.errors import FtcliError
 from ftcli.recipe import load_recipe
 
-# Each prompt costs every checked file one teacher-forced row: 10 keep a 135M model's check on two CPU cores
+# Each prompt costs every checked file one teacher-forced row: 8 keep a 135M model's check on two CPU cores
 # within the time its export takes (docs/benchmarks.md)
-SAMPLE_ROWS = 8
+SAMPLE_ROWS = 6
 # what people ask any chat model, for a model whose data has nothing to say about it
 GENERIC_PROMPTS = ["Hello! Who are you?", "What is the capital of France?"]
 

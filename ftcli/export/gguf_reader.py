@@ -71,7 +71,8 @@ class GgufFile:
         byte_shape = gguf.quants.quant_shape_to_byte_shape(info.shape, info.qtype)
         size = int(np.prod(byte_shape))
         raw = np.asarray(self._data[info.offset:info.offset + size]).reshape(byte_shape)
-        return gguf.quants.dequantize(raw, info.qtype).astype(np.float32)  # a copy: the file is mapped read-only
+        values = gguf.quants.dequantize(raw, info.qtype)
+        return np.require(values, np.float32, ["W"])  # F32 comes back as a view of the file, mapped read-only
 
     def _read(self, fmt: str):
         value = struct.unpack_from(fmt, self._bytes, self._position)[0]

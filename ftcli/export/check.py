@@ -50,8 +50,9 @@ class Thresholds:
     instead: str  # the types to try when a file falls short
 
 
-# Float types hold the merged weights (f16 and f32 exactly, bf16 within its rounding); q8_0 keeps nearly every top
-# token; the k-quants and q4_0 lose some. The quickstart fixture (SmolLM2-135M) measures: see README's table.
+# Float types hold the merged weights (f32 exactly, f16 but for values below its precision, bf16 within its
+# rounding); q8_0 keeps nearly every top token; the k-quants and q4_0 lose some. What the quickstart fixture
+# (SmolLM2-135M) measures: README's table.
 THRESHOLDS = {
     "f32": Thresholds(0.99, 0.9, "f16"),
     "f16": Thresholds(0.99, 0.9, "f32"),
@@ -97,7 +98,7 @@ def check_files(source: ExportSource, files: list[WrittenFile], tokenizer, folde
         results[file.gguf.name]["seconds"] = round(time.perf_counter() - begun, 2)
     status = _worst(result["verdict"] for result in results.values())
     path = record_checks(folder, results, [])
-    return {"status": status, "path": str(path), "sample": sample.origin, "sample_rows": len(reference.rows),
+    return {"status": status, "path": str(path), "sample": sample.origin, "prompts": len(reference.rows),
             "files": results, "seconds": round(time.perf_counter() - started, 2)}
 
 

@@ -173,22 +173,35 @@ def export(
                                       "beside OUT)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace exports that already exist."),
     as_json: bool = typer.Option(False, "--json", help="Print only one JSON summary line at the end."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Check each GGUF file against the trained model on "
+                               "a sample of the run's data: weights, top tokens, greedy answers, chat template and "
+                               "stop tokens; writes DIR/check.json. A broken template, stop token or tensor exits 1."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
     """Export a trained adapter: a copy of the adapter (no flags), a merged model, or GGUF files for llama.cpp and Ollama."""
     console = _console(stderr=as_json)
     with _reported_errors("export", as_json):
         from ftcli.export import export as run_export
+        from ftcli.export.check import check_failure, check_report
         from ftcli.output import run_folder_or_newest
 
         summary = run_export(run_folder_or_newest(out_dir), merged=merged, gguf_types=gguf_types, to=to,
-                             overwrite=overwrite, trust_remote_code=trust_remote_code)
-        if as_json:
+                             overwrite=overwrite, trust_remote_code=trust_remote_code, check=check)
+        failure = check_failure(summary["check"]) if "check" in summary else None
+        if as_json:  # one line with the check's numbers, and the error where it failed
+            if failure:
+                summary |= {"status": "error", "exit_code": failure.exit_code, "message": failure.message}
             _print_json(summary)
+            if failure:
+                raise typer.Exit(failure.exit_code)
             return
         for name, output in summary["outputs"].items():
             size = f", {output['bytes'] / 2**20:,.1f} MiB" if "bytes" in output else ""
             console.print(f"[green]{name}[/] -> [bold]{output['path']}[/]{size} ({output['seconds']:.1f} s)")
+        if "check" in summary:
+            console.print(check_report(summary["check"]), highlight=False)
+        if failure:
+            raise failure
 
 
 def _train_arguments(recipe_path: Path, overrides: Optional[list[str]], output: Optional[Path], as_json: bool,

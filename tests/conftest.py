@@ -102,7 +102,7 @@ def quickstart_output(smollm2_folder, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def quickstart_export(quickstart_output) -> Path:
     """The quickstart run exported once into its default folder beside it: quickstart-export/merged and
-    quickstart-export/quickstart-TYPE.gguf for five types."""
+    quickstart-export/quickstart-TYPE.gguf for five types, checked (quickstart-export/check.json)."""
     from ftcli.export import default_export_folder, export
 
     export(quickstart_output, merged=True, gguf_types="f16,q8_0,q4_k_m,q5_k_m,q6_k")

@@ -43,7 +43,7 @@ def exported(tiny_model_folder, tmp_path_factory):
     def run(family):
         if family not in done:
             out = make_output_folder(tiny_model_folder(family), tmp_path_factory.mktemp(family) / "run")
-            summary = export(out, merged=True, gguf_types="f32,f16,q8_0,q4_k_m")
+            summary = export(out, merged=True, gguf_types="f32,f16,q8_0,q4_k_m", check=False)  # test_export_check
             done[family] = (out, summary)
         return done[family]
 
@@ -208,7 +208,8 @@ def test_errors_name_the_problem(tiny_model_folder, tmp_path):
     result = run_cli("export", out, "--gguf", "f16")
     assert_clean_failure(result, 2, "run-f16.gguf already exists. Pass --overwrite")
     assert run_cli("export", out, "--gguf", "f16", "--overwrite").exit_code == 0
-    assert sorted(p.name for p in (tmp_path / "run-export").iterdir()) == ["run-f16.Modelfile", "run-f16.gguf"]
+    assert sorted(p.name for p in (tmp_path / "run-export").iterdir()) == ["check.json", "run-f16.Modelfile",
+                                                                         "run-f16.gguf"]
 
 
 def test_export_refuses_to_replace_a_folder_it_did_not_write_or_to_write_inside_out(tiny_model_folder, tmp_path):

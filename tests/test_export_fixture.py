@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT, greedy_reply
-from go_template import ollama_prompt
-from test_modelfile import modelfile_fields
+from ftcli.export.go_template import ollama_prompt
+from ftcli.export.modelfile import modelfile_fields
 
 DATA = ROOT / "recipes" / "data" / "identity.jsonl"
 # two of the training questions and two it never saw

@@ -1,17 +1,15 @@
 """Ollama Modelfiles: for every built-in template and the common models' own templates, the prompt Ollama builds
-from the Modelfile (its Go TEMPLATE and SYSTEM, rendered by tests/go_template.py) is the one the Jinja chat template
+from the Modelfile (its Go TEMPLATE and SYSTEM, rendered by ftcli/export/go_template.py) is the one the Jinja chat template
 gives the model in training; and the Go renderer itself against outputs Go gives."""
-
-import re
 
 import gguf
 import pytest
 
 from conftest import skip_without_smollm2
 from ftcli.data.templates import BUILTIN_TEMPLATES
-from ftcli.export.modelfile import modelfile_text
+from ftcli.export.go_template import Message, UnsupportedTemplate, ollama_prompt, render
+from ftcli.export.modelfile import modelfile_fields, modelfile_text
 from ftcli.fixture import fixture_gguf
-from go_template import Message, UnsupportedTemplate, ollama_prompt, render
 from tiny_models import build_tiny_tokenizer
 
 SYSTEM = {"role": "system", "content": "You are terse."}
@@ -64,15 +62,6 @@ def tokenizer():
 def with_template(tokenizer, template: str, bos, eos):
     tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token = template, bos, eos
     return tokenizer
-
-
-def modelfile_fields(text: str) -> tuple[str, str, list[str]]:
-    """TEMPLATE, SYSTEM (or None) and the stops of a Modelfile."""
-    template = re.search(r'^TEMPLATE """(.*?)"""$', text, re.DOTALL | re.MULTILINE)
-    system = re.search(r'^SYSTEM """(.*?)"""$', text, re.DOTALL | re.MULTILINE)
-    stops = re.findall(r'^PARAMETER stop "(.*)"$', text, re.MULTILINE)
-    assert template, text
-    return template.group(1), system.group(1) if system else None, stops
 
 
 def assert_ollama_prompts_equal_training(tokenizer, adds_bos: bool, with_system: bool = True) -> list[str]:

@@ -52,7 +52,7 @@ def prepare_data(settings: DataSettings, tokenizer, max_seq_length: int, seed: i
     if settings.format != "text":
         use_template(tokenizer, settings.template)
     stats = DataStats(rows=len(rows))
-    train_rows, eval_rows = _choose_rows(rows, settings, seed)
+    train_rows, eval_rows = choose_rows(rows, settings, seed)
     if settings.format == "preference":
         train = _tokenize_pairs(train_rows, settings, tokenizer, max_seq_length, stats)
         evaluation = _tokenize_pairs(eval_rows, settings, tokenizer, max_seq_length, stats)
@@ -83,7 +83,7 @@ def prepare_data(settings: DataSettings, tokenizer, max_seq_length: int, seed: i
     return PreparedData(train, evaluation, stats)
 
 
-def _choose_rows(rows: list[Row], settings: DataSettings, seed: int) -> tuple[list[Row], list[Row]]:
+def choose_rows(rows: list[Row], settings: DataSettings, seed: int) -> tuple[list[Row], list[Row]]:
     """Shuffle (when asked), keep max_samples, and split off the evaluation rows."""
     order = list(range(len(rows)))
     if settings.shuffle:

@@ -204,7 +204,7 @@ def _ids_and_labels(tokenizer, text: str, trained_spans: list[tuple[int, int]]) 
     starts inside a trained character span, IGNORE_INDEX for the others."""
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(encoding["input_ids"]), list(encoding["offset_mapping"])
-    if _tokenizer_adds_bos(tokenizer) and not text.startswith(tokenizer.bos_token):
+    if tokenizer_adds_bos(tokenizer) and not text.startswith(tokenizer.bos_token):
         ids, offsets = [tokenizer.bos_token_id] + ids, [(0, 0)] + offsets
     labels = [token if any(start <= begin < end for start, end in trained_spans) and begin < finish else IGNORE_INDEX
               for token, (begin, finish) in zip(ids, offsets)]
@@ -247,7 +247,7 @@ def _render_with_spans(tokenizer, conversation: Conversation) -> tuple[str, list
     return text + full[cursor:], spans
 
 
-def _tokenizer_adds_bos(tokenizer) -> bool:
+def tokenizer_adds_bos(tokenizer) -> bool:
     if tokenizer.bos_token_id is None:
         return False
     probe = tokenizer("a", add_special_tokens=True)["input_ids"]
@@ -268,7 +268,7 @@ def render_generation_prompt(tokenizer, messages: list[dict]) -> str:
 def prompt_text_ids(tokenizer, text: str) -> list[int]:
     """A rendered prompt's token ids as in training: no special tokens added twice, the BOS as trained."""
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if _tokenizer_adds_bos(tokenizer) and not text.startswith(tokenizer.bos_token):
+    if tokenizer_adds_bos(tokenizer) and not text.startswith(tokenizer.bos_token):
         ids = [tokenizer.bos_token_id] + ids
     return ids
 

@@ -2,7 +2,8 @@
 
 - no flag: a copy of the PEFT adapter folder (DIR/adapter), for `PeftModel.from_pretrained`;
 - `--merged`: the base model with the LoRA merged, a 16-bit Hugging Face folder (DIR/merged);
-- `--gguf TYPES`: one GGUF file per type (DIR/NAME-TYPE.gguf) with an Ollama Modelfile beside it.
+- `--gguf TYPES`: one GGUF file per type (DIR/NAME-TYPE.gguf) with an Ollama Modelfile beside it, each checked
+  against the trained model unless `check` is off (ftcli/export/check.py; DIR/check.json).
 
 DIR is `--to`, by default OUT-export beside OUT: never inside OUT, where `--resume` would copy the exports into
 the next run and `output.overwrite` would delete them. Each output is written under a hidden temporary name and
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from ftcli.errors import ExportError, OutputFolderError
+from ftcli.export.check import WrittenFile, check_files, record_checks
 from ftcli.export.gguf_file import parse_types, write_gguf
 from ftcli.export.merged import write_merged
 from ftcli.export.modelfile import write_modelfile
@@ -36,7 +38,7 @@ def default_export_folder(out_dir: Path) -> Path:
 
 
 def export(out_dir: Path, merged: bool = False, gguf_types: Optional[str] = None, to: Optional[Path] = None,
-           overwrite: bool = False, trust_remote_code: bool = False) -> dict:
+           overwrite: bool = False, trust_remote_code: bool = False, check: bool = True) -> dict:
     """Run the requested exports into `to` (default OUT-export); returns a summary of what was written.
     The model's own Python code runs only with `trust_remote_code` (--trust-remote-code), never because
     OUT's recipe.yaml says so."""
@@ -73,6 +75,7 @@ def export(out_dir: Path, merged: bool = False, gguf_types: Optional[str] = None
                               shards=safetensors_shards(destination / "merged"))
 
     tokenizer, adds_bos = _tokenizer(out_dir, trust_remote_code), adds_bos_token(out_dir)
+    written = []
     for name in types:
         begun = time.perf_counter()
         final = destination / f"{stem}-{name}.gguf"
@@ -82,7 +85,13 @@ def export(out_dir: Path, merged: bool = False, gguf_types: Optional[str] = None
             write_modelfile(modelfile_partial, final.name, tokenizer, adds_bos)
         outputs[f"gguf_{name}"] = summary | {"path": str(final), "modelfile": str(modelfile),
                                              "seconds": _since(begun)}
-    return {"status": "ok", "source": source_summary(source), "outputs": outputs, "seconds": _since(started)}
+        written.append(WrittenFile(name, final, modelfile))
+    result = {"status": "ok", "source": source_summary(source), "outputs": outputs}
+    if check and written:
+        result["check"] = check_files(gguf_source, written, tokenizer, destination)
+    elif written:
+        record_checks(destination, {}, [file.gguf.name for file in written])
+    return result | {"seconds": _since(started)}
 
 
 def _check_planned(folders: list[Path], files: list[Path], overwrite: bool) -> None:

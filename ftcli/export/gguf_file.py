@@ -177,6 +177,21 @@ def gguf_weight(config, hf_name: str, weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
+def hf_weight(config, hf_name: str, stored: torch.Tensor) -> torch.Tensor:
+    """`gguf_weight` undone: a weight read back from a GGUF file in Hugging Face's conventions."""
+    _, permute, shifted_norms = ARCHITECTURES[config.model_type]
+    weight = stored.float()
+    if permute and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+        heads = config.num_attention_heads
+        if hf_name.endswith("k_proj.weight"):
+            heads = config.num_key_value_heads
+        weight = (weight.reshape(heads, weight.shape[0] // heads // 2, 2, *weight.shape[1:])
+                  .swapaxes(1, 2).reshape(weight.shape))
+    if shifted_norms and hf_name.endswith("norm.weight"):
+        weight = weight - 1
+    return weight
+
+
 def encode(weight: torch.Tensor, qtype: Q) -> np.ndarray:
     """The tensor's bytes in `qtype`: torch for floats and k-quants, gguf's quantizers for the legacy types."""
     if qtype == Q.F32:

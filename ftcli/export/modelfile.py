@@ -14,6 +14,7 @@ Jinja template writes the BOS token first, the Go template leaves it to llama.cp
 tokenizer.ggml.add_bos_token says so, and writes it itself otherwise.
 """
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -161,3 +162,11 @@ def _with_tokens(go_template: str, tokenizer) -> str:
 
 def write_modelfile(path: Path, gguf_name: str, tokenizer, adds_bos: bool) -> None:
     path.write_text(modelfile_text(gguf_name, tokenizer, adds_bos))
+
+
+def modelfile_fields(text: str) -> tuple[Optional[str], Optional[str], list[str]]:
+    """TEMPLATE and SYSTEM of a Modelfile (None where it has none) and its stops, as modelfile_text writes them."""
+    template = re.search(r'^TEMPLATE """(.*?)"""$', text, re.DOTALL | re.MULTILINE)
+    system = re.search(r'^SYSTEM """(.*?)"""$', text, re.DOTALL | re.MULTILINE)
+    stops = re.findall(r'^PARAMETER stop "(.*)"$', text, re.MULTILINE)
+    return template.group(1) if template else None, system.group(1) if system else None, stops

@@ -1,12 +1,12 @@
 """A renderer for the subset of Go's text/template that ftcli's Ollama Modelfiles use, and Ollama's way of filling
-a template from a chat, so that tests check the Modelfiles without Ollama or Go.
+a template from a chat, so that `ftcli export --check` and the tests check the Modelfiles without Ollama or Go.
 
 Supported: text; actions with trim markers (`{{- ` and ` -}}`); `range PIPELINE` and `range $i, $m := PIPELINE`
 over a list; `if` / `else if` / `else` / `end`; a pipeline of one command: a function (eq, ne, lt, le, gt, ge, and,
 or, not, len) with its arguments, or one operand: `.Field`, `$.Field`, `$var`, `$var.Field`, a "string" or an
 integer, or a parenthesised command. Values follow Go's rules: truth (false, 0, "" and empty lists are false), and
 and or returning an argument, eq refusing to compare a string with a number. Everything else (pipes, with,
-template, define, comments, assignments, range-else, unknown fields) raises UnsupportedTemplate: a test must fail
+template, define, comments, assignments, range-else, unknown fields) raises UnsupportedTemplate: a check must fail
 rather than pass on a rendering Go would not produce.
 """
 

@@ -1,0 +1,122 @@
+"""A GGUF file read back for `ftcli export --check`: its metadata, and its weights as llama.cpp computes with them.
+
+gguf's own GGUFReader builds a numpy view for every string of the vocabulary and merges, seconds for a 49k-token
+vocabulary, so the header is parsed here (the format: github.com/ggml-org/ggml/blob/master/docs/gguf.md), string
+arrays with one pass of plain reads. Tensors are dequantized by the gguf package's numpy port of ggml's
+dequantizers (`gguf.quants.dequantize`), on the CPU, whatever device later runs the model. Names map back to the
+Hugging Face names through the TensorNameMap the writer used, in the writer's layout (gguf_file.gguf_weight).
+"""
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFValueType as V
+
+from ftcli.errors import FtcliError
+from ftcli.export.gguf_file import ARCHITECTURES
+
+_SCALARS = {V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i",
+            V.FLOAT32: "<f", V.BOOL: "<?", V.UINT64: "<Q", V.INT64: "<q", V.FLOAT64: "<d"}
+DEFAULT_ALIGNMENT = 32
+
+
+@dataclass
+class TensorInfo:
+    qtype: Q
+    shape: tuple[int, ...]  # numpy order: rows first, as the Hugging Face weight
+    offset: int  # from the start of the file
+
+
+@dataclass
+class StoredWeight:
+    """One tensor of the file: its type and its values as stored (llama.cpp's layout), in float32."""
+
+    qtype: Q
+    values: torch.Tensor
+
+
+class GgufFile:
+    """The key-value metadata (`fields`, arrays as lists) and the tensor table of one GGUF file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._data = np.memmap(path, dtype=np.uint8, mode="r")
+        self._bytes = memoryview(self._data)  # slices of it cost less than numpy's, for 100k strings
+        self._position = 0
+        if self._bytes[:4] != b"GGUF":
+            raise FtcliError(f"{path} is not a GGUF file (it does not start with GGUF). Export it again.")
+        self._position = 8  # magic and version
+        tensor_count, field_count = self._read("<Q"), self._read("<Q")
+        self.fields: dict[str, Any] = {}
+        for _ in range(field_count):
+            key = self._string()
+            self.fields[key] = self._value(V(self._read("<I")))
+        infos = [self._tensor_info() for _ in range(tensor_count)]
+        alignment = int(self.fields.get("general.alignment", DEFAULT_ALIGNMENT))
+        start = -(-self._position // alignment) * alignment
+        self.tensors = {name: TensorInfo(qtype, shape, start + offset) for name, qtype, shape, offset in infos}
+
+    def token(self, index) -> str:
+        return self.fields["tokenizer.ggml.tokens"][index]
+
+    def values(self, name: str) -> np.ndarray:
+        """The tensor's values as llama.cpp dequantizes them, float32, in numpy order."""
+        info = self.tensors[name]
+        byte_shape = gguf.quants.quant_shape_to_byte_shape(info.shape, info.qtype)
+        size = int(np.prod(byte_shape))
+        raw = np.asarray(self._data[info.offset:info.offset + size]).reshape(byte_shape)
+        values = gguf.quants.dequantize(raw, info.qtype)
+        return np.require(values, np.float32, ["W"])  # F32 comes back as a view of the file, mapped read-only
+
+    def _read(self, fmt: str):
+        value = struct.unpack_from(fmt, self._bytes, self._position)[0]
+        self._position += struct.calcsize(fmt)
+        return value
+
+    def _string(self) -> str:
+        length = self._read("<Q")
+        text = str(self._bytes[self._position:self._position + length], "utf-8", errors="replace")
+        self._position += length
+        return text
+
+    def _value(self, kind: V):
+        if kind == V.STRING:
+            return self._string()
+        if kind == V.ARRAY:
+            item_kind, count = V(self._read("<I")), self._read("<Q")
+            if item_kind in _SCALARS:  # numbers in one read
+                dtype = np.dtype(_SCALARS[item_kind])
+                values = np.frombuffer(self._data, dtype, count, self._position).tolist()
+                self._position += count * dtype.itemsize
+                return values
+            return [self._value(item_kind) for _ in range(count)]
+        return self._read(_SCALARS[kind])
+
+    def _tensor_info(self) -> tuple[str, Q, tuple[int, ...], int]:
+        name = self._string()
+        dims = [self._read("<Q") for _ in range(self._read("<I"))]
+        qtype = Q(self._read("<I"))
+        return name, qtype, tuple(reversed(dims)), self._read("<Q")
+
+
+def gguf_names(config, hf_names: list[str]) -> dict[str, str]:
+    """The GGUF name of each Hugging Face weight the file holds (a tied head is read from token_embd)."""
+    names = gguf.get_tensor_name_map(ARCHITECTURES[config.model_type][0], config.num_hidden_layers)
+    tied = "lm_head.weight" not in hf_names or getattr(config, "tie_word_embeddings", False)
+    return {hf_name: names.get_name(hf_name, try_suffixes=(".weight", ".bias")) for hf_name in hf_names
+            if not (hf_name == "lm_head.weight" and tied)}
+
+
+def stored_weights(file: GgufFile, config, hf_names: list[str]) -> Iterator[tuple[str, StoredWeight]]:
+    """Every weight in `hf_names` as the file stores it, by Hugging Face name, one at a time."""
+    for hf_name, gguf_name in gguf_names(config, hf_names).items():
+        if gguf_name not in file.tensors:
+            raise FtcliError(f"{file.path} has no tensor {gguf_name} (the model's {hf_name}), so llama.cpp cannot load "
+                             "it. Export the file again with --overwrite.")
+        yield hf_name, StoredWeight(file.tensors[gguf_name].qtype, torch.from_numpy(file.values(gguf_name)))

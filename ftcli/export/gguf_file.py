@@ -164,32 +164,35 @@ def _use_more_bits(layer: int, n_layer: int) -> bool:
 
 def gguf_weight(config, hf_name: str, weight: torch.Tensor) -> torch.Tensor:
     """The weight in llama.cpp's conventions: permuted q/k rows for Llama-style rope, Gemma's norms as 1 + w."""
-    _, permute, shifted_norms = ARCHITECTURES[config.model_type]
     weight = weight.float()
-    if permute and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-        heads = config.num_attention_heads
-        if hf_name.endswith("k_proj.weight"):
-            heads = config.num_key_value_heads
+    heads = _rope_permuted_heads(config, hf_name)
+    if heads:
         weight = (weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
                   .swapaxes(1, 2).reshape(weight.shape))
-    if shifted_norms and hf_name.endswith("norm.weight"):
-        weight = weight + 1
-    return weight
+    return weight + 1 if _shifted_norm(config, hf_name) else weight
 
 
 def hf_weight(config, hf_name: str, stored: torch.Tensor) -> torch.Tensor:
     """`gguf_weight` undone: a weight read back from a GGUF file in Hugging Face's conventions."""
-    _, permute, shifted_norms = ARCHITECTURES[config.model_type]
     weight = stored.float()
-    if permute and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-        heads = config.num_attention_heads
-        if hf_name.endswith("k_proj.weight"):
-            heads = config.num_key_value_heads
+    heads = _rope_permuted_heads(config, hf_name)
+    if heads:
         weight = (weight.reshape(heads, weight.shape[0] // heads // 2, 2, *weight.shape[1:])
                   .swapaxes(1, 2).reshape(weight.shape))
-    if shifted_norms and hf_name.endswith("norm.weight"):
-        weight = weight - 1
-    return weight
+    return weight - 1 if _shifted_norm(config, hf_name) else weight
+
+
+def _rope_permuted_heads(config, hf_name: str) -> int:
+    """The heads of a q or k weight whose rows llama.cpp's Llama-style rope takes in another order; 0 otherwise."""
+    _, permute, _ = ARCHITECTURES[config.model_type]
+    if not permute or not hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+        return 0
+    return config.num_key_value_heads if hf_name.endswith("k_proj.weight") else config.num_attention_heads
+
+
+def _shifted_norm(config, hf_name: str) -> bool:
+    """A norm weight llama.cpp stores as 1 + w (Gemma's)."""
+    return ARCHITECTURES[config.model_type][2] and hf_name.endswith("norm.weight")
 
 
 def encode(weight: torch.Tensor, qtype: Q) -> np.ndarray:

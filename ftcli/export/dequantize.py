@@ -57,8 +57,9 @@ def _f16(data: torch.Tensor) -> torch.Tensor:
 
 def _nibbles(data: torch.Tensor, groups: int) -> torch.Tensor:
     """Bytes split into `groups` runs, each run's low nibbles then its high nibbles: (blocks, 2 * groups, run)."""
+    count = data.shape[0]
     shifts = torch.tensor([0, 4], dtype=torch.uint8, device=data.device)
-    return ((data.reshape(data.shape[0], groups, 1, -1) >> shifts[:, None]) & 0xF).reshape(data.shape[0], 2 * groups, -1)
+    return ((data.reshape(count, groups, 1, -1) >> shifts[:, None]) & 0xF).reshape(count, 2 * groups, -1)
 
 
 def _bits(data: torch.Tensor, width: int) -> torch.Tensor:

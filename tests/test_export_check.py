@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import assert_clean_failure, make_output_folder, run_cli, write_jsonl, write_recipe
+from conftest import DEVICE, assert_clean_failure, make_output_folder, run_cli, write_jsonl, write_recipe
 from ftcli.export import default_export_folder, export
 from ftcli.export.check import CHECK_FILE, WrittenFile, check_failure, check_files
 from ftcli.export.check_format import first_difference
@@ -200,8 +200,8 @@ def test_gguf_reader_reads_what_ggufs_own_reader_reads(checked_run):
         if not key.startswith("GGUF."):
             assert ours.fields[key] == field.contents(), key
     for tensor in theirs.tensors:
-        np.testing.assert_array_equal(ours.values(tensor.name),
-                                      gguf.quants.dequantize(tensor.data, tensor.tensor_type), tensor.name)
+        expected = torch.from_numpy(np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type)))
+        assert torch.equal(ours.values(tensor.name, DEVICE).cpu(), expected), tensor.name
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma"])

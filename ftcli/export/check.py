@@ -140,7 +140,8 @@ def _check_file(file: WrittenFile, model, config, weights, tokenizer, sample, re
                 parameters: int) -> dict:
     gguf_file = GgufFile(file.gguf)
     errors = []
-    for name, stored in stored_weights(gguf_file, config, list(weights)):  # one at a time: memory holds one
+    device = next(model.parameters()).device
+    for name, stored in stored_weights(gguf_file, config, list(weights), device):  # one at a time: memory holds one
         errors.append((name, stored.qtype, _weight_error(config, weights[name], name, stored)))
         if stored.values.numel() == weights[name].numel():
             model.get_parameter(name).data.copy_(hf_weight(config, name, stored.values.reshape(weights[name].shape)))
@@ -158,7 +159,7 @@ def _check_file(file: WrittenFile, model, config, weights, tokenizer, sample, re
 
 def _weight_error(config, weight: torch.Tensor, name: str, stored: StoredWeight) -> float:
     """The stored tensor's RMS error relative to the weight it was made from, in the file's layout."""
-    expected = gguf_weight(config, name, weight)
+    expected = gguf_weight(config, name, weight.to(stored.values.device))
     if stored.values.numel() != expected.numel():
         return float("inf")
     scale = torch.linalg.vector_norm(expected).item()

@@ -2,9 +2,9 @@
 
 gguf's own GGUFReader builds a numpy view for every string of the vocabulary and merges, seconds for a 49k-token
 vocabulary, so the header is parsed here (the format: github.com/ggml-org/ggml/blob/master/docs/gguf.md), string
-arrays with one pass of plain reads. Tensors are dequantized by the gguf package's numpy port of ggml's
-dequantizers (`gguf.quants.dequantize`), on the CPU, whatever device later runs the model. Names map back to the
-Hugging Face names through the TensorNameMap the writer used, in the writer's layout (gguf_file.gguf_weight).
+arrays with one pass of plain reads. A tensor's bytes are copied from the mapped file to the device that runs the
+check's model and dequantized there (ftcli/export/dequantize.py). Names map back to the Hugging Face names through
+the TensorNameMap the writer used, in the writer's layout (gguf_file.gguf_weight).
 """
 
 import struct
@@ -19,6 +19,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as V
 
 from ftcli.errors import FtcliError
+from ftcli.export.dequantize import dequantize, tensor_bytes
 from ftcli.export.gguf_file import ARCHITECTURES
 
 _SCALARS = {V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i",
@@ -65,14 +66,12 @@ class GgufFile:
     def token(self, index) -> str:
         return self.fields["tokenizer.ggml.tokens"][index]
 
-    def values(self, name: str) -> np.ndarray:
-        """The tensor's values as llama.cpp dequantizes them, float32, in numpy order."""
+    def values(self, name: str, device: torch.device) -> torch.Tensor:
+        """The tensor's values as llama.cpp dequantizes them, float32, in numpy order, on `device`."""
         info = self.tensors[name]
-        byte_shape = gguf.quants.quant_shape_to_byte_shape(info.shape, info.qtype)
-        size = int(np.prod(byte_shape))
-        raw = np.asarray(self._data[info.offset:info.offset + size]).reshape(byte_shape)
-        values = gguf.quants.dequantize(raw, info.qtype)
-        return np.require(values, np.float32, ["W"])  # F32 comes back as a view of the file, mapped read-only
+        size = tensor_bytes(info.qtype, info.shape)
+        raw = torch.from_numpy(np.array(self._data[info.offset:info.offset + size]))  # a copy: the map is read-only
+        return dequantize(raw.to(device), info.qtype, info.shape)
 
     def _read(self, fmt: str):
         value = struct.unpack_from(fmt, self._bytes, self._position)[0]
@@ -113,10 +112,11 @@ def gguf_names(config, hf_names: list[str]) -> dict[str, str]:
             if not (hf_name == "lm_head.weight" and tied)}
 
 
-def stored_weights(file: GgufFile, config, hf_names: list[str]) -> Iterator[tuple[str, StoredWeight]]:
-    """Every weight in `hf_names` as the file stores it, by Hugging Face name, one at a time."""
+def stored_weights(file: GgufFile, config, hf_names: list[str],
+                   device: torch.device) -> Iterator[tuple[str, StoredWeight]]:
+    """Every weight in `hf_names` as the file stores it, by Hugging Face name, one at a time, on `device`."""
     for hf_name, gguf_name in gguf_names(config, hf_names).items():
         if gguf_name not in file.tensors:
             raise FtcliError(f"{file.path} has no tensor {gguf_name} (the model's {hf_name}), so llama.cpp cannot load "
                              "it. Export the file again with --overwrite.")
-        yield hf_name, StoredWeight(file.tensors[gguf_name].qtype, torch.from_numpy(file.values(gguf_name)))
+        yield hf_name, StoredWeight(file.tensors[gguf_name].qtype, file.values(gguf_name, device))

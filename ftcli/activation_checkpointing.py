@@ -70,6 +70,7 @@ class OffloadedCheckpoint:
         self.layers_on_gpu = layers_on_gpu
         self._packed = 0  # layer inputs saved by the forward under way; backward's first unpack ends it
         self._host_buffers: list[torch.Tensor] = []  # the pinned CPU copy of each offloaded input, kept for the next step
+        self._captured: list[torch.Tensor] = []  # buffers a CUDA graph copies into: kept even when outgrown
 
     def __call__(self, function, *args, **kwargs):
         with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
@@ -87,9 +88,9 @@ class OffloadedCheckpoint:
         if stream is None:
             saved.host = tensor.detach().to("cpu", copy=True)
         else:
+            saved.host = self._host_buffer(self._packed - self.layers_on_gpu - 1, tensor)
             stream.wait_stream(torch.cuda.current_stream(tensor.device))
             with torch.cuda.stream(stream):
-                saved.host = self._host_buffer(self._packed - self.layers_on_gpu - 1, tensor)
                 saved.host.copy_(tensor.detach(), non_blocking=True)
                 saved.copied = stream.record_event()
             # Held until the compute stream has waited for the copy, so no kernel can reuse the memory it reads
@@ -116,13 +117,16 @@ class OffloadedCheckpoint:
     def _host_buffer(self, index: int, tensor: torch.Tensor) -> torch.Tensor:
         """Pinned CPU memory for the forward's `index`-th offloaded input: the memory it had last step when that is
         large enough. No pinned memory is then allocated once the longest step has run, and a CUDA graph that
-        captured a step (ftcli/step_graph.py) copies into memory that outlives the capture. Reuse is safe because
-        every copy to and from it runs on the one side stream, in order."""
+        captured a step (ftcli/step_graph.py) copies into memory that outlives the capture; a buffer a graph copies
+        into is kept even once a longer batch outgrows it. Reuse is safe because every copy to and from it runs on
+        the one side stream, in order."""
         if index == len(self._host_buffers):
             self._host_buffers.append(torch.empty(0, dtype=tensor.dtype))
         flat = self._host_buffers[index]
         if flat.dtype != tensor.dtype or flat.numel() < tensor.numel():
             flat = self._host_buffers[index] = torch.empty(tensor.numel(), dtype=tensor.dtype, pin_memory=True)
+        if torch.cuda.is_current_stream_capturing() and not any(flat is kept for kept in self._captured):
+            self._captured.append(flat)
         return flat[:tensor.numel()].view(tensor.shape)
 
     def _start_load(self, saved: _Offloaded) -> None:

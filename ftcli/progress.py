@@ -14,6 +14,7 @@ from rich.table import Table
 from ftcli.errors import redact
 from ftcli.patch import KernelSwaps
 from ftcli.recipe import DEFAULT_BETA, PREFERENCE_METHODS
+from ftcli.step_graph import BUCKET_TOKENS
 
 
 # how several processes share the model, as the header says it
@@ -35,7 +36,7 @@ class TrainingDisplay:
 
     def header(self, recipe, family: str, model, trainable, device: torch.device, dtype: torch.dtype,
                stats, total_steps: int, kernels: KernelSwaps, processes: int = 1, strategy: str = "ddp",
-               checkpointing=True, layers_on_gpu: int = 0) -> None:
+               checkpointing=True, layers_on_gpu: int = 0, cuda_graphs: bool = False) -> None:
         if not self.enabled:
             return
         # bitsandbytes packs two 4-bit weights into each stored byte, so a Params4bit's numel is half its weights
@@ -63,7 +64,8 @@ class TrainingDisplay:
                          + (f" x {processes} processes" if processes > 1 else "")
                          + f", lr {recipe.train.learning_rate:g} {recipe.train.lr_scheduler}"),
             ("checkpointing", checkpointing_line(recipe, checkpointing, layers_on_gpu)),
-        ] + ([("processes", f"{processes}, {strategy}: " + SPREAD[strategy])] if processes > 1 else []):
+        ] + ([("cuda graphs", f"each micro-batch replayed, rows padded to multiples of {BUCKET_TOKENS} tokens")]
+             if cuda_graphs else []) + ([("processes", f"{processes}, {strategy}: " + SPREAD[strategy])] if processes > 1 else []):
             table.add_row(f"[bold]{name}[/]", redact(value))
         self.console.print(table)
 

@@ -127,6 +127,11 @@ class TrainSettings(Section):
         "sequences; when the host cannot hold them all, the first layers' inputs stay on the GPU), false recomputes "
         "nothing. auto: the fastest that ftcli plan estimates fits the GPU at the longest example, false, else true, "
         "else offload; true where there is no GPU.")
+    cuda_graphs: Union[bool, Literal["auto"]] = Field(
+        "auto", description="Replay each micro-batch's forward and backward as a CUDA graph, one per batch shape (rows "
+        "are padded up to a multiple of 256 tokens, so there are few), which takes Python's launch time out of the "
+        "step: faster where the GPU would wait on the host, above all for small models. Supervised fine-tuning (sft) "
+        "on one CUDA GPU in bf16 or float32 only. auto: on where it applies.")
     seed: int = Field(3407, description="Seed for LoRA initialisation, shuffling and dropout.")
     logging_steps: int = Field(1, gt=0, description="Write a metrics row every this many optimizer steps.")
     save_steps: int = Field(0, ge=0, description="Save a checkpoint (adapter, optimizer, random states, data position) "
@@ -146,6 +151,13 @@ class TrainSettings(Section):
         if isinstance(value, bool) or value in ("offload", "auto"):
             return value
         raise ValueError(f"must be true, false, offload or auto (got {value!r})")
+
+    @field_validator("cuda_graphs", mode="before")
+    @classmethod
+    def _graphs_mode(cls, value):
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ValueError(f"must be true, false or auto (got {value!r})")
 
     @model_validator(mode="after")
     def _needs_a_length(self):

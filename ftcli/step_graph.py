@@ -27,7 +27,10 @@ from typing import Callable
 
 import torch
 
+from ftcli.errors import RecipeError
+
 WARMUP_RUNS = 2
+BUCKET_TOKENS = 256  # `ftcli train` pads a graphed micro-batch's rows up to a multiple of this: few shapes, few graphs
 CAUSAL_ATTENTION = "ftcli_causal_sdpa"  # an attention implementation that transformers gives no mask
 
 
@@ -91,6 +94,28 @@ class GraphedMicroBatch:
         for grad, earlier in zip(grads, kept):
             grad.copy_(earlier)
         return _Captured(graph, inputs, scale, loss.detach())
+
+
+def settle_cuda_graphs(setting, method: str, device: torch.device, dtype: torch.dtype, processes: int) -> bool:
+    """Whether `ftcli train` replays its micro-batches as CUDA graphs: train.cuda_graphs, auto resolved. true where
+    graphs cannot run is an error that says why."""
+    reasons = [reason for failed, reason in [
+        (device.type != "cuda", "there is no CUDA GPU here"),
+        (method != "sft", f"train.method is {method}, and only sft is captured (the others vary their shapes within "
+                          "a step)"),
+        (dtype == torch.float16, "the run computes in float16, whose loss scaling reads the gradients back each step"),
+        (processes > 1, f"{processes} processes train, and graphs are captured for one"),
+    ] if failed]
+    if setting is True and reasons:
+        raise RecipeError(f"train.cuda_graphs is true, but {reasons[0]}. Set train.cuda_graphs: auto (or false) to "
+                          "train without graphs.")
+    return setting is True or (setting == "auto" and not reasons)
+
+
+def bucket_width(width: int, limit: int) -> int:
+    """The width a graphed micro-batch's rows are padded to: `width` rounded up to a multiple of BUCKET_TOKENS, at
+    most `limit` (the longest row the recipe allows)."""
+    return max(width, min(limit, -(-width // BUCKET_TOKENS) * BUCKET_TOKENS))
 
 
 @contextmanager

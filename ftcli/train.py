@@ -45,6 +45,7 @@ from ftcli.signals import StopRequest
 from ftcli.snapshots import (Snapshot, check_compatible, load_optimizer_state, newest_snapshot, random_states,
                              restore_random_states, restore_snapshot, save_snapshot)
 from ftcli.staging import atomic_write_text
+from ftcli.step_graph import GraphedMicroBatch, bucket_width, settle_cuda_graphs
 from ftcli.start_adapter import start_from_adapter
 from ftcli.steps import count_steps, data_position, examples_in_run, micro_batch_of_all, step_groups
 
@@ -67,6 +68,7 @@ class TrainingSetup:
     method: Union["SupervisedMethod", PreferenceMethod, GrpoMethod]
     processes: Processes
     schedule: TrainSettings  # the recipe's train section with the micro-batch of all processes: the data order
+    cuda_graphs: bool = False  # micro-batches replayed as CUDA graphs, which add into gradients that stay in place
 
 
 @dataclass
@@ -143,11 +145,14 @@ def run(recipe: Recipe, out_dir: Optional[Path], display: TrainingDisplay, resum
                           "completion tokens (grpo.max_completion_length).")
     checkpointing, layers_on_gpu = settle_checkpointing(recipe, config, gpu_bytes, local_host_memory(),
                                                         data.stats.longest, processes.count, strategy)
+    cuda_graphs = settle_cuda_graphs(recipe.train.cuda_graphs, recipe.train.method, device,
+                                     compute_dtype(recipe.model, device), processes.count)
     try:
         setup = build_setup(recipe, out_dir, device, architecture, tokenizer, data, total_steps, rewards, processes,
-                            schedule, strategy, checkpointing, layers_on_gpu)
+                            schedule, strategy, checkpointing, layers_on_gpu, cuda_graphs)
         display.header(recipe, architecture.family, setup.model, setup.trainable, device, setup.dtype, data.stats,
-                       total_steps, setup.kernels, processes.count, strategy, checkpointing, layers_on_gpu)
+                       total_steps, setup.kernels, processes.count, strategy, checkpointing, layers_on_gpu,
+                       cuda_graphs)
         state = resumed_state(setup, snapshot, display) if snapshot else RunState()
         if processes.several:
             state = state_of_main(setup, state)
@@ -161,7 +166,8 @@ def run(recipe: Recipe, out_dir: Optional[Path], display: TrainingDisplay, resum
 def build_setup(recipe: Recipe, out_dir: Optional[Path], device: torch.device, architecture: Architecture, tokenizer,
                 data: PreparedData, total_steps: int, rewards: list[Reward], processes: Processes = Processes(),
                 schedule: Optional[TrainSettings] = None, strategy: str = "ddp",
-                checkpointing: Checkpointing = True, layers_on_gpu: int = 0) -> TrainingSetup:
+                checkpointing: Checkpointing = True, layers_on_gpu: int = 0,
+                cuda_graphs: bool = False) -> TrainingSetup:
     schedule = schedule or recipe.train
     dtype = compute_dtype(recipe.model, device)
     model, kernels = trainable_model(recipe, architecture, device, dtype, processes if strategy == "fsdp" else None,
@@ -172,10 +178,12 @@ def build_setup(recipe: Recipe, out_dir: Optional[Path], device: torch.device, a
     else:
         method_class = PreferenceMethod if recipe.train.method in PREFERENCE_METHODS else SupervisedMethod
         method = method_class(recipe, tokenizer.pad_token_id, device, kernels.fused_loss)
+        if cuda_graphs:  # settle_cuda_graphs allows them for sft alone
+            method.replay_as_graphs(model, trainable, recipe.example_length_limit())
     method.prepare(model, examples_in_run(data.train, schedule, total_steps), data.eval, out_dir)
     return TrainingSetup(recipe, out_dir, data, model, trainable, build_optimizer(trainable, recipe.train),
                          torch.amp.GradScaler(device.type) if dtype == torch.float16 else None, device, dtype,
-                         kernels, total_steps, method, processes, schedule)
+                         kernels, total_steps, method, processes, schedule, cuda_graphs)
 
 
 def trainable_model(recipe: Recipe, architecture: Architecture, device: torch.device, dtype: torch.dtype,
@@ -283,7 +291,7 @@ def train_step(setup: TrainingSetup, state: RunState, step: int, group: list[lis
         check_finite("gradient norm", grad_norm, step, examples, setup)
     rate = set_learning_rate(setup.optimizer, setup.recipe.train, setup.total_steps, step - 1)
     take_step(setup.optimizer, setup.scaler)
-    setup.optimizer.zero_grad(set_to_none=True)
+    setup.optimizer.zero_grad(set_to_none=not setup.cuda_graphs)
     state.advance(step, result.loss, rate, grad_norm, result.tokens)
     state.method_metrics = result.metrics
 
@@ -416,6 +424,13 @@ class SupervisedMethod:
 
     def __init__(self, recipe: Recipe, pad_id: int, device: torch.device, fused: bool):
         self.batch_size, self.pad_id, self.device, self.fused = recipe.train.batch_size, pad_id, device, fused
+        self.graphs: Optional[GraphedMicroBatch] = None
+        self.width_limit = 0
+
+    def replay_as_graphs(self, model, trainable: list[torch.nn.Parameter], width_limit: int) -> None:
+        """From now on each micro-batch runs as a CUDA graph of its shape, its rows padded to a bucket's width."""
+        self.graphs = GraphedMicroBatch(model, lambda batch: summed_token_loss(model, batch, self.fused), trainable)
+        self.width_limit = width_limit
 
     def prepare(self, model, train: list[TokenizedExample], evaluation: list[TokenizedExample],
                 out_dir: Optional[Path]) -> None:
@@ -423,20 +438,32 @@ class SupervisedMethod:
 
     def accumulate_gradients(self, model, group: list[list[TokenizedExample]],
                              scaler: Optional[torch.amp.GradScaler] = None) -> StepResult:
-        batches = [collate(examples, self.pad_id, self.device) if examples else None for examples in group]
-        loss, tokens = accumulate_gradients(model, batches, scaler, self.fused)
+        batches = [self.collate(examples) if examples else None for examples in group]
+        loss, tokens = accumulate_gradients(model, batches, scaler, self.fused, self.graphs)
         return StepResult(loss, tokens)
+
+    def collate(self, examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
+        """The micro-batch on the device; for a graph, its rows padded to their bucket's width, and without a mask
+        when nothing is padding (so that attention can skip it, which a graph cannot decide by reading it)."""
+        if self.graphs is None:
+            return collate(examples, self.pad_id, self.device)
+        width = bucket_width(max(len(example.input_ids) for example in examples), self.width_limit)
+        batch = collate(examples, self.pad_id, self.device, width)
+        if all(len(example.input_ids) == width for example in examples):
+            del batch["attention_mask"]
+        return batch
 
     def evaluate(self, model, examples: list[TokenizedExample]) -> tuple[float, dict, list[TokenizedExample]]:
         loss, diverged = evaluate(model, examples, self.batch_size, self.pad_id, self.device, self.fused)
         return loss, {}, diverged
 
 
-def collate(examples: list[TokenizedExample], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch; padding is masked out of attention and of the loss.
+def collate(examples: list[TokenizedExample], pad_id: int, device: torch.device,
+            width: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch, to its longest row or to `width`; padding is masked out of attention and of the loss.
 
     Packed rows also get their position ids, which restart at each example (and once more for the padding)."""
-    width = max(len(example.input_ids) for example in examples)
+    width = width or max(len(example.input_ids) for example in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -510,10 +537,11 @@ def fused_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def accumulate_gradients(model, batches: list[Optional[dict[str, torch.Tensor]]],
-                         scaler: Optional[torch.amp.GradScaler] = None, fused: bool = False) -> tuple[float, int]:
-    """Backward over this process's micro-batches of one step (None where its share of one was empty); returns the
-    step's mean token loss and its token count, both of all processes (the loss is divided by the target tokens of
-    all processes)."""
+                         scaler: Optional[torch.amp.GradScaler] = None, fused: bool = False,
+                         graphs: Optional[GraphedMicroBatch] = None) -> tuple[float, int]:
+    """Backward over this process's micro-batches of one step (None where its share of one was empty), op by op or
+    replayed as `graphs`; returns the step's mean token loss and its token count, both of all processes (the loss is
+    divided by the target tokens of all processes)."""
     present = [batch for batch in batches if batch is not None]
     total_targets, = global_sums(sum(target_tokens(batch) for batch in present))
     step_loss = 0.0
@@ -521,11 +549,20 @@ def accumulate_gradients(model, batches: list[Optional[dict[str, torch.Tensor]]]
         if batch is None:
             pass_without_rows(model)
             continue
-        loss = summed_token_loss(model, batch, fused) / total_targets
-        (scaler.scale(loss) if scaler else loss).backward()
+        if graphs is not None:
+            loss = graphs(batch, 1 / total_targets)
+        else:
+            loss = summed_token_loss(model, batch, fused) / total_targets
+            (scaler.scale(loss) if scaler else loss).backward()
         step_loss += loss.item()
-    step_loss, tokens = global_sums(step_loss, sum(int(batch["attention_mask"].sum()) for batch in present))
+    step_loss, tokens = global_sums(step_loss, sum(batch_tokens(batch) for batch in present))
     return step_loss, int(tokens)
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The batch's tokens that are not padding; a batch without a mask has none."""
+    mask = batch.get("attention_mask")
+    return batch["input_ids"].numel() if mask is None else int(mask.sum())
 
 
 def clip_gradients(parameters: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,

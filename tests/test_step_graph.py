@@ -1,15 +1,21 @@
 """Micro-batches replayed as CUDA graphs (ftcli/step_graph.py) against the same micro-batches run op by op: the same
 losses and gradients over two steps of two micro-batches each (different tokens, ignored labels, gradients adding up
 within a step, the adapters changed in place between steps), under plain and offloaded checkpointing, with the
-kernels (on a GPU only: CUDA graphs need one); and the maskless causal attention a captured model attends through,
+kernels (on a GPU only: CUDA graphs need one); `ftcli train` with and without graphs (GPU); where train.cuda_graphs
+applies, and how a graphed micro-batch is padded; and the maskless causal attention a captured model attends through,
 against its own SDPA attention, where it applies and where a sliding window rules it out."""
+
+import json
 
 import pytest
 import torch
 
-from conftest import DEVICE, lora_model
-from ftcli.step_graph import CAUSAL_ATTENTION, GraphedMicroBatch, causal_attention
-from ftcli.train import summed_token_loss, target_tokens
+from conftest import DEVICE, lora_model, run_cli, write_jsonl, write_recipe
+from ftcli.data.templates import TokenizedExample
+from ftcli.errors import RecipeError
+from ftcli.recipe import load_recipe
+from ftcli.step_graph import CAUSAL_ATTENTION, GraphedMicroBatch, bucket_width, causal_attention, settle_cuda_graphs
+from ftcli.train import SupervisedMethod, batch_tokens, summed_token_loss, target_tokens
 
 
 def micro_batches() -> list[dict[str, torch.Tensor]]:
@@ -91,3 +97,71 @@ def test_causal_attention_gives_the_models_own_logits_where_it_applies(family, l
     assert (implementation == CAUSAL_ATTENTION) == used
     assert model.config.get_text_config()._attn_implementation == "sdpa"
     torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+
+
+CUDA, CPU = torch.device("cuda"), torch.device("cpu")
+
+
+def test_cuda_graphs_auto_is_on_only_where_graphs_run():
+    assert settle_cuda_graphs("auto", "sft", CUDA, torch.bfloat16, 1)
+    assert settle_cuda_graphs("auto", "sft", CUDA, torch.float32, 1)
+    assert not settle_cuda_graphs("auto", "sft", CPU, torch.float32, 1)
+    assert not settle_cuda_graphs("auto", "dpo", CUDA, torch.bfloat16, 1)
+    assert not settle_cuda_graphs("auto", "sft", CUDA, torch.float16, 1)
+    assert not settle_cuda_graphs("auto", "sft", CUDA, torch.bfloat16, 2)
+    assert not settle_cuda_graphs(False, "sft", CUDA, torch.bfloat16, 1)
+
+
+@pytest.mark.parametrize("device, method, dtype, processes, why", [
+    (CPU, "sft", torch.float32, 1, "there is no CUDA GPU here"),
+    (CUDA, "grpo", torch.bfloat16, 1, "train.method is grpo"),
+    (CUDA, "sft", torch.float16, 1, "the run computes in float16"),
+    (CUDA, "sft", torch.bfloat16, 2, "2 processes train"),
+])
+def test_cuda_graphs_true_where_they_cannot_run_says_why(device, method, dtype, processes, why):
+    with pytest.raises(RecipeError) as raised:
+        settle_cuda_graphs(True, method, device, dtype, processes)
+    assert f"train.cuda_graphs is true, but {why}" in str(raised.value)
+    assert "Set train.cuda_graphs: auto (or false)" in str(raised.value)
+
+
+@pytest.mark.parametrize("width, limit, bucket", [(1, 2048, 256), (256, 2048, 256), (257, 2048, 512),
+                                                  (2000, 2048, 2048), (2049, 2100, 2100), (300, 300, 300)])
+def test_rows_pad_up_to_a_multiple_of_256_tokens_within_the_limit(width, limit, bucket):
+    assert bucket_width(width, limit) == bucket
+
+
+def test_a_graphed_micro_batch_is_padded_to_its_bucket_and_loses_a_mask_with_nothing_to_mask(tmp_path,
+                                                                                           tiny_model_folder):
+    data = write_jsonl(tmp_path / "data.jsonl", [{"text": "hello"}])
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_model_folder("llama"), data, tmp_path / "out",
+                                      model={"max_seq_length": 300}))
+    method = SupervisedMethod(recipe, pad_id=0, device=CPU, fused=False)
+    method.replay_as_graphs(torch.nn.Linear(1, 1), [], recipe.example_length_limit())
+    short, long = (TokenizedExample(input_ids=[5] * n, labels=[5] * n, truncated=False) for n in (3, 270))
+    padded = method.collate([short, long])
+    assert padded["input_ids"].shape == (2, 300) and padded["attention_mask"].sum() == 273
+    full = method.collate([TokenizedExample(input_ids=[5] * 256, labels=[5] * 256, truncated=False)] * 2)
+    assert full["input_ids"].shape == (2, 256) and "attention_mask" not in full
+    assert batch_tokens(full) == 512 and batch_tokens(padded) == 273
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("kernels, checkpointing", [(False, False), (True, "offload")])
+def test_training_with_graphs_gives_the_losses_of_training_without(kernels, checkpointing, tmp_path,
+                                                                   tiny_model_folder):
+    """Rows of several lengths (padded batches of two buckets), two micro-batches a step."""
+    rows = [{"messages": [{"role": "user", "content": "Count " * n}, {"role": "assistant", "content": "ok " * n}]}
+            for n in (3, 40, 7, 90, 12, 60, 5, 150)]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+
+    def losses(graphs):
+        recipe = write_recipe(tmp_path / f"{graphs}.yaml", tiny_model_folder("llama"), data, tmp_path / str(graphs),
+                              model={"kernels": kernels, "max_seq_length": 512},
+                              train={"cuda_graphs": graphs, "grad_accum": 2, "max_steps": 4,
+                                     "gradient_checkpointing": checkpointing})
+        result = run_cli("train", recipe, "--json")
+        assert result.exit_code == 0, result.output
+        return [json.loads(line)["loss"] for line in (tmp_path / str(graphs) / "metrics.jsonl").read_text().splitlines()]
+
+    assert losses(True) == pytest.approx(losses(False), rel=1e-4)

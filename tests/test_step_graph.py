@@ -147,21 +147,23 @@ def test_a_graphed_micro_batch_is_padded_to_its_bucket_and_loses_a_mask_with_not
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a CUDA GPU")
-@pytest.mark.parametrize("kernels, checkpointing", [(False, False), (True, "offload")])
-def test_training_with_graphs_gives_the_losses_of_training_without(kernels, checkpointing, tmp_path,
+@pytest.mark.parametrize("kernels, checkpointing, dropout", [(False, False, 0.0), (True, "offload", 0.0),
+                                                               (True, True, 0.1)])
+def test_training_with_graphs_gives_the_losses_of_training_without(kernels, checkpointing, dropout, tmp_path,
                                                                    tiny_model_folder):
-    """Rows of several lengths (padded batches of two buckets), two micro-batches a step."""
+    """Rows of several lengths (padded batches of two buckets), two micro-batches a step; with LoRA dropout, whose
+    masks a replay draws afresh, the losses only stay close."""
     rows = [{"messages": [{"role": "user", "content": "Count " * n}, {"role": "assistant", "content": "ok " * n}]}
             for n in (3, 40, 7, 90, 12, 60, 5, 150)]
     data = write_jsonl(tmp_path / "train.jsonl", rows)
 
     def losses(graphs):
         recipe = write_recipe(tmp_path / f"{graphs}.yaml", tiny_model_folder("llama"), data, tmp_path / str(graphs),
-                              model={"kernels": kernels, "max_seq_length": 512},
+                              model={"kernels": kernels, "max_seq_length": 512}, lora={"dropout": dropout},
                               train={"cuda_graphs": graphs, "grad_accum": 2, "max_steps": 4,
                                      "gradient_checkpointing": checkpointing})
         result = run_cli("train", recipe, "--json")
         assert result.exit_code == 0, result.output
         return [json.loads(line)["loss"] for line in (tmp_path / str(graphs) / "metrics.jsonl").read_text().splitlines()]
 
-    assert losses(True) == pytest.approx(losses(False), rel=1e-4)
+    assert losses(True) == pytest.approx(losses(False), rel=1e-4 if dropout == 0 else 0.05)

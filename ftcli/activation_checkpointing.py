@@ -103,6 +103,7 @@ class OffloadedCheckpoint:
         if self._packed:  # backward begins: no copy of the forward may stay in flight into the next step
             self._release_copied()
             self._packed = 0
+            self._last = None  # nor may the next forward's first input name one of this forward's to prefetch
         if isinstance(saved, torch.Tensor):
             return saved
         self._start_load(saved)

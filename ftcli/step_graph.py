@@ -27,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from ftcli.architectures import Architecture
 from ftcli.errors import RecipeError
 
 WARMUP_RUNS = 2
@@ -77,12 +78,16 @@ class GraphedMicroBatch:
 
         side = torch.cuda.Stream(device)
         graph = torch.cuda.CUDAGraph()
+        random_state = torch.cuda.get_rng_state(device)
         with causal_attention(self.model, batch):
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 for _ in range(WARMUP_RUNS):
                     (self.summed_loss(inputs) * scale).backward()
             torch.cuda.current_stream(device).wait_stream(side)
+            # The warm-up's dropout draws are none a run sees: the replays then draw what an eager run draws from
+            # here, whichever step a shape is first captured at (a resumed run captures later than the whole one)
+            torch.cuda.set_rng_state(random_state, device)
             with torch.cuda.graph(graph, pool=self._pool):
                 loss = self.summed_loss(inputs) * scale
                 loss.backward()
@@ -96,11 +101,15 @@ class GraphedMicroBatch:
         return _Captured(graph, inputs, scale, loss.detach())
 
 
-def settle_cuda_graphs(setting, method: str, device: torch.device, dtype: torch.dtype, processes: int) -> bool:
+def settle_cuda_graphs(setting, method: str, device: torch.device, dtype: torch.dtype, processes: int,
+                       architecture: Architecture) -> bool:
     """Whether `ftcli train` replays its micro-batches as CUDA graphs: train.cuda_graphs, auto resolved. true where
     graphs cannot run is an error that says why."""
     reasons = [reason for failed, reason in [
         (device.type != "cuda", "there is no CUDA GPU here"),
+        (architecture.attention != "sdpa", f"{architecture.family} attends through transformers' "
+                                           f"{architecture.attention} attention, whose mask transformers builds "
+                                           "from CPU values, which a capture cannot copy"),
         (method != "sft", f"train.method is {method}, and only sft is captured (the others vary their shapes within "
                           "a step)"),
         (dtype == torch.float16, "the run computes in float16, whose loss scaling reads the gradients back each step"),

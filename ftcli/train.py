@@ -146,7 +146,7 @@ def run(recipe: Recipe, out_dir: Optional[Path], display: TrainingDisplay, resum
     checkpointing, layers_on_gpu = settle_checkpointing(recipe, config, gpu_bytes, local_host_memory(),
                                                         data.stats.longest, processes.count, strategy)
     cuda_graphs = settle_cuda_graphs(recipe.train.cuda_graphs, recipe.train.method, device,
-                                     compute_dtype(recipe.model, device), processes.count)
+                                     compute_dtype(recipe.model, device), processes.count, architecture)
     try:
         setup = build_setup(recipe, out_dir, device, architecture, tokenizer, data, total_steps, rewards, processes,
                             schedule, strategy, checkpointing, layers_on_gpu, cuda_graphs)

@@ -154,6 +154,7 @@ def test_what_autograd_keeps_of_each_layer(mode, tiny_model_folder, offloads):
 
 
 def test_a_recipe_with_offload_trains_as_without_checkpointing(tmp_path, tiny_model_folder, offloads):
+    """Eager steps, so every step packs (graphs replayed with offload: tests/test_step_graph.py)."""
     rows = [{"messages": [{"role": "user", "content": f"Say the number {n}."},
                           {"role": "assistant", "content": f"The number is {n}."}]} for n in range(4)]
     data = write_jsonl(tmp_path / "train.jsonl", rows)
@@ -161,13 +162,26 @@ def test_a_recipe_with_offload_trains_as_without_checkpointing(tmp_path, tiny_mo
     for mode in (False, "offload"):
         out = tmp_path / f"out-{mode}"
         recipe = write_recipe(tmp_path / f"{mode}.yaml", tiny_model_folder("qwen3"), data, out,
-                              lora={"dropout": 0.1}, train={"gradient_checkpointing": mode})
+                              lora={"dropout": 0.1}, train={"gradient_checkpointing": mode, "cuda_graphs": False})
         result = run_cli("train", recipe, "--json")
         assert result.exit_code == 0, result.output
         losses[mode] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert f"gradient_checkpointing: {str(mode).lower()}" in (out / "recipe.yaml").read_text()
     assert len(offloads.packed) == 3 * 2  # 3 steps of one micro-batch, 2 layers
     assert losses["offload"] == pytest.approx(losses[False], rel=1e-6)
+
+
+def test_a_forwards_first_offloaded_input_names_none_of_the_forward_before(tiny_model_folder, offloads):
+    """Backward brings back the input saved before each one it unpacks. That chain must stop at a forward's first
+    offloaded input even while the step before's inputs are still alive (the spy keeps them here), or backward
+    copies one of them back for nothing, and inside a CUDA graph leaves that copy unjoined."""
+    model = lora_model(tiny_model_folder("llama"), "llama", "offload", layers_on_gpu=1)
+    for step in range(2):
+        loss_and_grads(model, batch_of_two())
+        model.zero_grad(set_to_none=True)
+    offloaded = [packed for _, packed in offloads.packed if not isinstance(packed, torch.Tensor)]
+    assert len(offloaded) == 2  # the top layer's input of each step; the bottom one's stays on the device
+    assert [packed.previous for packed in offloaded] == [None, None]
 
 
 def test_the_first_layers_inputs_can_stay_on_the_device(tiny_model_folder, offloads):

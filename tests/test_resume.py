@@ -312,8 +312,8 @@ def overflow_gradient_at_step(step, monkeypatch):
     backward = ftcli.train.accumulate_gradients
     steps = []
 
-    def overflowing(model, batches, scaler=None, fused=False):
-        result = backward(model, batches, scaler, fused)
+    def overflowing(model, *args, **kwargs):
+        result = backward(model, *args, **kwargs)
         steps.append(len(steps) + 1)
         if steps[-1] == step:
             next(p for p in model.parameters() if p.requires_grad).grad.view(-1)[0] = float("inf")

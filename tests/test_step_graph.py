@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, lora_model, run_cli, write_jsonl, write_recipe
+from ftcli.architectures import ARCHITECTURES
 from ftcli.data.templates import TokenizedExample
 from ftcli.errors import RecipeError
 from ftcli.recipe import load_recipe
@@ -49,9 +50,11 @@ def train(model, run_micro_batch) -> tuple[list[float], list[list[torch.Tensor]]
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a CUDA GPU")
-@pytest.mark.parametrize("checkpointing", [True, "offload"])
+@pytest.mark.parametrize("checkpointing, dropout", [(True, 0.0), ("offload", 0.0), (True, 0.1), ("offload", 0.1)])
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_graph_replays_give_the_eager_losses_and_gradients(family, checkpointing, tiny_model_folder):
+def test_graph_replays_give_the_eager_losses_and_gradients(family, checkpointing, dropout, tiny_model_folder):
+    """With LoRA dropout, from the same random state: a replay draws the eager run's masks (the warm-up's draws are
+    undone), and the recompute of a checkpointed layer draws its forward's, or the gradients would differ."""
     def eager(model):
         def run(batch, scale):
             loss = summed_token_loss(model, batch, fused=True) * scale
@@ -59,10 +62,16 @@ def test_graph_replays_give_the_eager_losses_and_gradients(family, checkpointing
             return loss
         return run
 
-    model, _ = lora_model(tiny_model_folder(family), family, kernels=True, checkpointing=checkpointing, device=DEVICE)
+    def model_from_seed():
+        model, _ = lora_model(tiny_model_folder(family), family, kernels=True, checkpointing=checkpointing,
+                              device=DEVICE, dropout=dropout)
+        torch.cuda.manual_seed(11)
+        return model
+
+    model = model_from_seed()
     want_losses, want_grads = train(model, eager(model))
 
-    model, _ = lora_model(tiny_model_folder(family), family, kernels=True, checkpointing=checkpointing, device=DEVICE)
+    model = model_from_seed()
     trainable = [p for p in model.parameters() if p.requires_grad]
     graphed = GraphedMicroBatch(model, lambda batch: summed_token_loss(model, batch, fused=True), trainable)
     losses, grads = train(model, graphed)
@@ -102,25 +111,30 @@ def test_causal_attention_gives_the_models_own_logits_where_it_applies(family, l
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 
 
+LLAMA, GEMMA2 = ARCHITECTURES["llama"], ARCHITECTURES["gemma2"]
+
+
 def test_cuda_graphs_auto_is_on_only_where_graphs_run():
-    assert settle_cuda_graphs("auto", "sft", CUDA, torch.bfloat16, 1)
-    assert settle_cuda_graphs("auto", "sft", CUDA, torch.float32, 1)
-    assert not settle_cuda_graphs("auto", "sft", CPU, torch.float32, 1)
-    assert not settle_cuda_graphs("auto", "dpo", CUDA, torch.bfloat16, 1)
-    assert not settle_cuda_graphs("auto", "sft", CUDA, torch.float16, 1)
-    assert not settle_cuda_graphs("auto", "sft", CUDA, torch.bfloat16, 2)
-    assert not settle_cuda_graphs(False, "sft", CUDA, torch.bfloat16, 1)
+    assert settle_cuda_graphs("auto", "sft", CUDA, torch.bfloat16, 1, LLAMA)
+    assert settle_cuda_graphs("auto", "sft", CUDA, torch.float32, 1, LLAMA)
+    assert not settle_cuda_graphs("auto", "sft", CPU, torch.float32, 1, LLAMA)
+    assert not settle_cuda_graphs("auto", "dpo", CUDA, torch.bfloat16, 1, LLAMA)
+    assert not settle_cuda_graphs("auto", "sft", CUDA, torch.float16, 1, LLAMA)
+    assert not settle_cuda_graphs("auto", "sft", CUDA, torch.bfloat16, 2, LLAMA)
+    assert not settle_cuda_graphs("auto", "sft", CUDA, torch.bfloat16, 1, GEMMA2)
+    assert not settle_cuda_graphs(False, "sft", CUDA, torch.bfloat16, 1, LLAMA)
 
 
-@pytest.mark.parametrize("device, method, dtype, processes, why", [
-    (CPU, "sft", torch.float32, 1, "there is no CUDA GPU here"),
-    (CUDA, "grpo", torch.bfloat16, 1, "train.method is grpo"),
-    (CUDA, "sft", torch.float16, 1, "the run computes in float16"),
-    (CUDA, "sft", torch.bfloat16, 2, "2 processes train"),
+@pytest.mark.parametrize("device, method, dtype, processes, architecture, why", [
+    (CPU, "sft", torch.float32, 1, LLAMA, "there is no CUDA GPU here"),
+    (CUDA, "grpo", torch.bfloat16, 1, LLAMA, "train.method is grpo"),
+    (CUDA, "sft", torch.float16, 1, LLAMA, "the run computes in float16"),
+    (CUDA, "sft", torch.bfloat16, 2, LLAMA, "2 processes train"),
+    (CUDA, "sft", torch.bfloat16, 1, GEMMA2, "Gemma 2 attends through transformers' eager attention"),
 ])
-def test_cuda_graphs_true_where_they_cannot_run_says_why(device, method, dtype, processes, why):
+def test_cuda_graphs_true_where_they_cannot_run_says_why(device, method, dtype, processes, architecture, why):
     with pytest.raises(RecipeError) as raised:
-        settle_cuda_graphs(True, method, device, dtype, processes)
+        settle_cuda_graphs(True, method, device, dtype, processes, architecture)
     assert f"train.cuda_graphs is true, but {why}" in str(raised.value)
     assert "Set train.cuda_graphs: auto (or false)" in str(raised.value)
 
@@ -148,11 +162,12 @@ def test_a_graphed_micro_batch_is_padded_to_its_bucket_and_loses_a_mask_with_not
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a CUDA GPU")
 @pytest.mark.parametrize("kernels, checkpointing, dropout", [(False, False, 0.0), (True, "offload", 0.0),
-                                                               (True, True, 0.1)])
+                                                               (True, True, 0.1), (True, "offload", 0.1)])
 def test_training_with_graphs_gives_the_losses_of_training_without(kernels, checkpointing, dropout, tmp_path,
                                                                    tiny_model_folder):
-    """Rows of several lengths (padded batches of two buckets), two micro-batches a step; with LoRA dropout, whose
-    masks a replay draws afresh, the losses only stay close."""
+    """Rows of several lengths (padded batches of two buckets), two micro-batches a step. LoRA dropout draws its
+    masks over the padded batch, which graphs pad to 256 tokens and eager steps to the longest row, so with dropout
+    the losses only stay close (the masks themselves: test_graph_replays_give_the_eager_losses_and_gradients)."""
     rows = [{"messages": [{"role": "user", "content": "Count " * n}, {"role": "assistant", "content": "ok " * n}]}
             for n in (3, 40, 7, 90, 12, 60, 5, 150)]
     data = write_jsonl(tmp_path / "train.jsonl", rows)

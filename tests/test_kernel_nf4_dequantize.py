@@ -10,11 +10,13 @@ from ftcli_kernels.nf4_dequantize import nf4_dequantize, nf4_dequantize_referenc
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
 @pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "plain"])
-@pytest.mark.parametrize("shape", [(64, 64), (96, 160), (2304, 64)])  # the last spans several scale blocks
-def test_nf4_dequantize_matches_bitsandbytes(shape, nested, dtype):
+@pytest.mark.parametrize("shape, blocksize", [
+    ((64, 64), 64), ((96, 160), 64), ((2304, 64), 64),  # the last spans several scale blocks and programs
+    ((96, 160), 128)])
+def test_nf4_dequantize_matches_bitsandbytes(shape, blocksize, nested, dtype):
     generator = torch.Generator().manual_seed(shape[0] * 7 + shape[1])
     weight = (torch.randn(shape, generator=generator) * 0.05 + 0.01).to(DEVICE)
-    packed, state = quantize_4bit(weight, blocksize=64, compress_statistics=nested, quant_type="nf4")
+    packed, state = quantize_4bit(weight, blocksize=blocksize, compress_statistics=nested, quant_type="nf4")
     assert state.nested == nested
 
     got = nf4_dequantize(packed, state, dtype)

@@ -294,8 +294,10 @@ def main(argv=None) -> None:
     parser.add_argument("--precision", choices=["nf4", "bf16"], default="nf4")
     bench_peers.add_arguments(parser)
     parser.add_argument("--only", choices=SIDES, help="run one side in this process")
-    parser.add_argument("--cuda-graph", action="store_true",
-                        help="ftcli's side replays each micro-batch as a CUDA graph (ftcli/step_graph.py)")
+    parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                        help="ftcli's side replays each micro-batch as a CUDA graph (ftcli/step_graph.py) on a GPU, "
+                             "as `ftcli train` does by default (train.cuda_graphs: auto); --no-cuda-graph runs it "
+                             "op by op")
     parser.add_argument("--profile", action="store_true", help="also print ftcli's per-kernel GPU time and the host's Python time of one step")
     parser.add_argument("--trace", help="with --profile: write the step's Chrome trace (JSON) to this path")
     parser.add_argument("--decode", action="store_true", help="measure answering (decode tokens/s) instead of training")

@@ -1,5 +1,6 @@
 """ftcli's GRPO loss and LoRA gradients equal TRL's GRPOTrainer's (tests/trl_reference.py) on the same tiny model,
-adapter, completions and rewards, float32: GRPO and Dr. GRPO, with and without the KL term.
+adapter, completions and rewards, float32, both on conftest.DEVICE (TRL's fused LM head is compiled Triton on a GPU,
+which takes CUDA tensors only): GRPO and Dr. GRPO, with and without the KL term.
 
 ftcli's side is its own step: two prompts in one micro-batch, their completions handed out by a fixed engine,
 rewarded by the built-in length reward; TRL gets the same completions and the advantages ftcli's rewards give
@@ -11,7 +12,7 @@ follows the published formula.
 import pytest
 import torch
 
-from conftest import lora_model
+from conftest import DEVICE, lora_model
 from ftcli.grpo_losses import group_advantages
 from test_grpo_loss import (GENERATIONS, LOSS_TOLERANCE, MAX_COMPLETION, assert_same_gradients, grpo_method,
                             length_reward, lora_gradients, make_rollout, recipe)
@@ -25,7 +26,7 @@ VARIANTS = {"grpo": {"loss_type": "grpo"}, "grpo-kl": {"loss_type": "grpo", "bet
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_loss_and_gradients_equal_trl(family, variant, tiny_model_folder, tmp_path):
     settings = VARIANTS[variant]
-    model, _ = lora_model(tiny_model_folder(family), family, kernels=False)
+    model, _ = lora_model(tiny_model_folder(family), family, kernels=False, device=DEVICE)
     examples, completions = make_rollout(seed=7)
     method = grpo_method(model, recipe(tiny_model_folder(family), settings), completions)
     ours = method.accumulate_gradients(model, [examples]).loss

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import randomise, run_cli, write_jsonl, write_recipe
+from conftest import DEVICE, randomise, run_cli, write_jsonl, write_recipe
 from ftcli.architectures import ARCHITECTURES
 from ftcli.data.packing import join_examples, pack_examples
 from ftcli.data.templates import IGNORE_INDEX, TokenizedExample
@@ -163,25 +163,23 @@ def test_packed_gradients_equal_unpacked_gradients_through_the_loop(tiny_model_f
 
 def test_packed_loss_with_kernels(tiny_model_folder, monkeypatch):
     """ftcli's RoPE kernel takes cos and sin computed from the restarting position ids, and the fused loss
-    kernel sees the same labels: packed equals unpacked with every kernel on. Triton's interpreter on a CPU,
-    rel 1e-5; natively on CUDA, where Triton's float32 products use TF32, rel 1e-3."""
+    kernel sees the same labels: packed equals unpacked with every kernel on, on conftest.DEVICE. Triton's
+    interpreter on a CPU, rel 1e-5; natively on CUDA, where Triton's float32 products use TF32, rel 1e-3."""
     from ftcli_kernels import cross_entropy, rope
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     calls = []
     for module, name in ((rope, "apply_rope"), (cross_entropy, "fused_linear_cross_entropy")):
         monkeypatch.setattr(module, name, counted(getattr(module, name), calls))
     architecture = ARCHITECTURES["llama"]
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_folder("llama"), dtype=torch.float32).to(device)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_folder("llama"), dtype=torch.float32).to(DEVICE)
     apply_kernels(model, architecture)
     model = add_lora(model, LoraSettings(r=4, alpha=8), architecture, seed=0)
     apply_lora_kernels(model)
     examples = examples_of([5, 9, 12, 7])
     with torch.no_grad():
-        unpacked_loss = mean_loss(model, examples, fused=True, device=device)
-        packed_loss = mean_loss(model, pack_examples(examples, 20), fused=True, device=device)
-    assert packed_loss == pytest.approx(unpacked_loss, rel=1e-5 if device.type == "cpu" else 1e-3)
+        unpacked_loss = mean_loss(model, examples, fused=True, device=DEVICE)
+        packed_loss = mean_loss(model, pack_examples(examples, 20), fused=True, device=DEVICE)
+    assert packed_loss == pytest.approx(unpacked_loss, rel=1e-5 if DEVICE.type == "cpu" else 1e-3)
     layers = model.config.num_hidden_layers
     assert calls.count("apply_rope") == 2 * layers and calls.count("fused_linear_cross_entropy") == 2
 

@@ -1,5 +1,6 @@
 """ftcli's DPO losses and rewards equal TRL's DPOTrainer's (tests/trl_reference.py) on the same tiny model,
-adapter and pairs, float32: sigmoid, conservative DPO (label smoothing), hinge.
+adapter and pairs, float32, both on conftest.DEVICE (TRL's fused LM head is compiled Triton on a GPU, which takes
+CUDA tensors only): sigmoid, conservative DPO (label smoothing), hinge.
 
 ftcli's side is its own step: the pairs in one micro-batch, one forward over both answers (the prompt shared where
 the model allows it), the reference the same model with its adapter off. IPO is left out: TRL averages each
@@ -12,10 +13,10 @@ import math
 import pytest
 import torch
 
-from conftest import lora_model
+from conftest import DEVICE, lora_model
 from ftcli.data.templates import PreferenceExample
 from ftcli.preference import PreferenceMethod
-from test_preference_loss import CPU, LOSS_TOLERANCE, recipe
+from test_preference_loss import LOSS_TOLERANCE, recipe
 from trl_reference import trl_dpo_reference
 
 FAMILIES = ["llama", "qwen3"]  # Qwen3 adds its q/k norms and untied head to Llama's shape
@@ -28,8 +29,9 @@ LOG_RATIO_TOLERANCE = dict(rel=1e-5, abs=2e-5)
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def policy(request, tiny_model_folder):
-    """The tiny model with a LoRA adapter whose B is random, so that the policy differs from its reference."""
-    model, _ = lora_model(tiny_model_folder(request.param), request.param, kernels=False)
+    """The tiny model with a LoRA adapter whose B is random, so that the policy differs from its reference, on
+    DEVICE."""
+    model, _ = lora_model(tiny_model_folder(request.param), request.param, kernels=False, device=DEVICE)
     return model.eval()
 
 
@@ -48,7 +50,8 @@ def ftcli_losses(model, pairs, loss_type: str, label_smoothing: float, beta: flo
     examples = [PreferenceExample(prompt, chosen, list(chosen), rejected, list(rejected))
                 for prompt, chosen, rejected in pairs]
     preference = {"beta": beta, "loss_type": loss_type, "label_smoothing": label_smoothing}
-    method = PreferenceMethod(recipe("unused", "dpo", preference, batch_size=len(pairs)), PAD_ID, CPU, fused=False)
+    settings = recipe("unused", "dpo", preference, batch_size=len(pairs))
+    method = PreferenceMethod(settings, PAD_ID, DEVICE, fused=False)
     with torch.no_grad():
         return method.pair_losses(model, examples, method.collate(model, examples))
 

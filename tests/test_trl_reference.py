@@ -1,12 +1,13 @@
 """The TRL reference drives TRL correctly: its DPO losses and rewards, and its GRPO loss and gradients, equal a
-plain-PyTorch computation."""
+plain-PyTorch computation, float32, on conftest.DEVICE: on a GPU TRL's trainers run its fused LM head as compiled
+Triton, which takes CUDA tensors only; on a CPU, in Triton's interpreter."""
 
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomise
+from conftest import DEVICE, randomise
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -18,12 +19,13 @@ BETA = 0.5
 
 @pytest.fixture(scope="module")
 def policy(tiny_model_folder):
-    """A tiny Llama with a LoRA adapter whose B is random, so that the policy differs from its reference."""
+    """A tiny Llama with a LoRA adapter whose B is random, so that the policy differs from its reference, on
+    DEVICE."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_folder("llama"), dtype=torch.float32)
     torch.manual_seed(0)
     adapted = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT_TARGET_MODULES))
     randomise(adapted, "lora_B", 0.2, seed=1)
-    return adapted.eval()
+    return adapted.to(DEVICE).eval()
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +37,12 @@ def pairs(policy):
 
 
 def answer_logps(model, prompt: list[int], answer: list[int]) -> torch.Tensor:
-    """Sum of log p(answer token | everything before it) from the model's full logits."""
-    ids = torch.tensor([prompt + answer])
+    """Sum of log p(answer token | everything before it) from the model's full logits, on the CPU, where TRL's
+    results come back."""
+    ids = torch.tensor([prompt + answer], device=model.device)
     with torch.no_grad():
         logps = torch.log_softmax(model(ids).logits[0, :-1].double(), dim=-1)
-    return logps[len(prompt) - 1:].gather(1, ids[0, len(prompt):, None]).sum()
+    return logps[len(prompt) - 1:].gather(1, ids[0, len(prompt):, None]).sum().cpu()
 
 
 def plain_log_ratios(model, pairs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +99,7 @@ def test_trl_reference_refuses_label_smoothing_trl_would_ignore(policy, pairs):
 
 def completion_logps(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
     """log p(completion token | everything before it) per completion token, from the model's full logits."""
-    ids = torch.tensor([prompt + completion])
+    ids = torch.tensor([prompt + completion], device=model.device)
     logps = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
     return logps[len(prompt) - 1:].gather(1, ids[0, len(prompt):, None])[:, 0]
 
@@ -137,7 +140,7 @@ def test_trl_grpo_loss_equals_plain_grpo_and_its_gradients(policy, loss_type, be
     draw = lambda n: torch.randint(3, policy.config.vocab_size, (n,), generator=generator).tolist()
     prompts = [draw(5), draw(5), draw(2), draw(2)]  # two groups of two: unequal prompts, so TRL left-pads
     completions = [draw(4), draw(7), draw(1), draw(6)]
-    advantages = torch.tensor([0.7, -0.7, -1.2, 1.2])
+    advantages = torch.tensor([0.7, -0.7, -1.2, 1.2], device=DEVICE)
     settings = dict(beta=beta, epsilon=0.2, loss_type=loss_type, max_completion_length=8)
 
     expected, kl = plain_grpo_loss(policy, prompts, completions, advantages, **settings)

@@ -49,13 +49,14 @@ def trl_dpo_reference(model, pairs: list[tuple[list[int], list[int], list[int]]]
       TRL's "aot" loss on one pair (its sort over the batch is then the identity), so that is what runs for
       "sigmoid" with label_smoothing > 0. TRL applies it to neither "ipo" nor "hinge": asking is a ValueError.
     - Rewards: beta * (policy - reference) summed log-probs of each answer, as TRL logs them.
-    - Precision: float32 (bf16 autocast off), the model's own device.
+    - Precision: float32 (bf16 autocast off, TF32 off: see _require_float32_matmuls), the model's own device.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type {loss_type!r}: the reference covers {LOSS_TYPES}")
     if label_smoothing and loss_type != "sigmoid":
         raise ValueError(f"TRL's {loss_type!r} loss ignores label_smoothing; pass 0.0")
     trainer = _trainer(model, beta, "aot" if label_smoothing else loss_type, label_smoothing, output_dir)
+    _require_float32_matmuls()
     trainer.model.eval()
     metrics = trainer._metrics["eval"]
     losses, chosen, rejected = [], [], []
@@ -67,6 +68,16 @@ def trl_dpo_reference(model, pairs: list[tuple[list[int], list[int], list[int]]]
         chosen.append(metrics["rewards/chosen"][-1])
         rejected.append(metrics["rewards/rejected"][-1])
     return TrlDpoResult(torch.stack(losses), torch.tensor(chosen), torch.tensor(rejected))
+
+
+def _require_float32_matmuls() -> None:
+    """On a GPU the comparisons hold TRL to float32's tolerances, which need cuBLAS to multiply float32 as float32.
+    TF32 keeps 10 bits of each input's mantissa (about 1e-3 relative); torch leaves it off by default, and
+    transformers' and TRL's trainers leave it so unless their config's tf32 asks. Checked once the trainer is
+    built, so that neither the suite nor the trainer has turned it on."""
+    if torch.backends.cuda.matmul.fp32_precision == "tf32":
+        raise RuntimeError("TF32 is on for float32 matmuls (torch.backends.cuda.matmul.fp32_precision): the TRL "
+                           "comparisons need float32 products; turn it off")
 
 
 def _trainer(model, beta: float, loss_type: str, label_smoothing: float, output_dir: str) -> DPOTrainer:
@@ -107,12 +118,13 @@ def trl_grpo_loss(model, prompt_ids: list[list[int]], completion_ids: list[list[
       DeepSeek-V3.2), which leaves the loss's value alone and changes its gradient; that is turned off here.
     - Loss: "grpo" averages each completion's token losses over its length, then over completions; "dr_grpo"
       sums them all and divides by completions x max_completion_length. Evaluation mode, so no division by
-      gradient accumulation steps; float32, the model's own device.
+      gradient accumulation steps; float32 (TF32 off: see _require_float32_matmuls), the model's own device.
     """
     if loss_type not in GRPO_LOSS_TYPES:
         raise ValueError(f"loss_type {loss_type!r}: the reference covers {GRPO_LOSS_TYPES}")
     trainer = _grpo_trainer(model, len(prompt_ids), beta, epsilon, loss_type, max_completion_length, temperature,
                             output_dir)
+    _require_float32_matmuls()
     trainer.model.eval()
     device = model.device
     inputs = {"prompt_ids": _padded(prompt_ids, pad_id, "left", device),

@@ -27,6 +27,12 @@ PAD_ID = 0
 LOG_RATIO_TOLERANCE = dict(rel=1e-5, abs=2e-5)
 
 
+def loss_tolerance(beta: float) -> dict:
+    """A sigmoid or hinge loss moves at most beta times as much as the difference of a pair's two log-ratios, each
+    within LOG_RATIO_TOLERANCE (on a GPU the hinge at beta 2 was 1e-5 apart, above the same-order LOSS_TOLERANCE)."""
+    return dict(rel=LOSS_TOLERANCE["rel"], abs=max(LOSS_TOLERANCE["abs"], 2 * beta * LOG_RATIO_TOLERANCE["abs"]))
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def policy(request, tiny_model_folder):
     """The tiny model with a LoRA adapter whose B is random, so that the policy differs from its reference, on
@@ -62,7 +68,7 @@ def test_dpo_losses_and_rewards_equal_trl(policy, loss_type, label_smoothing, be
     ours = ftcli_losses(policy, pairs, loss_type, label_smoothing, beta)
     trl = trl_dpo_reference(policy, pairs, beta, loss_type, label_smoothing, output_dir=str(tmp_path))
 
-    assert ours.loss.tolist() == pytest.approx(trl.losses.tolist(), **LOSS_TOLERANCE)
+    assert ours.loss.tolist() == pytest.approx(trl.losses.tolist(), **loss_tolerance(beta))
     for reward, trl_reward in ((ours.rewards_chosen, trl.chosen_rewards), (ours.rewards_rejected, trl.rejected_rewards)):
         assert (reward / beta).tolist() == pytest.approx((trl_reward / beta).tolist(), **LOG_RATIO_TOLERANCE)
     # the control: the adapter moves every answer's reward, so a loss of a policy equal to its reference (log 2

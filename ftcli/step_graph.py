@@ -6,26 +6,31 @@ to run them (on an H200, 407 ms against 334 ms of GPU work for Llama-3-8B at 2 x
 for the 1B shape), so the GPU waits. Replayed as a graph, the same kernels run back to back.
 
 A graph fixes its shapes and its memory addresses, so:
-- one graph per batch shape (rows x length): each batch is copied into that graph's input tensors before a replay,
-  and the loss's scale (1 / the step's target tokens) is a device scalar;
+- one graph per batch shape (rows x length, and which tensors the batch has): each batch is copied into that
+  graph's input tensors before a replay, and the loss's scale (1 / the step's target tokens) is a device scalar.
+  `ftcli train` pads rows up to a multiple of BUCKET_TOKENS, so that there are few shapes;
 - backward adds into the trainable parameters' existing `.grad` tensors, so they must exist before the first
   replay and never be set to None (the optimizer zeroes them in place);
 - nothing may read a value back from the GPU or allocate pinned memory during the step. The fused loss then
   computes ignored rows too (zeroed), and offloaded layer inputs go to pinned buffers kept from the warm-up;
-- the batches have no padding and no packing. transformers cannot see that while a graph is captured (it would
-  have to read the mask), so it builds a full mask and attention runs 2-3 times slower with it. Captured, the model
-  therefore attends through CAUSAL_ATTENTION, registered with transformers' AttentionInterface: its own SDPA
-  attention, which given no mask is causal, unless a layer's sliding window is shorter than the batch.
+- a batch without padding or packing needs no mask, but transformers cannot see that while a graph is captured
+  (it would have to read the mask), so it builds a full one, and attention runs 2-3 times slower with it. Such a
+  batch (`ftcli train` drops its all-ones mask) is therefore captured attending through CAUSAL_ATTENTION, which
+  transformers gives no mask: its own SDPA attention, causal without one, unless a layer's sliding window is
+  shorter than the rows. Padded and packed batches keep the masks transformers builds.
 
 Capturing runs the micro-batch eagerly a few times on a side stream first (Triton compiles, cuBLAS picks its
-algorithms, the offload buffers are allocated), restoring the gradients after each, then captures it into a memory
-pool that every graph of this object shares.
+algorithms, the offload buffers are allocated), then captures it into a memory pool that every graph of this object
+shares. Afterwards the gradients are put back as earlier micro-batches left them, and the random state as it was
+before the warm-up, so that the replays draw the dropout masks an eager run would.
 """
 
 from contextlib import contextmanager
 from typing import Callable
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ftcli.architectures import Architecture
 from ftcli.errors import RecipeError
@@ -45,7 +50,8 @@ class _Captured:
 
 class GraphedMicroBatch:
     """`summed_loss(batch)` times a scale, and its backward into the trainable parameters' gradients, replayed as a
-    CUDA graph per batch shape. Call it as `graphed(batch, scale)`; it returns the scaled loss as a device scalar."""
+    CUDA graph per batch shape. Call it as `graphed(batch, scale)`; it returns the scaled loss as a device scalar
+    that lives in the graphs' shared memory, so the next call may overwrite it: read it before then."""
 
     def __init__(self, model, summed_loss: Callable[[dict[str, torch.Tensor]], torch.Tensor],
                  parameters: list[torch.nn.Parameter]):
@@ -131,20 +137,21 @@ def bucket_width(width: int, limit: int) -> int:
 def causal_attention(model, batch: dict[str, torch.Tensor]):
     """Within it, the model attends through CAUSAL_ATTENTION, where that is exact for `batch`: it has no padding mask
     and no packed position ids, and no layer has a sliding window shorter than its rows."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     config = model.config.get_text_config()
     previous = config._attn_implementation
     window = getattr(config, "sliding_window", None)
-    length = batch["input_ids"].shape[-1]
-    sliding = window is not None and window < length and "sliding" in str(getattr(config, "layer_types", "sliding"))
+    # a config without layer kinds (Mistral, Phi-3) slides every layer's window
+    kinds = getattr(config, "layer_types", None) or ["sliding_attention"]
+    sliding = window is not None and window < batch["input_ids"].shape[-1] and any("sliding" in kind for kind in kinds)
     if previous != "sdpa" or sliding or "attention_mask" in batch or "position_ids" in batch:
         yield
         return
-    AttentionInterface.register(CAUSAL_ATTENTION, sdpa_attention_forward)
     model.set_attn_implementation(CAUSAL_ATTENTION)
     try:
         yield
     finally:
         model.set_attn_implementation(previous)
+
+
+# transformers builds no mask for an implementation it has no mask function for, and SDPA given none is causal
+AttentionInterface.register(CAUSAL_ATTENTION, sdpa_attention_forward)

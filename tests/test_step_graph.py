@@ -86,11 +86,12 @@ def test_graph_replays_give_the_eager_losses_and_gradients(family, checkpointing
 
 
 @pytest.mark.parametrize("family, length, padded, used", [
-    ("llama", 24, False, True), ("llama", 24, True, False), ("mistral", 24, False, False), ("mistral", 12, False, True)])
+    ("llama", 24, False, True), ("llama", 24, True, False), ("mistral", 24, False, False), ("mistral", 12, False, True),
+    ("gemma3_text", 24, False, False), ("gemma3_text", 12, False, True)])
 def test_causal_attention_gives_the_models_own_logits_where_it_applies(family, length, padded, used, tiny_model_folder):
-    """Mistral's tiny model has a sliding window of 16 tokens (tests/tiny_models.py): over 24 tokens a maskless causal
-    attention would be wrong, so the model keeps its own; over 12 the window changes nothing. A padded batch keeps
-    its mask."""
+    """The tiny Mistral and Gemma 3 have a sliding window of 16 tokens (tests/tiny_models.py), Mistral's in every
+    layer (its config names no layer kinds), Gemma 3's in every other: over 24 tokens a maskless causal attention
+    would be wrong, so the model keeps its own; over 12 the window changes nothing. A padded batch keeps its mask."""
     model, _ = lora_model(tiny_model_folder(family), family, kernels=False)
     model.config.get_text_config()._attn_implementation = "sdpa"
     input_ids = torch.randint(3, 300, (2, length), generator=torch.Generator().manual_seed(1))

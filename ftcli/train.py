@@ -136,17 +136,19 @@ def run(recipe: Recipe, out_dir: Optional[Path], display: TrainingDisplay, resum
         raise CheckpointError(f"Checkpoint {snapshot.path} is at step {snapshot.step}, and the recipe trains for "
                               f"{total_steps} steps; raise train.max_steps (or epochs) to train further.")
     gpu_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-    strategy = choose_strategy(recipe, config, processes.count, gpu_bytes, data.stats.longest)
+    cuda_graphs = settle_cuda_graphs(recipe.train.cuda_graphs, recipe.train.method, device,
+                                     compute_dtype(recipe.model, device), processes.count, architecture)
+    # what memory is planned for: the longest micro-batch's rows, which graphs pad up to their bucket
+    longest = bucket_width(data.stats.longest, recipe.example_length_limit()) if cuda_graphs else data.stats.longest
+    strategy = choose_strategy(recipe, config, processes.count, gpu_bytes, longest)
     if strategy == "fsdp" and recipe.train.method == "grpo":
         raise RecipeError(f"train.distributed is {recipe.train.distributed} and resolves to fsdp, which GRPO does not "
                           "run: each process generates its own prompts' answers, a different number of decode steps "
                           "each, while sharded layers need every process in every forward. Use train.distributed: ddp "
                           "(each GPU holds the whole model: load_in_4bit: true makes it fit), or train with fewer "
                           "completion tokens (grpo.max_completion_length).")
-    checkpointing, layers_on_gpu = settle_checkpointing(recipe, config, gpu_bytes, local_host_memory(),
-                                                        data.stats.longest, processes.count, strategy)
-    cuda_graphs = settle_cuda_graphs(recipe.train.cuda_graphs, recipe.train.method, device,
-                                     compute_dtype(recipe.model, device), processes.count, architecture)
+    checkpointing, layers_on_gpu = settle_checkpointing(recipe, config, gpu_bytes, local_host_memory(), longest,
+                                                        processes.count, strategy)
     try:
         setup = build_setup(recipe, out_dir, device, architecture, tokenizer, data, total_steps, rewards, processes,
                             schedule, strategy, checkpointing, layers_on_gpu, cuda_graphs)
@@ -158,8 +160,8 @@ def run(recipe: Recipe, out_dir: Optional[Path], display: TrainingDisplay, resum
             state = state_of_main(setup, state)
         train_loop(setup, state, display, stop)
     except torch.cuda.OutOfMemoryError:
-        raise OutOfMemory(out_of_memory_advice(recipe, config, gpu_bytes, data.stats.longest, processes.count,
-                                               strategy, checkpointing)) from None
+        raise OutOfMemory(out_of_memory_advice(recipe, config, gpu_bytes, longest, processes.count, strategy,
+                                               checkpointing)) from None
     return finish(setup, state, tokenizer, from_main(snapshot.step if snapshot else None))
 
 

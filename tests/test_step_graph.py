@@ -2,18 +2,21 @@
 losses and gradients over two steps of two micro-batches each (different tokens, ignored labels, gradients adding up
 within a step, the adapters changed in place between steps), under plain and offloaded checkpointing, with the
 kernels (on a GPU only: CUDA graphs need one); `ftcli train` with and without graphs (GPU); where train.cuda_graphs
-applies, and how a graphed micro-batch is padded; and the maskless causal attention a captured model attends through,
+applies, how a graphed micro-batch is padded and that its memory is planned at that width; and the maskless causal attention a captured model attends through,
 against its own SDPA attention, where it applies and where a sliding window rules it out."""
 
 import json
 
 import pytest
 import torch
+from rich.console import Console
 
+import ftcli.train
 from conftest import DEVICE, lora_model, run_cli, write_jsonl, write_recipe
 from ftcli.architectures import ARCHITECTURES
 from ftcli.data.templates import TokenizedExample
 from ftcli.errors import RecipeError
+from ftcli.progress import TrainingDisplay
 from ftcli.recipe import load_recipe
 from ftcli.step_graph import CAUSAL_ATTENTION, GraphedMicroBatch, bucket_width, causal_attention, settle_cuda_graphs
 from ftcli.train import SupervisedMethod, batch_tokens, summed_token_loss, target_tokens
@@ -159,6 +162,31 @@ def test_a_graphed_micro_batch_is_padded_to_its_bucket_and_loses_a_mask_with_not
     full = method.collate([TokenizedExample(input_ids=[5] * 256, labels=[5] * 256, truncated=False)] * 2)
     assert full["input_ids"].shape == (2, 256) and "attention_mask" not in full
     assert batch_tokens(full) == 512 and batch_tokens(padded) == 273
+
+
+class Planned(Exception):
+    """Stops a run once it has settled its checkpointing, before it loads the model."""
+
+
+def test_a_graphed_run_plans_memory_for_its_longest_rows_padded_to_their_bucket(tmp_path, tiny_model_folder,
+                                                                                monkeypatch):
+    """auto checkpointing, the layers kept on the GPU and the out-of-memory advice are settled for the longest
+    micro-batch the GPU will run: graphed, the longest row padded up to its bucket."""
+    data = write_jsonl(tmp_path / "data.jsonl", [{"text": "hello there, " * n} for n in (1, 5)])
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_model_folder("llama"), data, tmp_path / "out",
+                                      model={"max_seq_length": 300}, data={"format": "text"}))
+    planned = []
+
+    def settle_checkpointing(recipe, config, gpu_bytes, host_bytes, longest, *rest):
+        planned.append(longest)
+        raise Planned
+
+    monkeypatch.setattr(ftcli.train, "settle_checkpointing", settle_checkpointing)
+    for graphs in (False, True):
+        monkeypatch.setattr(ftcli.train, "settle_cuda_graphs", lambda *settings: graphs)
+        with pytest.raises(Planned):
+            ftcli.train.run(recipe, tmp_path / "out", TrainingDisplay(Console(), enabled=False))
+    assert 1 < planned[0] < 256 and planned[1] == 256
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a CUDA GPU")

@@ -1,9 +1,10 @@
 """Micro-batches replayed as CUDA graphs (ftcli/step_graph.py) against the same micro-batches run op by op: the same
 losses and gradients over two steps of two micro-batches each (different tokens, ignored labels, gradients adding up
-within a step, the adapters changed in place between steps), under plain and offloaded checkpointing, with the
-kernels (on a GPU only: CUDA graphs need one); `ftcli train` with and without graphs (GPU); where train.cuda_graphs
-applies, how a graphed micro-batch is padded and that its memory is planned at that width; and the maskless causal attention a captured model attends through,
-against its own SDPA attention, where it applies and where a sliding window rules it out."""
+within a step, a shape first met mid-step, the adapters changed in place between steps), under plain and offloaded
+checkpointing, with the kernels (on a GPU only: CUDA graphs need one); `ftcli train` with and without graphs (GPU),
+packed rows and evaluation included; where train.cuda_graphs applies, how a graphed micro-batch is padded and that
+its memory is planned at that width; and the maskless causal attention a captured model attends through, against
+its own SDPA attention, where it applies and where a sliding window rules it out."""
 
 import json
 
@@ -23,11 +24,12 @@ from ftcli.train import SupervisedMethod, batch_tokens, summed_token_loss, targe
 
 
 def micro_batches() -> list[dict[str, torch.Tensor]]:
-    """Four batches of one shape (so one graph serves them), a fifth of labels ignored."""
+    """Four batches, a fifth of labels ignored, of two shapes in the order A B B A: B is captured while the gradients
+    hold A's, and the two graphs, which share their memory, are replayed in the other order in the second step."""
     generator = torch.Generator().manual_seed(7)
     batches = []
-    for _ in range(4):
-        input_ids = torch.randint(3, 300, (2, 16), generator=generator)
+    for length in (16, 12, 12, 16):
+        input_ids = torch.randint(3, 300, (2, length), generator=generator)
         labels = input_ids.clone()
         labels[torch.rand(labels.shape, generator=generator) < 0.2] = -100
         batches.append({"input_ids": input_ids.to(DEVICE), "labels": labels.to(DEVICE)})
@@ -79,7 +81,7 @@ def test_graph_replays_give_the_eager_losses_and_gradients(family, checkpointing
     graphed = GraphedMicroBatch(model, lambda batch: summed_token_loss(model, batch, fused=True), trainable)
     losses, grads = train(model, graphed)
 
-    assert len(graphed._graphs) == 1  # one shape, captured once, replayed four times
+    assert len(graphed._graphs) == 2  # each shape captured once, replayed twice
     assert losses == pytest.approx(want_losses, rel=1e-5)
     assert len(set(losses)) == 4  # each replay read its own batch
     for step_grads, step_want in zip(grads, want_grads):
@@ -190,24 +192,32 @@ def test_a_graphed_run_plans_memory_for_its_longest_rows_padded_to_their_bucket(
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a CUDA GPU")
-@pytest.mark.parametrize("kernels, checkpointing, dropout", [(False, False, 0.0), (True, "offload", 0.0),
-                                                               (True, True, 0.1), (True, "offload", 0.1)])
-def test_training_with_graphs_gives_the_losses_of_training_without(kernels, checkpointing, dropout, tmp_path,
+@pytest.mark.parametrize("kernels, checkpointing, dropout, packing", [
+    (False, False, 0.0, False), (True, "offload", 0.0, False), (True, True, 0.1, False), (True, "offload", 0.1, False),
+    (True, True, 0.0, True)])
+def test_training_with_graphs_gives_the_losses_of_training_without(kernels, checkpointing, dropout, packing, tmp_path,
                                                                    tiny_model_folder):
-    """Rows of several lengths (padded batches of two buckets), two micro-batches a step. LoRA dropout draws its
-    masks over the padded batch, which graphs pad to 256 tokens and eager steps to the longest row, so with dropout
-    the losses only stay close (the masks themselves: test_graph_replays_give_the_eager_losses_and_gradients)."""
+    """Rows of several lengths (padded batches of two buckets; or packed rows, whose position ids restart), two
+    micro-batches a step, and an evaluation every two steps, which runs op by op between replays. LoRA dropout draws
+    its masks over the padded batch, which graphs pad to 256 tokens and eager steps to the longest row, so with
+    dropout the losses only stay close (the masks themselves:
+    test_graph_replays_give_the_eager_losses_and_gradients)."""
     rows = [{"messages": [{"role": "user", "content": "Count " * n}, {"role": "assistant", "content": "ok " * n}]}
-            for n in (3, 40, 7, 90, 12, 60, 5, 150)]
+            for n in (3, 40, 7, 90, 12, 60, 5, 150, 20, 30)]
     data = write_jsonl(tmp_path / "train.jsonl", rows)
 
-    def losses(graphs):
+    def losses(graphs) -> tuple[list[float], list[float]]:
         recipe = write_recipe(tmp_path / f"{graphs}.yaml", tiny_model_folder("llama"), data, tmp_path / str(graphs),
                               model={"kernels": kernels, "max_seq_length": 512}, lora={"dropout": dropout},
-                              train={"cuda_graphs": graphs, "grad_accum": 2, "max_steps": 4,
+                              data={"packing": packing, "eval_fraction": 0.2},
+                              train={"cuda_graphs": graphs, "grad_accum": 2, "max_steps": 4, "eval_steps": 2,
                                      "gradient_checkpointing": checkpointing})
         result = run_cli("train", recipe, "--json")
         assert result.exit_code == 0, result.output
-        return [json.loads(line)["loss"] for line in (tmp_path / str(graphs) / "metrics.jsonl").read_text().splitlines()]
+        metrics = [json.loads(line) for line in (tmp_path / str(graphs) / "metrics.jsonl").read_text().splitlines()]
+        return [row["loss"] for row in metrics], [row["eval_loss"] for row in metrics if "eval_loss" in row]
 
-    assert losses(True) == pytest.approx(losses(False), rel=1e-4 if dropout == 0 else 0.05)
+    (train_losses, eval_losses), (want_train, want_eval) = losses(True), losses(False)
+    tolerance = 1e-4 if dropout == 0 else 0.05
+    assert len(train_losses) == 4 and train_losses == pytest.approx(want_train, rel=tolerance)
+    assert len(eval_losses) == 2 and eval_losses == pytest.approx(want_eval, rel=tolerance)

@@ -18,8 +18,9 @@ from ftcli.architectures import ARCHITECTURES
 from ftcli.data.templates import TokenizedExample
 from ftcli.errors import RecipeError
 from ftcli.progress import TrainingDisplay
-from ftcli.recipe import load_recipe
-from ftcli.step_graph import CAUSAL_ATTENTION, GraphedMicroBatch, bucket_width, causal_attention, settle_cuda_graphs
+from ftcli.recipe import TrainSettings, load_recipe
+from ftcli.step_graph import (BUCKET_TOKENS, CAUSAL_ATTENTION, GraphedMicroBatch, bucket_width, causal_attention,
+                              settle_cuda_graphs)
 from ftcli.train import SupervisedMethod, batch_tokens, summed_token_loss, target_tokens
 
 
@@ -143,6 +144,12 @@ def test_cuda_graphs_true_where_they_cannot_run_says_why(device, method, dtype, 
         settle_cuda_graphs(True, method, device, dtype, processes, architecture)
     assert f"train.cuda_graphs is true, but {why}" in str(raised.value)
     assert "Set train.cuda_graphs: auto (or false)" in str(raised.value)
+
+
+def test_the_recipe_reference_gives_the_bucket_width_graphs_pad_to():
+    """The recipe module cannot import step_graph (it would load transformers), so the number it states is held to
+    BUCKET_TOKENS here."""
+    assert f"a multiple of {BUCKET_TOKENS} tokens" in TrainSettings.model_fields["cuda_graphs"].description
 
 
 @pytest.mark.parametrize("width, limit, bucket", [(1, 2048, 256), (256, 2048, 256), (257, 2048, 512),

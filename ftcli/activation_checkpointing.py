@@ -119,8 +119,9 @@ class OffloadedCheckpoint:
         """Pinned CPU memory for the forward's `index`-th offloaded input: the memory it had last step when that is
         large enough. No pinned memory is then allocated once the longest step has run, and a CUDA graph that
         captured a step (ftcli/step_graph.py) copies into memory that outlives the capture; a buffer a graph copies
-        into is kept even once a longer batch outgrows it. Reuse is safe because every copy to and from it runs on
-        the one side stream, in order."""
+        into is kept even once a longer batch outgrows it. Reuse is safe because the copies to and from it never
+        overlap: eager ones run on the one side stream, in order, a graph's within its replay, and the side stream
+        and the replays each wait for the other's earlier work."""
         if index == len(self._host_buffers):
             self._host_buffers.append(torch.empty(0, dtype=tensor.dtype))
         flat = self._host_buffers[index]

@@ -562,7 +562,8 @@ def accumulate_gradients(model, batches: list[Optional[dict[str, torch.Tensor]]]
 
 
 def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """The batch's tokens that are not padding; a batch without a mask has none."""
+    """The batch's tokens that are not padding: all of them in a batch without a mask, which SupervisedMethod.collate
+    drops only where nothing is padding."""
     mask = batch.get("attention_mask")
     return batch["input_ids"].numel() if mask is None else int(mask.sum())
 

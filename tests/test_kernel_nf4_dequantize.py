@@ -52,3 +52,12 @@ def test_nf4_dequantize_refuses_other_layouts():
     packed, state = quantize_4bit(torch.randn(64, 64).to(DEVICE), blocksize=64, quant_type="fp4")
     with pytest.raises(ValueError, match="expects NF4"):
         nf4_dequantize(packed, state, torch.float32)
+
+
+def test_nf4_dequantize_refuses_a_block_size_other_than_a_power_of_two():
+    """A program takes whole blocks as rows of a power-of-two width; bitsandbytes makes no other, but a state
+    from elsewhere is refused by name rather than read wrong."""
+    packed, state = quantize_4bit(torch.randn(64, 64).to(DEVICE), blocksize=64, quant_type="nf4")
+    state.blocksize = 48
+    with pytest.raises(ValueError, match="a block of 48 weights is not a power of two"):
+        nf4_dequantize(packed, state, torch.float32)

@@ -33,8 +33,8 @@ class TokenLogprobsFunction(torch.autograd.Function):
             logits = hidden_chunk @ weight.T
             loss_and_logit_grad[(hidden_chunk.shape[0],)](
                 logits, targets[start:start + chunk_rows], negative_logprobs[start:], logits.stride(0), vocab,
-                1.0 if softcap is None else float(softcap), NOTHING_IGNORED, SOFTCAP=softcap is not None, WRITE_GRAD=want_grad,
-                BLOCK=block, num_warps=warps_for_block(block))
+                1.0 if softcap is None else float(softcap), NOTHING_IGNORED, SOFTCAP=softcap is not None,
+                WRITE_GRAD=want_grad, BLOCK=block, num_warps=warps_for_block(block))
             if want_grad:
                 torch.matmul(logits, weight, out=grad_negative[start:start + chunk_rows])
         ctx.save_for_backward(grad_negative)

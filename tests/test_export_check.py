@@ -99,6 +99,18 @@ def test_a_run_is_checked_on_its_own_data(checked_run):
     assert json.loads((default_export_folder(out) / CHECK_FILE).read_text())["files"] == check["files"]
 
 
+def test_a_run_whose_rows_open_with_a_system_turn_passes(tiny_model_folder, tmp_path):
+    """The check adds its own system turn only to a sample without one: a second system turn would be merged into
+    the first by Ollama but not by Jinja, a difference no real chat of the run has."""
+    rows = [{"messages": [{"role": "system", "content": "You count."}] + row["messages"]} for row in ROWS]
+    base = tiny_model_folder("llama")
+    out = make_output_folder(base, tmp_path / "run")
+    write_recipe(out / "recipe.yaml", base, write_jsonl(tmp_path / "data.jsonl", rows), out)
+    check = export(out, gguf_types="f16")["check"]
+    assert check["sample"].startswith("6 training rows of")
+    assert (check["status"], check["files"]["run-f16.gguf"]["problems"]) == ("passed", []), check
+
+
 def test_a_raw_text_run_is_checked_on_raw_prompts(tiny_model_folder, tmp_path):
     """A run without a chat template (data.format text): prompts as plain text, ended by the end-of-sequence id."""
     out = make_output_folder(tiny_model_folder("qwen2"), tmp_path / "run")

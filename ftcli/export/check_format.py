@@ -32,7 +32,8 @@ def format_problems(file: GgufFile, modelfile: str, tokenizer, conversations: li
     template, system, stops = modelfile_fields(modelfile)
     if not tokenizer.chat_template:  # a raw-text run: no chat format to check, only where text ends
         return _stop_problems(file, tokenizer, stops, needs_end_of_turn=False), []
-    prompts = prompts + [[SYSTEM_PROBE] + prompt for prompt in prompts[:1]]
+    if not any(message["role"] == "system" for prompt in prompts for message in prompt):
+        prompts = prompts + [[SYSTEM_PROBE] + prompts[0]]
     problems, notes = _template_problems(file, tokenizer, conversations, prompts), []
     if template is None:
         notes.append("the Modelfile has no TEMPLATE (the chat template is like no built-in one): Ollama will not lay "

@@ -48,9 +48,8 @@ def altered_copy(path, folder, change):
 
 
 def check_one(out, path, type_name="f16") -> dict:
-    result = check_files(open_source(out), [WrittenFile(type_name, path, path.with_suffix(".Modelfile"))],
-                         AutoTokenizer.from_pretrained(out), path.parent)
-    return result
+    return check_files(open_source(out), [WrittenFile(type_name, path, path.with_suffix(".Modelfile"))],
+                       AutoTokenizer.from_pretrained(out), path.parent)
 
 
 @pytest.mark.slow
@@ -152,6 +151,23 @@ def test_a_changed_end_of_sequence_id_is_caught_with_both_tokens(checked_run, tm
     assert "training appended 2 ('<|im_end|>')" in problem
     error = check_failure(check)
     assert error.exit_code == 1 and "run-f16.gguf: the file's end-of-sequence id" in error.message
+
+
+def test_an_id_outside_the_vocabulary_and_a_modelfile_template_it_cannot_fill_are_problems(checked_run, tmp_path):
+    """An end-of-sequence id past the vocabulary, and a Go pipe (outside the subset go_template.py renders), are
+    each named as a problem, not raised."""
+    out, summary = checked_run
+
+    def end_past_the_vocabulary(reader):
+        reader.fields["tokenizer.ggml.eos_token_id"].parts[-1][0] = 10**6
+
+    path = altered_copy(default_export_folder(out) / "run-f16.gguf", tmp_path / "altered", end_past_the_vocabulary)
+    modelfile = path.with_suffix(".Modelfile")
+    modelfile.write_text(modelfile.read_text().replace("{{ .Content }}", "{{ .Content | printf }}"))
+    problems = check_one(out, path)["files"]["run-f16.gguf"]["problems"]
+    assert len(problems) == 2, problems
+    assert "(tokenizer.ggml.eos_token_id) is 1000000 (not in the file's vocabulary)" in problems[1]
+    assert problems[0].startswith("the Modelfile's TEMPLATE cannot be filled as Ollama fills it (cannot read '|")
 
 
 def test_a_corrupted_tensor_is_caught_by_name(checked_run, tmp_path):

@@ -10,7 +10,7 @@ the TensorNameMap the writer used, in the writer's layout (gguf_file.gguf_weight
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import gguf
 import numpy as np
@@ -63,8 +63,10 @@ class GgufFile:
         start = -(-self._position // alignment) * alignment
         self.tensors = {name: TensorInfo(qtype, shape, start + offset) for name, qtype, shape, offset in infos}
 
-    def token(self, index) -> str:
-        return self.fields["tokenizer.ggml.tokens"][index]
+    def token(self, index: int) -> Optional[str]:
+        """The vocabulary's text for a token id; None for an id the vocabulary does not have."""
+        tokens = self.fields.get("tokenizer.ggml.tokens", [])
+        return tokens[index] if 0 <= index < len(tokens) else None
 
     def values(self, name: str, device: torch.device) -> torch.Tensor:
         """The tensor's values as llama.cpp dequantizes them, float32, in numpy order, on `device`."""

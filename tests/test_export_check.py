@@ -11,6 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 from conftest import DEVICE, assert_clean_failure, make_output_folder, run_cli, write_jsonl, write_recipe
+from ftcli.errors import FtcliError
 from ftcli.export import default_export_folder, export
 from ftcli.export.check import CHECK_FILE, WrittenFile, check_failure, check_files
 from ftcli.export.check_format import first_difference
@@ -230,6 +231,23 @@ def test_gguf_reader_reads_what_ggufs_own_reader_reads(checked_run):
     for tensor in theirs.tensors:
         expected = torch.from_numpy(np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type)))
         assert torch.equal(ours.values(tensor.name, DEVICE).cpu(), expected), tensor.name
+
+
+def test_a_cut_or_empty_gguf_file_is_named_damaged(checked_run, tmp_path):
+    """A file cut inside its header (or empty) cannot be opened, one cut inside its tensor data cannot give that
+    tensor: both an FtcliError naming the file and the fix, not a struct or numpy error."""
+    out, summary = checked_run
+    whole = (default_export_folder(out) / "run-f16.gguf").read_bytes()
+    last = max(GgufFile(default_export_folder(out) / "run-f16.gguf").tensors.items(), key=lambda item: item[1].offset)
+    for name, cut in [("empty", 0), ("header", 1000), ("data", last[1].offset + 10)]:
+        (tmp_path / name).write_bytes(whole[:cut])
+    for name in ("empty", "header"):
+        with pytest.raises(FtcliError, match=f"{tmp_path / name} is not a GGUF file the export check can read: its "
+                                             "header is cut short or damaged .*Export it again with --overwrite"):
+            GgufFile(tmp_path / name)
+    data_cut = GgufFile(tmp_path / "data")
+    with pytest.raises(FtcliError, match=r"but 10 torch.uint8 values were read for it: the GGUF file is truncated"):
+        data_cut.values(last[0], DEVICE)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma"])

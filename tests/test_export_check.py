@@ -186,6 +186,22 @@ def test_a_corrupted_tensor_is_caught_by_name(checked_run, tmp_path):
     assert result["answers"] < 1.0  # and the model reads differently too
 
 
+def test_a_tensor_of_another_shape_is_caught_by_name(checked_run, tmp_path):
+    """A tensor whose header gives it half its rows: a problem naming both shapes, and check.json stays JSON (no
+    Infinity for an error that cannot be measured)."""
+    out, summary = checked_run
+
+    def halve_a_key(reader):
+        tensor = next(tensor for tensor in reader.tensors if tensor.name == "blk.1.attn_k.weight")
+        tensor.field.parts[3][1] //= 2  # GGUF dims run columns first: (64, 32) -> (64, 16)
+
+    path = altered_copy(default_export_folder(out) / "run-f16.gguf", tmp_path / "altered", halve_a_key)
+    result = check_one(out, path)["files"]["run-f16.gguf"]
+    assert result["problems"] == ["the tensor for model.layers.1.self_attn.k_proj.weight (F16) has shape [16, 64], "
+                                  "the trained weight [32, 64]: the file is damaged or holds another model"]
+    json.loads((path.parent / CHECK_FILE).read_text(), parse_constant=pytest.fail)
+
+
 def test_cli_prints_the_table_writes_json_and_no_check_skips(checked_run, tmp_path):
     out, _ = checked_run
     to = tmp_path / "exports"

@@ -127,7 +127,8 @@ def check_report(check: dict) -> Group:
     lines = []
     for name, result in check["files"].items():
         weight = result["largest_weight_error"]
-        table.add_row(name, f"{weight['relative_rms']:.2%} {weight['type']}", f"{result['answers']:.1%}",
+        weights = f"{weight['relative_rms']:.2%} {weight['type']}" if weight else "shapes differ"
+        table.add_row(name, weights, f"{result['answers']:.1%}",
                       f"{result['every_position']:.1%}", f"{result['max_logit_difference']:.3g}",
                       f"{result['greedy_same']}/{result['greedy_prompts']}",
                       Text(result["verdict"], style=VERDICT_STYLES[result["verdict"]]))
@@ -139,13 +140,18 @@ def check_report(check: dict) -> Group:
 def _check_file(file: WrittenFile, model, config, weights, tokenizer, sample, reference: ReferenceRun,
                 parameters: int) -> dict:
     gguf_file = GgufFile(file.gguf)
-    errors = []
+    errors, problems = [], []
     device = next(model.parameters()).device
     for name, stored in stored_weights(gguf_file, config, list(weights), device):  # one at a time: memory holds one
-        errors.append((name, stored.qtype, _weight_error(config, weights[name], name, stored)))
-        if stored.values.numel() == weights[name].numel():
-            model.get_parameter(name).data.copy_(hf_weight(config, name, stored.values.reshape(weights[name].shape)))
-    problems = _weight_problems(errors)
+        trained = weights[name]
+        if stored.values.shape != trained.shape:
+            problems.append(f"the tensor for {name} ({stored.qtype.name}) has shape {list(stored.values.shape)}, the "
+                            f"trained weight {list(trained.shape)}: the file is damaged or holds another model")
+            model.get_parameter(name).data.copy_(trained)  # not the previous file's tensor
+            continue
+        errors.append((name, stored.qtype, _weight_error(config, trained, name, stored)))
+        model.get_parameter(name).data.copy_(hf_weight(config, name, stored.values))
+    problems += _weight_problems(errors)
     format_found, notes = format_problems(gguf_file, file.modelfile.read_text(), tokenizer, sample.conversations,
                                           sample.prompts)
     problems += format_found
@@ -158,12 +164,11 @@ def _check_file(file: WrittenFile, model, config, weights, tokenizer, sample, re
 
 
 def _weight_error(config, weight: torch.Tensor, name: str, stored: StoredWeight) -> float:
-    """The stored tensor's RMS error relative to the weight it was made from, in the file's layout."""
+    """The stored tensor's RMS error relative to the weight it was made from (of its shape), in the file's layout:
+    relative, so that one bound per type holds for embeddings and norms alike."""
     expected = gguf_weight(config, name, weight.to(stored.values.device))
-    if stored.values.numel() != expected.numel():
-        return float("inf")
     scale = torch.linalg.vector_norm(expected).item()
-    error = torch.linalg.vector_norm(stored.values.reshape(expected.shape) - expected).item()
+    error = torch.linalg.vector_norm(stored.values - expected).item()
     return error / scale if scale else error
 
 
@@ -178,8 +183,12 @@ def _weight_problems(errors: list[tuple[str, Q, float]]) -> list[str]:
     return problems
 
 
-def _largest_weight_error(errors: list[tuple[str, Q, float]]) -> dict:
-    name, qtype, error = max(errors, key=lambda found: found[2])
+def _largest_weight_error(errors: list[tuple[str, Q, float]]) -> Optional[dict]:
+    """None when no tensor could be compared (every one had another shape)."""
+    largest = max(errors, key=lambda found: found[2], default=None)
+    if largest is None:
+        return None
+    name, qtype, error = largest
     return {"tensor": name, "type": qtype.name, "relative_rms": round(error, 5)}
 
 

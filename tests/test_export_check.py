@@ -124,6 +124,27 @@ def test_a_raw_text_run_is_checked_on_raw_prompts(tiny_model_folder, tmp_path):
     assert (result["verdict"], result["problems"], result["answers"]) == ("passed", [], 1.0), result
 
 
+def test_check_json_never_describes_a_file_written_after_it(checked_run, tmp_path, monkeypatch):
+    """A file rewritten by an export whose check stops before recording (out of memory, say) loses its old entry;
+    a check.json that is not as ftcli writes it is replaced, not a crash."""
+    out, _ = checked_run
+    to = tmp_path / "exports"
+    export(out, gguf_types="f16", to=to)
+    assert json.loads((to / CHECK_FILE).read_text())["files"]["run-f16.gguf"]["verdict"] == "passed"
+
+    def stopped(*arguments):
+        raise FtcliError("the check stopped")
+
+    monkeypatch.setattr("ftcli.export.check_files", stopped)
+    with pytest.raises(FtcliError, match="the check stopped"):
+        export(out, gguf_types="f16", to=to, overwrite=True)
+    assert not (to / CHECK_FILE).exists()  # its one entry was of the replaced file
+    monkeypatch.undo()
+    (to / CHECK_FILE).write_text('{"files": ["run-f16.gguf"]}')
+    export(out, gguf_types="f16", to=to, overwrite=True)
+    assert list(json.loads((to / CHECK_FILE).read_text())["files"]) == ["run-f16.gguf"]
+
+
 def test_an_altered_chat_template_is_caught_with_its_first_difference(checked_run, tmp_path):
     out, summary = checked_run
 

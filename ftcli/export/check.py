@@ -11,7 +11,8 @@ losing too much for this model, not a broken file, so the warning names the type
 
 Failed files are kept, with check.json saying why: they are whole files (each was renamed into place complete),
 a failure may need a look rather than a re-export, and `--overwrite` replaces them. check.json, beside the files,
-holds each checked file's numbers by file name; entries of files not checked this time stay.
+holds each checked file's numbers by file name. An entry goes as its file is rewritten (before, so that a check
+that stops never leaves the old file's verdict on the new one) or deleted; the other files' entries stay.
 """
 
 import json
@@ -227,16 +228,10 @@ def _worst(verdicts) -> str:
 
 
 def record_checks(folder: Path, results: dict, unchecked: list[str]) -> Path:
-    """Update check.json in `folder`: these results in, the entries of files rewritten without a check and of
-    files no longer there out; returns its path."""
+    """Update check.json in `folder`: these results in, the entries of `unchecked` files (about to be rewritten,
+    or rewritten without a check) and of files no longer there out; returns its path."""
     path = folder / CHECK_FILE
-    entries = {}
-    if path.is_file():
-        try:
-            entries = json.loads(path.read_text()).get("files", {})
-        except (json.JSONDecodeError, AttributeError):
-            entries = {}
-    entries = {name: entry for name, entry in entries.items()
+    entries = {name: entry for name, entry in _recorded_entries(path).items()
                if name not in unchecked and (folder / name).is_file()} | results
     if entries:
         atomic_write_text(path, json.dumps({"status": _worst(entry["verdict"] for entry in entries.values()),
@@ -244,3 +239,15 @@ def record_checks(folder: Path, results: dict, unchecked: list[str]) -> Path:
     else:
         path.unlink(missing_ok=True)
     return path
+
+
+def _recorded_entries(path: Path) -> dict:
+    """The entries check.json holds; none where it is missing or not as ftcli writes it (it is then rewritten)."""
+    try:
+        files = json.loads(path.read_text()).get("files") if path.is_file() else None
+    except (ValueError, AttributeError):  # not JSON, or JSON but not an object
+        return {}
+    if not isinstance(files, dict):
+        return {}
+    return {name: entry for name, entry in files.items()
+            if isinstance(entry, dict) and entry.get("verdict") in VERDICT_STYLES}

@@ -14,7 +14,7 @@ from ftcli.export.dequantize import dequantize, tensor_bytes
 from ftcli.export.gguf_file import encode
 
 FLOAT_TYPES = [Q.F32, Q.F16, Q.BF16]
-BLOCK_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]  # 32-value blocks
+BLOCK_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q5_0, Q.Q5_1]  # 32-value blocks
 K_TYPES = [Q.Q4_K, Q.Q5_K, Q.Q6_K]  # 256-value blocks
 SHAPES_256 = [(6, 256), (3, 768)]
 SHAPES_32 = [(5, 96), (4, 160)]  # rows of 32-value blocks, not of 256

@@ -2,9 +2,9 @@
 
 gguf's own GGUFReader builds a numpy view for every string of the vocabulary and merges, seconds for a 49k-token
 vocabulary, so the header is parsed here (the format: github.com/ggml-org/ggml/blob/master/docs/gguf.md), string
-arrays with one pass of plain reads. A tensor's bytes are read from the file into the device that runs the
-check's model and dequantized there (ftcli/export/dequantize.py). Names map back to the Hugging Face names through
-the TensorNameMap the writer used, in the writer's layout (gguf_file.gguf_weight).
+arrays with one pass of plain reads. A tensor's bytes are read from the file, copied to the device that runs the
+check's model and dequantized there (ftcli/export/dequantize.py). Tensors are found by the names the writer gave
+them (gguf_file.gguf_names), and hold the weights in the writer's layout (gguf_file.gguf_weight).
 """
 
 import mmap
@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
@@ -21,7 +20,7 @@ from gguf import GGUFValueType as V
 
 from ftcli.errors import FtcliError
 from ftcli.export.dequantize import dequantize, tensor_bytes
-from ftcli.export.gguf_file import ARCHITECTURES
+from ftcli.export.gguf_file import gguf_names
 
 _SCALARS = {V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i",
             V.FLOAT32: "<f", V.BOOL: "<?", V.UINT64: "<Q", V.INT64: "<q", V.FLOAT64: "<d"}
@@ -125,14 +124,6 @@ class _Header:
         dims = [self._read("<Q") for _ in range(self._read("<I"))]
         qtype = Q(self._read("<I"))
         return name, qtype, tuple(reversed(dims)), self._read("<Q")
-
-
-def gguf_names(config, hf_names: list[str]) -> dict[str, str]:
-    """The GGUF name of each Hugging Face weight the file holds (a tied head is read from token_embd)."""
-    names = gguf.get_tensor_name_map(ARCHITECTURES[config.model_type][0], config.num_hidden_layers)
-    tied = "lm_head.weight" not in hf_names or getattr(config, "tie_word_embeddings", False)
-    return {hf_name: names.get_name(hf_name, try_suffixes=(".weight", ".bias")) for hf_name in hf_names
-            if not (hf_name == "lm_head.weight" and tied)}
 
 
 def stored_weights(file: GgufFile, config, hf_names: list[str],

@@ -15,7 +15,7 @@ with their tokens.
 from typing import Optional
 
 from ftcli.data.formats import Conversation
-from ftcli.data.templates import tokenizer_adds_bos
+from ftcli.data.templates import training_adds_bos
 from ftcli.export.check_model import answer_end_ids
 from ftcli.export.go_template import UnsupportedTemplate, ollama_prompt
 from ftcli.export.gguf_reader import GgufFile
@@ -69,8 +69,8 @@ def _modelfile_problems(file: GgufFile, template: str, system: Optional[str], to
         trained = render(tokenizer, None, messages)
         if trained is None:
             continue
-        if tokenizer.bos_token and tokenizer_adds_bos(tokenizer) and not trained.startswith(tokenizer.bos_token):
-            trained = tokenizer.bos_token + trained  # as training tokenizes a rendered chat (prompt_text_ids)
+        if training_adds_bos(tokenizer, trained):
+            trained = tokenizer.bos_token + trained
         try:
             in_ollama = (bos if adds_bos else "") + ollama_prompt(template, system, messages)
         except UnsupportedTemplate as error:

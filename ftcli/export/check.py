@@ -34,6 +34,7 @@ from ftcli.export.check_sample import check_sample
 from ftcli.export.gguf_file import gguf_weight, hf_weight
 from ftcli.export.gguf_reader import GgufFile, StoredWeight, stored_weights
 from ftcli.export.source import ExportSource, merged_tensors
+from ftcli.loader import pick_device
 from ftcli.staging import atomic_write_text
 
 CHECK_FILE = "check.json"
@@ -84,7 +85,7 @@ def check_files(source: ExportSource, files: list[WrittenFile], tokenizer, folde
 
     started = time.perf_counter()
     config = source.config
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = pick_device()
     weights = dict(merged_tensors(source))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                              trust_remote_code=source.trust_remote_code).to(device).eval()

@@ -21,6 +21,7 @@ from ftcli.errors import ExportError, FtcliError
 from ftcli.export.kquants import quantize_k
 from ftcli.export.source import ExportSource, merged_tensors, shard_shapes
 from ftcli.export.vocab import add_vocab
+from ftcli.loader import pick_device
 
 
 @dataclass(frozen=True)
@@ -218,8 +219,7 @@ def encode(weight: torch.Tensor, qtype: Q) -> np.ndarray:
     elif qtype == Q.BF16:
         data = weight.to(torch.bfloat16).view(torch.int16).numpy()
     elif qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        return quantize_k(weight.to(device), qtype)
+        return quantize_k(weight.to(pick_device()), qtype)
     else:
         return gguf.quants.quantize(weight.float().numpy(), qtype)
     return data.view(np.uint8).reshape(*data.shape[:-1], -1)

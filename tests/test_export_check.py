@@ -289,16 +289,24 @@ def test_a_cut_or_empty_gguf_file_is_named_damaged(checked_run, tmp_path):
 
 @pytest.mark.parametrize("family", ["llama", "gemma"])
 def test_hf_weight_undoes_gguf_weight(family):
-    """Llama's q/k rows come back from llama.cpp's rope order; Gemma's norms from 1 + w."""
+    """Llama's q/k rows go into llama.cpp's rope order (each head's two halves interleaved) and Gemma's norms are
+    stored as 1 + w; everything else is stored as it is; hf_weight brings each back exactly."""
     config = tiny_config(family, 320)
     generator = torch.Generator().manual_seed(0)
     for name, shape in [("model.layers.0.self_attn.q_proj.weight", (128, 64)),
                         ("model.layers.0.self_attn.k_proj.weight", (64, 64)), ("model.norm.weight", (64,))]:
         weight = torch.randn(shape, generator=generator).to(torch.bfloat16).float()  # exported weights are 16-bit
         stored = gguf_weight(config, name, weight)
-        assert torch.equal(hf_weight(config, name, stored), weight), name
+        expected = weight
         if family == "llama" and "proj" in name:
-            assert not torch.equal(stored, weight)
+            heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
+            half = shape[0] // heads // 2
+            expected = weight[[head * 2 * half + which * half + row for head in range(heads) for row in range(half)
+                               for which in range(2)]]
+        elif family == "gemma" and name.endswith("norm.weight"):
+            expected = weight + 1
+        assert torch.equal(stored, expected), name
+        assert torch.equal(hf_weight(config, name, stored), weight), name
 
 
 def test_first_difference_names_the_line():

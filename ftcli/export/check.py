@@ -166,7 +166,7 @@ def _check_file(file: WrittenFile, model, config, weights, tokenizer, sample, re
 
 
 def _weight_error(config, weight: torch.Tensor, name: str, stored: StoredWeight) -> float:
-    """The stored tensor's RMS error relative to the weight it was made from (of its shape), in the file's layout:
+    """The RMS of the stored tensor's error over the RMS of the weight it was made from, in the file's layout:
     relative, so that one bound per type holds for embeddings and norms alike."""
     expected = gguf_weight(config, name, weight.to(stored.values.device))
     scale = torch.linalg.vector_norm(expected).item()

@@ -14,7 +14,7 @@ from ftcli.export.dequantize import dequantize, tensor_bytes
 from ftcli.export.gguf_file import encode
 
 FLOAT_TYPES = [Q.F32, Q.F16, Q.BF16]
-BLOCK_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]  # 32-value blocks
+BLOCK_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q5_0, Q.Q5_1]  # 32-value blocks
 K_TYPES = [Q.Q4_K, Q.Q5_K, Q.Q6_K]  # 256-value blocks
 SHAPES_256 = [(6, 256), (3, 768)]
 SHAPES_32 = [(5, 96), (4, 160)]  # rows of 32-value blocks, not of 256
@@ -24,12 +24,14 @@ CASES = ([(qtype, shape) for qtype in FLOAT_TYPES for shape in SHAPES_256 + SHAP
 
 
 def weights(shape: tuple[int, ...]) -> torch.Tensor:
-    """Gaussian values, heavy-tailed (Student's t) ones in the second row, a zero and a constant last row (blocks
-    the quantizers treat apart), from a fixed seed."""
+    """Gaussian values, heavy-tailed ones (Student's t with 2 degrees of freedom: a normal over the root of a
+    chi-squared's mean) in the second row, a zero row and a constant last row (blocks the quantizers treat apart),
+    all from one fixed seed."""
     generator = torch.Generator().manual_seed(0)
     values = torch.randn(shape, generator=generator) * 0.02
     if len(shape) == 2:
-        values[1] = torch.distributions.StudentT(2.0).sample((shape[1],)) * 0.01
+        normal, chi_squared = torch.randn(shape[1], generator=generator), torch.randn(2, shape[1], generator=generator)
+        values[1] = normal / (chi_squared.square().mean(0)).sqrt() * 0.01
         values[-2] = 0
         values[-1] = 0.5
     return values

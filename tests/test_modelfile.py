@@ -153,3 +153,6 @@ def test_ollama_adds_the_modelfile_system_and_joins_a_roles_consecutive_messages
     assert ollama_prompt(template, "default", chat) == "default|system:default;user:a\n\nb;"
     assert ollama_prompt(template, "default", [SYSTEM] + chat) == "You are terse.|system:You are terse.;user:a\n\nb;"
     assert ollama_prompt(template, None, [SYSTEM] + chat, system_in_messages=False) == "You are terse.|user:a\n\nb;"
+    later = [chat[0], SYSTEM, chat[1]]  # a system message that does not open the chat: SYSTEM is added all the same
+    assert ollama_prompt(template, "default", later) == ("default\n\nYou are terse.|system:default;user:a;"
+                                                         "system:You are terse.;user:b;")

@@ -204,7 +204,7 @@ def _ids_and_labels(tokenizer, text: str, trained_spans: list[tuple[int, int]]) 
     starts inside a trained character span, IGNORE_INDEX for the others."""
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(encoding["input_ids"]), list(encoding["offset_mapping"])
-    if tokenizer_adds_bos(tokenizer) and not text.startswith(tokenizer.bos_token):
+    if training_adds_bos(tokenizer, text):
         ids, offsets = [tokenizer.bos_token_id] + ids, [(0, 0)] + offsets
     labels = [token if any(start <= begin < end for start, end in trained_spans) and begin < finish else IGNORE_INDEX
               for token, (begin, finish) in zip(ids, offsets)]
@@ -254,6 +254,12 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     return bool(probe) and probe[0] == tokenizer.bos_token_id
 
 
+def training_adds_bos(tokenizer, text: str) -> bool:
+    """Training puts the BOS token before a rendered text where the tokenizer starts plain text with it and the
+    template did not write it already, so that it is never doubled."""
+    return tokenizer_adds_bos(tokenizer) and not text.startswith(tokenizer.bos_token)
+
+
 def generation_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of the conversation so far, rendered with the tokenizer's template up to the point where the
     assistant's answer begins."""
@@ -268,7 +274,7 @@ def render_generation_prompt(tokenizer, messages: list[dict]) -> str:
 def prompt_text_ids(tokenizer, text: str) -> list[int]:
     """A rendered prompt's token ids as in training: no special tokens added twice, the BOS as trained."""
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if tokenizer_adds_bos(tokenizer) and not text.startswith(tokenizer.bos_token):
+    if training_adds_bos(tokenizer, text):
         ids = [tokenizer.bos_token_id] + ids
     return ids
 

@@ -80,6 +80,7 @@ def export(out_dir: Path, merged: bool = False, gguf_types: Optional[str] = None
         begun = time.perf_counter()
         final = destination / f"{stem}-{name}.gguf"
         modelfile = final.with_suffix(".Modelfile")
+        record_checks(destination, {}, [final.name])  # its entry, if any, is of the file this one replaces
         with staged_file(final) as partial, staged_file(modelfile) as modelfile_partial:
             summary = write_gguf(gguf_source, name, partial, out_dir)
             write_modelfile(modelfile_partial, final.name, tokenizer, adds_bos)
@@ -89,8 +90,6 @@ def export(out_dir: Path, merged: bool = False, gguf_types: Optional[str] = None
     result = {"status": "ok", "source": source_summary(source), "outputs": outputs}
     if check and written:
         result["check"] = check_files(gguf_source, written, tokenizer, destination)
-    elif written:
-        record_checks(destination, {}, [file.gguf.name for file in written])
     return result | {"seconds": _since(started)}
 
 

@@ -11,7 +11,8 @@ losing too much for this model, not a broken file, so the warning names the type
 
 Failed files are kept, with check.json saying why: they are whole files (each was renamed into place complete),
 a failure may need a look rather than a re-export, and `--overwrite` replaces them. check.json, beside the files,
-holds each checked file's numbers by file name; entries of files not checked this time stay.
+holds each checked file's numbers by file name. An entry goes as its file is rewritten (before, so that a check
+that stops never leaves the old file's verdict on the new one) or deleted; the other files' entries stay.
 """
 
 import json
@@ -33,6 +34,7 @@ from ftcli.export.check_sample import check_sample
 from ftcli.export.gguf_file import gguf_weight, hf_weight
 from ftcli.export.gguf_reader import GgufFile, StoredWeight, stored_weights
 from ftcli.export.source import ExportSource, merged_tensors
+from ftcli.loader import pick_device
 from ftcli.staging import atomic_write_text
 
 CHECK_FILE = "check.json"
@@ -67,7 +69,7 @@ THRESHOLDS = {
 # times what the type's rounding gives on Gaussian weights (Q8_0 0.4%, Q6_K 1.8%, Q5 4%, Q4 7-9%); a damaged or
 # misplaced tensor is off by order 1
 WEIGHT_ERROR = {Q.F32: 1e-6, Q.F16: 1e-3, Q.BF16: 1e-2, Q.Q8_0: 0.03, Q.Q6_K: 0.08, Q.Q5_K: 0.15, Q.Q5_0: 0.15,
-                Q.Q5_1: 0.15, Q.Q4_K: 0.3, Q.Q4_0: 0.3, Q.Q4_1: 0.3}
+                Q.Q5_1: 0.15, Q.Q4_K: 0.3, Q.Q4_0: 0.3}
 
 
 @dataclass
@@ -83,11 +85,11 @@ def check_files(source: ExportSource, files: list[WrittenFile], tokenizer, folde
 
     started = time.perf_counter()
     config = source.config
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = pick_device()
     weights = dict(merged_tensors(source))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                              trust_remote_code=source.trust_remote_code).to(device).eval()
-    _load(model, {name: weight.float() for name, weight in weights.items()})
+    _load(model, weights)
     sample = check_sample(source.out_dir)
     reference = reference_run(model, tokenizer, sample.prompts)
     parameters = sum(weight.numel() for name, weight in weights.items() if name != "lm_head.weight")
@@ -127,7 +129,8 @@ def check_report(check: dict) -> Group:
     lines = []
     for name, result in check["files"].items():
         weight = result["largest_weight_error"]
-        table.add_row(name, f"{weight['relative_rms']:.2%} {weight['type']}", f"{result['answers']:.1%}",
+        weights = f"{weight['relative_rms']:.2%} {weight['type']}" if weight else "shapes differ"
+        table.add_row(name, weights, f"{result['answers']:.1%}",
                       f"{result['every_position']:.1%}", f"{result['max_logit_difference']:.3g}",
                       f"{result['greedy_same']}/{result['greedy_prompts']}",
                       Text(result["verdict"], style=VERDICT_STYLES[result["verdict"]]))
@@ -139,13 +142,18 @@ def check_report(check: dict) -> Group:
 def _check_file(file: WrittenFile, model, config, weights, tokenizer, sample, reference: ReferenceRun,
                 parameters: int) -> dict:
     gguf_file = GgufFile(file.gguf)
-    errors = []
+    errors, problems = [], []
     device = next(model.parameters()).device
     for name, stored in stored_weights(gguf_file, config, list(weights), device):  # one at a time: memory holds one
-        errors.append((name, stored.qtype, _weight_error(config, weights[name], name, stored)))
-        if stored.values.numel() == weights[name].numel():
-            model.get_parameter(name).data.copy_(hf_weight(config, name, stored.values.reshape(weights[name].shape)))
-    problems = _weight_problems(errors)
+        trained = weights[name]
+        if stored.values.shape != trained.shape:
+            problems.append(f"the tensor for {name} ({stored.qtype.name}) has shape {list(stored.values.shape)}, the "
+                            f"trained weight {list(trained.shape)}: the file is damaged or holds another model")
+            model.get_parameter(name).data.copy_(trained)  # not the previous file's tensor
+            continue
+        errors.append((name, stored.qtype, _weight_error(config, trained, name, stored)))
+        model.get_parameter(name).data.copy_(hf_weight(config, name, stored.values))
+    problems += _weight_problems(errors)
     format_found, notes = format_problems(gguf_file, file.modelfile.read_text(), tokenizer, sample.conversations,
                                           sample.prompts)
     problems += format_found
@@ -158,19 +166,18 @@ def _check_file(file: WrittenFile, model, config, weights, tokenizer, sample, re
 
 
 def _weight_error(config, weight: torch.Tensor, name: str, stored: StoredWeight) -> float:
-    """The stored tensor's RMS error relative to the weight it was made from, in the file's layout."""
+    """The RMS of the stored tensor's error over the RMS of the weight it was made from, in the file's layout:
+    relative, so that one bound per type holds for embeddings and norms alike."""
     expected = gguf_weight(config, name, weight.to(stored.values.device))
-    if stored.values.numel() != expected.numel():
-        return float("inf")
     scale = torch.linalg.vector_norm(expected).item()
-    error = torch.linalg.vector_norm(stored.values.reshape(expected.shape) - expected).item()
+    error = torch.linalg.vector_norm(stored.values - expected).item()
     return error / scale if scale else error
 
 
 def _weight_problems(errors: list[tuple[str, Q, float]]) -> list[str]:
     problems = []
     for name, qtype, error in errors:
-        bound = WEIGHT_ERROR.get(qtype, 0.3)
+        bound = WEIGHT_ERROR[qtype]
         if error > bound:
             problems.append(f"the tensor for {name} ({qtype.name}) differs from the trained weight by {error:.1%} "
                             f"(RMS), where {qtype.name} rounding stays under {bound:.1%}: the file is damaged or "
@@ -178,8 +185,12 @@ def _weight_problems(errors: list[tuple[str, Q, float]]) -> list[str]:
     return problems
 
 
-def _largest_weight_error(errors: list[tuple[str, Q, float]]) -> dict:
-    name, qtype, error = max(errors, key=lambda found: found[2])
+def _largest_weight_error(errors: list[tuple[str, Q, float]]) -> Optional[dict]:
+    """None when no tensor could be compared (every one had another shape)."""
+    largest = max(errors, key=lambda found: found[2], default=None)
+    if largest is None:
+        return None
+    name, qtype, error = largest
     return {"tensor": name, "type": qtype.name, "relative_rms": round(error, 5)}
 
 
@@ -203,10 +214,10 @@ def _size(parameters: int) -> str:
 
 
 def _load(model, state: dict[str, torch.Tensor]) -> None:
-    """Put `state` into the model's weights; only a head tied to the embedding may be missing from it."""
-    device = next(model.parameters()).device
-    missing, unexpected = model.load_state_dict({name: tensor.to(device) for name, tensor in state.items()},
-                                                strict=False)
+    """Put the 16-bit `state` into the model's float32 weights; load_state_dict copies each tensor to the
+    parameter's device and dtype, so no float32 copy of the whole model is made on the host first. Only a head tied
+    to the embedding may be missing from it."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise FtcliError(f"The export check could not rebuild the model from its weights (missing {missing}, "
                          f"unexpected {unexpected}). Pass --no-check to export without the check, and report this.")
@@ -218,16 +229,10 @@ def _worst(verdicts) -> str:
 
 
 def record_checks(folder: Path, results: dict, unchecked: list[str]) -> Path:
-    """Update check.json in `folder`: these results in, the entries of files rewritten without a check and of
-    files no longer there out; returns its path."""
+    """Update check.json in `folder`: these results in, the entries of `unchecked` files (about to be rewritten,
+    or rewritten without a check) and of files no longer there out; returns its path."""
     path = folder / CHECK_FILE
-    entries = {}
-    if path.is_file():
-        try:
-            entries = json.loads(path.read_text()).get("files", {})
-        except (json.JSONDecodeError, AttributeError):
-            entries = {}
-    entries = {name: entry for name, entry in entries.items()
+    entries = {name: entry for name, entry in _recorded_entries(path).items()
                if name not in unchecked and (folder / name).is_file()} | results
     if entries:
         atomic_write_text(path, json.dumps({"status": _worst(entry["verdict"] for entry in entries.values()),
@@ -235,3 +240,15 @@ def record_checks(folder: Path, results: dict, unchecked: list[str]) -> Path:
     else:
         path.unlink(missing_ok=True)
     return path
+
+
+def _recorded_entries(path: Path) -> dict:
+    """The entries check.json holds; none where it is missing or not as ftcli writes it (it is then rewritten)."""
+    try:
+        files = json.loads(path.read_text()).get("files") if path.is_file() else None
+    except (ValueError, AttributeError):  # not JSON, or JSON but not an object
+        return {}
+    if not isinstance(files, dict):
+        return {}
+    return {name: entry for name, entry in files.items()
+            if isinstance(entry, dict) and entry.get("verdict") in VERDICT_STYLES}

@@ -14,14 +14,12 @@ with their tokens.
 
 from typing import Optional
 
-from jinja2 import TemplateError
-
 from ftcli.data.formats import Conversation
-from ftcli.data.templates import render_generation_prompt, tokenizer_adds_bos
+from ftcli.data.templates import training_adds_bos
 from ftcli.export.check_model import answer_end_ids
-from ftcli.export.go_template import ollama_prompt
+from ftcli.export.go_template import UnsupportedTemplate, ollama_prompt
 from ftcli.export.gguf_reader import GgufFile
-from ftcli.export.modelfile import modelfile_fields
+from ftcli.export.modelfile import modelfile_fields, render
 
 SYSTEM_PROBE = {"role": "system", "content": "Answer briefly."}  # a system turn, where the sample has none
 
@@ -32,7 +30,8 @@ def format_problems(file: GgufFile, modelfile: str, tokenizer, conversations: li
     template, system, stops = modelfile_fields(modelfile)
     if not tokenizer.chat_template:  # a raw-text run: no chat format to check, only where text ends
         return _stop_problems(file, tokenizer, stops, needs_end_of_turn=False), []
-    prompts = prompts + [[SYSTEM_PROBE] + prompt for prompt in prompts[:1]]
+    if not any(message["role"] == "system" for prompt in prompts for message in prompt):
+        prompts = prompts + [[SYSTEM_PROBE] + prompts[0]]
     problems, notes = _template_problems(file, tokenizer, conversations, prompts), []
     if template is None:
         notes.append("the Modelfile has no TEMPLATE (the chat template is like no built-in one): Ollama will not lay "
@@ -48,17 +47,18 @@ def _template_problems(file: GgufFile, tokenizer, conversations: list[Conversati
     stored = file.fields.get("tokenizer.chat_template")
     if stored is None:
         return ["the file has no tokenizer.chat_template, so llama.cpp falls back to a template of its own choosing"]
-    special = {name: _token(file, f"tokenizer.ggml.{name.split('_')[0]}_token_id") or ""
-               for name in ("bos_token", "eos_token")}
+    special = {"bos_token": _token(file, "tokenizer.ggml.bos_token_id") or "",
+               "eos_token": _token(file, "tokenizer.ggml.eos_token_id") or ""}
     cases = [(conversation, False) for conversation in conversations] + [(prompt, True) for prompt in prompts]
     for messages, generation_prompt in cases:
-        trained = _jinja(tokenizer, None, messages, generation_prompt, {})
+        trained = render(tokenizer, None, messages, generation_prompt)
         if trained is None:
             continue  # a chat the training template refuses (a system turn for Gemma's) is not one it trained on
-        in_file = _jinja(tokenizer, stored, messages, generation_prompt, special)
+        in_file = render(tokenizer, stored, messages, generation_prompt, **special)
         if in_file != trained:
+            refused = "(an error: the template refuses this chat)"
             return ["the file's tokenizer.chat_template renders a sample chat differently from the training template: "
-                    + first_difference(trained, in_file or "(an error: the template refuses this chat)")]
+                    + first_difference(trained, refused if in_file is None else in_file)]
     return []
 
 
@@ -66,13 +66,16 @@ def _modelfile_problems(file: GgufFile, template: str, system: Optional[str], to
     adds_bos = bool(file.fields.get("tokenizer.ggml.add_bos_token"))
     bos = _token(file, "tokenizer.ggml.bos_token_id") or ""
     for messages in prompts:
-        try:
-            trained = render_generation_prompt(tokenizer, messages)
-        except TemplateError:
+        trained = render(tokenizer, None, messages)
+        if trained is None:
             continue
-        if tokenizer.bos_token and tokenizer_adds_bos(tokenizer) and not trained.startswith(tokenizer.bos_token):
-            trained = tokenizer.bos_token + trained  # as training tokenizes a rendered chat (prompt_text_ids)
-        in_ollama = (bos if adds_bos else "") + ollama_prompt(template, system, messages)
+        if training_adds_bos(tokenizer, trained):
+            trained = tokenizer.bos_token + trained
+        try:
+            in_ollama = (bos if adds_bos else "") + ollama_prompt(template, system, messages)
+        except UnsupportedTemplate as error:
+            return [f"the Modelfile's TEMPLATE cannot be filled as Ollama fills it ({error}); the check reads the Go "
+                    "template subset ftcli writes (ftcli/export/go_template.py), so it cannot vouch for this one"]
         if in_ollama != trained:
             return ["the Modelfile's TEMPLATE, filled as Ollama fills it, gives a sample prompt other than the text "
                     "training tokenized: " + first_difference(trained, in_ollama)]
@@ -83,14 +86,14 @@ def _stop_problems(file: GgufFile, tokenizer, stops: list[str], needs_end_of_tur
     problems = []
     eos = file.fields.get("tokenizer.ggml.eos_token_id")
     if eos != tokenizer.eos_token_id:
-        problems.append(f"the file's end-of-sequence id (tokenizer.ggml.eos_token_id) is {_shown(file, eos)}, but "
+        problems.append(f"the file's end-of-sequence id (tokenizer.ggml.eos_token_id) is {_id_shown(file, eos)}, but "
                         f"training appended {tokenizer.eos_token_id} ({tokenizer.eos_token!r}) to every answer, so "
                         "generation would not stop where the trained model stops")
     ends = answer_end_ids(tokenizer)
     for kind in ("eot", "eom"):
         written = file.fields.get(f"tokenizer.ggml.{kind}_token_id")
         if written is not None and written not in ends:
-            problems.append(f"the file's tokenizer.ggml.{kind}_token_id is {_shown(file, written)}, which the "
+            problems.append(f"the file's tokenizer.ggml.{kind}_token_id is {_id_shown(file, written)}, which the "
                             f"trained model never ends an answer with (it ends with {_ids_shown(tokenizer, ends)})")
     wanted = {tokenizer.convert_ids_to_tokens(index) for index in (ends if needs_end_of_turn else
                                                                    {tokenizer.eos_token_id} - {None})}
@@ -115,21 +118,16 @@ def _line_at(text: str, index: int) -> str:
     return text[start:end if end >= 0 else len(text)] or "(end of text)"
 
 
-def _jinja(tokenizer, template: Optional[str], messages, generation_prompt: bool, special: dict) -> Optional[str]:
-    try:
-        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=generation_prompt, **special)
-    except TemplateError:
-        return None
-
-
 def _token(file: GgufFile, key: str) -> Optional[str]:
     index = file.fields.get(key)
     return None if index is None else file.token(index)
 
 
-def _shown(file: GgufFile, index) -> str:
-    return "missing" if index is None else f"{index} ({file.token(index)!r})"
+def _id_shown(file: GgufFile, index: Optional[int]) -> str:
+    if index is None:
+        return "missing"
+    token = file.token(index)
+    return f"{index} (not in the file's vocabulary)" if token is None else f"{index} ({token!r})"
 
 
 def _ids_shown(tokenizer, ids: set[int]) -> str:

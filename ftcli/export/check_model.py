@@ -37,7 +37,7 @@ class ReferenceRun:
 @dataclass
 class Agreement:
     answers: float  # share of answer positions where the file's top token is the trained model's
-    every_position: float
+    every_position: float  # the same share over every position, prompts included
     max_logit_difference: float  # largest |file - trained| logit over every position and token
     greedy_same: int  # greedy answers identical to the trained model's through its end or GREEDY_TOKENS
     first_greedy_difference: str  # where the first answer that differs parts, "" when none does
@@ -50,6 +50,7 @@ class Agreement:
 
 
 def reference_run(model, tokenizer, prompts: list[Conversation]) -> ReferenceRun:
+    """The trained model's run on the prompts, made once: each file is then one teacher-forced pass against it."""
     prompt_ids = [_prompt_ids(tokenizer, prompt)[-MAX_PROMPT_TOKENS:] for prompt in prompts]
     rows, answer, greedy, position = [], [], [], 0
     for prompt, ids, reply in zip(prompts, prompt_ids, _greedy_answers(model, tokenizer, prompt_ids)):
@@ -80,7 +81,7 @@ def compare(model, tokenizer, reference: ReferenceRun) -> Agreement:
         elif not first:
             at = begin + int(parted[0])
             first = (f"{question[:40]!r}: token {at - begin + 1} of {end - begin}, trained "
-                     f"{_shown(tokenizer, reference.top[at])}, file {_shown(tokenizer, top[at])}")
+                     f"{_token_shown(tokenizer, reference.top[at])}, file {_token_shown(tokenizer, top[at])}")
     return Agreement(agree[reference.answer].float().mean().item(), agree.float().mean().item(), largest,
                      greedy_same, first)
 
@@ -119,17 +120,18 @@ def _prompt_ids(tokenizer, prompt: Conversation) -> list[int]:
     return generation_prompt_ids(tokenizer, prompt)
 
 
-def _shown(tokenizer, token: torch.Tensor) -> str:
+def _token_shown(tokenizer, token: torch.Tensor) -> str:
+    """The token's text, or its vocabulary entry where the text alone is not valid UTF-8 (part of a character)."""
     text = tokenizer.decode(token)
     return repr(text if "\ufffd" not in text else tokenizer.convert_ids_to_tokens(int(token)))
 
 
 def _row_logits(model, rows: list[list[int]]):
     """Each row's logits (float32, one row of them per token), computed BATCH_ROWS rows at a time."""
+    device = next(model.parameters()).device
     for batch in range(0, len(rows), BATCH_ROWS):
         chunk = rows[batch:batch + BATCH_ROWS]
         width = max(map(len, chunk))
-        device = next(model.parameters()).device
         ids = torch.tensor([row + [0] * (width - len(row)) for row in chunk], device=device)
         mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in chunk], device=device)
         with torch.no_grad():

@@ -14,8 +14,8 @@ from ftcli.data.sources import read_rows
 from ftcli.errors import FtcliError
 from ftcli.recipe import load_recipe
 
-# Each prompt costs every checked file one teacher-forced row: 8 keep a 135M model's check on two CPU cores
-# within the time its export takes (docs/benchmarks.md)
+# Each prompt costs every checked file one teacher-forced row: 6 rows and the 2 generic prompts keep a 135M model's
+# check on two CPU cores within the time its export takes, where 8 rows did not (docs/benchmarks.md)
 SAMPLE_ROWS = 6
 # what people ask any chat model, for a model whose data has nothing to say about it
 GENERIC_PROMPTS = ["Hello! Who are you?", "What is the capital of France?"]
@@ -23,7 +23,7 @@ GENERIC_PROMPTS = ["Hello! Who are you?", "What is the capital of France?"]
 
 @dataclass
 class CheckSample:
-    conversations: list[Conversation]  # the run's rows with their answers: teacher-forced, rendered by the templates
+    conversations: list[Conversation]  # the run's rows with their answers, for the chat template checks to render
     prompts: list[Conversation]  # what both models answer greedily: each row up to its last answer, then GENERIC_PROMPTS
     origin: str  # where the prompts came from: how many rows of which data, or why none
 

@@ -87,12 +87,6 @@ def _q4_0(blocks: torch.Tensor) -> torch.Tensor:
     return _f16(blocks[:, :2]) * (levels.float() - 8)
 
 
-def _q4_1(blocks: torch.Tensor) -> torch.Tensor:
-    """d and m (fp16), then Q4_0's nibbles: d * q + m."""
-    levels = _nibbles(blocks[:, 4:], 1).reshape(blocks.shape[0], 32)
-    return _f16(blocks[:, :2]) * levels.float() + _f16(blocks[:, 2:4])
-
-
 def _five_bit_levels(high_bits: torch.Tensor, low_nibbles: torch.Tensor) -> torch.Tensor:
     """Q5_0/Q5_1's levels: 32 fifth bits (a little-endian uint32, bit j for value j) over Q4_0's nibbles."""
     fifth = _bits(high_bits, 1).transpose(1, 2).reshape(high_bits.shape[0], 32)
@@ -151,5 +145,5 @@ def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
     return (scales[..., None] * levels).reshape(count, QK_K)
 
 
-_BLOCK_DEQUANTIZERS = {Q.F32: _f32, Q.F16: _f16, Q.BF16: _bf16, Q.Q8_0: _q8_0, Q.Q4_0: _q4_0, Q.Q4_1: _q4_1,
+_BLOCK_DEQUANTIZERS = {Q.F32: _f32, Q.F16: _f16, Q.BF16: _bf16, Q.Q8_0: _q8_0, Q.Q4_0: _q4_0,
                        Q.Q5_0: _q5_0, Q.Q5_1: _q5_1, Q.Q4_K: _q4_k, Q.Q5_K: _q5_k, Q.Q6_K: _q6_k}

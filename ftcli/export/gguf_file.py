@@ -21,6 +21,7 @@ from ftcli.errors import ExportError, FtcliError
 from ftcli.export.kquants import quantize_k
 from ftcli.export.source import ExportSource, merged_tensors, shard_shapes
 from ftcli.export.vocab import add_vocab
+from ftcli.loader import pick_device
 
 
 @dataclass(frozen=True)
@@ -106,22 +107,36 @@ def plan_tensors(source: ExportSource, config, file_type: FileType) -> dict[str,
     model_type = config.model_type
     if model_type not in ARCHITECTURES:
         raise ExportError(f"GGUF export supports {', '.join(ARCHITECTURES)} models; this one is {model_type!r}.")
-    arch = ARCHITECTURES[model_type][0]
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     shapes = {name: shape for shard in shard_shapes(source) for name, shape in shard.items()}
-    tied = "lm_head.weight" not in shapes or getattr(config, "tie_word_embeddings", False)
+    tied = _tied_head(config, shapes)
     plan = {}
-    for hf_name, shape in shapes.items():
-        if hf_name == "lm_head.weight" and tied:
-            continue  # llama.cpp reads a tied head from token_embd
-        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise FtcliError(f"No GGUF name for the tensor {hf_name} of this {model_type} model; GGUF export "
-                             "cannot place it.")
-        qtype = tensor_type(gguf_name, shape, file_type, config.num_hidden_layers, tied)
-        byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
+    for hf_name, gguf_name in gguf_names(config, list(shapes)).items():
+        qtype = tensor_type(gguf_name, shapes[hf_name], file_type, config.num_hidden_layers, tied)
+        byte_shape = gguf.quants.quant_shape_to_byte_shape(shapes[hf_name], qtype)
         plan[hf_name] = PlannedTensor(gguf_name, qtype, byte_shape, int(np.prod(byte_shape)))
     return plan
+
+
+def gguf_names(config, hf_names: list[str]) -> dict[str, str]:
+    """The GGUF name of each Hugging Face weight the file holds, by gguf's TensorNameMap; a tied head has none, as
+    llama.cpp reads it from token_embd."""
+    names = gguf.get_tensor_name_map(ARCHITECTURES[config.model_type][0], config.num_hidden_layers)
+    tied = _tied_head(config, hf_names)
+    found = {}
+    for hf_name in hf_names:
+        if hf_name == "lm_head.weight" and tied:
+            continue
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise FtcliError(f"No GGUF name for the tensor {hf_name} of this {config.model_type} model; GGUF export "
+                             "cannot place it.")
+        found[hf_name] = gguf_name
+    return found
+
+
+def _tied_head(config, hf_names) -> bool:
+    """The LM head is the token embedding: the checkpoint has no head of its own, or the config ties them."""
+    return "lm_head.weight" not in hf_names or getattr(config, "tie_word_embeddings", False)
 
 
 def tensor_type(gguf_name: str, shape: tuple[int, ...], file_type: FileType, n_layer: int, tied: bool) -> Q:
@@ -204,8 +219,7 @@ def encode(weight: torch.Tensor, qtype: Q) -> np.ndarray:
     elif qtype == Q.BF16:
         data = weight.to(torch.bfloat16).view(torch.int16).numpy()
     elif qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        return quantize_k(weight.to(device), qtype)
+        return quantize_k(weight.to(pick_device()), qtype)
     else:
         return gguf.quants.quantize(weight.float().numpy(), qtype)
     return data.view(np.uint8).reshape(*data.shape[:-1], -1)

@@ -51,11 +51,11 @@ def render(template: str, data: dict) -> str:
 
 
 def ollama_prompt(template: str, system: Optional[str], messages: list[dict], system_in_messages: bool = True) -> str:
-    """The prompt Ollama builds from a Modelfile's TEMPLATE and SYSTEM for a chat (template.Execute and collate):
-    SYSTEM is added first when the chat has no system message, consecutive messages of one role are joined with a
-    blank line, and $.System is every system message's content. Older Ollama versions also dropped the system
-    messages from .Messages (`system_in_messages` False)."""
-    if system and not any(message["role"] == "system" for message in messages):
+    """The prompt Ollama builds from a Modelfile's TEMPLATE and SYSTEM for a chat (ChatHandler, template.Execute and
+    collate): SYSTEM is added first unless the chat opens with a system message, consecutive messages of one role
+    are joined with a blank line, and $.System is every system message's content. Older Ollama versions also
+    dropped the system messages from .Messages (`system_in_messages` False)."""
+    if system and messages and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system}] + messages
     collated: list[Message] = []
     for message in messages:

@@ -128,11 +128,14 @@ def _default_system(tokenizer, builtin: str, own_probe: str) -> Optional[str]:
     return default if render(tokenizer, builtin, with_default) == own_probe else None
 
 
-def render(tokenizer, template: str, messages: list[dict]) -> Optional[str]:
-    """`messages` as `template` lays them out for the model to answer; None when the template refuses them."""
+def render(tokenizer, template: Optional[str], messages: list[dict], generation_prompt: bool = True,
+           **special_tokens: str) -> Optional[str]:
+    """`messages` as the Jinja `template` (None: the tokenizer's own) lays them out, for the model to answer with
+    `generation_prompt`; None when the template refuses them. `special_tokens` (bos_token, eos_token) stand in for
+    the tokenizer's own, as a GGUF file's are for llama.cpp."""
     try:
         return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=True)
+                                             add_generation_prompt=generation_prompt, **special_tokens)
     except TemplateError:
         return None
 

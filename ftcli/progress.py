@@ -14,7 +14,7 @@ from rich.table import Table
 from ftcli.errors import redact
 from ftcli.patch import KernelSwaps
 from ftcli.recipe import DEFAULT_BETA, PREFERENCE_METHODS
-from ftcli.step_graph import BUCKET_TOKENS
+from ftcli.step_graph import BUCKET_TOKENS, GRAPHED_TOKENS
 
 
 # how several processes share the model, as the header says it
@@ -64,7 +64,8 @@ class TrainingDisplay:
                          + (f" x {processes} processes" if processes > 1 else "")
                          + f", lr {recipe.train.learning_rate:g} {recipe.train.lr_scheduler}"),
             ("checkpointing", checkpointing_line(recipe, checkpointing, layers_on_gpu)),
-        ] + ([("cuda graphs", f"each micro-batch replayed, rows padded to multiples of {BUCKET_TOKENS} tokens")]
+        ] + ([("cuda graphs", f"micro-batches of up to {GRAPHED_TOKENS:,} tokens replayed, rows padded to multiples "
+                              f"of {BUCKET_TOKENS} tokens")]
              if cuda_graphs else []) + ([("processes", f"{processes}, {strategy}: " + SPREAD[strategy])] if processes > 1 else []):
             table.add_row(f"[bold]{name}[/]", redact(value))
         self.console.print(table)

@@ -130,7 +130,8 @@ class TrainSettings(Section):
     cuda_graphs: Union[bool, Literal["auto"]] = Field(
         "auto", description="Replay each micro-batch's forward and backward as a CUDA graph, one per batch shape (rows "
         "are padded up to a multiple of 256 tokens, so there are few), which takes Python's launch time out of the "
-        "step: faster where the GPU would wait on the host, above all for small models. Supervised fine-tuning (sft) "
+        "step: faster where the GPU would wait on the host, above all for small models. Micro-batches of more than "
+        "16,384 tokens, where the GPU's work outlasts the launches anyway, run op by op. Supervised fine-tuning (sft) "
         "on one CUDA GPU in bf16 or float32 only, and not Gemma 2 (its eager attention). auto: on where it applies.")
     seed: int = Field(3407, description="Seed for LoRA initialisation, shuffling and dropout.")
     logging_steps: int = Field(1, gt=0, description="Write a metrics row every this many optimizer steps.")

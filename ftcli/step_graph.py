@@ -19,6 +19,8 @@ A graph fixes its shapes and its memory addresses, so:
   transformers gives no mask: its own SDPA attention, causal without one, unless a layer's sliding window is
   shorter than the rows. Padded and packed batches keep the masks transformers builds.
 
+A micro-batch of more than GRAPHED_TOKENS runs op by op: its GPU work outlasts the host's launches anyway.
+
 Capturing runs the micro-batch eagerly a few times on a side stream first (Triton compiles, cuBLAS picks its
 algorithms, the offload buffers are allocated), then captures it into a memory pool that every graph of this object
 shares. Afterwards the gradients are put back as earlier micro-batches left them, and the random state as it was
@@ -37,6 +39,10 @@ from ftcli.errors import RecipeError
 
 WARMUP_RUNS = 2
 BUCKET_TOKENS = 256  # `ftcli train` pads a graphed micro-batch's rows up to a multiple of this: few shapes, few graphs
+# A micro-batch of more tokens runs op by op. There the GPU's work outlasts the host's launches anyway (measured eager
+# on an H200, Llama-3-8B's GPU time passes its host time at about 5,000 tokens, Llama-3.2-1B's at about 13,000), while
+# each shape's capture costs WARMUP_RUNS + 1 passes of it: at 131,072 tokens of Llama-3-8B, 47 s each.
+GRAPHED_TOKENS = 16384
 CAUSAL_ATTENTION = "ftcli_causal_sdpa"  # an attention implementation that transformers gives no mask
 
 
@@ -50,8 +56,9 @@ class _Captured:
 
 class GraphedMicroBatch:
     """`summed_loss(batch)` times a scale, and its backward into the trainable parameters' gradients, replayed as a
-    CUDA graph per batch shape. Call it as `graphed(batch, scale)`; it returns the scaled loss as a device scalar
-    that lives in the graphs' shared memory, so the next call may overwrite it: read it before then."""
+    CUDA graph per batch shape (a batch of more than GRAPHED_TOKENS runs op by op instead). Call it as
+    `graphed(batch, scale)`; it returns the scaled loss as a device scalar that lives in the graphs' shared memory,
+    so the next call may overwrite it: read it before then."""
 
     def __init__(self, model, summed_loss: Callable[[dict[str, torch.Tensor]], torch.Tensor],
                  parameters: list[torch.nn.Parameter]):
@@ -62,6 +69,10 @@ class GraphedMicroBatch:
         self._pool = None
 
     def __call__(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+        if not is_graphed(*batch["input_ids"].shape):
+            loss = self.summed_loss(batch) * scale
+            loss.backward()
+            return loss.detach()
         key = tuple((name, tuple(tensor.shape), tensor.dtype) for name, tensor in sorted(batch.items()))
         captured = self._graphs.get(key)
         if captured is None:
@@ -125,6 +136,11 @@ def settle_cuda_graphs(setting, method: str, device: torch.device, dtype: torch.
         raise RecipeError(f"train.cuda_graphs is true, but {reasons[0]}. Set train.cuda_graphs: auto (or false) to "
                           "train without graphs.")
     return setting is True or (setting == "auto" and not reasons)
+
+
+def is_graphed(rows: int, width: int) -> bool:
+    """Whether a micro-batch of `rows` rows of `width` tokens is replayed as a graph (else it runs op by op)."""
+    return rows * width <= GRAPHED_TOKENS
 
 
 def bucket_width(width: int, limit: int) -> int:

@@ -45,7 +45,7 @@ from ftcli.signals import StopRequest
 from ftcli.snapshots import (Snapshot, check_compatible, load_optimizer_state, newest_snapshot, random_states,
                              restore_random_states, restore_snapshot, save_snapshot)
 from ftcli.staging import atomic_write_text
-from ftcli.step_graph import GraphedMicroBatch, bucket_width, settle_cuda_graphs
+from ftcli.step_graph import GraphedMicroBatch, bucket_width, is_graphed, settle_cuda_graphs
 from ftcli.start_adapter import start_from_adapter
 from ftcli.steps import count_steps, data_position, examples_in_run, micro_batch_of_all, step_groups
 
@@ -447,9 +447,9 @@ class SupervisedMethod:
     def collate(self, examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
         """The micro-batch on the device; for a graph, its rows padded to their bucket's width, and without a mask
         when nothing is padding (so that attention can skip it, which a graph cannot decide by reading it)."""
-        if self.graphs is None:
-            return collate(examples, self.pad_id, self.device)
         width = bucket_width(max(len(example.input_ids) for example in examples), self.width_limit)
+        if self.graphs is None or not is_graphed(len(examples), width):
+            return collate(examples, self.pad_id, self.device)
         batch = collate(examples, self.pad_id, self.device, width)
         if all(len(example.input_ids) == width for example in examples):
             del batch["attention_mask"]

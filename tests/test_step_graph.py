@@ -12,6 +12,7 @@ import pytest
 import torch
 from rich.console import Console
 
+import ftcli.step_graph
 import ftcli.train
 from conftest import DEVICE, lora_model, run_cli, write_jsonl, write_recipe
 from ftcli.architectures import ARCHITECTURES
@@ -19,8 +20,8 @@ from ftcli.data.templates import TokenizedExample
 from ftcli.errors import RecipeError
 from ftcli.progress import TrainingDisplay
 from ftcli.recipe import TrainSettings, load_recipe
-from ftcli.step_graph import (BUCKET_TOKENS, CAUSAL_ATTENTION, GraphedMicroBatch, bucket_width, causal_attention,
-                              settle_cuda_graphs)
+from ftcli.step_graph import (BUCKET_TOKENS, CAUSAL_ATTENTION, GRAPHED_TOKENS, GraphedMicroBatch, bucket_width,
+                              causal_attention, settle_cuda_graphs)
 from ftcli.train import SupervisedMethod, batch_tokens, summed_token_loss, target_tokens
 
 
@@ -146,10 +147,12 @@ def test_cuda_graphs_true_where_they_cannot_run_says_why(device, method, dtype, 
     assert "Set train.cuda_graphs: auto (or false)" in str(raised.value)
 
 
-def test_the_recipe_reference_gives_the_bucket_width_graphs_pad_to():
-    """The recipe module cannot import step_graph (it would load transformers), so the number it states is held to
-    BUCKET_TOKENS here."""
-    assert f"a multiple of {BUCKET_TOKENS} tokens" in TrainSettings.model_fields["cuda_graphs"].description
+def test_the_recipe_reference_gives_the_bucket_width_and_the_token_limit_of_graphs():
+    """The recipe module cannot import step_graph (it would load transformers), so the numbers it states are held to
+    BUCKET_TOKENS and GRAPHED_TOKENS here."""
+    description = TrainSettings.model_fields["cuda_graphs"].description
+    assert f"a multiple of {BUCKET_TOKENS} tokens" in description
+    assert f"more than {GRAPHED_TOKENS:,} tokens" in description
 
 
 @pytest.mark.parametrize("width, limit, bucket", [(1, 2048, 256), (256, 2048, 256), (257, 2048, 512),
@@ -171,6 +174,39 @@ def test_a_graphed_micro_batch_is_padded_to_its_bucket_and_loses_a_mask_with_not
     full = method.collate([TokenizedExample(input_ids=[5] * 256, labels=[5] * 256, truncated=False)] * 2)
     assert full["input_ids"].shape == (2, 256) and "attention_mask" not in full
     assert batch_tokens(full) == 512 and batch_tokens(padded) == 273
+
+
+def test_a_micro_batch_over_the_graphed_tokens_is_collated_as_without_graphs(tmp_path, tiny_model_folder,
+                                                                            monkeypatch):
+    monkeypatch.setattr(ftcli.step_graph, "GRAPHED_TOKENS", 512)
+    data = write_jsonl(tmp_path / "data.jsonl", [{"text": "hello"}])
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_model_folder("llama"), data, tmp_path / "out",
+                                      model={"max_seq_length": 300}))
+    method = SupervisedMethod(recipe, pad_id=0, device=CPU, fused=False)
+    method.replay_as_graphs(torch.nn.Linear(1, 1), [], recipe.example_length_limit())
+    rows = [TokenizedExample(input_ids=[5] * n, labels=[5] * n, truncated=False) for n in (3, 270)]
+    assert method.collate(rows[:1])["input_ids"].shape == (1, 256)  # 256 tokens: graphed, padded to its bucket
+    eager = method.collate(rows)  # 2 x 300 after padding: op by op, padded to its longest row only
+    assert eager["input_ids"].shape == (2, 270) and eager["attention_mask"].sum() == 273
+
+
+def test_a_micro_batch_over_the_graphed_tokens_runs_op_by_op(tiny_model_folder, monkeypatch):
+    """No capture is tried (on the CPU it would fail): the loss and gradients are the eager ones, added into the
+    gradients already there, as replays add."""
+    monkeypatch.setattr(ftcli.step_graph, "GRAPHED_TOKENS", 16)
+    model, _ = lora_model(tiny_model_folder("llama"), "llama", kernels=False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    batch = micro_batches()[0]  # 2 x 16 tokens
+    batch = {name: tensor.cpu() for name, tensor in batch.items()}
+    want = summed_token_loss(model, batch) * 0.5
+    want.backward()
+    want_grads = [p.grad.clone() for p in trainable]
+    graphed = GraphedMicroBatch(model, lambda rows: summed_token_loss(model, rows), trainable)
+    loss = graphed(batch, 0.5)
+    assert not graphed._graphs and not loss.requires_grad
+    assert float(loss) == pytest.approx(float(want), rel=1e-6)
+    for grad, once in zip((p.grad for p in trainable), want_grads):
+        torch.testing.assert_close(grad, 2 * once)
 
 
 class Planned(Exception):

@@ -139,7 +139,8 @@ def run(recipe: Recipe, out_dir: Optional[Path], display: TrainingDisplay, resum
     cuda_graphs = settle_cuda_graphs(recipe.train.cuda_graphs, recipe.train.method, device,
                                      compute_dtype(recipe.model, device), processes.count, architecture)
     # what memory is planned for: the longest micro-batch's rows, which graphs pad up to their bucket
-    longest = bucket_width(data.stats.longest, recipe.example_length_limit()) if cuda_graphs else data.stats.longest
+    bucket = bucket_width(data.stats.longest, recipe.example_length_limit())
+    longest = bucket if cuda_graphs and is_graphed(recipe.train.batch_size, bucket) else data.stats.longest
     strategy = choose_strategy(recipe, config, processes.count, gpu_bytes, longest)
     if strategy == "fsdp" and recipe.train.method == "grpo":
         raise RecipeError(f"train.distributed is {recipe.train.distributed} and resolves to fsdp, which GRPO does not "

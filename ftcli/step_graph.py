@@ -143,6 +143,13 @@ def is_graphed(rows: int, width: int) -> bool:
     return rows * width <= GRAPHED_TOKENS
 
 
+def graphed_width(rows: int, longest: int, limit: int) -> int | None:
+    """The width a micro-batch of `rows` rows, the longest `longest` tokens, is padded to for its graph: its bucket's,
+    or None when a batch that wide runs op by op (padded to its longest row as without graphs)."""
+    width = bucket_width(longest, limit)
+    return width if is_graphed(rows, width) else None
+
+
 def bucket_width(width: int, limit: int) -> int:
     """The width a graphed micro-batch's rows are padded to: `width` rounded up to a multiple of BUCKET_TOKENS, at
     most `limit` (the longest row the recipe allows)."""

@@ -45,7 +45,7 @@ from ftcli.signals import StopRequest
 from ftcli.snapshots import (Snapshot, check_compatible, load_optimizer_state, newest_snapshot, random_states,
                              restore_random_states, restore_snapshot, save_snapshot)
 from ftcli.staging import atomic_write_text
-from ftcli.step_graph import GraphedMicroBatch, bucket_width, is_graphed, settle_cuda_graphs
+from ftcli.step_graph import GraphedMicroBatch, graphed_width, settle_cuda_graphs
 from ftcli.start_adapter import start_from_adapter
 from ftcli.steps import count_steps, data_position, examples_in_run, micro_batch_of_all, step_groups
 
@@ -139,8 +139,8 @@ def run(recipe: Recipe, out_dir: Optional[Path], display: TrainingDisplay, resum
     cuda_graphs = settle_cuda_graphs(recipe.train.cuda_graphs, recipe.train.method, device,
                                      compute_dtype(recipe.model, device), processes.count, architecture)
     # what memory is planned for: the longest micro-batch's rows, which graphs pad up to their bucket
-    bucket = bucket_width(data.stats.longest, recipe.example_length_limit())
-    longest = bucket if cuda_graphs and is_graphed(recipe.train.batch_size, bucket) else data.stats.longest
+    graphed = graphed_width(recipe.train.batch_size, data.stats.longest, recipe.example_length_limit())
+    longest = graphed if cuda_graphs and graphed else data.stats.longest
     strategy = choose_strategy(recipe, config, processes.count, gpu_bytes, longest)
     if strategy == "fsdp" and recipe.train.method == "grpo":
         raise RecipeError(f"train.distributed is {recipe.train.distributed} and resolves to fsdp, which GRPO does not "
@@ -448,8 +448,9 @@ class SupervisedMethod:
     def collate(self, examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
         """The micro-batch on the device; for a graph, its rows padded to their bucket's width, and without a mask
         when nothing is padding (so that attention can skip it, which a graph cannot decide by reading it)."""
-        width = bucket_width(max(len(example.input_ids) for example in examples), self.width_limit)
-        if self.graphs is None or not is_graphed(len(examples), width):
+        longest = max(len(example.input_ids) for example in examples)
+        width = graphed_width(len(examples), longest, self.width_limit) if self.graphs else None
+        if width is None:
             return collate(examples, self.pad_id, self.device)
         batch = collate(examples, self.pad_id, self.device, width)
         if all(len(example.input_ids) == width for example in examples):

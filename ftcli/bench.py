@@ -58,6 +58,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from ftcli import bench_distributed, bench_grpo, bench_peers, bench_preference
@@ -157,8 +158,9 @@ def measure(side: str, args) -> dict:
 
 
 def profile_step(train_micro_batch, batch, optimizer, trainable, trace_path) -> str:
-    """The GPU kernels of one training step, grouped by name, longest total first, and how long the host
-    took to enqueue the step against the step's wall time (equal means the GPU waited on Python)."""
+    """The GPU kernels of one training step, grouped by name, longest total first, how long the host took to enqueue
+    the step against the step's wall time (equal means the GPU waited on Python), and the kernels by kind with the
+    time the GPU computed nothing."""
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
         started = time.perf_counter()
         train_micro_batch(batch)
@@ -171,7 +173,50 @@ def profile_step(train_micro_batch, batch, optimizer, trainable, trace_path) -> 
     if trace_path:
         profiler.export_chrome_trace(trace_path)
     table = profiler.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
-    return table + f"\nhost enqueued the step in {1e3 * (enqueued - started):.0f} ms of {1e3 * (finished - started):.0f} ms"
+    kernels = [(event.name, event.time_range.start, event.time_range.elapsed_us())
+               for event in profiler.events() if event.device_type == DeviceType.CUDA]
+    return (table + f"\nhost enqueued the step in {1e3 * (enqueued - started):.0f} ms of "
+            f"{1e3 * (finished - started):.0f} ms\n\n" + kernels_by_kind(kernels))
+
+
+KERNEL_KINDS = [  # (kind, whether a kernel's name says it is of that kind), the first that matches
+    ("matmul", lambda name: name.startswith("nvjet") or any(part in name for part in ("gemm", "cutlass", "splitKreduce"))),
+    ("attention", lambda name: any(part in name for part in ("sdpa", "fmha", "flash", "cudnn"))),
+    ("copy between host and GPU", lambda name: name.startswith("Memcpy")),
+    ("fill, memset", lambda name: "Fill" in name or name.startswith("Memset")),
+    ("elementwise, cast, concatenation", lambda name: any(part in name for part in (
+        "elementwise", "multi_tensor", "CatArray", "reduce_kernel", "copy_kernel", "gather"))),
+]
+LARGE_MATMUL_US = 100  # a matmul this long is a base projection's or the head's; shorter ones are LoRA products
+
+
+def kernels_by_kind(kernels: list[tuple[str, float, float]]) -> str:
+    """A step's GPU kernels, (name, start us, duration us), summed by kind (matmuls split at LARGE_MATMUL_US, other
+    kernels by name: ftcli's Triton kernels), and how long the GPU computed nothing within the step: the gaps between
+    kernels, the copies between host and GPU (side streams, overlapped) left out."""
+    totals: dict[str, list] = {}
+    for name, _, duration in kernels:
+        kind = next((kind for kind, matches in KERNEL_KINDS if matches(name)), name[:40])
+        if kind == "matmul":
+            kind += f", {'at least' if duration >= LARGE_MATMUL_US else 'under'} {LARGE_MATMUL_US} us each"
+        total = totals.setdefault(kind, [0.0, 0])
+        total[0] += duration
+        total[1] += 1
+    computing = sorted((start, start + duration) for name, start, duration in kernels if not name.startswith("Memcpy"))
+    busy, idle, gaps, end = 0.0, 0.0, 0, None
+    for start, stop in computing:
+        if end is not None and start > end:
+            idle += start - end
+            gaps += 1
+        busy += max(0.0, stop - max(start, end if end is not None else start))
+        end = stop if end is None else max(end, stop)
+    lines = [f"{'kind':<50}{'ms':>9}{'kernels':>9}"]
+    lines += [f"{kind:<50}{total / 1e3:>9.2f}{count:>9}"
+              for kind, (total, count) in sorted(totals.items(), key=lambda item: -item[1][0])]
+    span = (end - computing[0][0]) / 1e3 if computing else 0.0
+    lines.append(f"the GPU computed {busy / 1e3:.1f} ms of the kernels' {span:.1f} ms span, idle {idle / 1e3:.1f} ms "
+                 f"in {gaps} gaps")
+    return "\n".join(lines)
 
 
 def profile_host(train_micro_batch, batch, optimizer, trainable) -> str:
@@ -298,7 +343,9 @@ def main(argv=None) -> None:
                         help="ftcli's side replays each micro-batch as a CUDA graph (ftcli/step_graph.py) on a GPU, "
                              "as `ftcli train` does by default (train.cuda_graphs: auto); --no-cuda-graph runs it "
                              "op by op")
-    parser.add_argument("--profile", action="store_true", help="also print ftcli's per-kernel GPU time and the host's Python time of one step")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print ftcli's per-kernel GPU time, its kernels by kind with the time the GPU sat "
+                             "idle, and the host's Python time of one step")
     parser.add_argument("--trace", help="with --profile: write the step's Chrome trace (JSON) to this path")
     parser.add_argument("--decode", action="store_true", help="measure answering (decode tokens/s) instead of training")
     parser.add_argument("--prompt-len", type=int, default=128, help="with --decode: prompt tokens")

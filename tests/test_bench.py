@@ -358,3 +358,23 @@ def test_without_a_gpu_the_bench_runs_the_kernels_in_the_interpreter_and_says_so
         bench.main(["--shape", "no-such-shape"])  # stops in argument parsing, after the check
     assert os.environ["TRITON_INTERPRET"] == "1"
     assert "No GPU here: ftcli's kernels run in Triton's CPU interpreter" in capsys.readouterr().err
+
+
+def test_profile_sums_kernels_by_kind_and_finds_the_gpu_idle():
+    """--profile's summary of a step: matmuls split at 100 us, Triton kernels by name, copies between host and GPU
+    listed but not counted as computing (they run beside the kernels), and the idle time the gaps between computing
+    kernels add up to, overlaps counted once."""
+    kernels = [("nvjet_sm90_tst_320x128_gate", 0.0, 600.0), ("Memcpy DtoH (Device -> Pinned)", 100.0, 700.0),
+               ("nvjet_sm90_tst_16x64_splitK", 610.0, 10.0), ("void cublasLt::splitKreduce_kernel", 620.0, 2.0),
+               ("_dequantize", 650.0, 40.0), ("cudnn_generated_fort_native_sdpa_flash_fprop", 660.0, 100.0),
+               ("void at::native::vectorized_elementwise_kernel<8, FillFunctor>", 800.0, 5.0)]
+    kernels = [(name, 100 * start, duration if "splitK" in name else 100 * duration) for name, start, duration in kernels]
+    lines = bench.kernels_by_kind(kernels).splitlines()
+    rows = {line[:50].strip(): line[50:].split() for line in lines[1:-1]}
+    assert rows == {"matmul, at least 100 us each": ["60.00", "1"], "copy between host and GPU": ["70.00", "1"],
+                    "attention": ["10.00", "1"], "_dequantize": ["4.00", "1"], "matmul, under 100 us each": ["0.01", "2"],
+                    "fill, memset": ["0.50", "1"]}
+    assert list(rows) == sorted(rows, key=lambda kind: -float(rows[kind][0]))  # longest first
+    # computing (ms) 0-60, 61-61.01, 62-62.002, 65-76 (dequantize and attention overlap), 80-80.5: busy 71.512,
+    # idle 8.988 in 4 gaps
+    assert lines[-1] == "the GPU computed 71.5 ms of the kernels' 80.5 ms span, idle 9.0 ms in 4 gaps"

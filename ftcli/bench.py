@@ -179,10 +179,11 @@ def profile_step(train_micro_batch, batch, optimizer, trainable, trace_path) -> 
             f"{1e3 * (finished - started):.0f} ms\n\n" + kernels_by_kind(kernels))
 
 
+HOST_COPY = "copy between host and GPU"  # on side streams, beside the kernels: not the GPU computing
 KERNEL_KINDS = [  # (kind, whether a kernel's name says it is of that kind), the first that matches
     ("matmul", lambda name: name.startswith("nvjet") or any(part in name for part in ("gemm", "cutlass", "splitKreduce"))),
     ("attention", lambda name: any(part in name for part in ("sdpa", "fmha", "flash", "cudnn"))),
-    ("copy between host and GPU", lambda name: name.startswith("Memcpy")),
+    (HOST_COPY, lambda name: name.startswith("Memcpy")),
     ("fill, memset", lambda name: "Fill" in name or name.startswith("Memset")),
     ("elementwise, cast, concatenation", lambda name: any(part in name for part in (
         "elementwise", "multi_tensor", "CatArray", "reduce_kernel", "copy_kernel", "gather"))),
@@ -194,28 +195,29 @@ def kernels_by_kind(kernels: list[tuple[str, float, float]]) -> str:
     """A step's GPU kernels, (name, start us, duration us), summed by kind (matmuls split at LARGE_MATMUL_US, other
     kernels by name: ftcli's Triton kernels), and how long the GPU computed nothing within the step: the gaps between
     kernels, the copies between host and GPU (side streams, overlapped) left out."""
+    kinds = [next((kind for kind, matches in KERNEL_KINDS if matches(name)), name[:40]) for name, _, _ in kernels]
     totals: dict[str, list] = {}
-    for name, _, duration in kernels:
-        kind = next((kind for kind, matches in KERNEL_KINDS if matches(name)), name[:40])
+    for kind, (_, _, duration) in zip(kinds, kernels):
         if kind == "matmul":
             kind += f", {'at least' if duration >= LARGE_MATMUL_US else 'under'} {LARGE_MATMUL_US} us each"
         total = totals.setdefault(kind, [0.0, 0])
         total[0] += duration
         total[1] += 1
-    computing = sorted((start, start + duration) for name, start, duration in kernels if not name.startswith("Memcpy"))
-    busy, idle, gaps, end = 0.0, 0.0, 0, None
+    computing = sorted((start, start + duration) for kind, (_, start, duration) in zip(kinds, kernels)
+                       if kind != HOST_COPY)
+    first = end = computing[0][0] if computing else 0.0
+    idle, gaps = 0.0, 0
     for start, stop in computing:
-        if end is not None and start > end:
+        if start > end:
             idle += start - end
             gaps += 1
-        busy += max(0.0, stop - max(start, end if end is not None else start))
-        end = stop if end is None else max(end, stop)
+        end = max(end, stop)
+    span = end - first
     lines = [f"{'kind':<50}{'ms':>9}{'kernels':>9}"]
     lines += [f"{kind:<50}{total / 1e3:>9.2f}{count:>9}"
               for kind, (total, count) in sorted(totals.items(), key=lambda item: -item[1][0])]
-    span = (end - computing[0][0]) / 1e3 if computing else 0.0
-    lines.append(f"the GPU computed {busy / 1e3:.1f} ms of the kernels' {span:.1f} ms span, idle {idle / 1e3:.1f} ms "
-                 f"in {gaps} gaps")
+    lines.append(f"the GPU computed {(span - idle) / 1e3:.1f} ms of the kernels' {span / 1e3:.1f} ms span, idle "
+                 f"{idle / 1e3:.1f} ms in {gaps} gaps")
     return "\n".join(lines)
 
 

@@ -54,17 +54,28 @@ def project(x2d, weight, bias, lora_A, lora_B, scaling):
 
 def project_backward(grad, x2d, xa, weight, lora_A, lora_B, scaling, need_x: bool, into=None):
     """Gradients of `project` for x (added into `into` when given), A and B (in the compute dtype, as given)."""
-    dtype = grad.dtype
-    grad_xa = scaled(grad @ lora_B, scaling)
-    grad_A = grad_xa.t() @ x2d
-    grad_B = scaled(grad.t() @ xa, scaling)
-    grad_x = into
-    if need_x:
-        base = dense_weight(weight, dtype)
-        grad_x = grad @ base if into is None else into.addmm_(grad, base)
-        del base
-        grad_x.addmm_(grad_xa, lora_A)
-    return grad_x, grad_A, grad_B
+    grad_xa = xa_grad(grad, lora_B, scaling)
+    grad_A, grad_B = adapter_grads(grad, grad_xa, x2d, xa, scaling)
+    return input_grad(grad, grad_xa, weight, lora_A, into) if need_x else into, grad_A, grad_B
+
+
+def xa_grad(grad, lora_B, scaling) -> torch.Tensor:
+    """The gradient of x A^T, from the output's."""
+    return scaled(grad @ lora_B, scaling)
+
+
+def adapter_grads(grad, grad_xa, x2d, xa, scaling) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of A and B, from the output's and x A^T's."""
+    return grad_xa.t() @ x2d, scaled(grad.t() @ xa, scaling)
+
+
+def input_grad(grad, grad_xa, weight, lora_A, into=None) -> torch.Tensor:
+    """The gradient of x (added into `into` when given), from the output's and x A^T's; the dense weight dies on
+    return."""
+    base = dense_weight(weight, grad.dtype)
+    grad_x = grad @ base if into is None else into.addmm_(grad, base)
+    del base
+    return grad_x.addmm_(grad_xa, lora_A)
 
 
 def scaled(tensor: torch.Tensor, scaling: float) -> torch.Tensor:

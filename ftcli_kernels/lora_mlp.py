@@ -3,7 +3,8 @@
 Run as three LoRA projections and the activation, autograd would keep x, gate, up and the activated product h
 (as wide as gate) for backward. Here backward keeps x, gate and up (as one `gate_up` tensor where the model
 fuses the two projections) and the r-wide LoRA intermediates, recomputes h with the activation kernel, and
-dequantizes NF4 base weights again instead of keeping them from forward. Backward goes through the rows a
+dequantizes NF4 base weights again instead of keeping them from forward. Gate and up are kept without their LoRA
+terms: the activation kernels add them tile by tile, forward and backward, which spares a pass over each. Backward goes through the rows a
 chunk at a time (the MLP treats each row alone), so of its four gate-wide temporaries (h, its gradient, and the
 gradients of gate and up) only a chunk's exist at once: the DPO benchmark's step (6,144 tokens of Llama-3-8B)
 peaked at 7.07 GiB instead of 7.25, the SFT one (4,096 tokens) at 6.58 instead of 6.68.
@@ -25,10 +26,12 @@ from typing import Optional
 
 import torch
 
-from ftcli_kernels.gated_activation import ACTIVATIONS, activation_backward, activation_forward, gated_activation_reference
+from ftcli_kernels.gated_activation import (ACTIVATIONS, LoraTerms, activation_and_backward, activation_forward,
+                                            gated_activation_reference)
 from ftcli_kernels.limits import MLP_BACKWARD_CHUNK_BYTES, mlp_tile_rows
-from ftcli_kernels.lora_linear import (base_projection, cast_all, check_projection, dense_weight, lora_linear_reference, project,
-                                       project_backward, scaled, split_projections)
+from ftcli_kernels.lora_linear import (adapter_grads, base_projection, cast_all, check_projection, dense_weight,
+                                       input_grad, lora_linear_reference, project_backward, scaled, split_projections,
+                                       xa_grad)
 
 
 def _gate_and_up(inner: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,8 +56,8 @@ class LoraGatedMLPFunction(torch.autograd.Function):
         if tile_rows:
             ctx.save_for_backward(x, *adapters)
             return (stand_in,)
-        inner, inner_xa = _inner_projections(x2d, weights[:-1], biases[:-1], scalings[:-1], adapters[:-2])
-        hidden = activation_forward(*_gate_and_up(inner), activation)
+        inner, inner_xa = _inner_projections(x2d, weights[:-1], biases[:-1], adapters[:-2])
+        hidden = activation_forward(*_gate_and_up(inner), activation, _lora_terms(inner_xa, adapters, scalings))
         down_xa = hidden @ adapters[-2].t()
         lora_term = scaled(down_xa @ adapters[-1].t(), scalings[-1])
         ctx.save_for_backward(x, *inner, *inner_xa, down_xa, *adapters)
@@ -79,8 +82,7 @@ class LoraGatedMLPFunction(torch.autograd.Function):
         for start in range(0, x2d.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
             if ctx.tile_rows:
-                rows_inner, rows_inner_xa = _inner_projections(x2d[rows], weights[:-1], ctx.biases[:-1],
-                                                               ctx.scalings[:-1], adapters[:-2])
+                rows_inner, rows_inner_xa = _inner_projections(x2d[rows], weights[:-1], ctx.biases[:-1], adapters[:-2])
                 rows_down_xa = None
             else:
                 rows_inner_xa, rows_inner, rows_down_xa = [t[rows] for t in inner_xa], [t[rows] for t in inner], down_xa[rows]
@@ -119,9 +121,9 @@ def _tiled_output(x2d, activation, weights, biases, scalings, adapters, tile_row
     out = x2d.new_empty(x2d.shape[0], dense[-1].shape[0])
     for start in range(0, x2d.shape[0], tile_rows):
         rows = slice(start, start + tile_rows)
-        inner, _ = _inner_projections(x2d[rows], dense[:-1], biases[:-1], scalings[:-1], adapters[:-2])
-        hidden = activation_forward(*_gate_and_up(inner), activation)
-        del inner
+        inner, inner_xa = _inner_projections(x2d[rows], dense[:-1], biases[:-1], adapters[:-2])
+        hidden = activation_forward(*_gate_and_up(inner), activation, _lora_terms(inner_xa, adapters, scalings))
+        del inner, inner_xa
         if biases[-1] is None:
             torch.mm(hidden, dense[-1].t(), out=out[rows])
         else:
@@ -130,11 +132,22 @@ def _tiled_output(x2d, activation, weights, biases, scalings, adapters, tile_row
     return out
 
 
-def _inner_projections(x2d, weights, biases, scalings, adapters) -> tuple[list, list]:
-    """Gate and up (or gate_up) of the rows `x2d`, and each one's x A^T; `adapters` holds A, B of each."""
-    projected = [project(x2d, weight, bias, *adapters[2 * index:2 * index + 2], scaling)
-                 for index, (weight, bias, scaling) in enumerate(zip(weights, biases, scalings))]
-    return [out for out, _ in projected], [xa for _, xa in projected]
+def _inner_projections(x2d, weights, biases, adapters) -> tuple[list, list]:
+    """Gate and up (or gate_up) of the rows `x2d` without their LoRA terms, which the activation kernels add (see
+    _lora_terms), and each one's x A^T; `adapters` holds A, B of each."""
+    inner = [base_projection(x2d, weight, bias) for weight, bias in zip(weights, biases)]
+    return inner, [x2d @ adapters[2 * index].t() for index in range(len(weights))]
+
+
+def _lora_terms(inner_xa: list, adapters, scalings) -> LoraTerms:
+    """Gate's and up's LoRA terms from their x A^T, for the activation kernels to add: added by a matmul of their own,
+    each would be a pass over a gate-wide tensor (4,096 x 14,336 for Llama-3-8B's 4,096 tokens: about 150 us, four
+    times a layer with the recompute). A fused gate_up has one x A^T, and the halves of its B are gate's and up's.
+    `adapters` and `scalings` are the whole MLP's, down last."""
+    if len(inner_xa) == 2:
+        return LoraTerms(inner_xa[0], adapters[1], scalings[0], inner_xa[1], adapters[3], scalings[1])
+    gate_B, up_B = adapters[1].chunk(2)
+    return LoraTerms(inner_xa[0], gate_B, scalings[0], inner_xa[0], up_B, scalings[0])
 
 
 def _chunk_backward(ctx, weights, grad, x2d, inner, inner_xa, down_xa: Optional[torch.Tensor], adapters,
@@ -143,14 +156,18 @@ def _chunk_backward(ctx, weights, grad, x2d, inner, inner_xa, down_xa: Optional[
     `down_xa` is computed here when not given (tiles keep none)."""
     count = len(inner)
     gate, up = _gate_and_up(inner)
-    hidden = activation_forward(gate, up, ctx.activation)
-    if down_xa is None:
-        down_xa = hidden @ adapters[-2].t()
-    grad_hidden, grad_A, grad_B = project_backward(grad, hidden, down_xa, weights[-1], *adapters[-2:],
-                                                   ctx.scalings[-1], True)
-    del hidden
-    grad_gate, grad_up = activation_backward(gate, up, grad_hidden, ctx.activation)
+    (down_A, down_B), down_scaling = adapters[-2:], ctx.scalings[-1]
+    # The activated product is needed only for down's adapter gradients: it comes out of the activation's backward
+    # kernel, written over the gradient it came from, instead of from a read of gate and up of its own
+    grad_down_xa = xa_grad(grad, down_B, down_scaling)
+    grad_hidden = input_grad(grad, grad_down_xa, weights[-1], down_A)
+    hidden, grad_gate, grad_up = activation_and_backward(gate, up, grad_hidden, ctx.activation,
+                                                         _lora_terms(inner_xa, adapters, ctx.scalings))
     del grad_hidden, gate, up, inner
+    if down_xa is None:
+        down_xa = hidden @ down_A.t()
+    grad_A, grad_B = adapter_grads(grad, grad_down_xa, hidden, down_xa, down_scaling)
+    del hidden
     grad_inner = [grad_gate, grad_up] if count == 2 else [torch.cat((grad_gate, grad_up), dim=-1)]
     grads = []
     for index in range(count):

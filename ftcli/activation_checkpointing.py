@@ -22,10 +22,13 @@ import statistics
 import time
 import weakref
 from collections import deque
+from contextlib import contextmanager
 from typing import Optional, Union
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from ftcli.patch import KernelLoraGatedMLP
 
 
 def enable_checkpointing(model, mode: Union[bool, str], layers_on_gpu: int = 0) -> None:
@@ -44,17 +47,39 @@ def enable_checkpointing(model, mode: Union[bool, str], layers_on_gpu: int = 0) 
         model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=OffloadedCheckpoint(layers_on_gpu))
 
 
+def host_mlp_activations(model, every: int) -> int:
+    """Under offloaded checkpointing, the LoRA MLP of every `every`-th decoder layer, counted down from the second
+    from the top, keeps what it saves for backward in CPU memory (`OffloadedCheckpoint.hosting`) instead of having
+    it recomputed; returns how many layers do. The top layer is left out, as its backward follows its forward at
+    once, and so are layers whose MLP output a norm keeps for backward (Gemma 2 and 3's post_feedforward_layernorm),
+    whose recompute goes through the MLP anyway.
+
+    Each hosted MLP moves its input, gate and up over PCIe and back (0.25 GiB a layer of Llama-3-8B at 4,096
+    tokens: about 5 ms each way at 54 GB/s), beside the layer inputs' copies, while two layers' forward take about
+    6.4 ms: `every` keeps the copies within what the bus carries in that time."""
+    layers = [module for module in model.modules()
+              if isinstance(getattr(module, "_gradient_checkpointing_func", None), OffloadedCheckpoint)
+              and isinstance(getattr(module, "mlp", None), KernelLoraGatedMLP)]
+    hosted = [layer for layer in layers[-2::-every] if not hasattr(layer, "post_feedforward_layernorm")]
+    for layer in hosted:
+        layer.mlp.hosted_by = layer._gradient_checkpointing_func
+    return len(hosted)
+
+
 class _Offloaded:
-    """One saved layer input: its CPU copy, and a device tensor while a copy to or from the CPU is in flight."""
+    """One saved tensor (a layer's input, or one of a hosted MLP's): its CPU copy, and a device tensor while a copy to
+    or from the CPU is in flight or it waits to be unpacked."""
 
-    __slots__ = ("device", "host", "on_device", "copied", "previous", "__weakref__")
+    __slots__ = ("device", "host", "on_device", "copied", "previous", "group", "unpacked", "__weakref__")
 
-    def __init__(self, device: torch.device, previous: Optional[weakref.ref]):
+    def __init__(self, device: torch.device, previous: Optional[weakref.ref], group: Optional[list] = None):
         self.device = device
         self.host: Optional[torch.Tensor] = None
         self.on_device: Optional[torch.Tensor] = None
         self.copied: Optional[torch.cuda.Event] = None
-        self.previous = previous  # the input saved just before this one: the next one backward needs
+        self.previous = previous  # what was saved just before this one: what backward needs next
+        self.group = group  # a hosted MLP's tensors, itself among them: brought back together
+        self.unpacked = False
 
 
 class OffloadedCheckpoint:
@@ -64,12 +89,16 @@ class OffloadedCheckpoint:
     """
 
     def __init__(self, layers_on_gpu: int = 0):
-        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._streams: dict[tuple[torch.device, bool], torch.cuda.Stream] = {}  # by device, and whether for hosting
         self._in_flight: deque = deque()  # (saved, event) of copies to the CPU whose device tensor is still held
+        self._hosted_in_flight: deque = deque()  # the same for hosted MLPs' tensors (see `hosting`)
+        self._group: Optional[list] = None  # the hosted MLP's tensors being saved
+        self._smallest = 0  # and the fewest elements of one it copies
         self._last: Optional[weakref.ref] = None
         self.layers_on_gpu = layers_on_gpu
         self._packed = 0  # layer inputs saved by the forward under way; backward's first unpack ends it
-        self._host_buffers: list[torch.Tensor] = []  # the pinned CPU copy of each offloaded input, kept for the next step
+        self._copies = 0  # tensors copied to the CPU by the forward under way: the index of each one's buffer
+        self._host_buffers: list[torch.Tensor] = []  # the pinned CPU copy of each offloaded tensor, kept for the next step
         self._captured: list[torch.Tensor] = []  # buffers a CUDA graph copies into: kept even when outgrown
 
     def __call__(self, function, *args, **kwargs):
@@ -82,46 +111,84 @@ class OffloadedCheckpoint:
         self._packed += 1
         if self._packed <= self.layers_on_gpu:
             return tensor
-        self._release_copied()
+        self._release_copied(self._in_flight)
         saved = _Offloaded(tensor.device, self._last)
-        stream = self._stream(tensor.device)
-        if stream is None:
-            saved.host = tensor.detach().to("cpu", copy=True)
-        else:
-            saved.host = self._host_buffer(self._packed - self.layers_on_gpu - 1, tensor)
-            stream.wait_stream(torch.cuda.current_stream(tensor.device))
-            with torch.cuda.stream(stream):
-                saved.host.copy_(tensor.detach(), non_blocking=True)
-                saved.copied = stream.record_event()
-            # Held until the compute stream has waited for the copy, so no kernel can reuse the memory it reads
-            saved.on_device = tensor.detach()
-            self._in_flight.append((saved, saved.copied))
+        self._copy_to_host(saved, tensor, self._in_flight)
         self._last = weakref.ref(saved)
         return saved
 
+    @contextmanager
+    def hosting(self, smallest: int):
+        """Run a block of a checkpointed layer (its MLP) whose saved tensors of at least `smallest` elements (the
+        block's input's: its r-wide products and cast adapters are smaller and stay) go to CPU memory as well, so
+        that backward brings them back instead of recomputing them: the checkpoint's recompute stops where the
+        block's saves begin, as they are not its own. Backward brings them back while the layer above goes through
+        backward.
+
+        Outside a checkpointed forward (a backward's recompute, evaluation) the block runs as it is."""
+        if not self._packed:
+            yield
+            return
+        self._release_copied(self._hosted_in_flight)  # copies started one hosted block ago: usually done
+        self._group, self._smallest, previous = [], smallest, self._last
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack_hosted, self.unpack):
+                yield
+        finally:
+            group, self._group = self._group, None
+        if group:
+            self._last = weakref.ref(group[-1])
+        else:
+            self._last = previous
+
+    def _pack_hosted(self, tensor: torch.Tensor):
+        if tensor.numel() < self._smallest:
+            return tensor
+        saved = _Offloaded(tensor.device, self._last, self._group)
+        self._group.append(saved)
+        self._copy_to_host(saved, tensor, self._hosted_in_flight)
+        return saved
+
+    def _copy_to_host(self, saved: _Offloaded, tensor: torch.Tensor, in_flight: deque) -> None:
+        """Start copying `tensor` into `saved`'s CPU memory; on a GPU, on a side stream, `tensor` held until the compute
+        stream has waited for the copy (`_release_copied`), so no kernel can reuse the memory it reads."""
+        stream = self._stream(tensor.device, hosted=saved.group is not None)
+        self._copies += 1
+        if stream is None:
+            saved.host = tensor.detach().to("cpu", copy=True)
+            return
+        saved.host = self._host_buffer(self._copies - 1, tensor)
+        stream.wait_stream(torch.cuda.current_stream(tensor.device))
+        with torch.cuda.stream(stream):
+            saved.host.copy_(tensor.detach(), non_blocking=True)
+            saved.copied = stream.record_event()
+        saved.on_device = tensor.detach()
+        in_flight.append((saved, saved.copied))
+
     def unpack(self, saved) -> torch.Tensor:
         if self._packed:  # backward begins: no copy of the forward may stay in flight into the next step
-            self._release_copied()
-            self._packed = 0
+            self._release_copied(self._in_flight)
+            self._release_copied(self._hosted_in_flight)
+            self._packed = self._copies = 0
             self._last = None  # nor may the next forward's first input name one of this forward's to prefetch
         if isinstance(saved, torch.Tensor):
             return saved
         self._start_load(saved)
         if saved.copied is not None:
             torch.cuda.current_stream(saved.device).wait_event(saved.copied)
-        tensor, saved.on_device, saved.copied = saved.on_device, None, None
+        tensor, saved.on_device, saved.copied, saved.unpacked = saved.on_device, None, None, True
         previous = saved.previous() if saved.previous else None
         if previous is not None:
             self._start_load(previous)  # overlaps this layer's recompute and backward
         return tensor
 
     def _host_buffer(self, index: int, tensor: torch.Tensor) -> torch.Tensor:
-        """Pinned CPU memory for the forward's `index`-th offloaded input: the memory it had last step when that is
+        """Pinned CPU memory for the forward's `index`-th offloaded tensor: the memory it had last step when that is
         large enough. No pinned memory is then allocated once the longest step has run, and a CUDA graph that
         captured a step (ftcli/step_graph.py) copies into memory that outlives the capture; a buffer a graph copies
         into is kept even once a longer batch outgrows it. Reuse is safe because the copies to and from it never
-        overlap: eager ones run on the one side stream, in order, a graph's within its replay, and the side stream
-        and the replays each wait for the other's earlier work."""
+        overlap: each copy waits for the compute stream's earlier work, and the compute stream waits for each copy
+        before it reads what was brought back or lets go of what was sent."""
         if index == len(self._host_buffers):
             self._host_buffers.append(torch.empty(0, dtype=tensor.dtype))
         flat = self._host_buffers[index]
@@ -132,40 +199,44 @@ class OffloadedCheckpoint:
         return flat[:tensor.numel()].view(tensor.shape)
 
     def _start_load(self, saved: _Offloaded) -> None:
-        if saved.on_device is not None:  # still there from the forward, or already prefetched
-            return
-        stream = self._stream(saved.device)
-        if stream is None:
-            saved.on_device = saved.host.to(saved.device, copy=True)
-            return
-        compute = torch.cuda.current_stream(saved.device)
-        # Allocated on the compute stream, which reads it after waiting for the copy; the copy waits for the
-        # compute stream's earlier work, which may still use this memory under a previous owner
-        saved.on_device = torch.empty(saved.host.shape, dtype=saved.host.dtype, device=saved.device)
-        stream.wait_stream(compute)
-        with torch.cuda.stream(stream):
-            saved.on_device.copy_(saved.host, non_blocking=True)
-            saved.copied = stream.record_event()
+        """Start bringing `saved` back to the device, with the rest of its group."""
+        for member in saved.group or [saved]:
+            if member.on_device is not None or member.unpacked:  # still there from the forward, or already brought
+                continue
+            stream = self._stream(member.device, hosted=member.group is not None)
+            if stream is None:
+                member.on_device = member.host.to(member.device, copy=True)
+                continue
+            compute = torch.cuda.current_stream(member.device)
+            # Allocated on the compute stream, which reads it after waiting for the copy; the copy waits for the
+            # compute stream's earlier work, which may still use this memory under a previous owner
+            member.on_device = torch.empty(member.host.shape, dtype=member.host.dtype, device=member.device)
+            stream.wait_stream(compute)
+            with torch.cuda.stream(stream):
+                member.on_device.copy_(member.host, non_blocking=True)
+                member.copied = stream.record_event()
 
-    def _release_copied(self) -> None:
+    def _release_copied(self, in_flight: deque) -> None:
         """Let go of the inputs whose copies to the CPU were started before this one.
 
         The CPU runs layers ahead of the GPU, so waiting there for a copy to finish would keep every input alive
         until a sync. Instead the compute stream waits for the copies (started a layer ago, so they are usually
         done), and whatever the allocator hands their memory to later is ordered after them.
         """
-        while self._in_flight:
-            saved, event = self._in_flight.popleft()
+        while in_flight:
+            saved, event = in_flight.popleft()
             torch.cuda.current_stream(saved.device).wait_event(event)
             if saved.copied is event:
                 saved.on_device, saved.copied = None, None
 
-    def _stream(self, device: torch.device) -> Optional[torch.cuda.Stream]:
+    def _stream(self, device: torch.device, hosted: bool = False) -> Optional[torch.cuda.Stream]:
+        """The side stream of the layer inputs' copies, or of the hosted MLPs' (apart, so that an input's short copy
+        never queues behind an MLP's long one)."""
         if device.type != "cuda":
             return None
-        if device not in self._streams:
-            self._streams[device] = torch.cuda.Stream(device)
-        return self._streams[device]
+        if (device, hosted) not in self._streams:
+            self._streams[device, hosted] = torch.cuda.Stream(device)
+        return self._streams[device, hosted]
 
 
 def self_check(layers: int, seq: int, batch: int, steps: int) -> None:

@@ -62,6 +62,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from ftcli import bench_distributed, bench_grpo, bench_peers, bench_preference
+from ftcli.activation_checkpointing import host_mlp_activations
 from ftcli.bench_common import (BENCH_LORA, CHECKPOINTING, LORA_SEED, add_training_arguments, ftcli_setup, method_of,
                                 random_batches, random_model, write_random_model)
 from ftcli.decoding import Decoder, Sampling
@@ -88,10 +89,12 @@ def hf_training(model, precision: str, lora_r: int):
     return model, lambda batch: model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
 
 
-def ftcli_training(model, checkpointing, lora_r: int):
+def ftcli_training(model, checkpointing, lora_r: int, host_mlp: int = 0):
     """The path `ftcli train` takes after loading: kernels, checkpointing, LoRA, and its own loss, summed over the
-    batch's target tokens."""
+    batch's target tokens; the MLP of every `host_mlp`-th layer hosted when not 0."""
     model, kernels = ftcli_setup(model, checkpointing, lora_r)
+    if host_mlp:
+        host_mlp_activations(model, host_mlp)
     return model, lambda batch: summed_token_loss(model, batch, kernels.fused_loss)
 
 
@@ -119,7 +122,7 @@ def measure(side: str, args) -> dict:
     if side == "hf":
         model, mean_loss = hf_training(model, args.precision, args.lora_r)
     else:
-        model, summed_loss = ftcli_training(model, args.checkpointing, args.lora_r)
+        model, summed_loss = ftcli_training(model, args.checkpointing, args.lora_r, args.host_mlp)
         mean_loss = lambda batch: summed_loss(batch) / target_tokens(batch)  # noqa: E731
     trainable = [p for p in model.parameters() if p.requires_grad]
     graphed = side == "ftcli" and args.cuda_graph and device.type == "cuda"
@@ -349,6 +352,10 @@ def main(argv=None) -> None:
                         help="also print ftcli's per-kernel GPU time, its kernels by kind with the time the GPU sat "
                              "idle, and the host's Python time of one step")
     parser.add_argument("--trace", help="with --profile: write the step's Chrome trace (JSON) to this path")
+    parser.add_argument("--host-mlp", type=int, default=0, metavar="N",
+                        help="with --checkpointing offload: the MLP of every N-th layer keeps what it saves for "
+                             "backward in CPU memory instead of recomputing it "
+                             "(ftcli/activation_checkpointing.host_mlp_activations); 0, the default, none")
     parser.add_argument("--decode", action="store_true", help="measure answering (decode tokens/s) instead of training")
     parser.add_argument("--prompt-len", type=int, default=128, help="with --decode: prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=256, help="with --decode: tokens to generate")
@@ -363,6 +370,9 @@ def main(argv=None) -> None:
             print_decode_table(args, results)
         return
     args.checkpointing = CHECKPOINTING[args.checkpointing]
+    if args.host_mlp and args.checkpointing != "offload":
+        parser.error(f"--host-mlp {args.host_mlp} keeps MLP tensors in CPU memory beside the layer inputs that "
+                     "offloaded checkpointing copies there: add --checkpointing offload, or leave --host-mlp out")
     if args.write_model:
         write_random_model(args.shape, Path(args.write_model))
         print(json.dumps({"side": "folder", "written": args.write_model}))

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ftcli.architectures import Architecture
-from ftcli_kernels.limits import KERNEL_DTYPES
+from ftcli_kernels.limits import KERNEL_DTYPES, mlp_tile_rows
 
 QKV_PROJECTIONS = ("q_proj", "k_proj", "v_proj")  # one attention input, computed together by the stacked op
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")  # split or fused gate and up
@@ -211,7 +211,12 @@ class StackedProjections:
 
 
 class KernelLoraGatedMLP(KernelGatedMLP):
-    """A KernelGatedMLP run as one fused op (ftcli_kernels/lora_mlp) while all its projections are in `_lora_parts` state."""
+    """A KernelGatedMLP run as one fused op (ftcli_kernels/lora_mlp) while all its projections are in `_lora_parts` state.
+
+    `hosted_by`, when set (ftcli/activation_checkpointing.host_mlp_activations), is the offloaded checkpoint whose
+    `hosting` keeps what the op saves for backward in CPU memory, where the op keeps gate and up (not tiled)."""
+
+    hosted_by = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         parts = [_lora_parts(projection, hidden) for projection in _mlp_projections(self)]
@@ -219,7 +224,11 @@ class KernelLoraGatedMLP(KernelGatedMLP):
             return super().forward(hidden)
         from ftcli_kernels.lora_mlp import lora_gated_mlp
 
-        return lora_gated_mlp(hidden, self.activation, parts)
+        rows, inner = hidden.numel() // hidden.shape[-1], self.down_proj.in_features
+        if self.hosted_by is None or mlp_tile_rows(rows, inner, hidden.element_size()):
+            return lora_gated_mlp(hidden, self.activation, parts)
+        with self.hosted_by.hosting(hidden.numel()):
+            return lora_gated_mlp(hidden, self.activation, parts)
 
 
 def apply_lora_kernels(model: nn.Module) -> dict[str, int]:

@@ -378,3 +378,10 @@ def test_profile_sums_kernels_by_kind_and_finds_the_gpu_idle():
     # computing (ms) 0-60, 61-61.01, 62-62.002, 65-76 (dequantize and attention overlap), 80-80.5: busy 71.512,
     # idle 8.988 in 4 gaps
     assert lines[-1] == "the GPU computed 71.5 ms of the kernels' 80.5 ms span, idle 9.0 ms in 4 gaps"
+
+
+def test_hosting_mlps_needs_offloaded_checkpointing(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        bench.main(["--shape", "tiny", "--only", "ftcli", "--host-mlp", "2", "--checkpointing", "true"])
+    assert stopped.value.code == 2
+    assert "--host-mlp 2 keeps MLP tensors in CPU memory" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEVICE, lora_model
+from ftcli.activation_checkpointing import OffloadedCheckpoint, host_mlp_activations
 from ftcli_kernels import lora_mlp
 
 
@@ -44,3 +45,41 @@ def test_recompute_leaves_out_the_mlp_output_where_nothing_keeps_it(family, comp
     assert grads.keys() == want_grads.keys() and grads
     for name, grad in want_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("family, hosted", [("llama", 1), ("qwen3", 1), ("gemma3_text", 0)])
+def test_hosted_mlps_are_not_computed_again(family, hosted, tiny_model_folder, monkeypatch):
+    """host_mlp_activations(every=1) on the 2-layer model: the lower layer's MLP keeps its saved tensors in
+    CPU memory and backward brings them back instead of running them again; the loss and gradients are offload's
+    without it, exactly (the same arithmetic, its tensors from the forward instead of a recompute). Gemma's norm
+    after the MLP keeps the MLP's output, so its recompute goes through the MLP anyway: no layer is hosted there."""
+    monkeypatch.setattr(lora_mlp, "mlp_tile_rows", lambda rows, inner, element_size: 0)
+    runs, forward = [], lora_mlp.LoraGatedMLPFunction.forward
+
+    def counted(ctx, *args):
+        runs.append(torch.is_grad_enabled())
+        return forward(ctx, *args)
+
+    monkeypatch.setattr(lora_mlp.LoraGatedMLPFunction, "forward", staticmethod(counted))
+    input_ids = torch.randint(3, 300, (2, 11), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    folder = tiny_model_folder(family)
+    plain, _ = lora_model(folder, family, kernels=True, checkpointing="offload", device=DEVICE)
+    want_loss, want_grads = loss_and_grads(plain, input_ids)
+    assert len(runs) == 2 * 2  # forward and recompute of each layer
+    runs.clear()
+
+    model, _ = lora_model(folder, family, kernels=True, checkpointing="offload", device=DEVICE)
+    assert host_mlp_activations(model, every=1) == hosted
+    copies = []
+    copy_to_host = OffloadedCheckpoint._copy_to_host
+    monkeypatch.setattr(OffloadedCheckpoint, "_copy_to_host",
+                        lambda self, saved, tensor, in_flight: copies.append(tuple(tensor.shape)) or
+                        copy_to_host(self, saved, tensor, in_flight))
+    loss, grads = loss_and_grads(model, input_ids)
+    assert len(runs) == 2 * 2 - hosted  # each layer's forward, and the recompute where not hosted
+    hidden, inner = model.config.hidden_size, model.config.intermediate_size
+    mlp_saves = [(2, 11, hidden), (22, inner), (22, inner)]  # x, gate, up: what the MLP keeps whole (not tiled)
+    assert sorted(copies) == sorted([(2, 11, hidden)] * 2 + mlp_saves * hosted)  # the layer inputs, the MLPs'
+    assert loss == want_loss
+    for name, grad in want_grads.items():
+        assert torch.equal(grads[name], grad), name

@@ -67,6 +67,7 @@ from ftcli.bench_common import (BENCH_LORA, CHECKPOINTING, LORA_SEED, add_traini
                                 random_batches, random_model, write_random_model)
 from ftcli.decoding import Decoder, Sampling
 from ftcli.optim import build_optimizer
+from ftcli.patch import host_input_embeddings
 from ftcli.recipe import TrainSettings
 from ftcli.shapes import SHAPES
 from ftcli.step_graph import GraphedMicroBatch
@@ -89,12 +90,15 @@ def hf_training(model, precision: str, lora_r: int):
     return model, lambda batch: model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
 
 
-def ftcli_training(model, checkpointing, lora_r: int, host_mlp: int = 0):
+def ftcli_training(model, checkpointing, lora_r: int, host_mlp: int = 0, host_embeddings: bool = False):
     """The path `ftcli train` takes after loading: kernels, checkpointing, LoRA, and its own loss, summed over the
-    batch's target tokens; the MLP of every `host_mlp`-th layer hosted when not 0."""
+    batch's target tokens; the MLP of every `host_mlp`-th layer hosted when not 0, and the input embedding table."""
     model, kernels = ftcli_setup(model, checkpointing, lora_r)
     if host_mlp:
         host_mlp_activations(model, host_mlp)
+    if host_embeddings and not host_input_embeddings(model):
+        raise SystemExit("--host-embeddings: this shape's input embedding cannot wait in CPU memory (its output "
+                         "head shares the table, or it is not a plain frozen nn.Embedding); leave the flag out")
     return model, lambda batch: summed_token_loss(model, batch, kernels.fused_loss)
 
 
@@ -122,7 +126,7 @@ def measure(side: str, args) -> dict:
     if side == "hf":
         model, mean_loss = hf_training(model, args.precision, args.lora_r)
     else:
-        model, summed_loss = ftcli_training(model, args.checkpointing, args.lora_r, args.host_mlp)
+        model, summed_loss = ftcli_training(model, args.checkpointing, args.lora_r, args.host_mlp, args.host_embeddings)
         mean_loss = lambda batch: summed_loss(batch) / target_tokens(batch)  # noqa: E731
     trainable = [p for p in model.parameters() if p.requires_grad]
     graphed = side == "ftcli" and args.cuda_graph and device.type == "cuda"
@@ -356,6 +360,9 @@ def main(argv=None) -> None:
                         help="with --checkpointing offload: the MLP of every N-th layer keeps what it saves for "
                              "backward in CPU memory instead of recomputing it "
                              "(ftcli/activation_checkpointing.host_mlp_activations); 0, the default, none")
+    parser.add_argument("--host-embeddings", action="store_true",
+                        help="ftcli's input embedding table waits in pinned CPU memory, read a row per token by the "
+                             "GPU (ftcli/patch.host_input_embeddings; untied heads only)")
     parser.add_argument("--decode", action="store_true", help="measure answering (decode tokens/s) instead of training")
     parser.add_argument("--prompt-len", type=int, default=128, help="with --decode: prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=256, help="with --decode: tokens to generate")

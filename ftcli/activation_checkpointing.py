@@ -47,23 +47,32 @@ def enable_checkpointing(model, mode: Union[bool, str], layers_on_gpu: int = 0) 
         model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=OffloadedCheckpoint(layers_on_gpu))
 
 
-def host_mlp_activations(model, every: int) -> int:
-    """Under offloaded checkpointing, the LoRA MLP of every `every`-th decoder layer, counted down from the second
-    from the top, keeps what it saves for backward in CPU memory (`OffloadedCheckpoint.hosting`) instead of having
-    it recomputed; returns how many layers do. The top layer is left out, as its backward follows its forward at
-    once, and so are layers whose MLP output a norm keeps for backward (Gemma 2 and 3's post_feedforward_layernorm),
-    whose recompute goes through the MLP anyway.
+def host_mlp_activations(model, every: int, on_gpu: int = 0) -> tuple[int, int]:
+    """Under offloaded checkpointing, have LoRA MLPs save what they keep for backward outside the checkpoint, so that
+    backward's recompute stops before them: counted down from the second layer from the top, the first `on_gpu` keep
+    it on the GPU (`OffloadedCheckpoint.keeping`), and below them every `every`-th (0: none) in CPU memory
+    (`OffloadedCheckpoint.hosting`); returns how many layers do each. The top layer is left out, as its backward
+    follows its forward at once, and so are layers whose MLP output a norm keeps for backward (Gemma 2 and 3's
+    post_feedforward_layernorm), whose recompute goes through the MLP anyway.
 
-    Each hosted MLP moves its input, gate and up over PCIe and back (0.25 GiB a layer of Llama-3-8B at 4,096
-    tokens: about 5 ms each way at 54 GB/s), beside the layer inputs' copies, while two layers' forward take about
-    6.4 ms: `every` keeps the copies within what the bus carries in that time."""
+    A kept MLP costs its input, gate and up in GPU memory from forward to backward (0.25 GiB a layer of Llama-3-8B at
+    4,096 tokens). A hosted one moves them over PCIe and back (about 5 ms each way at 54 GB/s) beside the layer
+    inputs' copies, while two layers' forward take about 6.4 ms: `every` keeps the copies within what the bus
+    carries in that time."""
     layers = [module for module in model.modules()
               if isinstance(getattr(module, "_gradient_checkpointing_func", None), OffloadedCheckpoint)
               and isinstance(getattr(module, "mlp", None), KernelLoraGatedMLP)]
-    hosted = [layer for layer in layers[-2::-every] if not hasattr(layer, "post_feedforward_layernorm")]
-    for layer in hosted:
+    candidates = [layer for layer in layers[-2::-1] if not hasattr(layer, "post_feedforward_layernorm")]
+    kept, below = candidates[:on_gpu], candidates[on_gpu:]
+    hosted = below[::every] if every else []
+    for layer in kept + hosted:
         layer.mlp.hosted_by = layer._gradient_checkpointing_func
-    return len(hosted)
+        layer.mlp.kept_on_gpu = layer in kept
+    return len(kept), len(hosted)
+
+
+def _as_it_is(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 class _Offloaded:
@@ -140,6 +149,17 @@ class OffloadedCheckpoint:
             self._last = weakref.ref(group[-1])
         else:
             self._last = previous
+
+    @contextmanager
+    def keeping(self):
+        """Run a block of a checkpointed layer (its MLP) whose saved tensors stay on the device as autograd saves them,
+        outside the checkpoint, so that its recompute stops where the block's saves begin: `hosting` without the bus,
+        for GPU memory. Outside a checkpointed forward the block runs as it is."""
+        if not self._packed:
+            yield
+            return
+        with torch.autograd.graph.saved_tensors_hooks(_as_it_is, _as_it_is):
+            yield
 
     def _pack_hosted(self, tensor: torch.Tensor):
         if tensor.numel() < self._smallest:

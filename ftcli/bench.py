@@ -90,12 +90,14 @@ def hf_training(model, precision: str, lora_r: int):
     return model, lambda batch: model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
 
 
-def ftcli_training(model, checkpointing, lora_r: int, host_mlp: int = 0, host_embeddings: bool = False):
+def ftcli_training(model, checkpointing, lora_r: int, host_mlp: int = 0, keep_mlp: int = 0,
+                   host_embeddings: bool = False):
     """The path `ftcli train` takes after loading: kernels, checkpointing, LoRA, and its own loss, summed over the
-    batch's target tokens; the MLP of every `host_mlp`-th layer hosted when not 0, and the input embedding table."""
+    batch's target tokens; with MLP tensors kept on the GPU or hosted (host_mlp_activations), and the input
+    embedding table hosted, when asked."""
     model, kernels = ftcli_setup(model, checkpointing, lora_r)
-    if host_mlp:
-        host_mlp_activations(model, host_mlp)
+    if host_mlp or keep_mlp:
+        host_mlp_activations(model, host_mlp, on_gpu=keep_mlp)
     if host_embeddings and not host_input_embeddings(model):
         raise SystemExit("--host-embeddings: this shape's input embedding cannot wait in CPU memory (its output "
                          "head shares the table, or it is not a plain frozen nn.Embedding); leave the flag out")
@@ -126,7 +128,8 @@ def measure(side: str, args) -> dict:
     if side == "hf":
         model, mean_loss = hf_training(model, args.precision, args.lora_r)
     else:
-        model, summed_loss = ftcli_training(model, args.checkpointing, args.lora_r, args.host_mlp, args.host_embeddings)
+        model, summed_loss = ftcli_training(model, args.checkpointing, args.lora_r, args.host_mlp, args.keep_mlp,
+                                            args.host_embeddings)
         mean_loss = lambda batch: summed_loss(batch) / target_tokens(batch)  # noqa: E731
     trainable = [p for p in model.parameters() if p.requires_grad]
     graphed = side == "ftcli" and args.cuda_graph and device.type == "cuda"
@@ -360,6 +363,9 @@ def main(argv=None) -> None:
                         help="with --checkpointing offload: the MLP of every N-th layer keeps what it saves for "
                              "backward in CPU memory instead of recomputing it "
                              "(ftcli/activation_checkpointing.host_mlp_activations); 0, the default, none")
+    parser.add_argument("--keep-mlp", type=int, default=0, metavar="K",
+                        help="with --checkpointing offload: the MLPs of the K layers below the top one keep what they "
+                             "save for backward on the GPU instead of recomputing it; --host-mlp counts below them")
     parser.add_argument("--host-embeddings", action="store_true",
                         help="ftcli's input embedding table waits in pinned CPU memory, read a row per token by the "
                              "GPU (ftcli/patch.host_input_embeddings; untied heads only)")
@@ -377,9 +383,9 @@ def main(argv=None) -> None:
             print_decode_table(args, results)
         return
     args.checkpointing = CHECKPOINTING[args.checkpointing]
-    if args.host_mlp and args.checkpointing != "offload":
-        parser.error(f"--host-mlp {args.host_mlp} keeps MLP tensors in CPU memory beside the layer inputs that "
-                     "offloaded checkpointing copies there: add --checkpointing offload, or leave --host-mlp out")
+    if (args.host_mlp or args.keep_mlp) and args.checkpointing != "offload":
+        parser.error("--host-mlp and --keep-mlp keep MLP tensors outside offloaded checkpointing's recompute: add "
+                     "--checkpointing offload, or leave them out")
     if args.write_model:
         write_random_model(args.shape, Path(args.write_model))
         print(json.dumps({"side": "folder", "written": args.write_model}))

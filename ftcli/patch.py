@@ -213,10 +213,12 @@ class StackedProjections:
 class KernelLoraGatedMLP(KernelGatedMLP):
     """A KernelGatedMLP run as one fused op (ftcli_kernels/lora_mlp) while all its projections are in `_lora_parts` state.
 
-    `hosted_by`, when set (ftcli/activation_checkpointing.host_mlp_activations), is the offloaded checkpoint whose
-    `hosting` keeps what the op saves for backward in CPU memory, where the op keeps gate and up (not tiled)."""
+    `hosted_by`, when set (ftcli/activation_checkpointing.host_mlp_activations), is the offloaded checkpoint that keeps
+    what the op saves for backward outside the checkpoint, where the op keeps gate and up (not tiled): on the GPU
+    (`keeping`) when `kept_on_gpu`, else in CPU memory (`hosting`)."""
 
     hosted_by = None
+    kept_on_gpu = False
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         parts = [_lora_parts(projection, hidden) for projection in _mlp_projections(self)]
@@ -227,7 +229,7 @@ class KernelLoraGatedMLP(KernelGatedMLP):
         rows, inner = hidden.numel() // hidden.shape[-1], self.down_proj.in_features
         if self.hosted_by is None or mlp_tile_rows(rows, inner, hidden.element_size()):
             return lora_gated_mlp(hidden, self.activation, parts)
-        with self.hosted_by.hosting(hidden.numel()):
+        with self.hosted_by.keeping() if self.kept_on_gpu else self.hosted_by.hosting(hidden.numel()):
             return lora_gated_mlp(hidden, self.activation, parts)
 
 

@@ -47,12 +47,14 @@ def test_recompute_leaves_out_the_mlp_output_where_nothing_keeps_it(family, comp
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("where", ["cpu", "gpu"])
 @pytest.mark.parametrize("family, hosted", [("llama", 1), ("qwen3", 1), ("gemma3_text", 0)])
-def test_hosted_mlps_are_not_computed_again(family, hosted, tiny_model_folder, monkeypatch):
-    """host_mlp_activations(every=1) on the 2-layer model: the lower layer's MLP keeps its saved tensors in
-    CPU memory and backward brings them back instead of running them again; the loss and gradients are offload's
-    without it, exactly (the same arithmetic, its tensors from the forward instead of a recompute). Gemma's norm
-    after the MLP keeps the MLP's output, so its recompute goes through the MLP anyway: no layer is hosted there."""
+def test_hosted_mlps_are_not_computed_again(family, hosted, where, tiny_model_folder, monkeypatch):
+    """host_mlp_activations on the 2-layer model: the lower layer's MLP keeps its saved tensors outside the
+    checkpoint, in CPU memory (every=1) or where they are (on_gpu=1), and backward uses them instead of running the
+    MLP again; the loss and gradients are offload's without it, exactly (the same arithmetic, its tensors from the
+    forward instead of a recompute). Gemma's norm after the MLP keeps the MLP's output, so its recompute goes
+    through the MLP anyway: no layer is chosen there."""
     monkeypatch.setattr(lora_mlp, "mlp_tile_rows", lambda rows, inner, element_size: 0)
     runs, forward = [], lora_mlp.LoraGatedMLPFunction.forward
 
@@ -69,17 +71,20 @@ def test_hosted_mlps_are_not_computed_again(family, hosted, tiny_model_folder, m
     runs.clear()
 
     model, _ = lora_model(folder, family, kernels=True, checkpointing="offload", device=DEVICE)
-    assert host_mlp_activations(model, every=1) == hosted
+    chosen = host_mlp_activations(model, every=1, on_gpu=0) if where == "cpu" else \
+        host_mlp_activations(model, every=0, on_gpu=1)
+    assert chosen == ((0, hosted) if where == "cpu" else (hosted, 0))
     copies = []
     copy_to_host = OffloadedCheckpoint._copy_to_host
     monkeypatch.setattr(OffloadedCheckpoint, "_copy_to_host",
                         lambda self, saved, tensor, in_flight: copies.append(tuple(tensor.shape)) or
                         copy_to_host(self, saved, tensor, in_flight))
     loss, grads = loss_and_grads(model, input_ids)
-    assert len(runs) == 2 * 2 - hosted  # each layer's forward, and the recompute where not hosted
+    assert len(runs) == 2 * 2 - hosted  # each layer's forward, and the recompute where not chosen
     hidden, inner = model.config.hidden_size, model.config.intermediate_size
     mlp_saves = [(2, 11, hidden), (22, inner), (22, inner)]  # x, gate, up: what the MLP keeps whole (not tiled)
-    assert sorted(copies) == sorted([(2, 11, hidden)] * 2 + mlp_saves * hosted)  # the layer inputs, the MLPs'
+    in_host_memory = hosted if where == "cpu" else 0
+    assert sorted(copies) == sorted([(2, 11, hidden)] * 2 + mlp_saves * in_host_memory)  # the layer inputs, the MLPs'
     assert loss == want_loss
     for name, grad in want_grads.items():
         assert torch.equal(grads[name], grad), name

@@ -136,7 +136,8 @@ def _launch(kernel, gate: torch.Tensor, up: torch.Tensor, lora: Optional[LoraTer
     # float32 products for float32 inputs, and on the CPU, where Triton's interpreter multiplies bfloat16 as integers
     dot_float32 = gate.dtype == torch.float32 or not gate.is_cuda
     kernel[grid](gate, gate.stride(0), up, up.stride(0), *outputs, rows, cols, *lora_args, KIND=ACTIVATIONS[activation],
-                 LORA=lora is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=block_r, DOT_FLOAT32=dot_float32, **options)
+                 LORA=lora is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=block_r, DOT_FLOAT32=dot_float32,
+                 **options)
 
 
 def _rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -160,7 +161,8 @@ def activation_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor
     with their LoRA terms added, which are also the gradients of those terms)."""
     dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     dup = torch.empty_like(dgate)
-    _launch(_backward, _rows(gate), _rows(up), lora, (grad.contiguous(), dgate, dup), activation, OUTPUT_INTO_GRAD=False)
+    _launch(_backward, _rows(gate), _rows(up), lora, (grad.contiguous(), dgate, dup), activation,
+            OUTPUT_INTO_GRAD=False)
     return dgate, dup
 
 
@@ -169,7 +171,8 @@ def activation_and_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Te
     """act(gate) * up and `activation_backward`'s gradients from one read of gate and up, for a backward that needs
     the output again too. The output is written over `grad` (contiguous), which is consumed."""
     if not grad.is_contiguous():
-        raise ValueError("activation_and_backward: the gradient is overwritten with the output, so it must be contiguous")
+        raise ValueError("activation_and_backward: the gradient is overwritten with the output, so it must be "
+                         "contiguous")
     dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     dup = torch.empty_like(dgate)
     _launch(_backward, _rows(gate), _rows(up), lora, (grad, dgate, dup), activation, OUTPUT_INTO_GRAD=True)

@@ -4,10 +4,11 @@ Run as three LoRA projections and the activation, autograd would keep x, gate, u
 (as wide as gate) for backward. Here backward keeps x, gate and up (as one `gate_up` tensor where the model
 fuses the two projections) and the r-wide LoRA intermediates, recomputes h with the activation kernel, and
 dequantizes NF4 base weights again instead of keeping them from forward. Gate and up are kept without their LoRA
-terms: the activation kernels add them tile by tile, forward and backward, which spares a pass over each. Backward goes through the rows a
-chunk at a time (the MLP treats each row alone), so of its four gate-wide temporaries (h, its gradient, and the
-gradients of gate and up) only a chunk's exist at once: the DPO benchmark's step (6,144 tokens of Llama-3-8B)
-peaked at 7.07 GiB instead of 7.25, the SFT one (4,096 tokens) at 6.58 instead of 6.68.
+terms: the activation kernels add them tile by tile, forward and backward, which spares a pass over each. Backward
+goes through the rows a chunk at a time (the MLP treats each row alone), so of its gate-wide temporaries (h's
+gradient, over which the activation's backward kernel writes h, and the gradients of gate and up) only a chunk's
+exist at once: the DPO benchmark's step (6,144 tokens of Llama-3-8B) peaked at 7.07 GiB instead of 7.25, the SFT
+one (4,096 tokens) at 6.58 instead of 6.68.
 
 Long inputs go tile by tile (`tile_rows`): forward computes gate, up, the activation and down for one tile of rows
 at a time and keeps only x, and backward computes each tile's gate and up again. No full-length gate-wide tensor

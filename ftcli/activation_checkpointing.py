@@ -56,9 +56,9 @@ def host_mlp_activations(model, every: int, on_gpu: int = 0) -> tuple[int, int]:
     post_feedforward_layernorm), whose recompute goes through the MLP anyway.
 
     A kept MLP costs its input, gate and up in GPU memory from forward to backward (0.25 GiB a layer of Llama-3-8B at
-    4,096 tokens). A hosted one moves them over PCIe and back (about 5 ms each way at 54 GB/s) beside the layer
-    inputs' copies, while two layers' forward take about 6.4 ms: `every` keeps the copies within what the bus
-    carries in that time."""
+    4,096 tokens). A hosted one moves them over PCIe and back (5.6 ms each way at the 48 GB/s measured on an H200)
+    beside the layer inputs' copies (0.7 ms each), one copy after the other, while a layer's forward takes about
+    3.1 ms: hosting every second layer is a little more than the bus carries, every third a little less."""
     layers = [module for module in model.modules()
               if isinstance(getattr(module, "_gradient_checkpointing_func", None), OffloadedCheckpoint)
               and isinstance(getattr(module, "mlp", None), KernelLoraGatedMLP)]
@@ -120,7 +120,9 @@ class OffloadedCheckpoint:
         self._packed += 1
         if self._packed <= self.layers_on_gpu:
             return tensor
-        self._release_copied(self._in_flight)
+        # The copy started a layer ago may still queue behind a hosted MLP's longer ones on the bus: wait for the one
+        # before it, which has had two layers' forward to finish
+        self._release_copied(self._in_flight, keep=1)
         saved = _Offloaded(tensor.device, self._last)
         self._copy_to_host(saved, tensor, self._in_flight)
         self._last = weakref.ref(saved)
@@ -236,22 +238,22 @@ class OffloadedCheckpoint:
                 member.on_device.copy_(member.host, non_blocking=True)
                 member.copied = stream.record_event()
 
-    def _release_copied(self, in_flight: deque) -> None:
-        """Let go of the inputs whose copies to the CPU were started before this one.
+    def _release_copied(self, in_flight: deque, keep: int = 0) -> None:
+        """Let go of the tensors whose copies to the CPU were started, all but the latest `keep`.
 
         The CPU runs layers ahead of the GPU, so waiting there for a copy to finish would keep every input alive
-        until a sync. Instead the compute stream waits for the copies (started a layer ago, so they are usually
-        done), and whatever the allocator hands their memory to later is ordered after them.
+        until a sync. Instead the compute stream waits for the copies (started a layer or two ago, so they are
+        usually done), and whatever the allocator hands their memory to later is ordered after them.
         """
-        while in_flight:
+        while len(in_flight) > keep:
             saved, event = in_flight.popleft()
             torch.cuda.current_stream(saved.device).wait_event(event)
             if saved.copied is event:
                 saved.on_device, saved.copied = None, None
 
     def _stream(self, device: torch.device, hosted: bool = False) -> Optional[torch.cuda.Stream]:
-        """The side stream of the layer inputs' copies, or of the hosted MLPs' (apart, so that an input's short copy
-        never queues behind an MLP's long one)."""
+        """The side stream of the layer inputs' copies, or of the hosted MLPs' (apart, so that the stream order never
+        holds an input's copy behind an MLP's; the bus still carries one copy after the other)."""
         if device.type != "cuda":
             return None
         if (device, hosted) not in self._streams:

@@ -19,6 +19,7 @@ cos/sin and position ids are shared by all layers and stay where they are.
 
 import argparse
 import statistics
+import sys
 import time
 import weakref
 from collections import deque
@@ -31,9 +32,11 @@ from torch.utils.checkpoint import checkpoint
 from ftcli.patch import KernelLoraGatedMLP
 
 
-def enable_checkpointing(model, mode: Union[bool, str], layers_on_gpu: int = 0) -> None:
+def enable_checkpointing(model, mode: Union[bool, str], layers_on_gpu: int = 0, keeps_mlps: bool = False) -> None:
     """Checkpoint every decoder layer of a transformers model: plain recompute (True) or "offload", which keeps
-    the inputs of the first `layers_on_gpu` layers on the GPU."""
+    the inputs of the first `layers_on_gpu` layers on the GPU. With `keeps_mlps`, plain recompute goes through
+    OffloadedCheckpoint as well, every layer's input kept on the GPU, so that host_mlp_activations can have MLPs
+    keep their tensors (`OffloadedCheckpoint.keeping`)."""
     if not mode:
         return
     settings = {"use_reentrant": False}
@@ -41,10 +44,11 @@ def enable_checkpointing(model, mode: Union[bool, str], layers_on_gpu: int = 0) 
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=settings)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=settings)
-    if mode == "offload":
+    if mode == "offload" or keeps_mlps:
         # transformers takes no checkpoint function publicly: its kwargs only reach torch's checkpoint, and its
         # own offload option copies synchronously on the compute stream. This is the method its enable calls.
-        model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=OffloadedCheckpoint(layers_on_gpu))
+        function = OffloadedCheckpoint(layers_on_gpu if mode == "offload" else sys.maxsize)
+        model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=function)
 
 
 def host_mlp_activations(model, every: int, on_gpu: int = 0) -> tuple[int, int]:

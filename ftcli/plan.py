@@ -35,7 +35,9 @@ Host memory: under `offload` each offloaded layer input waits in pinned CPU memo
 cache hands out in powers of two. When the host cannot hold them all, the first layers keep their inputs on the
 GPU instead, as many as the host cannot hold (as long as the GPU has room), so neither memory alone limits the
 length. `train.gradient_checkpointing: auto` picks the fastest policy whose need fits the GPU: false (nothing
-recomputed), else true, else offload; without a GPU to check against, true. The longest length that fits
+recomputed), else true, else offload; without a GPU to check against, true. Where it recomputes, the room left buys
+LoRA MLPs that keep their input, gate and up on the GPU from forward to backward, so that backward does not compute
+them again (`mlps_kept_on_gpu`, as many as fit, the top layer's excepted). The longest length that fits
 (`--longest`) is searched in steps of 1,024 tokens.
 
     python -m ftcli.plan --shape llama3-8b --seq 2048 --bs 2 --checkpointing offload
@@ -47,7 +49,7 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Literal, Optional, Union
+from typing import Callable, Literal, NamedTuple, Optional, Union
 
 import torch
 
@@ -83,6 +85,7 @@ class ModelShape:
     linear_sizes: list[int]  # weights of each decoder linear layer: what bitsandbytes quantizes
     other_params: int  # embeddings, LM head (once when tied), norms and biases: kept in 16 bits
     layer_other_params: int  # the part of other_params inside the decoder layers (FSDP shards it with them)
+    mlp_output_normed: bool = False  # a norm after the MLP keeps its output (Gemma 2 and 3): a recompute needs the MLP
 
     @classmethod
     def from_config(cls, config) -> "ModelShape":
@@ -93,12 +96,14 @@ class ModelShape:
         linear_sizes = [module.weight.numel() for module in layers.modules() if isinstance(module, torch.nn.Linear)]
         other_params = sum(parameter.numel() for parameter in model.parameters()) - sum(linear_sizes)
         layer_other_params = sum(parameter.numel() for parameter in layers.parameters()) - sum(linear_sizes)
+        mlp_output_normed = any(hasattr(layer, "post_feedforward_layernorm") for layer in layers)
         config = getattr(config, "text_config", None) or config  # Gemma 3 keeps the decoder's sizes there
         heads = config.num_attention_heads
         return cls(hidden=config.hidden_size, intermediate=config.intermediate_size, layers=config.num_hidden_layers,
                    heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
                    head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads, vocab=config.vocab_size,
-                   linear_sizes=linear_sizes, other_params=other_params, layer_other_params=layer_other_params)
+                   linear_sizes=linear_sizes, other_params=other_params, layer_other_params=layer_other_params,
+                   mlp_output_normed=mlp_output_normed)
 
     def projections(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each decoder projection, by its Llama-style name."""
@@ -119,6 +124,7 @@ class Setup:
     kernels: bool = True
     checkpointing: Checkpointing = True
     layers_kept_on_gpu: int = 0  # offload: the first this many layers keep their inputs on the GPU
+    mlps_kept_on_gpu: int = 0  # checkpointing: this many layers' MLPs keep gate, up and input, not recomputed
     tiled_mlp: bool = True  # the MLP kernel tiles long inputs, as its own rule decides; False: always whole
     lora_r: int = 16
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
@@ -212,6 +218,7 @@ def estimate_memory(model: ModelShape, setup: Setup) -> MemoryEstimate:
     dequantized = largest * a if setup.load_in_4bit else 0
 
     layer_backward = backward_extra + dequantized
+    kept_mlps = setup.mlps_kept_on_gpu * kept_mlp_bytes(model, setup)  # from their forward to their backward
     host = 0
     if setup.checkpointing == "offload":
         # the inputs kept on the GPU, then of the offloaded ones this layer's and the prefetched one below it;
@@ -227,6 +234,8 @@ def estimate_memory(model: ModelShape, setup: Setup) -> MemoryEstimate:
     else:  # nothing is recomputed: every layer keeps all it saved until its backward
         kept_forward = kept_top = model.layers * (layer_saved + layer_input)
         kept_bottom = layer_saved + layer_input
+    if setup.checkpointing:  # the kept MLPs are those of the layers below the top one: gone before the bottom's
+        kept_forward, kept_top = kept_forward + kept_mlps, kept_top + kept_mlps
     if setup.kernels:
         head = 3 * tokens * h * a + min(LOGITS_CHUNK_BYTES, tokens * model.vocab * a) + tokens * 4
     else:
@@ -286,6 +295,12 @@ def layer_activation_bytes(model: ModelShape, setup: Setup) -> tuple[int, int]:
     return saved, tokens * a * (3 * inner + 3 * h)
 
 
+def kept_mlp_bytes(model: ModelShape, setup: Setup) -> int:
+    """What a LoRA MLP kept outside the checkpoint holds from its forward to its backward: its input, gate and up
+    (activation_checkpointing.host_mlp_activations; its r-wide products are left out, as they are small)."""
+    return setup.batch_size * setup.seq * setup.compute_bytes * (model.hidden + 2 * model.intermediate)
+
+
 def mlp_tile_rows_of(model: ModelShape, setup: Setup) -> int:
     """Rows of one tile of the MLP, 0 when it runs whole: the kernel's own rule (ftcli_kernels.limits), which the
     plan and the kernel share; peft's MLP (kernels off) never tiles."""
@@ -343,6 +358,7 @@ class Plan:
         summary = {"status": "ok", **self.memory.figures(), "steps": self.steps, "tokens": self.tokens,
                    "seq": self.setup.seq, "batch_size": self.setup.batch_size,
                    "checkpointing": self.setup.checkpointing, "layers_kept_on_gpu": self.setup.layers_kept_on_gpu,
+                   "mlps_kept_on_gpu": self.setup.mlps_kept_on_gpu,
                    "gpu_memory_gib": gib_or_none(self.budget), "host_memory_gib": gib_or_none(self.host_budget),
                    "fits": self.fits}
         if self.strategies:
@@ -355,6 +371,7 @@ class Plan:
                                   "tokens": self.longest.seq * self.longest.batch_size,
                                   "checkpointing": self.longest.checkpointing,
                                   "layers_kept_on_gpu": self.longest.layers_kept_on_gpu,
+                                  "mlps_kept_on_gpu": self.longest.mlps_kept_on_gpu,
                                   "needed_gib": round(memory.needed / GIB, 2), "host_gib": round(memory.host / GIB, 2)}
         return summary
 
@@ -373,6 +390,8 @@ class Plan:
             lines.append(strategy_reason(self.recipe.train.distributed, self.strategy, self.budget))
         lines.append(checkpointing_reason(self.recipe.train.gradient_checkpointing, self.setup.checkpointing,
                                           self.budget))
+        if self.setup.mlps_kept_on_gpu:
+            lines.append(kept_mlps_line(self.shape, self.setup))
         under = f" per GPU under {self.strategy}" if self.strategies else ""
         lines.append(f"Peak GPU memory{under}, at the {self.memory.moment}: {self.memory.peak / GIB:.2f} GiB allocated")
         lines += [f"  {name:<36}{value / GIB:>8.2f} GiB" for name, value in self.memory.parts.items()]
@@ -420,6 +439,13 @@ def checkpointing_reason(requested: Union[Checkpointing, str], chosen: Checkpoin
             "wait in CPU memory.")
 
 
+def kept_mlps_line(shape: ModelShape, setup: Setup) -> str:
+    """How many MLPs auto keeps on the GPU with the room left, and what each costs."""
+    return (f"With the room left, the MLPs of {setup.mlps_kept_on_gpu} of {shape.layers} layers keep their input, "
+            f"gate and up for backward on the GPU ({kept_mlp_bytes(shape, setup) / GIB:.2f} GiB each), so backward "
+            "does not compute them again.")
+
+
 def offload_line(shape: ModelShape, setup: Setup, memory: MemoryEstimate, host_budget: Optional[int]) -> str:
     """Where the offloaded layer inputs wait, how much host memory they take, and whether the host has it."""
     kept = setup.layers_kept_on_gpu
@@ -447,6 +473,7 @@ def longest_lines(shape: ModelShape, longest: Setup, budget: int, host_budget: O
     host = f" and {host_budget / GIB:.1f} GiB of host memory" if host_budget is not None else ""
     kept = longest.layers_kept_on_gpu
     split = f", the first {kept} of {shape.layers} layers' inputs kept on the GPU" if kept else ""
+    split += f", {longest.mlps_kept_on_gpu} MLPs kept on the GPU" if longest.mlps_kept_on_gpu else ""
     return [f"Longest max_seq_length that fits {gpus_of(budget, longest.processes)}{host}, in steps of "
             f"{LENGTH_STEP:,}: {longest.seq:,} tokens, at batch {longest.batch_size} ({batch_from}) "
             f"= {longest.seq * longest.batch_size:,} tokens a micro-batch.",
@@ -527,26 +554,62 @@ def pick_layers_kept_on_gpu(shape: ModelShape, setup: Setup, budget: Optional[in
     return needed
 
 
+def pick_mlps_kept_on_gpu(shape: ModelShape, setup: Setup, requested: Union[Checkpointing, str],
+                          budget: Optional[int]) -> int:
+    """Under auto, when layers are recomputed: how many MLPs keep their tensors for backward on the GPU, so that
+    backward does not compute them again (the largest count that still fits `budget`). None where the recipe chose
+    its checkpointing, where the MLPs are not LoRA kernels run whole, or under fsdp; at most all but the top layer,
+    whose backward follows its forward at once (activation_checkpointing.host_mlp_activations)."""
+    mlp = {"gate_proj", "up_proj", "down_proj"}
+    if (requested != "auto" or not setup.checkpointing or budget is None or not setup.kernels
+            or not mlp <= set(setup.lora_targets) or mlp_tile_rows_of(shape, setup) or setup.shard_layers
+            or shape.mlp_output_normed):
+        return 0
+
+    def fits(count: int) -> bool:
+        return bool(estimate_memory(shape, replace(setup, mlps_kept_on_gpu=count)).fits(budget))
+
+    if not fits(1):
+        return 0
+    low, high = 1, shape.layers - 1  # fits at low; bisect for the last count that does
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low
+
+
 def settled_setup(shape: ModelShape, setup: Setup, requested: Union[Checkpointing, str], budget: Optional[int],
                   host_budget: Optional[int]) -> Setup:
-    """`setup` with the recipe's gradient checkpointing (`requested`) resolved against a GPU of `budget` bytes and,
-    under offload, the layers whose inputs stay on the GPU for a host of `host_budget` bytes."""
-    setup = replace(setup, checkpointing=pick_checkpointing(shape, setup, requested, budget), layers_kept_on_gpu=0)
-    return replace(setup, layers_kept_on_gpu=pick_layers_kept_on_gpu(shape, setup, budget, host_budget))
+    """`setup` with the recipe's gradient checkpointing (`requested`) resolved against a GPU of `budget` bytes:
+    under offload, the layers whose inputs stay on the GPU for a host of `host_budget` bytes, and then, under auto,
+    the MLPs kept on the GPU with the room left."""
+    setup = replace(setup, checkpointing=pick_checkpointing(shape, setup, requested, budget), layers_kept_on_gpu=0,
+                    mlps_kept_on_gpu=0)
+    setup = replace(setup, layers_kept_on_gpu=pick_layers_kept_on_gpu(shape, setup, budget, host_budget))
+    return replace(setup, mlps_kept_on_gpu=pick_mlps_kept_on_gpu(shape, setup, requested, budget))
+
+
+class CheckpointingChoice(NamedTuple):
+    """How a run checkpoints its decoder layers: the mode, under offload how many of the first layers keep their
+    inputs on the GPU, and how many MLPs keep their tensors for backward on the GPU (`Setup`'s fields)."""
+
+    mode: Checkpointing
+    layers_on_gpu: int = 0
+    mlps_kept_on_gpu: int = 0
 
 
 def settle_checkpointing(recipe: Recipe, config, gpu_bytes: Optional[int], host_bytes: Optional[int], longest: int,
-                         processes: int = 1, strategy: Strategy = "ddp") -> tuple[Checkpointing, int]:
+                         processes: int = 1, strategy: Strategy = "ddp") -> CheckpointingChoice:
     """train.gradient_checkpointing with auto resolved against GPUs of `gpu_bytes` (None when there is no GPU:
-    true), and under offload how many of the first decoder layers keep their inputs on the GPU for a host of
-    `host_bytes` shared by `processes` processes (0 when either memory is unknown, or the host holds them all),
-    for a data set whose longest example has `longest` tokens."""
+    true); under offload how many of the first decoder layers keep their inputs on the GPU for a host of
+    `host_bytes` shared by `processes` processes (0 when either memory is unknown, or the host holds them all); and
+    under auto the MLPs kept on the GPU; for a data set whose longest example has `longest` tokens."""
     requested = recipe.train.gradient_checkpointing
     if requested not in ("auto", "offload"):  # nothing to decide
-        return requested, 0
+        return CheckpointingChoice(requested)
     setup = settled_setup(ModelShape.from_config(config), Setup.from_recipe(recipe, longest, processes, strategy),
                           requested, gpu_bytes, host_bytes)
-    return setup.checkpointing, setup.layers_kept_on_gpu
+    return CheckpointingChoice(setup.checkpointing, setup.layers_kept_on_gpu, setup.mlps_kept_on_gpu)
 
 
 def longest_setup(shape: ModelShape, setup: Setup, requested: Union[Checkpointing, str], budget: int,
@@ -781,6 +844,7 @@ def main(argv=None) -> None:
     memory = estimate_memory(shape, setup)
     gpus = f"  {args.distributed} on {args.gpus} GPUs" if args.gpus > 1 else ""
     kept = f" ({setup.layers_kept_on_gpu} layers' inputs kept on the GPU)" if setup.layers_kept_on_gpu else ""
+    kept += f" ({setup.mlps_kept_on_gpu} MLPs kept on the GPU, not recomputed)" if setup.mlps_kept_on_gpu else ""
     print(f"{args.shape}  {args.precision}  r={args.lora_r}  seq {args.seq} x batch {args.bs}  checkpointing "
           f"{str(setup.checkpointing).lower()}{kept}{gpus}: estimated peak {memory.peak / GIB:.2f} GiB allocated"
           f"{' per GPU' if gpus else ''}, at the {memory.moment}")

@@ -63,7 +63,7 @@ class TrainingDisplay:
                          f"{unit if unit != 'examples' else 'sequences'}"
                          + (f" x {processes} processes" if processes > 1 else "")
                          + f", lr {recipe.train.learning_rate:g} {recipe.train.lr_scheduler}"),
-            ("checkpointing", checkpointing_line(recipe, checkpointing, layers_on_gpu)),
+            ("checkpointing", checkpointing_line(recipe, checkpointing, layers_on_gpu, kernels.mlps_kept_on_gpu)),
         ] + ([("cuda graphs", f"micro-batches of up to {GRAPHED_TOKENS:,} tokens replayed, rows padded to multiples "
                               f"of {BUCKET_TOKENS} tokens")]
              if cuda_graphs else []) + ([("processes", f"{processes}, {strategy}: " + SPREAD[strategy])] if processes > 1 else []):
@@ -113,10 +113,13 @@ def method_line(recipe) -> str:
     return method + (f", beta {recipe.beta():g}" if method in DEFAULT_BETA else "")
 
 
-def checkpointing_line(recipe, checkpointing, layers_on_gpu: int) -> str:
-    """The gradient checkpointing the run uses (auto resolved), and where the offloaded layer inputs wait."""
+def checkpointing_line(recipe, checkpointing, layers_on_gpu: int, mlps_kept_on_gpu: int = 0) -> str:
+    """The gradient checkpointing the run uses (auto resolved), where the offloaded layer inputs wait, and how many
+    MLPs are not recomputed."""
     auto = " (auto)" if recipe.train.gradient_checkpointing == "auto" else ""
     split = f"; the first {layers_on_gpu} layers' inputs on the GPU, as the host has no room" if layers_on_gpu else ""
+    if mlps_kept_on_gpu:
+        split += f"; with the room left, {mlps_kept_on_gpu} layers' MLPs keep their tensors, not recomputed"
     return f"{str(checkpointing).lower()}{auto}: {KEPT[checkpointing]}{split}"
 
 

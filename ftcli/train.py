@@ -22,7 +22,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ftcli.activation_checkpointing import enable_checkpointing
+from ftcli.activation_checkpointing import enable_checkpointing, host_mlp_activations
 from ftcli.architectures import Architecture
 from ftcli.data import PreparedData, prepare_data
 from ftcli.data.templates import IGNORE_INDEX, TokenizedExample
@@ -148,11 +148,11 @@ def run(recipe: Recipe, out_dir: Optional[Path], display: TrainingDisplay, resum
                           "each, while sharded layers need every process in every forward. Use train.distributed: ddp "
                           "(each GPU holds the whole model: load_in_4bit: true makes it fit), or train with fewer "
                           "completion tokens (grpo.max_completion_length).")
-    checkpointing, layers_on_gpu = settle_checkpointing(recipe, config, gpu_bytes, local_host_memory(), longest,
-                                                        processes.count, strategy)
+    checkpointing, layers_on_gpu, mlps_kept_on_gpu = settle_checkpointing(
+        recipe, config, gpu_bytes, local_host_memory(), longest, processes.count, strategy)
     try:
         setup = build_setup(recipe, out_dir, device, architecture, tokenizer, data, total_steps, rewards, processes,
-                            schedule, strategy, checkpointing, layers_on_gpu, cuda_graphs)
+                            schedule, strategy, checkpointing, layers_on_gpu, cuda_graphs, mlps_kept_on_gpu)
         display.header(recipe, architecture.family, setup.model, setup.trainable, device, setup.dtype, data.stats,
                        total_steps, setup.kernels, processes.count, strategy, checkpointing, layers_on_gpu,
                        cuda_graphs)
@@ -170,11 +170,11 @@ def build_setup(recipe: Recipe, out_dir: Optional[Path], device: torch.device, a
                 data: PreparedData, total_steps: int, rewards: list[Reward], processes: Processes = Processes(),
                 schedule: Optional[TrainSettings] = None, strategy: str = "ddp",
                 checkpointing: Checkpointing = True, layers_on_gpu: int = 0,
-                cuda_graphs: bool = False) -> TrainingSetup:
+                cuda_graphs: bool = False, mlps_kept_on_gpu: int = 0) -> TrainingSetup:
     schedule = schedule or recipe.train
     dtype = compute_dtype(recipe.model, device)
     model, kernels = trainable_model(recipe, architecture, device, dtype, processes if strategy == "fsdp" else None,
-                                     checkpointing, layers_on_gpu)
+                                     checkpointing, layers_on_gpu, mlps_kept_on_gpu)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if recipe.train.method == "grpo":
         method = GrpoMethod(recipe, tokenizer, device, kernels.fused_loss, rewards)
@@ -191,16 +191,17 @@ def build_setup(recipe: Recipe, out_dir: Optional[Path], device: torch.device, a
 
 def trainable_model(recipe: Recipe, architecture: Architecture, device: torch.device, dtype: torch.dtype,
                     sharded_over: Optional[Processes], checkpointing: Checkpointing,
-                    layers_on_gpu: int) -> tuple[torch.nn.Module, KernelSwaps]:
+                    layers_on_gpu: int, mlps_kept_on_gpu: int = 0) -> tuple[torch.nn.Module, KernelSwaps]:
     """The base model loaded and made trainable on `device`, its decoder layers checkpointed as `checkpointing`
-    (the recipe's, auto resolved; under offload the first `layers_on_gpu` keep their inputs on the GPU); with
-    `sharded_over`, sharded over those processes (ftcli/sharding.py)."""
+    (the recipe's, auto resolved; under offload the first `layers_on_gpu` keep their inputs on the GPU, and
+    `mlps_kept_on_gpu` MLPs keep their tensors there); with `sharded_over`, sharded over those processes
+    (ftcli/sharding.py)."""
     with one_process_at_a_time(sharded_over, recipe.model) if sharded_over else nullcontext():
         model = load_model(recipe.model, architecture, device, dtype, sharded=sharded_over is not None)
         model, kernels = prepare_for_training(model, architecture, recipe.lora,
                                               recipe.model.kernels and kernels_can_run(device),
                                               checkpointing, recipe.train.seed,
-                                              recipe.model.adapter, layers_on_gpu)
+                                              recipe.model.adapter, layers_on_gpu, mlps_kept_on_gpu)
         compares_with_start = recipe.train.method == "dpo" or (recipe.train.method == "grpo" and recipe.grpo.beta)
         if recipe.model.adapter and compares_with_start:
             load_reference_adapter(model, recipe.model.adapter)  # the reference is the policy the run starts from
@@ -384,17 +385,22 @@ def divergence_message(quantity: str, value: float, step: int, examples: list[To
 
 def prepare_for_training(model, architecture: Architecture, lora: LoraSettings, kernels: bool,
                          gradient_checkpointing: Union[bool, str], seed: int,
-                         adapter: Optional[str] = None, layers_on_gpu: int = 0) -> tuple[torch.nn.Module, KernelSwaps]:
-    """Kernels, checkpointing (under offload, the first `layers_on_gpu` layers' inputs stay on the GPU) and LoRA
-    (new, or the `adapter` folder's) on a loaded base model, in the order they must go on; returns the trainable
-    model and what the kernels took over (nothing without kernels).
+                         adapter: Optional[str] = None, layers_on_gpu: int = 0,
+                         mlps_kept_on_gpu: int = 0) -> tuple[torch.nn.Module, KernelSwaps]:
+    """Kernels, checkpointing (under offload, the first `layers_on_gpu` layers' inputs stay on the GPU; under
+    checkpointing, up to `mlps_kept_on_gpu` LoRA MLPs keep their tensors for backward there, not recomputed) and
+    LoRA (new, or the `adapter` folder's) on a loaded base model, in the order they must go on; returns the
+    trainable model and what the kernels took over (nothing without kernels).
 
     The norm and MLP kernels go in before peft wraps the projections, so the LoRA kernels find them."""
     swaps = apply_kernels(model, architecture) if kernels else KernelSwaps()
-    enable_checkpointing(model, gradient_checkpointing, layers_on_gpu)
+    keeps_mlps = bool(kernels and gradient_checkpointing and mlps_kept_on_gpu)
+    enable_checkpointing(model, gradient_checkpointing, layers_on_gpu, keeps_mlps)
     model = add_lora(model, lora, architecture, seed, adapter)
     if kernels:
         swaps.module_counts |= apply_lora_kernels(model)
+    if keeps_mlps:
+        swaps.mlps_kept_on_gpu, _ = host_mlp_activations(model, every=0, on_gpu=mlps_kept_on_gpu)
     return model, swaps
 
 

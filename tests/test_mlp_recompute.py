@@ -47,14 +47,15 @@ def test_recompute_leaves_out_the_mlp_output_where_nothing_keeps_it(family, comp
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("where", ["cpu", "gpu"])
+@pytest.mark.parametrize("where, checkpointing", [("cpu", "offload"), ("gpu", "offload"), ("gpu", True)])
 @pytest.mark.parametrize("family, hosted", [("llama", 1), ("qwen3", 1), ("gemma3_text", 0)])
-def test_hosted_mlps_are_not_computed_again(family, hosted, where, tiny_model_folder, monkeypatch):
+def test_hosted_mlps_are_not_computed_again(family, hosted, where, checkpointing, tiny_model_folder, monkeypatch):
     """host_mlp_activations on the 2-layer model: the lower layer's MLP keeps its saved tensors outside the
-    checkpoint, in CPU memory (every=1) or where they are (on_gpu=1), and backward uses them instead of running the
-    MLP again; the loss and gradients are offload's without it, exactly (the same arithmetic, its tensors from the
-    forward instead of a recompute). Gemma's norm after the MLP keeps the MLP's output, so its recompute goes
-    through the MLP anyway: no layer is chosen there."""
+    checkpoint, in CPU memory (every=1) or where they are (on_gpu=1; also under plain recompute, through
+    OffloadedCheckpoint with every input on the device), and backward uses them instead of running the MLP again;
+    the loss and gradients are those without it, exactly (the same arithmetic, its tensors from the forward instead
+    of a recompute). Gemma's norm after the MLP keeps the MLP's output, so its recompute goes through the MLP anyway:
+    no layer is chosen there."""
     monkeypatch.setattr(lora_mlp, "mlp_tile_rows", lambda rows, inner, element_size: 0)
     runs, forward = [], lora_mlp.LoraGatedMLPFunction.forward
 
@@ -65,12 +66,12 @@ def test_hosted_mlps_are_not_computed_again(family, hosted, where, tiny_model_fo
     monkeypatch.setattr(lora_mlp.LoraGatedMLPFunction, "forward", staticmethod(counted))
     input_ids = torch.randint(3, 300, (2, 11), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     folder = tiny_model_folder(family)
-    plain, _ = lora_model(folder, family, kernels=True, checkpointing="offload", device=DEVICE)
+    plain, _ = lora_model(folder, family, kernels=True, checkpointing=checkpointing, device=DEVICE)
     want_loss, want_grads = loss_and_grads(plain, input_ids)
     assert len(runs) == 2 * 2  # forward and recompute of each layer
     runs.clear()
 
-    model, _ = lora_model(folder, family, kernels=True, checkpointing="offload", device=DEVICE)
+    model, _ = lora_model(folder, family, kernels=True, checkpointing=checkpointing, keeps_mlps=True, device=DEVICE)
     chosen = host_mlp_activations(model, every=1, on_gpu=0) if where == "cpu" else \
         host_mlp_activations(model, every=0, on_gpu=1)
     assert chosen == ((0, hosted) if where == "cpu" else (hosted, 0))
@@ -84,7 +85,8 @@ def test_hosted_mlps_are_not_computed_again(family, hosted, where, tiny_model_fo
     hidden, inner = model.config.hidden_size, model.config.intermediate_size
     mlp_saves = [(2, 11, hidden), (22, inner), (22, inner)]  # x, gate, up: what the MLP keeps whole (not tiled)
     in_host_memory = hosted if where == "cpu" else 0
-    assert sorted(copies) == sorted([(2, 11, hidden)] * 2 + mlp_saves * in_host_memory)  # the layer inputs, the MLPs'
+    offloaded = [(2, 11, hidden)] * 2 if checkpointing == "offload" else []
+    assert sorted(copies) == sorted(offloaded + mlp_saves * in_host_memory)  # the layer inputs, the MLPs'
     assert loss == want_loss
     for name, grad in want_grads.items():
         assert torch.equal(grads[name], grad), name

@@ -14,9 +14,10 @@ from transformers import AutoModelForCausalLM
 
 from conftest import DEVICE, assert_clean_failure, run_cli, write_jsonl, write_recipe
 from ftcli.errors import InputError
-from ftcli.plan import (GIB, LENGTH_STEP, ModelShape, Setup, choose_strategy, estimate_memory,
-                        layer_activation_bytes, local_host_memory, longest_setup, parse_size,
-                        pick_layers_kept_on_gpu, pinned_bytes, settle_checkpointing, settled_setup, tiling_starts)
+from ftcli.plan import (GIB, LENGTH_STEP, CheckpointingChoice, ModelShape, Setup, choose_strategy, estimate_memory,
+                        kept_mlp_bytes, layer_activation_bytes, local_host_memory, longest_setup, parse_size,
+                        pick_layers_kept_on_gpu, pick_mlps_kept_on_gpu, pinned_bytes, settle_checkpointing,
+                        settled_setup, tiling_starts)
 from ftcli.recipe import Recipe
 from ftcli.recipe import DEFAULT_TARGET_MODULES
 from ftcli.shapes import shape_config
@@ -147,6 +148,14 @@ def test_plan_cli_fits_and_does_not_fit(tmp_path, eight_b_folder):
     text = " ".join(result.output.split())
     assert "does not fit a GPU with 7.5 GiB" in text and "backward of the top layer" in text
     assert "--set train.gradient_checkpointing=offload" in text and "train.batch_size=1 --set train.grad_accum=8" in text
+
+    # auto on 12 GiB: recompute (true), and 14 of the 32 layers' MLPs kept on the GPU with the room left
+    result = run_cli("plan", recipe, "--gpu-memory", "12GiB", "--set", "train.gradient_checkpointing=auto")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "auto picks true" in text
+    assert ("With the room left, the MLPs of 14 of 32 layers keep their input, gate and up for backward on the GPU "
+            "(0.25 GiB each), so backward does not compute them again.") in text
 
 
 def test_plan_cli_bad_size(tmp_path, eight_b_folder):
@@ -540,6 +549,71 @@ def test_auto_checkpointing_picks_the_fastest_that_fits(budget, expected):
         assert settle_checkpointing(eight_b_recipe(gradient_checkpointing=mode), config, gpu, None, 2048)[0] == mode
 
 
+def test_auto_keeps_as_many_mlps_on_the_gpu_as_the_room_left_holds():
+    """Llama-3-8B NF4 at 2 x 2048 tokens, where layers are recomputed: each MLP kept on the GPU adds its input, gate
+    and up (4,096 x (4,096 + 2 x 14,336) x 2 bytes, 0.25 GiB) to the peak, and auto keeps the most that fit, up to
+    all but the top layer's. Where nothing is recomputed, or the recipe chose its checkpointing, none."""
+    shape, config = shape_of("llama3-8b"), shape_config("llama3-8b")
+    setup = Setup(batch_size=2, seq=2048)
+    each = kept_mlp_bytes(shape, setup)
+    assert each == 4096 * (4096 + 2 * 14336) * 2
+    # the peak is the top layer's backward, every kept MLP still there (under offload it was the bottom layer's)
+    plain, three = (estimate_memory(shape, replace(setup, checkpointing=True, mlps_kept_on_gpu=kept))
+                    for kept in (0, 3))
+    assert plain.moment == three.moment == "backward of the top layer"
+    assert three.parts["saved activations"] - plain.parts["saved activations"] == 3 * each
+    assert three.peak - plain.peak == 3 * each
+    plain, three = (estimate_memory(shape, replace(setup, checkpointing="offload", mlps_kept_on_gpu=kept))
+                    for kept in (0, 3))
+    assert (plain.moment, three.moment) == ("backward of the bottom layer", "backward of the top layer")
+    assert plain.peak < three.peak < plain.peak + 3 * each
+    kept = {}
+    for gib in (8, 9, 12, 16, 20, 24):
+        settled = settled_setup(shape, setup, "auto", gib * GIB, None)
+        kept[gib] = (settled.checkpointing, settled.mlps_kept_on_gpu)
+        assert estimate_memory(shape, settled).fits(gib * GIB)
+        if settled.checkpointing and settled.mlps_kept_on_gpu < shape.layers - 1:
+            assert not estimate_memory(shape, replace(settled, mlps_kept_on_gpu=settled.mlps_kept_on_gpu + 1)).fits(
+                gib * GIB)
+        mode, mlps = kept[gib]
+        assert settle_checkpointing(eight_b_recipe(), config, gib * GIB, None, 2048) == CheckpointingChoice(mode, 0, mlps)
+    assert kept == {8: ("offload", 2), 9: (True, 2), 12: (True, 13), 16: (True, 29),
+                    20: (True, 31), 24: (False, 0)}
+    for mode in (True, "offload"):  # the recipe's own choice
+        assert settle_checkpointing(eight_b_recipe(gradient_checkpointing=mode), config, 16 * GIB, None,
+                                    2048).mlps_kept_on_gpu == 0
+    assert settle_checkpointing(eight_b_recipe(), config, None, None, 2048) == CheckpointingChoice(True)  # no GPU
+
+
+@pytest.mark.parametrize("case", ["tiled", "fsdp", "no kernels", "mlp without LoRA", "norm after the mlp"])
+def test_no_mlps_are_kept_where_the_kernel_does_not_keep_them_whole(case, tiny_model_folder):
+    """host_mlp_activations keeps only LoRA MLP kernels run whole, never under fsdp, and not where a norm after the
+    MLP keeps its output (Gemma 2 and 3: the recompute runs the MLP anyway)."""
+    from transformers import AutoConfig
+
+    shape = shape_of("llama3-8b")
+    setup = Setup(batch_size=2, seq=2048, checkpointing=True)
+    assert pick_mlps_kept_on_gpu(shape, setup, "auto", 16 * GIB) == 29
+    if case == "tiled":
+        setup = replace(setup, seq=mlp_tile_rows_length(shape), batch_size=1)
+    elif case == "fsdp":
+        setup = replace(setup, processes=2, shard_layers=True)
+    elif case == "no kernels":
+        setup = replace(setup, kernels=False)
+    elif case == "mlp without LoRA":
+        setup = replace(setup, lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+    else:
+        gemma = ModelShape.from_config(AutoConfig.from_pretrained(tiny_model_folder("gemma3_text")))
+        assert gemma.mlp_output_normed and not shape.mlp_output_normed
+        shape = replace(shape, mlp_output_normed=True)
+    assert pick_mlps_kept_on_gpu(shape, setup, "auto", 1000 * GIB) == 0
+
+
+def mlp_tile_rows_length(shape) -> int:
+    """The shortest multiple of 1,024 tokens at which the MLP kernel of `shape` goes in tiles (one row)."""
+    return tiling_starts(shape, Setup(batch_size=1, seq=2048))
+
+
 def test_auto_checkpointing_with_several_gpus_is_of_the_strategy_chosen():
     """ddp is chosen when it fits with the least memory (offload); the checkpointing is then the fastest under it.
     Per GPU, 70B in NF4 at 2 x 2048 needs about 47.8 GiB under ddp recomputing from inputs on the GPU, 43.5 with
@@ -566,7 +640,8 @@ def test_plan_cli_longest(tmp_path, eight_b_folder):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.splitlines()[-1])
     assert summary["longest"] == {"seq": 524288, "batch_size": 1, "tokens": 524288, "checkpointing": "offload",
-                                  "layers_kept_on_gpu": 2, "needed_gib": summary["longest"]["needed_gib"],
+                                  "layers_kept_on_gpu": 2, "mlps_kept_on_gpu": 0,
+                                  "needed_gib": summary["longest"]["needed_gib"],
                                   "host_gib": 120.0}
     assert 50 < summary["longest"]["needed_gib"] <= 80
     # at the recipe's own length: 2,048 tokens are 16 MiB a layer, 32 layers 0.5 GiB, all on the host
@@ -668,6 +743,31 @@ def test_train_resolves_auto_before_loading_and_its_header_says_so(tmp_path, tin
     assert "gradient_checkpointing: auto" in (tmp_path / "out" / "recipe.yaml").read_text()  # resolved per run
 
 
+@pytest.mark.parametrize("kept", [0, 1])
+def test_train_keeps_the_planned_mlps_on_the_gpu(kept, tmp_path, tiny_model_folder, monkeypatch):
+    """The MLPs settle_checkpointing keeps (here 1 of the tiny model's 2 layers, under recompute) reach the model:
+    backward computes the kept MLP's forward no second time, and the header says so."""
+    import ftcli.train
+    from ftcli_kernels import lora_mlp
+
+    runs, forward = [], lora_mlp.LoraGatedMLPFunction.forward
+
+    def counted(ctx, *args):
+        runs.append(ctx)
+        return forward(ctx, *args)
+
+    monkeypatch.setattr(lora_mlp.LoraGatedMLPFunction, "forward", staticmethod(counted))
+    monkeypatch.setattr(ftcli.train, "settle_checkpointing", lambda *args: CheckpointingChoice(True, 0, kept))
+    data = write_jsonl(tmp_path / "train.jsonl", long_rows(2, 5))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_folder("llama"), data, tmp_path / "out",
+                          model={"kernels": True}, train={"max_steps": 1, "batch_size": 2, "grad_accum": 1})
+    result = run_cli("train", recipe)
+    assert result.exit_code == 0, result.output
+    assert len(runs) == 4 - kept  # two layers' forward, and the recompute of those not kept
+    said = "with the room left, 1 layers' MLPs keep their tensors, not recomputed"
+    assert (said in " ".join(result.output.split())) == bool(kept)
+
+
 def test_train_keeps_the_planned_layers_inputs_on_the_gpu(tmp_path, tiny_model_folder, monkeypatch):
     """What settle_checkpointing says (here offload with 1 layer's input on the GPU, as for a host short of memory)
     reaches the offloaded checkpointing and the header."""
@@ -676,17 +776,17 @@ def test_train_keeps_the_planned_layers_inputs_on_the_gpu(tmp_path, tiny_model_f
 
     enabled = []
 
-    def recorded(model, mode, layers_on_gpu=0):
-        enabled.append((mode, layers_on_gpu))
-        enable_checkpointing(model, mode, layers_on_gpu)
+    def recorded(model, mode, layers_on_gpu=0, keeps_mlps=False):
+        enabled.append((mode, layers_on_gpu, keeps_mlps))
+        enable_checkpointing(model, mode, layers_on_gpu, keeps_mlps)
 
-    monkeypatch.setattr(ftcli.train, "settle_checkpointing", lambda *args: ("offload", 1))
+    monkeypatch.setattr(ftcli.train, "settle_checkpointing", lambda *args: CheckpointingChoice("offload", 1))
     monkeypatch.setattr(ftcli.train, "enable_checkpointing", recorded)
     data = write_jsonl(tmp_path / "train.jsonl", long_rows(2, 5))
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model_folder("llama"), data, tmp_path / "out",
                           train={"max_steps": 1, "gradient_checkpointing": "offload"})
     result = run_cli("train", recipe)
     assert result.exit_code == 0, result.output
-    assert enabled == [("offload", 1)]
+    assert enabled == [("offload", 1, False)]
     assert ("checkpointing offload: each layer's input kept in CPU memory, the layer recomputed in backward; the "
             "first 1 layers' inputs on the GPU, as the host has no room") in " ".join(result.output.split())

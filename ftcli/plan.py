@@ -37,7 +37,7 @@ GPU instead, as many as the host cannot hold (as long as the GPU has room), so n
 length. `train.gradient_checkpointing: auto` picks the fastest policy whose need fits the GPU: false (nothing
 recomputed), else true, else offload; without a GPU to check against, true. Where it recomputes, the room left buys
 LoRA MLPs that keep their input, gate and up on the GPU from forward to backward, so that backward does not compute
-them again (`mlps_kept_on_gpu`, as many as fit, the top layer's excepted). The longest length that fits
+them again (`mlps_kept_on_gpu`, as many as fit in 95% of the GPU, the top layer's excepted). The longest length that fits
 (`--longest`) is searched in steps of 1,024 tokens.
 
     python -m ftcli.plan --shape llama3-8b --seq 2048 --bs 2 --checkpointing offload
@@ -69,6 +69,7 @@ Strategy = Literal["ddp", "fsdp"]
 STRATEGIES: tuple[Strategy, ...] = ("ddp", "fsdp")
 Checkpointing = Union[bool, Literal["offload"]]  # train.gradient_checkpointing once auto is resolved
 LENGTH_STEP = 1024  # the longest length that fits is a multiple of this
+KEPT_MLPS_MARGIN = 0.05  # MLPs kept for speed leave this share of the GPU free: never worth running out of memory
 
 
 @dataclass
@@ -559,7 +560,9 @@ def pick_mlps_kept_on_gpu(shape: ModelShape, setup: Setup, requested: Union[Chec
     """Under auto, when layers are recomputed: how many MLPs keep their tensors for backward on the GPU, so that
     backward does not compute them again (the largest count that still fits `budget`). None where the recipe chose
     its checkpointing, where the MLPs are not LoRA kernels run whole, or under fsdp; at most all but the top layer,
-    whose backward follows its forward at once (activation_checkpointing.host_mlp_activations)."""
+    whose backward follows its forward at once (activation_checkpointing.host_mlp_activations). They are a speed-up
+    where an estimate a few percent short would mean running out of memory, so they leave KEPT_MLPS_MARGIN of the
+    GPU free."""
     mlp = {"gate_proj", "up_proj", "down_proj"}
     if (requested != "auto" or not setup.checkpointing or budget is None or not setup.kernels
             or not mlp <= set(setup.lora_targets) or mlp_tile_rows_of(shape, setup) or setup.shard_layers
@@ -567,7 +570,9 @@ def pick_mlps_kept_on_gpu(shape: ModelShape, setup: Setup, requested: Union[Chec
         return 0
 
     def fits(count: int) -> bool:
-        return bool(estimate_memory(shape, replace(setup, mlps_kept_on_gpu=count)).fits(budget))
+        return bool(estimate_memory(shape, replace(setup, mlps_kept_on_gpu=count)).fits(room))
+
+    room = int(budget * (1 - KEPT_MLPS_MARGIN))
 
     if not fits(1):
         return 0

@@ -149,12 +149,12 @@ def test_plan_cli_fits_and_does_not_fit(tmp_path, eight_b_folder):
     assert "does not fit a GPU with 7.5 GiB" in text and "backward of the top layer" in text
     assert "--set train.gradient_checkpointing=offload" in text and "train.batch_size=1 --set train.grad_accum=8" in text
 
-    # auto on 12 GiB: recompute (true), and 14 of the 32 layers' MLPs kept on the GPU with the room left
+    # auto on 12 GiB: recompute (true), and 12 of the 32 layers' MLPs kept on the GPU with the room left
     result = run_cli("plan", recipe, "--gpu-memory", "12GiB", "--set", "train.gradient_checkpointing=auto")
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "auto picks true" in text
-    assert ("With the room left, the MLPs of 14 of 32 layers keep their input, gate and up for backward on the GPU "
+    assert ("With the room left, the MLPs of 12 of 32 layers keep their input, gate and up for backward on the GPU "
             "(0.25 GiB each), so backward does not compute them again.") in text
 
 
@@ -551,8 +551,8 @@ def test_auto_checkpointing_picks_the_fastest_that_fits(budget, expected):
 
 def test_auto_keeps_as_many_mlps_on_the_gpu_as_the_room_left_holds():
     """Llama-3-8B NF4 at 2 x 2048 tokens, where layers are recomputed: each MLP kept on the GPU adds its input, gate
-    and up (4,096 x (4,096 + 2 x 14,336) x 2 bytes, 0.25 GiB) to the peak, and auto keeps the most that fit, up to
-    all but the top layer's. Where nothing is recomputed, or the recipe chose its checkpointing, none."""
+    and up (4,096 x (4,096 + 2 x 14,336) x 2 bytes, 0.25 GiB) to the peak, and auto keeps the most that fit in 95% of
+    the GPU, up to all but the top layer's. Where nothing is recomputed, or the recipe chose its checkpointing, none."""
     shape, config = shape_of("llama3-8b"), shape_config("llama3-8b")
     setup = Setup(batch_size=2, seq=2048)
     each = kept_mlp_bytes(shape, setup)
@@ -571,14 +571,14 @@ def test_auto_keeps_as_many_mlps_on_the_gpu_as_the_room_left_holds():
     for gib in (8, 9, 12, 16, 20, 24):
         settled = settled_setup(shape, setup, "auto", gib * GIB, None)
         kept[gib] = (settled.checkpointing, settled.mlps_kept_on_gpu)
-        assert estimate_memory(shape, settled).fits(gib * GIB)
+        room = int(0.95 * gib * GIB)
+        assert estimate_memory(shape, settled).fits(room if settled.mlps_kept_on_gpu else gib * GIB)
         if settled.checkpointing and settled.mlps_kept_on_gpu < shape.layers - 1:
             assert not estimate_memory(shape, replace(settled, mlps_kept_on_gpu=settled.mlps_kept_on_gpu + 1)).fits(
-                gib * GIB)
+                room)
         mode, mlps = kept[gib]
         assert settle_checkpointing(eight_b_recipe(), config, gib * GIB, None, 2048) == CheckpointingChoice(mode, 0, mlps)
-    assert kept == {8: ("offload", 2), 9: (True, 2), 12: (True, 13), 16: (True, 29),
-                    20: (True, 31), 24: (False, 0)}
+    assert kept == {8: ("offload", 0), 9: (True, 0), 12: (True, 11), 16: (True, 26), 20: (True, 31), 24: (False, 0)}
     for mode in (True, "offload"):  # the recipe's own choice
         assert settle_checkpointing(eight_b_recipe(gradient_checkpointing=mode), config, 16 * GIB, None,
                                     2048).mlps_kept_on_gpu == 0
@@ -593,7 +593,7 @@ def test_no_mlps_are_kept_where_the_kernel_does_not_keep_them_whole(case, tiny_m
 
     shape = shape_of("llama3-8b")
     setup = Setup(batch_size=2, seq=2048, checkpointing=True)
-    assert pick_mlps_kept_on_gpu(shape, setup, "auto", 16 * GIB) == 29
+    assert pick_mlps_kept_on_gpu(shape, setup, "auto", 16 * GIB) == 26
     if case == "tiled":
         setup = replace(setup, seq=mlp_tile_rows_length(shape), batch_size=1)
     elif case == "fsdp":

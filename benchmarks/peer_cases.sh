@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # ftcli against Unsloth and TRL on the issue-18 cases, one case per device call (each fits a call's 10 minutes).
 #
-#   benchmarks/peer_cases.sh CASE     CASE: 8b | 8b-trl | 8b-both | 8b-8k | 8b-bf16 | 1b | 131k
+#   benchmarks/peer_cases.sh CASE [FLAG ...]     CASE: 8b | 8b-trl | 8b-both | 8b-8k | 8b-bf16 | 1b | 131k
+#
+# FLAGs go to ftcli's side as they are, e.g. --host-mlp 3 --keep-mlp 3 --host-embeddings (docs/benchmarks.md).
 #
 # Run from the repository root on the GPU machine with .devsite and .peersite carried. The 8B model folder the
 # peers load is kept under models/ (16 GB), so later cases on a still-warm machine reuse it. The table goes to
@@ -20,4 +22,5 @@ case "${1:-}" in
            common=(--calls 1 --keep-model models) ;;
   *) echo "usage: benchmarks/peer_cases.sh 8b | 8b-trl | 8b-both | 8b-8k | 8b-bf16 | 1b | 131k" >&2; exit 2 ;;
 esac
-python3 -m ftcli.bench "${args[@]}" "${common[@]}" 2>&1 | tee "${OUT:-/tmp}/$1.txt" | tail -12
+case_name=$1; shift
+python3 -m ftcli.bench "${args[@]}" "${common[@]}" "$@" 2>&1 | tee "${OUT:-/tmp}/$case_name.txt" | tail -12

@@ -54,6 +54,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import bitsandbytes as bnb
 import torch
@@ -67,9 +68,11 @@ from ftcli.bench_common import (BENCH_LORA, CHECKPOINTING, LORA_SEED, add_traini
                                 random_batches, random_model, write_random_model)
 from ftcli.decoding import Decoder, Sampling
 from ftcli.optim import build_optimizer
+from ftcli.errors import InputError
 from ftcli.patch import host_input_embeddings
+from ftcli.plan import CheckpointingChoice, ModelShape, Setup, parse_size, settled_setup
 from ftcli.recipe import TrainSettings
-from ftcli.shapes import SHAPES
+from ftcli.shapes import SHAPES, shape_config
 from ftcli.step_graph import GraphedMicroBatch
 from ftcli.train import summed_token_loss, target_tokens
 
@@ -90,18 +93,37 @@ def hf_training(model, precision: str, lora_r: int):
     return model, lambda batch: model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
 
 
-def ftcli_training(model, checkpointing, lora_r: int, host_mlp: int = 0, keep_mlp: int = 0,
+def ftcli_training(model, checkpointing: CheckpointingChoice, lora_r: int, host_mlp: int = 0, keep_mlp: int = 0,
                    host_embeddings: bool = False):
     """The path `ftcli train` takes after loading: kernels, checkpointing, LoRA, and its own loss, summed over the
     batch's target tokens; with MLP tensors kept on the GPU or hosted (host_mlp_activations), and the input
     embedding table hosted, when asked."""
-    model, kernels = ftcli_setup(model, checkpointing, lora_r)
+    model, kernels = ftcli_setup(model, checkpointing.mode, lora_r, checkpointing.layers_on_gpu,
+                                 checkpointing.mlps_kept_on_gpu)
     if host_mlp or keep_mlp:
         host_mlp_activations(model, host_mlp, on_gpu=keep_mlp)
     if host_embeddings and not host_input_embeddings(model):
         raise SystemExit("--host-embeddings: this shape's input embedding cannot wait in CPU memory (its output "
                          "head shares the table, or it is not a plain frozen nn.Embedding); leave the flag out")
     return model, lambda batch: summed_token_loss(model, batch, kernels.fused_loss)
+
+
+def ftcli_checkpointing(args) -> CheckpointingChoice:
+    """ftcli's checkpointing: --checkpointing's, or with --gpu-memory what `ftcli train` resolves its default (auto)
+    to on a GPU of that size (ftcli/plan.py), MLPs kept with the room left included."""
+    if not args.gpu_memory:
+        return CheckpointingChoice(args.checkpointing)
+    setup = Setup(batch_size=args.bs, seq=args.seq, load_in_4bit=args.precision == "nf4", lora_r=args.lora_r)
+    settled = settled_setup(ModelShape.from_config(shape_config(args.shape)), setup, "auto",
+                            parse_size(args.gpu_memory), None)
+    return CheckpointingChoice(settled.checkpointing, settled.layers_kept_on_gpu, settled.mlps_kept_on_gpu)
+
+
+def checkpointing_words(choice: CheckpointingChoice, gpu_memory: Optional[str]) -> str:
+    """The checkpointing ftcli's side ran, for the table's footnote."""
+    planned = f" (ftcli train's auto on a GPU of {gpu_memory})" if gpu_memory else ""
+    kept = f", {choice.mlps_kept_on_gpu} MLPs kept on the GPU" if choice.mlps_kept_on_gpu else ""
+    return f"checkpointing {str(choice.mode).lower()}{kept}{planned}"
 
 
 def eager_micro_batch(mean_loss):
@@ -128,8 +150,8 @@ def measure(side: str, args) -> dict:
     if side == "hf":
         model, mean_loss = hf_training(model, args.precision, args.lora_r)
     else:
-        model, summed_loss = ftcli_training(model, args.checkpointing, args.lora_r, args.host_mlp, args.keep_mlp,
-                                            args.host_embeddings)
+        model, summed_loss = ftcli_training(model, ftcli_checkpointing(args), args.lora_r, args.host_mlp,
+                                            args.keep_mlp, args.host_embeddings)
         mean_loss = lambda batch: summed_loss(batch) / target_tokens(batch)  # noqa: E731
     trainable = [p for p in model.parameters() if p.requires_grad]
     graphed = side == "ftcli" and args.cuda_graph and device.type == "cuda"
@@ -159,6 +181,7 @@ def measure(side: str, args) -> dict:
         losses.append(float(loss.detach()))  # synchronizes with the device
         times.append(time.perf_counter() - started)
     result = {"side": side, "step_s": times[args.warmup:], "losses": losses,
+              **({"settings": checkpointing_words(ftcli_checkpointing(args), args.gpu_memory)} if side == "ftcli" else {}),
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "versions": versions()}
     if args.profile and side == "ftcli" and device.type == "cuda":
@@ -333,10 +356,12 @@ def versions() -> dict[str, str]:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        # Triton compiles for GPUs only; set here, its interpreter runs ftcli's kernels in every side's process
-        os.environ["TRITON_INTERPRET"] = "1"
+        # Triton compiles for GPUs only; its interpreter runs ftcli's kernels instead, in every side's process. Triton
+        # reads the setting when first imported, which bitsandbytes has done by now: the bench starts again with it
         print("No GPU here: ftcli's kernels run in Triton's CPU interpreter, slowly, so the figures show that the sides "
               "run and agree, not how fast they are.", file=sys.stderr)
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.execv(sys.executable, [sys.executable, "-m", "ftcli.bench", *argv])
     method = method_of(argv)
     if "--gpus" in argv:
         bench_distributed.main(argv)
@@ -366,6 +391,10 @@ def main(argv=None) -> None:
     parser.add_argument("--keep-mlp", type=int, default=0, metavar="K",
                         help="with --checkpointing offload: the MLPs of the K layers below the top one keep what they "
                              "save for backward on the GPU instead of recomputing it; --host-mlp counts below them")
+    parser.add_argument("--gpu-memory", metavar="SIZE",
+                        help="ftcli's checkpointing as `ftcli train` resolves its default, auto, on a GPU of this size "
+                             "(ftcli/plan.py: recompute or not, and how many MLPs stay whole with the room left), "
+                             "instead of --checkpointing")
     parser.add_argument("--host-embeddings", action="store_true",
                         help="ftcli's input embedding table waits in pinned CPU memory, read a row per token by the "
                              "GPU (ftcli/patch.host_input_embeddings; untied heads only)")
@@ -386,6 +415,14 @@ def main(argv=None) -> None:
     if (args.host_mlp or args.keep_mlp) and args.checkpointing != "offload":
         parser.error("--host-mlp and --keep-mlp keep MLP tensors outside offloaded checkpointing's recompute: add "
                      "--checkpointing offload, or leave them out")
+    if args.gpu_memory and (args.host_mlp or args.keep_mlp or args.host_embeddings):
+        parser.error("--gpu-memory runs what ftcli train would, which keeps MLPs by its own plan and neither hosts "
+                     "MLPs nor the embedding table: leave out --host-mlp, --keep-mlp and --host-embeddings")
+    if args.gpu_memory:
+        try:
+            parse_size(args.gpu_memory)  # a bad size fails here, not in a side's process
+        except InputError as error:
+            parser.error(str(error))
     if args.write_model:
         write_random_model(args.shape, Path(args.write_model))
         print(json.dumps({"side": "folder", "written": args.write_model}))

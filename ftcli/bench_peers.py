@@ -210,4 +210,6 @@ def report(args, results: list[dict]) -> int:
             if "profile" in result:
                 print(f"--- {result['side']} profile, call {result['call']} ---\n{result['profile']}")
         print_table(args, summaries, next((r["device"] for r in results if "device" in r), "?"))
+        for line in dict.fromkeys(f"{r['side']}: {r['settings']}" for r in results if "settings" in r):
+            print(line)
     return 1 if any(result["side"] == "ftcli" and "error" in result for result in results) else 0

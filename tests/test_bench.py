@@ -17,6 +17,7 @@ import torch
 
 from conftest import DEVICE
 from ftcli import bench, bench_common, bench_grpo, bench_peers, bench_preference
+from ftcli.plan import CheckpointingChoice
 
 # How far apart two sides' losses may be. On the CPU all compute in float32. On a GPU the bench computes in
 # bfloat16, and the plain side keeps the norms, embeddings and head in float32 (prepare_model_for_kbit_training);
@@ -351,12 +352,21 @@ def test_bench_trains_on_one_gpu_then_on_two(distributed):
 
 
 def test_without_a_gpu_the_bench_runs_the_kernels_in_the_interpreter_and_says_so(monkeypatch, capsys):
-    """Triton compiles for GPUs only: on a CPU machine every side's process must inherit TRITON_INTERPRET."""
+    """Triton compiles for GPUs only: on a CPU machine every side's process must inherit TRITON_INTERPRET, which
+    Triton reads when first imported (bitsandbytes has imported it by then), so the bench starts itself again."""
     monkeypatch.setenv("TRITON_INTERPRET", "")  # restored after the test, so no later test inherits the bench's "1"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    started = []
+
+    def start_again(path, args):
+        started.append((path, args))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(os, "execv", start_again)
     with pytest.raises(SystemExit):
-        bench.main(["--shape", "no-such-shape"])  # stops in argument parsing, after the check
+        bench.main(["--shape", "tiny", "--steps", "1"])
     assert os.environ["TRITON_INTERPRET"] == "1"
+    assert started == [(sys.executable, [sys.executable, "-m", "ftcli.bench", "--shape", "tiny", "--steps", "1"])]
     assert "No GPU here: ftcli's kernels run in Triton's CPU interpreter" in capsys.readouterr().err
 
 
@@ -378,6 +388,28 @@ def test_profile_sums_kernels_by_kind_and_finds_the_gpu_idle():
     # computing (ms) 0-60, 61-61.01, 62-62.002, 65-76 (dequantize and attention overlap), 80-80.5: busy 71.512,
     # idle 8.988 in 4 gaps
     assert lines[-1] == "the GPU computed 71.5 ms of the kernels' 80.5 ms span, idle 9.0 ms in 4 gaps"
+
+
+def test_gpu_memory_runs_the_checkpointing_ftcli_train_plans_for_that_gpu(capsys):
+    """--gpu-memory: ftcli's side checkpoints as `ftcli train`'s auto would on that GPU (ftcli/plan.py), says so under
+    the table, and takes no hand-set MLP or embedding flags beside it."""
+    args = argparse.Namespace(shape="llama3-8b", seq=2048, bs=2, precision="nf4", lora_r=16, checkpointing="offload",
+                              gpu_memory=None)
+    assert bench.ftcli_checkpointing(args) == CheckpointingChoice("offload")
+    for size, choice in (("12GiB", CheckpointingChoice(True, 0, 11)), ("80GiB", CheckpointingChoice(False)),
+                         ("7GiB", CheckpointingChoice("offload"))):
+        assert bench.ftcli_checkpointing(argparse.Namespace(**vars(args) | {"gpu_memory": size})) == choice
+    assert bench.checkpointing_words(CheckpointingChoice(True, 0, 11), "12GiB") == \
+        "checkpointing true, 11 MLPs kept on the GPU (ftcli train's auto on a GPU of 12GiB)"
+    for flags in (["--keep-mlp", "2"], ["--host-embeddings"], ["--host-mlp", "3"]):
+        with pytest.raises(SystemExit) as stopped:
+            bench.main(["--shape", "tiny", "--only", "ftcli", "--gpu-memory", "1GiB", "--checkpointing", "offload",
+                        *flags])
+        assert stopped.value.code == 2
+        assert "--gpu-memory runs what ftcli train would" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--shape", "tiny", "--only", "ftcli", "--gpu-memory", "lots"])
+    assert "--gpu-memory 'lots' is not a size" in capsys.readouterr().err
 
 
 def test_hosting_mlps_needs_offloaded_checkpointing(capsys):

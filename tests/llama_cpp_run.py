@@ -6,6 +6,7 @@ code paths (CPU build, no importance matrix), the reference every exported GGUF 
 
 import ctypes
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -44,9 +45,22 @@ def llama_quantize(source: Path, destination: Path, type_name: str) -> Path:
 
 
 def load(path: Path, context: int = 512):
-    """A GGUF file loaded by llama.cpp, keeping the logits of every position; its KV cache in float32."""
-    return llama_cpp.Llama(model_path=str(path), n_ctx=context, n_batch=context, logits_all=True, verbose=False,
-                           n_threads=2, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
+    """A GGUF file loaded by llama.cpp, keeping the logits of every position; its KV cache in float32.
+
+    Without llama.cpp's "extra buffer types", the weights repacked for a CPU's own matmul units: its plain CPU
+    kernels are the reference, and on a CPU that reports AMX where the tiles cannot be used (seen in a virtual
+    machine here), the AMX path dies of an illegal instruction. llama-cpp-python takes no argument for it, so its
+    default model parameters are given with it off while the model loads."""
+    default_params = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params_without_repacking():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    with mock.patch.object(llama_cpp.llama_cpp, "llama_model_default_params", params_without_repacking):
+        return llama_cpp.Llama(model_path=str(path), n_ctx=context, n_batch=context, logits_all=True, verbose=False,
+                               n_threads=2, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
 
 
 def logits(model, sequences: list[list[int]]) -> np.ndarray:

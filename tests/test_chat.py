@@ -8,6 +8,7 @@ import shutil
 import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,13 +135,26 @@ class Terminal:
     def type(self, keys: str) -> None:
         os.write(self.fd, keys.encode())
 
+    def waiting_for_keys(self, timeout: float = 30) -> None:
+        """Wait until the session sleeps waiting for what is typed (Linux tells; elsewhere this returns at once).
+        CPython's readline loop looks for signals only when its select() is interrupted, so a Ctrl-C that lands in
+        the instant between the prompt and that select() waits for the next key: a test typing at once hangs
+        where no person's hands are that fast."""
+        wchan = Path(f"/proc/{self.pid}/wchan")
+        deadline = time.monotonic() + timeout
+        while wchan.exists() and time.monotonic() < deadline:
+            if any(call in wchan.read_text() for call in ("poll", "select")):
+                return
+            time.sleep(0.01)
+
     def exit_code(self, timeout: float = 30) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                os.read(self.fd, 4096)  # drain, so the child never blocks on a full terminal
-            except OSError:
-                pass
+            if select.select([self.fd], [], [], 0.1)[0]:  # drain, so the child never blocks on a full terminal
+                try:
+                    os.read(self.fd, 4096)
+                except OSError:  # the child closed the terminal
+                    pass
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
                 self.ended = True
@@ -175,6 +189,7 @@ def test_ctrl_d_and_ctrl_c_at_the_prompt_end_the_session_cleanly(smollm2_folder)
     for key in ("\x04", "\x03"):
         with Terminal(str(smollm2_folder)) as terminal:
             terminal.expect(">>> ")
+            terminal.waiting_for_keys()
             terminal.type(key)
             assert terminal.exit_code() == 0
 

@@ -114,9 +114,8 @@ def ftcli_checkpointing(args) -> CheckpointingChoice:
     if not args.gpu_memory:
         return CheckpointingChoice(args.checkpointing)
     setup = Setup(batch_size=args.bs, seq=args.seq, load_in_4bit=args.precision == "nf4", lora_r=args.lora_r)
-    settled = settled_setup(ModelShape.from_config(shape_config(args.shape)), setup, "auto",
-                            parse_size(args.gpu_memory), None)
-    return CheckpointingChoice(settled.checkpointing, settled.layers_kept_on_gpu, settled.mlps_kept_on_gpu)
+    return CheckpointingChoice.of(settled_setup(ModelShape.from_config(shape_config(args.shape)), setup, "auto",
+                                                parse_size(args.gpu_memory), None))
 
 
 def checkpointing_words(choice: CheckpointingChoice, gpu_memory: Optional[str]) -> str:
@@ -147,11 +146,14 @@ def measure(side: str, args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = random_model(args.shape, args.precision, device, dtype)
+    settings = {}
     if side == "hf":
         model, mean_loss = hf_training(model, args.precision, args.lora_r)
     else:
-        model, summed_loss = ftcli_training(model, ftcli_checkpointing(args), args.lora_r, args.host_mlp,
-                                            args.keep_mlp, args.host_embeddings)
+        checkpointing = ftcli_checkpointing(args)
+        settings = {"settings": checkpointing_words(checkpointing, args.gpu_memory)}
+        model, summed_loss = ftcli_training(model, checkpointing, args.lora_r, args.host_mlp, args.keep_mlp,
+                                            args.host_embeddings)
         mean_loss = lambda batch: summed_loss(batch) / target_tokens(batch)  # noqa: E731
     trainable = [p for p in model.parameters() if p.requires_grad]
     graphed = side == "ftcli" and args.cuda_graph and device.type == "cuda"
@@ -180,8 +182,7 @@ def measure(side: str, args) -> dict:
         optimizer.zero_grad(set_to_none=not graphed)
         losses.append(float(loss.detach()))  # synchronizes with the device
         times.append(time.perf_counter() - started)
-    result = {"side": side, "step_s": times[args.warmup:], "losses": losses,
-              **({"settings": checkpointing_words(ftcli_checkpointing(args), args.gpu_memory)} if side == "ftcli" else {}),
+    result = {"side": side, "step_s": times[args.warmup:], "losses": losses, **settings,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "versions": versions()}
     if args.profile and side == "ftcli" and device.type == "cuda":

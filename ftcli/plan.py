@@ -37,8 +37,8 @@ GPU instead, as many as the host cannot hold (as long as the GPU has room), so n
 length. `train.gradient_checkpointing: auto` picks the fastest policy whose need fits the GPU: false (nothing
 recomputed), else true, else offload; without a GPU to check against, true. Where it recomputes, the room left buys
 LoRA MLPs that keep their input, gate and up on the GPU from forward to backward, so that backward does not compute
-them again (`mlps_kept_on_gpu`, as many as fit in 95% of the GPU, the top layer's excepted). The longest length that fits
-(`--longest`) is searched in steps of 1,024 tokens.
+them again (`mlps_kept_on_gpu`, as many as fit in 95% of the GPU, the top layer's excepted). The longest length
+that fits (`--longest`) is searched in steps of 1,024 tokens.
 
     python -m ftcli.plan --shape llama3-8b --seq 2048 --bs 2 --checkpointing offload
     python -m ftcli.plan --shape llama3-8b --bs 1 --lora-r 32 --longest --gpu-memory 80GiB --host-memory 128GiB
@@ -569,10 +569,10 @@ def pick_mlps_kept_on_gpu(shape: ModelShape, setup: Setup, requested: Union[Chec
             or shape.mlp_output_normed):
         return 0
 
+    room = int(budget * (1 - KEPT_MLPS_MARGIN))
+
     def fits(count: int) -> bool:
         return bool(estimate_memory(shape, replace(setup, mlps_kept_on_gpu=count)).fits(room))
-
-    room = int(budget * (1 - KEPT_MLPS_MARGIN))
 
     if not fits(1):
         return 0
@@ -602,6 +602,11 @@ class CheckpointingChoice(NamedTuple):
     layers_on_gpu: int = 0
     mlps_kept_on_gpu: int = 0
 
+    @classmethod
+    def of(cls, setup: Setup) -> "CheckpointingChoice":
+        """The choice a settled setup holds."""
+        return cls(setup.checkpointing, setup.layers_kept_on_gpu, setup.mlps_kept_on_gpu)
+
 
 def settle_checkpointing(recipe: Recipe, config, gpu_bytes: Optional[int], host_bytes: Optional[int], longest: int,
                          processes: int = 1, strategy: Strategy = "ddp") -> CheckpointingChoice:
@@ -612,9 +617,9 @@ def settle_checkpointing(recipe: Recipe, config, gpu_bytes: Optional[int], host_
     requested = recipe.train.gradient_checkpointing
     if requested not in ("auto", "offload"):  # nothing to decide
         return CheckpointingChoice(requested)
-    setup = settled_setup(ModelShape.from_config(config), Setup.from_recipe(recipe, longest, processes, strategy),
-                          requested, gpu_bytes, host_bytes)
-    return CheckpointingChoice(setup.checkpointing, setup.layers_kept_on_gpu, setup.mlps_kept_on_gpu)
+    return CheckpointingChoice.of(settled_setup(ModelShape.from_config(config),
+                                                Setup.from_recipe(recipe, longest, processes, strategy),
+                                                requested, gpu_bytes, host_bytes))
 
 
 def longest_setup(shape: ModelShape, setup: Setup, requested: Union[Checkpointing, str], budget: int,

@@ -36,7 +36,7 @@ def enable_checkpointing(model, mode: Union[bool, str], layers_on_gpu: int = 0, 
     """Checkpoint every decoder layer of a transformers model: plain recompute (True) or "offload", which keeps
     the inputs of the first `layers_on_gpu` layers on the GPU. With `keeps_mlps`, plain recompute goes through
     OffloadedCheckpoint as well, every layer's input kept on the GPU, so that host_mlp_activations can have MLPs
-    keep their tensors (`OffloadedCheckpoint.keeping`)."""
+    keep their tensors (`OffloadedCheckpoint.keeping`, `hosting`)."""
     if not mode:
         return
     settings = {"use_reentrant": False}
@@ -52,17 +52,18 @@ def enable_checkpointing(model, mode: Union[bool, str], layers_on_gpu: int = 0, 
 
 
 def host_mlp_activations(model, every: int, on_gpu: int = 0) -> tuple[int, int]:
-    """Under offloaded checkpointing, have LoRA MLPs save what they keep for backward outside the checkpoint, so that
-    backward's recompute stops before them: counted down from the second layer from the top, the first `on_gpu` keep
-    it on the GPU (`OffloadedCheckpoint.keeping`), and below them every `every`-th (0: none) in CPU memory
-    (`OffloadedCheckpoint.hosting`); returns how many layers do each. The top layer is left out, as its backward
-    follows its forward at once, and so are layers whose MLP output a norm keeps for backward (Gemma 2 and 3's
-    post_feedforward_layernorm), whose recompute goes through the MLP anyway.
+    """Under OffloadedCheckpoint (offload, or plain recompute with `keeps_mlps`), have LoRA MLPs save what they keep
+    for backward outside the checkpoint, so that backward's recompute stops before them: counted down from the
+    second layer from the top, the first `on_gpu` keep it on the GPU (`OffloadedCheckpoint.keeping`), and below them
+    every `every`-th (0: none) in CPU memory (`OffloadedCheckpoint.hosting`); returns how many layers do each. The
+    top layer is left out, as its backward follows its forward at once, and so are layers whose MLP output a norm
+    keeps for backward (Gemma 2 and 3's post_feedforward_layernorm), whose recompute goes through the MLP anyway.
 
     A kept MLP costs its input, gate and up in GPU memory from forward to backward (0.25 GiB a layer of Llama-3-8B at
     4,096 tokens). A hosted one moves them over PCIe and back (5.6 ms each way at the 48 GB/s measured on an H200)
     beside the layer inputs' copies (0.7 ms each), one copy after the other, while a layer's forward takes about
-    3.1 ms: hosting every second layer is a little more than the bus carries, every third a little less."""
+    3.1 ms: hosting every second layer is a little more than the bus carries, every third a little less (ftcli/plan.py's
+    mlp_hosting_spacing picks the spacing for `ftcli train`)."""
     layers = [module for module in model.modules()
               if isinstance(getattr(module, "_gradient_checkpointing_func", None), OffloadedCheckpoint)
               and isinstance(getattr(module, "mlp", None), KernelLoraGatedMLP)]

@@ -63,14 +63,13 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from ftcli import bench_distributed, bench_grpo, bench_peers, bench_preference
-from ftcli.activation_checkpointing import host_mlp_activations
 from ftcli.bench_common import (BENCH_LORA, CHECKPOINTING, LORA_SEED, add_training_arguments, ftcli_setup, method_of,
                                 random_batches, random_model, write_random_model)
 from ftcli.decoding import Decoder, Sampling
 from ftcli.optim import build_optimizer
 from ftcli.errors import InputError
 from ftcli.patch import host_input_embeddings
-from ftcli.plan import CheckpointingChoice, ModelShape, Setup, parse_size, settled_setup
+from ftcli.plan import CheckpointingChoice, ModelShape, Setup, ordinal, parse_size, settled_setup
 from ftcli.recipe import TrainSettings
 from ftcli.shapes import SHAPES, shape_config
 from ftcli.step_graph import GraphedMicroBatch
@@ -93,15 +92,11 @@ def hf_training(model, precision: str, lora_r: int):
     return model, lambda batch: model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
 
 
-def ftcli_training(model, checkpointing: CheckpointingChoice, lora_r: int, host_mlp: int = 0, keep_mlp: int = 0,
-                   host_embeddings: bool = False):
-    """The path `ftcli train` takes after loading: kernels, checkpointing, LoRA, and its own loss, summed over the
-    batch's target tokens; with MLP tensors kept on the GPU or hosted (host_mlp_activations), and the input
-    embedding table hosted, when asked."""
-    model, kernels = ftcli_setup(model, checkpointing.mode, lora_r, checkpointing.layers_on_gpu,
-                                 checkpointing.mlps_kept_on_gpu)
-    if host_mlp or keep_mlp:
-        host_mlp_activations(model, host_mlp, on_gpu=keep_mlp)
+def ftcli_training(model, checkpointing: CheckpointingChoice, lora_r: int, host_embeddings: bool = False):
+    """The path `ftcli train` takes after loading: kernels, checkpointing (with MLP tensors kept on the GPU or hosted
+    as `checkpointing` says), LoRA, and its own loss, summed over the batch's target tokens; with the input embedding
+    table hosted, when asked."""
+    model, kernels = ftcli_setup(model, checkpointing, lora_r)
     if host_embeddings and not host_input_embeddings(model):
         raise SystemExit("--host-embeddings: this shape's input embedding cannot wait in CPU memory (its output "
                          "head shares the table, or it is not a plain frozen nn.Embedding); leave the flag out")
@@ -109,10 +104,11 @@ def ftcli_training(model, checkpointing: CheckpointingChoice, lora_r: int, host_
 
 
 def ftcli_checkpointing(args) -> CheckpointingChoice:
-    """ftcli's checkpointing: --checkpointing's, or with --gpu-memory what `ftcli train` resolves its default (auto)
-    to on a GPU of that size (ftcli/plan.py), MLPs kept with the room left included."""
+    """ftcli's checkpointing: --checkpointing's with the MLPs --keep-mlp and --host-mlp say, or with --gpu-memory
+    what `ftcli train` resolves its default (auto) to on a GPU of that size (ftcli/plan.py), MLPs kept and hosted
+    included."""
     if not args.gpu_memory:
-        return CheckpointingChoice(args.checkpointing)
+        return CheckpointingChoice(args.checkpointing, 0, args.keep_mlp, args.host_mlp)
     setup = Setup(batch_size=args.bs, seq=args.seq, load_in_4bit=args.precision == "nf4", lora_r=args.lora_r)
     return CheckpointingChoice.of(settled_setup(ModelShape.from_config(shape_config(args.shape)), setup, "auto",
                                                 parse_size(args.gpu_memory), None))
@@ -122,6 +118,8 @@ def checkpointing_words(choice: CheckpointingChoice, gpu_memory: Optional[str]) 
     """The checkpointing ftcli's side ran, for the table's footnote."""
     planned = f" (ftcli train's auto on a GPU of {gpu_memory})" if gpu_memory else ""
     kept = f", {choice.mlps_kept_on_gpu} MLPs kept on the GPU" if choice.mlps_kept_on_gpu else ""
+    if choice.mlps_hosted_every:
+        kept += f", every {ordinal(choice.mlps_hosted_every)} MLP below hosted in CPU memory"
     return f"checkpointing {str(choice.mode).lower()}{kept}{planned}"
 
 
@@ -152,8 +150,7 @@ def measure(side: str, args) -> dict:
     else:
         checkpointing = ftcli_checkpointing(args)
         settings = {"settings": checkpointing_words(checkpointing, args.gpu_memory)}
-        model, summed_loss = ftcli_training(model, checkpointing, args.lora_r, args.host_mlp, args.keep_mlp,
-                                            args.host_embeddings)
+        model, summed_loss = ftcli_training(model, checkpointing, args.lora_r, args.host_embeddings)
         mean_loss = lambda batch: summed_loss(batch) / target_tokens(batch)  # noqa: E731
     trainable = [p for p in model.parameters() if p.requires_grad]
     graphed = side == "ftcli" and args.cuda_graph and device.type == "cuda"
@@ -386,15 +383,16 @@ def main(argv=None) -> None:
                              "idle, and the host's Python time of one step")
     parser.add_argument("--trace", help="with --profile: write the step's Chrome trace (JSON) to this path")
     parser.add_argument("--host-mlp", type=int, default=0, metavar="N",
-                        help="with --checkpointing offload: the MLP of every N-th layer keeps what it saves for "
+                        help="with --checkpointing offload or true: the MLP of every N-th layer keeps what it saves for "
                              "backward in CPU memory instead of recomputing it "
                              "(ftcli/activation_checkpointing.host_mlp_activations); 0, the default, none")
     parser.add_argument("--keep-mlp", type=int, default=0, metavar="K",
-                        help="with --checkpointing offload: the MLPs of the K layers below the top one keep what they "
+                        help="with --checkpointing offload or true: the MLPs of the K layers below the top one keep what they "
                              "save for backward on the GPU instead of recomputing it; --host-mlp counts below them")
     parser.add_argument("--gpu-memory", metavar="SIZE",
                         help="ftcli's checkpointing as `ftcli train` resolves its default, auto, on a GPU of this size "
-                             "(ftcli/plan.py: recompute or not, and how many MLPs stay whole with the room left), "
+                             "(ftcli/plan.py: recompute or not, how many MLPs stay whole with the room left and how "
+                             "many are hosted), "
                              "instead of --checkpointing")
     parser.add_argument("--host-embeddings", action="store_true",
                         help="ftcli's input embedding table waits in pinned CPU memory, read a row per token by the "
@@ -413,12 +411,12 @@ def main(argv=None) -> None:
             print_decode_table(args, results)
         return
     args.checkpointing = CHECKPOINTING[args.checkpointing]
-    if (args.host_mlp or args.keep_mlp) and args.checkpointing != "offload":
-        parser.error("--host-mlp and --keep-mlp keep MLP tensors outside offloaded checkpointing's recompute: add "
-                     "--checkpointing offload, or leave them out")
+    if (args.host_mlp or args.keep_mlp) and not args.checkpointing:
+        parser.error("--host-mlp and --keep-mlp keep MLP tensors outside checkpointing's recompute, and --checkpointing "
+                     "false recomputes nothing: use --checkpointing offload (the default) or true, or leave them out")
     if args.gpu_memory and (args.host_mlp or args.keep_mlp or args.host_embeddings):
-        parser.error("--gpu-memory runs what ftcli train would, which keeps MLPs by its own plan and neither hosts "
-                     "MLPs nor the embedding table: leave out --host-mlp, --keep-mlp and --host-embeddings")
+        parser.error("--gpu-memory runs what ftcli train would, which keeps and hosts MLPs by its own plan and does "
+                     "not host the embedding table: leave out --host-mlp, --keep-mlp and --host-embeddings")
     if args.gpu_memory:
         try:
             parse_size(args.gpu_memory)  # a bad size fails here, not in a side's process

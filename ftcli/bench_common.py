@@ -24,6 +24,7 @@ from ftcli.architectures import ARCHITECTURES
 from ftcli.recipe import DEFAULT_TARGET_MODULES, LoraSettings
 from ftcli.shapes import SHAPES, shape_config
 from ftcli.patch import KernelSwaps
+from ftcli.plan import CheckpointingChoice
 from ftcli.train import prepare_for_training
 
 BENCH_LORA = LoraSettings(r=16, alpha=16, target_modules=DEFAULT_TARGET_MODULES)
@@ -164,13 +165,13 @@ def write_random_model(shape: str, folder: Path) -> None:
     word_tokenizer(SHAPES[shape]["vocab_size"]).save_pretrained(folder)
 
 
-def ftcli_setup(model, checkpointing, lora_r: int = BENCH_LORA.r, layers_on_gpu: int = 0,
-                mlps_kept_on_gpu: int = 0) -> tuple[torch.nn.Module, KernelSwaps]:
-    """The path `ftcli train` takes after loading: kernels, checkpointing (with what its plan keeps on the GPU) and
-    LoRA."""
+def ftcli_setup(model, checkpointing: CheckpointingChoice,
+                lora_r: int = BENCH_LORA.r) -> tuple[torch.nn.Module, KernelSwaps]:
+    """The path `ftcli train` takes after loading: kernels, checkpointing (with the MLPs its plan keeps on the GPU or
+    hosts) and LoRA."""
     lora = BENCH_LORA.model_copy(update={"r": lora_r, "alpha": lora_r})
-    return prepare_for_training(model, ARCHITECTURES["llama"], lora, kernels=True, gradient_checkpointing=checkpointing,
-                                seed=LORA_SEED, layers_on_gpu=layers_on_gpu, mlps_kept_on_gpu=mlps_kept_on_gpu)
+    return prepare_for_training(model, ARCHITECTURES["llama"], lora, kernels=True, checkpointing=checkpointing,
+                                seed=LORA_SEED)
 
 
 def ratio(value, reference) -> str:

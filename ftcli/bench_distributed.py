@@ -26,6 +26,7 @@ from ftcli.bench_common import (BENCH_LORA, CHECKPOINTING, LORA_SEED, device_and
 from ftcli.distributed import Processes, global_max, start_processes, stop_processes, sum_gradients
 from ftcli.loader import TRAINED_ADAPTER
 from ftcli.optim import build_optimizer
+from ftcli.plan import CheckpointingChoice
 from ftcli.recipe import TrainSettings
 from ftcli.shapes import SHAPES, shape_config
 from ftcli.sharding import shard_decoder_layers
@@ -39,7 +40,8 @@ def build(args, processes: Processes, device: torch.device, dtype: torch.dtype):
     if args.distributed == "fsdp" and args.precision == "bf16":
         return sharded_from_meta(args, processes, device, dtype)
     packed_in = dtype if args.distributed == "fsdp" else torch.uint8  # FSDP2 shards floating-point tensors only
-    model, kernels = ftcli_setup(random_model(args.shape, args.precision, device, dtype, packed_in), args.checkpointing)
+    model, kernels = ftcli_setup(random_model(args.shape, args.precision, device, dtype, packed_in),
+                                 CheckpointingChoice(args.checkpointing))
     if args.distributed == "fsdp":
         shard_decoder_layers(model, device, processes)
     return model, kernels
@@ -55,7 +57,7 @@ def sharded_from_meta(args, processes: Processes, device: torch.device, dtype: t
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.requires_grad_(False)
     model.config.use_cache = False
-    model, kernels = ftcli_setup(model, args.checkpointing)
+    model, kernels = ftcli_setup(model, CheckpointingChoice(args.checkpointing))
     shard_decoder_layers(model, device, processes)
     model.to_empty(device=device)
     generator = torch.Generator(device).manual_seed(processes.rank)  # each process draws its own shards

@@ -52,6 +52,7 @@ from ftcli.data.templates import PromptExample
 from ftcli.generation import BatchedSampler
 from ftcli.grpo import GrpoMethod
 from ftcli.optim import build_optimizer
+from ftcli.plan import CheckpointingChoice
 from ftcli.recipe import Recipe
 from ftcli.rewards import load_rewards
 from ftcli.shapes import SHAPES
@@ -98,7 +99,7 @@ def measure_ftcli(args) -> dict:
     recipe = bench_recipe(args)
     tokenizer = word_tokenizer(SHAPES[args.shape]["vocab_size"])
     model, kernels = ftcli_setup(random_model(args.shape, args.precision, device, dtype),
-                                CHECKPOINTING[args.checkpointing], args.lora_r)
+                                CheckpointingChoice(CHECKPOINTING[args.checkpointing]), args.lora_r)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, recipe.train)
     method = GrpoMethod(recipe, tokenizer, device, kernels.fused_loss, load_rewards(recipe.grpo.rewards))

@@ -37,6 +37,7 @@ from ftcli.bench_common import (BENCH_LORA, CHECKPOINTING, END_ID, FIRST_PLAIN_I
                                 report, side_in_subprocess, synchronize, write_random_model)
 from ftcli.data.templates import PreferenceExample
 from ftcli.optim import build_optimizer
+from ftcli.plan import CheckpointingChoice
 from ftcli.preference import PreferenceMethod
 from ftcli.recipe import Recipe
 from ftcli.shapes import SHAPES
@@ -81,7 +82,8 @@ def measure_ftcli(args, side: str) -> dict:
     of the reference pass before training, for ftcli-cached)."""
     device, dtype = device_and_dtype()
     recipe = bench_recipe(args, precompute_reference=side == "ftcli-cached")
-    model, _ = ftcli_setup(random_model(args.shape, "nf4", device, dtype), args.checkpointing, args.lora_r)
+    model, _ = ftcli_setup(random_model(args.shape, "nf4", device, dtype), CheckpointingChoice(args.checkpointing),
+                           args.lora_r)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, recipe.train)
     method = PreferenceMethod(recipe, PAD_ID, device, fused=True)

@@ -97,6 +97,7 @@ class KernelSwaps:
     module_counts: dict[str, int] = field(default_factory=dict)  # kind of kernel -> modules it replaced or marked
     fused_loss: bool = False  # the loss goes through the fused LM head and cross-entropy kernel
     mlps_kept_on_gpu: int = 0  # LoRA MLPs that keep their tensors for backward, not recomputed (train's plan)
+    mlps_hosted: int = 0  # and that keep them in CPU memory
 
 
 def apply_kernels(model: nn.Module, architecture: Architecture) -> KernelSwaps:

@@ -37,8 +37,10 @@ GPU instead, as many as the host cannot hold (as long as the GPU has room), so n
 length. `train.gradient_checkpointing: auto` picks the fastest policy whose need fits the GPU: false (nothing
 recomputed), else true, else offload; without a GPU to check against, true. Where it recomputes, the room left buys
 LoRA MLPs that keep their input, gate and up on the GPU from forward to backward, so that backward does not compute
-them again (`mlps_kept_on_gpu`, as many as fit in 95% of the GPU, the top layer's excepted). The longest length
-that fits (`--longest`) is searched in steps of 1,024 tokens.
+them again (`mlps_kept_on_gpu`, as many as fit in 95% of the GPU, the top layer's excepted), and below them every
+N-th MLP sends the same tensors to pinned CPU memory and back (`mlps_hosted_every`), N the closest spacing whose
+copies the PCIe bus carries in the time of the layers' forward (`mlp_hosting_spacing`). The longest length that fits
+(`--longest`) is searched in steps of 1,024 tokens.
 
     python -m ftcli.plan --shape llama3-8b --seq 2048 --bs 2 --checkpointing offload
     python -m ftcli.plan --shape llama3-8b --bs 1 --lora-r 32 --longest --gpu-memory 80GiB --host-memory 128GiB
@@ -70,6 +72,13 @@ STRATEGIES: tuple[Strategy, ...] = ("ddp", "fsdp")
 Checkpointing = Union[bool, Literal["offload"]]  # train.gradient_checkpointing once auto is resolved
 LENGTH_STEP = 1024  # the longest length that fits is a multiple of this
 KEPT_MLPS_MARGIN = 0.05  # MLPs kept for speed leave this share of the GPU free: never worth running out of memory
+# Bytes the bus moves to the host per FLOP a layer's forward computes: on an H200, pinned copies at 48 GB/s, and the
+# forward of a Llama-3-8B layer (NF4) at 580 TFLOP/s (1.86 TFLOP in 3.2 ms at 4,096 tokens). A GPU slower for its
+# bus hosts more safely than this assumes.
+BUS_BYTES_PER_FLOP = 48e9 / 580e12
+# How far beyond the forward's time the copies may run: every second Llama-3-8B MLP hosted under offload asks ~9%
+# more of the bus than two layers' forward take, and was the fastest spacing measured (4,096 and 8,192 tokens)
+BUS_OVERLOAD = 1.1
 
 
 @dataclass
@@ -126,6 +135,7 @@ class Setup:
     checkpointing: Checkpointing = True
     layers_kept_on_gpu: int = 0  # offload: the first this many layers keep their inputs on the GPU
     mlps_kept_on_gpu: int = 0  # checkpointing: this many layers' MLPs keep gate, up and input, not recomputed
+    mlps_hosted_every: int = 0  # and below them every this-many-th MLP keeps them in CPU memory (0: none)
     tiled_mlp: bool = True  # the MLP kernel tiles long inputs, as its own rule decides; False: always whole
     lora_r: int = 16
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
@@ -219,8 +229,10 @@ def estimate_memory(model: ModelShape, setup: Setup) -> MemoryEstimate:
     dequantized = largest * a if setup.load_in_4bit else 0
 
     layer_backward = backward_extra + dequantized
-    kept_mlps = setup.mlps_kept_on_gpu * kept_mlp_bytes(model, setup)  # from their forward to their backward
-    host = 0
+    # kept MLPs hold their tensors from forward to backward; of hosted ones, one group is in flight at a time
+    in_flight = 1 if hosted_mlp_count(model, setup) else 0
+    kept_mlps = (setup.mlps_kept_on_gpu + in_flight) * kept_mlp_bytes(model, setup)
+    host = setup.processes * hosted_mlp_count(model, setup) * hosted_mlp_pinned_bytes(model, setup)
     if setup.checkpointing == "offload":
         # the inputs kept on the GPU, then of the offloaded ones this layer's and the prefetched one below it;
         # under the bottom layer, only its own input is left of those kept on the GPU
@@ -228,14 +240,14 @@ def estimate_memory(model: ModelShape, setup: Setup) -> MemoryEstimate:
         kept_top = kept_forward = (kept + min(2, model.layers - kept)) * layer_input
         kept_bottom = (1 if kept else 2) * layer_input
         layer_backward += layer_saved
-        host = setup.processes * (model.layers - kept) * pinned_bytes(layer_input)
+        host += setup.processes * (model.layers - kept) * pinned_bytes(layer_input)
     elif setup.checkpointing:  # every layer's input until its backward; the layer in backward is recomputed
         kept_top, kept_bottom, kept_forward = model.layers * layer_input, layer_input, model.layers * layer_input
         layer_backward += layer_saved
     else:  # nothing is recomputed: every layer keeps all it saved until its backward
         kept_forward = kept_top = model.layers * (layer_saved + layer_input)
         kept_bottom = layer_saved + layer_input
-    if setup.checkpointing:  # the kept MLPs are those of the layers below the top one: gone before the bottom's
+    if setup.checkpointing:  # the kept (hosted) MLPs are those of the layers below the top one: gone before the bottom's
         kept_forward, kept_top = kept_forward + kept_mlps, kept_top + kept_mlps
     if setup.kernels:
         head = 3 * tokens * h * a + min(LOGITS_CHUNK_BYTES, tokens * model.vocab * a) + tokens * 4
@@ -302,6 +314,33 @@ def kept_mlp_bytes(model: ModelShape, setup: Setup) -> int:
     return setup.batch_size * setup.seq * setup.compute_bytes * (model.hidden + 2 * model.intermediate)
 
 
+def hosted_mlp_count(model: ModelShape, setup: Setup) -> int:
+    """How many MLPs keep their tensors in CPU memory: every `mlps_hosted_every`-th of the layers below the top one
+    and the kept ones (activation_checkpointing.host_mlp_activations)."""
+    if not setup.mlps_hosted_every:
+        return 0
+    return math.ceil(max(0, model.layers - 1 - setup.mlps_kept_on_gpu) / setup.mlps_hosted_every)
+
+
+def hosted_mlp_pinned_bytes(model: ModelShape, setup: Setup) -> int:
+    """Pinned CPU memory of one hosted MLP's input, gate and up, each a tensor of its own."""
+    tokens = setup.batch_size * setup.seq * setup.compute_bytes
+    return pinned_bytes(tokens * model.hidden) + 2 * pinned_bytes(tokens * model.intermediate)
+
+
+def mlp_hosting_spacing(model: ModelShape, setup: Setup) -> int:
+    """The closest spacing N at which hosting every N-th MLP keeps the bus within its time: the copies of N layers
+    (one MLP's input, gate and up, and under offload N layer inputs) against what the bus moves while those layers'
+    forward runs (BUS_BYTES_PER_FLOP, BUS_OVERLOAD). Activation_checkpointing.host_mlp_activations says why."""
+    tokens = setup.batch_size * setup.seq
+    linear_flops = 2 * tokens * sum(i * o for i, o in model.projections().values())
+    attention_flops = 2 * setup.batch_size * setup.seq ** 2 * model.heads * model.head_dim  # QK^T and PV, causal
+    carried = BUS_OVERLOAD * BUS_BYTES_PER_FLOP * (linear_flops + attention_flops)
+    inputs = layer_input_bytes(model, setup) if setup.checkpointing == "offload" else 0
+    mlp = kept_mlp_bytes(model, setup)
+    return next((every for every in range(1, model.layers) if mlp + every * inputs <= every * carried), model.layers)
+
+
 def mlp_tile_rows_of(model: ModelShape, setup: Setup) -> int:
     """Rows of one tile of the MLP, 0 when it runs whole: the kernel's own rule (ftcli_kernels.limits), which the
     plan and the kernel share; peft's MLP (kernels off) never tiles."""
@@ -360,6 +399,8 @@ class Plan:
                    "seq": self.setup.seq, "batch_size": self.setup.batch_size,
                    "checkpointing": self.setup.checkpointing, "layers_kept_on_gpu": self.setup.layers_kept_on_gpu,
                    "mlps_kept_on_gpu": self.setup.mlps_kept_on_gpu,
+                   "mlps_hosted_every": self.setup.mlps_hosted_every,
+                   "mlps_hosted": hosted_mlp_count(self.shape, self.setup),
                    "gpu_memory_gib": gib_or_none(self.budget), "host_memory_gib": gib_or_none(self.host_budget),
                    "fits": self.fits}
         if self.strategies:
@@ -373,6 +414,7 @@ class Plan:
                                   "checkpointing": self.longest.checkpointing,
                                   "layers_kept_on_gpu": self.longest.layers_kept_on_gpu,
                                   "mlps_kept_on_gpu": self.longest.mlps_kept_on_gpu,
+                                  "mlps_hosted": hosted_mlp_count(self.shape, self.longest),
                                   "needed_gib": round(memory.needed / GIB, 2), "host_gib": round(memory.host / GIB, 2)}
         return summary
 
@@ -393,6 +435,8 @@ class Plan:
                                           self.budget))
         if self.setup.mlps_kept_on_gpu:
             lines.append(kept_mlps_line(self.shape, self.setup))
+        if self.setup.mlps_hosted_every:
+            lines.append(hosted_mlps_line(self.shape, self.setup))
         under = f" per GPU under {self.strategy}" if self.strategies else ""
         lines.append(f"Peak GPU memory{under}, at the {self.memory.moment}: {self.memory.peak / GIB:.2f} GiB allocated")
         lines += [f"  {name:<36}{value / GIB:>8.2f} GiB" for name, value in self.memory.parts.items()]
@@ -447,14 +491,32 @@ def kept_mlps_line(shape: ModelShape, setup: Setup) -> str:
             "does not compute them again.")
 
 
+def hosted_mlps_line(shape: ModelShape, setup: Setup) -> str:
+    """How many MLPs auto hosts in CPU memory, how far apart, and what they take there."""
+    count, each = hosted_mlp_count(shape, setup), hosted_mlp_pinned_bytes(shape, setup)
+    below = " below those" if setup.mlps_kept_on_gpu else ""
+    return (f"Every {ordinal(setup.mlps_hosted_every)} MLP{below} ({count} of {shape.layers} layers) sends them to pinned "
+            f"CPU memory instead ({each / GIB:.2f} GiB each, {count * each / GIB:.2f} GiB in all), as far apart as "
+            "the PCIe bus carries the copies during the forward, and backward brings them back.")
+
+
+def ordinal(number: int) -> str:
+    """1st, 2nd, 3rd, 4th, ..., 11th, 12th, 13th, 21st."""
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"
+
+
 def offload_line(shape: ModelShape, setup: Setup, memory: MemoryEstimate, host_budget: Optional[int]) -> str:
     """Where the offloaded layer inputs wait, how much host memory they take, and whether the host has it."""
     kept = setup.layers_kept_on_gpu
     pinned = pinned_bytes(layer_input_bytes(shape, setup))
     each = f"{pinned / GIB:.2f} GiB" if pinned >= GIB else f"{pinned / 2**20:.0f} MiB"
     processes = f" in each of {setup.processes} processes" if setup.processes > 1 else ""
+    hosted = hosted_mlp_count(shape, setup) * hosted_mlp_pinned_bytes(shape, setup)
+    total = f", {memory.host / GIB:.2f} GiB with the hosted MLPs'" if hosted else ""
+    inputs = memory.host - setup.processes * hosted
     line = (f"Offloaded layer inputs: those of {shape.layers - kept} of {shape.layers} layers wait in pinned CPU "
-            f"memory, {each} each{processes} (PyTorch pins in powers of two): {memory.host / GIB:.2f} GiB")
+            f"memory, {each} each{processes} (PyTorch pins in powers of two): {inputs / GIB:.2f} GiB{total}")
     if host_budget is None:
         return line + " of host memory."
     available = f"the host's {host_budget / GIB:.1f} GiB available"
@@ -475,6 +537,8 @@ def longest_lines(shape: ModelShape, longest: Setup, budget: int, host_budget: O
     kept = longest.layers_kept_on_gpu
     split = f", the first {kept} of {shape.layers} layers' inputs kept on the GPU" if kept else ""
     split += f", {longest.mlps_kept_on_gpu} MLPs kept on the GPU" if longest.mlps_kept_on_gpu else ""
+    hosted = hosted_mlp_count(shape, longest)
+    split += f", {hosted} MLPs hosted in CPU memory" if hosted else ""
     return [f"Longest max_seq_length that fits {gpus_of(budget, longest.processes)}{host}, in steps of "
             f"{LENGTH_STEP:,}: {longest.seq:,} tokens, at batch {longest.batch_size} ({batch_from}) "
             f"= {longest.seq * longest.batch_size:,} tokens a micro-batch.",
@@ -555,18 +619,40 @@ def pick_layers_kept_on_gpu(shape: ModelShape, setup: Setup, budget: Optional[in
     return needed
 
 
+def mlps_can_skip_recompute(shape: ModelShape, setup: Setup, requested: Union[Checkpointing, str],
+                            budget: Optional[int]) -> bool:
+    """Whether auto may have MLPs keep their tensors for backward (on the GPU or in CPU memory), so that backward
+    does not compute them again: when layers are recomputed, on a GPU of known size, and the MLPs are LoRA kernels
+    run whole (activation_checkpointing.host_mlp_activations). Not where the recipe chose its checkpointing, under
+    fsdp, or where a norm after the MLP has the recompute go through it anyway."""
+    mlp = {"gate_proj", "up_proj", "down_proj"}
+    return not (requested != "auto" or not setup.checkpointing or budget is None or not setup.kernels
+                or not mlp <= set(setup.lora_targets) or mlp_tile_rows_of(shape, setup) or setup.shard_layers
+                or shape.mlp_output_normed)
+
+
+def pick_mlps_hosted_every(shape: ModelShape, setup: Setup, requested: Union[Checkpointing, str],
+                           budget: Optional[int], host_budget: Optional[int]) -> int:
+    """Under auto, when layers are recomputed: every how-many-th MLP keeps its tensors for backward in CPU memory
+    (0: none). The bus's spacing (`mlp_hosting_spacing`), or a wider one where the host cannot hold that many; none
+    when the GPU has no room for the group in flight within KEPT_MLPS_MARGIN, or with several processes, whose GPUs
+    may share one bus."""
+    if not mlps_can_skip_recompute(shape, setup, requested, budget) or setup.processes > 1:
+        return 0
+    room = int(budget * (1 - KEPT_MLPS_MARGIN))
+    for every in range(mlp_hosting_spacing(shape, setup), shape.layers):
+        if estimate_memory(shape, replace(setup, mlps_hosted_every=every)).fits_both(room, host_budget):
+            return every
+    return 0
+
+
 def pick_mlps_kept_on_gpu(shape: ModelShape, setup: Setup, requested: Union[Checkpointing, str],
                           budget: Optional[int]) -> int:
-    """Under auto, when layers are recomputed: how many MLPs keep their tensors for backward on the GPU, so that
-    backward does not compute them again (the largest count that still fits `budget`). None where the recipe chose
-    its checkpointing, where the MLPs are not LoRA kernels run whole, or under fsdp; at most all but the top layer,
-    whose backward follows its forward at once (activation_checkpointing.host_mlp_activations). They are a speed-up
-    where an estimate a few percent short would mean running out of memory, so they leave KEPT_MLPS_MARGIN of the
-    GPU free."""
-    mlp = {"gate_proj", "up_proj", "down_proj"}
-    if (requested != "auto" or not setup.checkpointing or budget is None or not setup.kernels
-            or not mlp <= set(setup.lora_targets) or mlp_tile_rows_of(shape, setup) or setup.shard_layers
-            or shape.mlp_output_normed):
+    """Under auto, when layers are recomputed (`mlps_can_skip_recompute`): how many MLPs keep their tensors for
+    backward on the GPU (the largest count that still fits `budget`), at most all but the top layer, whose backward
+    follows its forward at once. They are a speed-up where an estimate a few percent short would mean running out of
+    memory, so they leave KEPT_MLPS_MARGIN of the GPU free."""
+    if not mlps_can_skip_recompute(shape, setup, requested, budget):
         return 0
 
     room = int(budget * (1 - KEPT_MLPS_MARGIN))
@@ -587,25 +673,34 @@ def settled_setup(shape: ModelShape, setup: Setup, requested: Union[Checkpointin
                   host_budget: Optional[int]) -> Setup:
     """`setup` with the recipe's gradient checkpointing (`requested`) resolved against a GPU of `budget` bytes:
     under offload, the layers whose inputs stay on the GPU for a host of `host_budget` bytes, and then, under auto,
-    the MLPs kept on the GPU with the room left."""
+    the spacing of the MLPs hosted in CPU memory and the MLPs kept on the GPU with the room left."""
     setup = replace(setup, checkpointing=pick_checkpointing(shape, setup, requested, budget), layers_kept_on_gpu=0,
-                    mlps_kept_on_gpu=0)
+                    mlps_kept_on_gpu=0, mlps_hosted_every=0)
     setup = replace(setup, layers_kept_on_gpu=pick_layers_kept_on_gpu(shape, setup, budget, host_budget))
-    return replace(setup, mlps_kept_on_gpu=pick_mlps_kept_on_gpu(shape, setup, requested, budget))
+    setup = replace(setup, mlps_hosted_every=pick_mlps_hosted_every(shape, setup, requested, budget, host_budget))
+    setup = replace(setup, mlps_kept_on_gpu=pick_mlps_kept_on_gpu(shape, setup, requested, budget))
+    return setup if hosted_mlp_count(shape, setup) else replace(setup, mlps_hosted_every=0)  # all kept: none hosted
 
 
 class CheckpointingChoice(NamedTuple):
     """How a run checkpoints its decoder layers: the mode, under offload how many of the first layers keep their
-    inputs on the GPU, and how many MLPs keep their tensors for backward on the GPU (`Setup`'s fields)."""
+    inputs on the GPU, how many MLPs keep their tensors for backward on the GPU, and every how-many-th MLP below
+    them keeps them in CPU memory (`Setup`'s fields)."""
 
     mode: Checkpointing
     layers_on_gpu: int = 0
     mlps_kept_on_gpu: int = 0
+    mlps_hosted_every: int = 0
 
     @classmethod
     def of(cls, setup: Setup) -> "CheckpointingChoice":
         """The choice a settled setup holds."""
-        return cls(setup.checkpointing, setup.layers_kept_on_gpu, setup.mlps_kept_on_gpu)
+        return cls(setup.checkpointing, setup.layers_kept_on_gpu, setup.mlps_kept_on_gpu, setup.mlps_hosted_every)
+
+    @property
+    def skips_mlp_recompute(self) -> bool:
+        """Whether some MLPs keep their tensors outside the checkpoint (activation_checkpointing.host_mlp_activations)."""
+        return bool(self.mode and (self.mlps_kept_on_gpu or self.mlps_hosted_every))
 
 
 def settle_checkpointing(recipe: Recipe, config, gpu_bytes: Optional[int], host_bytes: Optional[int], longest: int,
@@ -855,12 +950,14 @@ def main(argv=None) -> None:
     gpus = f"  {args.distributed} on {args.gpus} GPUs" if args.gpus > 1 else ""
     kept = f" ({setup.layers_kept_on_gpu} layers' inputs kept on the GPU)" if setup.layers_kept_on_gpu else ""
     kept += f" ({setup.mlps_kept_on_gpu} MLPs kept on the GPU, not recomputed)" if setup.mlps_kept_on_gpu else ""
+    hosted = hosted_mlp_count(shape, setup)
+    kept += f" ({hosted} MLPs hosted in CPU memory, every {ordinal(setup.mlps_hosted_every)})" if hosted else ""
     print(f"{args.shape}  {args.precision}  r={args.lora_r}  seq {args.seq} x batch {args.bs}  checkpointing "
           f"{str(setup.checkpointing).lower()}{kept}{gpus}: estimated peak {memory.peak / GIB:.2f} GiB allocated"
           f"{' per GPU' if gpus else ''}, at the {memory.moment}")
     for name, value in memory.parts.items():
         print(f"  {name:<36}{value / GIB:>8.3f} GiB")
-    if setup.checkpointing == "offload":
+    if memory.host:
         print(f"  {'pinned host memory':<36}{memory.host / GIB:>8.3f} GiB")
     if args.longest:
         longest = longest_setup(shape, setup, requested, budget, host_budget)

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from ftcli.errors import redact
 from ftcli.patch import KernelSwaps
+from ftcli.plan import CheckpointingChoice
 from ftcli.recipe import DEFAULT_BETA, PREFERENCE_METHODS
 from ftcli.step_graph import BUCKET_TOKENS, GRAPHED_TOKENS
 
@@ -36,7 +37,7 @@ class TrainingDisplay:
 
     def header(self, recipe, family: str, model, trainable, device: torch.device, dtype: torch.dtype,
                stats, total_steps: int, kernels: KernelSwaps, processes: int = 1, strategy: str = "ddp",
-               checkpointing=True, layers_on_gpu: int = 0, cuda_graphs: bool = False) -> None:
+               checkpointing: CheckpointingChoice = CheckpointingChoice(True), cuda_graphs: bool = False) -> None:
         if not self.enabled:
             return
         # bitsandbytes packs two 4-bit weights into each stored byte, so a Params4bit's numel is half its weights
@@ -63,7 +64,7 @@ class TrainingDisplay:
                          f"{unit if unit != 'examples' else 'sequences'}"
                          + (f" x {processes} processes" if processes > 1 else "")
                          + f", lr {recipe.train.learning_rate:g} {recipe.train.lr_scheduler}"),
-            ("checkpointing", checkpointing_line(recipe, checkpointing, layers_on_gpu, kernels.mlps_kept_on_gpu)),
+            ("checkpointing", checkpointing_line(recipe, checkpointing.mode, checkpointing.layers_on_gpu, kernels)),
         ] + ([("cuda graphs", f"micro-batches of up to {GRAPHED_TOKENS:,} tokens replayed, rows padded to multiples "
                               f"of {BUCKET_TOKENS} tokens")]
              if cuda_graphs else []) + ([("processes", f"{processes}, {strategy}: " + SPREAD[strategy])] if processes > 1 else []):
@@ -113,13 +114,15 @@ def method_line(recipe) -> str:
     return method + (f", beta {recipe.beta():g}" if method in DEFAULT_BETA else "")
 
 
-def checkpointing_line(recipe, checkpointing, layers_on_gpu: int, mlps_kept_on_gpu: int = 0) -> str:
+def checkpointing_line(recipe, checkpointing, layers_on_gpu: int, kernels: KernelSwaps) -> str:
     """The gradient checkpointing the run uses (auto resolved), where the offloaded layer inputs wait, and how many
     MLPs are not recomputed."""
     auto = " (auto)" if recipe.train.gradient_checkpointing == "auto" else ""
     split = f"; the first {layers_on_gpu} layers' inputs on the GPU, as the host has no room" if layers_on_gpu else ""
-    if mlps_kept_on_gpu:
-        split += f"; with the room left, {mlps_kept_on_gpu} layers' MLPs keep their tensors, not recomputed"
+    if kernels.mlps_kept_on_gpu:
+        split += f"; with the room left, {kernels.mlps_kept_on_gpu} layers' MLPs keep their tensors, not recomputed"
+    if kernels.mlps_hosted:
+        split += f"; {kernels.mlps_hosted} layers' MLPs keep theirs in CPU memory, as the PCIe bus has time for"
     return f"{str(checkpointing).lower()}{auto}: {KEPT[checkpointing]}{split}"
 
 

@@ -127,7 +127,8 @@ class TrainSettings(Section):
         "sequences; when the host cannot hold them all, the first layers' inputs stay on the GPU), false recomputes "
         "nothing. auto: the fastest that ftcli plan estimates fits the GPU at the longest example, false, else true, "
         "else offload, and where layers are recomputed, as many layers' LoRA MLPs as the room left holds keep their "
-        "tensors on the GPU instead of being recomputed; true where there is no GPU.")
+        "tensors on the GPU instead of being recomputed, and below them every N-th (as often as the PCIe bus has time "
+        "for) keeps them in CPU memory; true where there is no GPU.")
     cuda_graphs: Union[bool, Literal["auto"]] = Field(
         "auto", description="Replay each micro-batch's forward and backward as a CUDA graph, one per batch shape (rows "
         "are padded up to a multiple of 256 tokens, so there are few), which takes Python's launch time out of the "

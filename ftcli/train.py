@@ -34,7 +34,7 @@ from ftcli.grpo import GrpoMethod
 from ftcli.metrics import MetricsLog, StepResult, plot_losses
 from ftcli.optim import build_optimizer, set_learning_rate
 from ftcli.patch import KernelSwaps, apply_kernels, apply_lora_kernels, kernels_can_run
-from ftcli.plan import (Checkpointing, choose_strategy, local_host_memory, out_of_memory_advice,
+from ftcli.plan import (CheckpointingChoice, choose_strategy, local_host_memory, out_of_memory_advice,
                         settle_checkpointing)
 from ftcli.preference import PreferenceMethod
 from ftcli.progress import TrainingDisplay
@@ -148,33 +148,32 @@ def run(recipe: Recipe, out_dir: Optional[Path], display: TrainingDisplay, resum
                           "each, while sharded layers need every process in every forward. Use train.distributed: ddp "
                           "(each GPU holds the whole model: load_in_4bit: true makes it fit), or train with fewer "
                           "completion tokens (grpo.max_completion_length).")
-    checkpointing, layers_on_gpu, mlps_kept_on_gpu = settle_checkpointing(
-        recipe, config, gpu_bytes, local_host_memory(), longest, processes.count, strategy)
+    checkpointing = settle_checkpointing(recipe, config, gpu_bytes, local_host_memory(), longest, processes.count,
+                                         strategy)
     try:
         setup = build_setup(recipe, out_dir, device, architecture, tokenizer, data, total_steps, rewards, processes,
-                            schedule, strategy, checkpointing, layers_on_gpu, cuda_graphs, mlps_kept_on_gpu)
+                            schedule, strategy, checkpointing, cuda_graphs)
         display.header(recipe, architecture.family, setup.model, setup.trainable, device, setup.dtype, data.stats,
-                       total_steps, setup.kernels, processes.count, strategy, checkpointing, layers_on_gpu,
-                       cuda_graphs)
+                       total_steps, setup.kernels, processes.count, strategy, checkpointing, cuda_graphs)
         state = resumed_state(setup, snapshot, display) if snapshot else RunState()
         if processes.several:
             state = state_of_main(setup, state)
         train_loop(setup, state, display, stop)
     except torch.cuda.OutOfMemoryError:
         raise OutOfMemory(out_of_memory_advice(recipe, config, gpu_bytes, longest, processes.count, strategy,
-                                               checkpointing)) from None
+                                               checkpointing.mode)) from None
     return finish(setup, state, tokenizer, from_main(snapshot.step if snapshot else None))
 
 
 def build_setup(recipe: Recipe, out_dir: Optional[Path], device: torch.device, architecture: Architecture, tokenizer,
                 data: PreparedData, total_steps: int, rewards: list[Reward], processes: Processes = Processes(),
                 schedule: Optional[TrainSettings] = None, strategy: str = "ddp",
-                checkpointing: Checkpointing = True, layers_on_gpu: int = 0,
-                cuda_graphs: bool = False, mlps_kept_on_gpu: int = 0) -> TrainingSetup:
+                checkpointing: CheckpointingChoice = CheckpointingChoice(True),
+                cuda_graphs: bool = False) -> TrainingSetup:
     schedule = schedule or recipe.train
     dtype = compute_dtype(recipe.model, device)
     model, kernels = trainable_model(recipe, architecture, device, dtype, processes if strategy == "fsdp" else None,
-                                     checkpointing, layers_on_gpu, mlps_kept_on_gpu)
+                                     checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if recipe.train.method == "grpo":
         method = GrpoMethod(recipe, tokenizer, device, kernels.fused_loss, rewards)
@@ -190,18 +189,16 @@ def build_setup(recipe: Recipe, out_dir: Optional[Path], device: torch.device, a
 
 
 def trainable_model(recipe: Recipe, architecture: Architecture, device: torch.device, dtype: torch.dtype,
-                    sharded_over: Optional[Processes], checkpointing: Checkpointing,
-                    layers_on_gpu: int, mlps_kept_on_gpu: int = 0) -> tuple[torch.nn.Module, KernelSwaps]:
+                    sharded_over: Optional[Processes],
+                    checkpointing: CheckpointingChoice) -> tuple[torch.nn.Module, KernelSwaps]:
     """The base model loaded and made trainable on `device`, its decoder layers checkpointed as `checkpointing`
-    (the recipe's, auto resolved; under offload the first `layers_on_gpu` keep their inputs on the GPU, and
-    `mlps_kept_on_gpu` MLPs keep their tensors there); with `sharded_over`, sharded over those processes
+    says (the recipe's, auto resolved by the plan); with `sharded_over`, sharded over those processes
     (ftcli/sharding.py)."""
     with one_process_at_a_time(sharded_over, recipe.model) if sharded_over else nullcontext():
         model = load_model(recipe.model, architecture, device, dtype, sharded=sharded_over is not None)
         model, kernels = prepare_for_training(model, architecture, recipe.lora,
                                               recipe.model.kernels and kernels_can_run(device),
-                                              checkpointing, recipe.train.seed,
-                                              recipe.model.adapter, layers_on_gpu, mlps_kept_on_gpu)
+                                              checkpointing, recipe.train.seed, recipe.model.adapter)
         compares_with_start = recipe.train.method == "dpo" or (recipe.train.method == "grpo" and recipe.grpo.beta)
         if recipe.model.adapter and compares_with_start:
             load_reference_adapter(model, recipe.model.adapter)  # the reference is the policy the run starts from
@@ -384,23 +381,23 @@ def divergence_message(quantity: str, value: float, step: int, examples: list[To
 
 
 def prepare_for_training(model, architecture: Architecture, lora: LoraSettings, kernels: bool,
-                         gradient_checkpointing: Union[bool, str], seed: int,
-                         adapter: Optional[str] = None, layers_on_gpu: int = 0,
-                         mlps_kept_on_gpu: int = 0) -> tuple[torch.nn.Module, KernelSwaps]:
-    """Kernels, checkpointing (under offload, the first `layers_on_gpu` layers' inputs stay on the GPU; under
-    checkpointing, up to `mlps_kept_on_gpu` LoRA MLPs keep their tensors for backward there, not recomputed) and
-    LoRA (new, or the `adapter` folder's) on a loaded base model, in the order they must go on; returns the
-    trainable model and what the kernels took over (nothing without kernels).
+                         checkpointing: CheckpointingChoice, seed: int,
+                         adapter: Optional[str] = None) -> tuple[torch.nn.Module, KernelSwaps]:
+    """Kernels, checkpointing (its mode; under offload, the first layers whose inputs stay on the GPU; the LoRA MLPs
+    that keep their tensors for backward on the GPU or in CPU memory, not recomputed) and LoRA (new, or the
+    `adapter` folder's) on a loaded base model, in the order they must go on; returns the trainable model and what
+    the kernels took over (nothing without kernels).
 
     The norm and MLP kernels go in before peft wraps the projections, so the LoRA kernels find them."""
     swaps = apply_kernels(model, architecture) if kernels else KernelSwaps()
-    keeps_mlps = bool(kernels and gradient_checkpointing and mlps_kept_on_gpu)
-    enable_checkpointing(model, gradient_checkpointing, layers_on_gpu, keeps_mlps)
+    keeps_mlps = kernels and checkpointing.skips_mlp_recompute
+    enable_checkpointing(model, checkpointing.mode, checkpointing.layers_on_gpu, keeps_mlps)
     model = add_lora(model, lora, architecture, seed, adapter)
     if kernels:
         swaps.module_counts |= apply_lora_kernels(model)
     if keeps_mlps:
-        swaps.mlps_kept_on_gpu, _ = host_mlp_activations(model, every=0, on_gpu=mlps_kept_on_gpu)
+        swaps.mlps_kept_on_gpu, swaps.mlps_hosted = host_mlp_activations(model, checkpointing.mlps_hosted_every,
+                                                                         on_gpu=checkpointing.mlps_kept_on_gpu)
     return model, swaps
 
 

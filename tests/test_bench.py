@@ -394,13 +394,16 @@ def test_gpu_memory_runs_the_checkpointing_ftcli_train_plans_for_that_gpu(capsys
     """--gpu-memory: ftcli's side checkpoints as `ftcli train`'s auto would on that GPU (ftcli/plan.py), says so under
     the table, and takes no hand-set MLP or embedding flags beside it."""
     args = argparse.Namespace(shape="llama3-8b", seq=2048, bs=2, precision="nf4", lora_r=16, checkpointing="offload",
-                              gpu_memory=None)
+                              gpu_memory=None, keep_mlp=0, host_mlp=0)
     assert bench.ftcli_checkpointing(args) == CheckpointingChoice("offload")
-    for size, choice in (("12GiB", CheckpointingChoice(True, 0, 11)), ("80GiB", CheckpointingChoice(False)),
+    by_hand = argparse.Namespace(**vars(args) | {"keep_mlp": 3, "host_mlp": 2})
+    assert bench.ftcli_checkpointing(by_hand) == CheckpointingChoice("offload", 0, 3, 2)
+    for size, choice in (("12GiB", CheckpointingChoice(True, 0, 10, 2)), ("80GiB", CheckpointingChoice(False)),
                          ("7GiB", CheckpointingChoice("offload"))):
         assert bench.ftcli_checkpointing(argparse.Namespace(**vars(args) | {"gpu_memory": size})) == choice
-    assert bench.checkpointing_words(CheckpointingChoice(True, 0, 11), "12GiB") == \
-        "checkpointing true, 11 MLPs kept on the GPU (ftcli train's auto on a GPU of 12GiB)"
+    assert bench.checkpointing_words(CheckpointingChoice(True, 0, 10, 2), "12GiB") == \
+        "checkpointing true, 10 MLPs kept on the GPU, every 2nd MLP below hosted in CPU memory (ftcli train's auto " \
+        "on a GPU of 12GiB)"
     for flags in (["--keep-mlp", "2"], ["--host-embeddings"], ["--host-mlp", "3"]):
         with pytest.raises(SystemExit) as stopped:
             bench.main(["--shape", "tiny", "--only", "ftcli", "--gpu-memory", "1GiB", "--checkpointing", "offload",
@@ -412,8 +415,8 @@ def test_gpu_memory_runs_the_checkpointing_ftcli_train_plans_for_that_gpu(capsys
     assert "--gpu-memory 'lots' is not a size" in capsys.readouterr().err
 
 
-def test_hosting_mlps_needs_offloaded_checkpointing(capsys):
+def test_hosting_mlps_needs_checkpointing(capsys):
     with pytest.raises(SystemExit) as stopped:
-        bench.main(["--shape", "tiny", "--only", "ftcli", "--host-mlp", "2", "--checkpointing", "true"])
+        bench.main(["--shape", "tiny", "--only", "ftcli", "--host-mlp", "2", "--checkpointing", "false"])
     assert stopped.value.code == 2
-    assert "--host-mlp and --keep-mlp keep MLP tensors outside offloaded checkpointing" in capsys.readouterr().err
+    assert "--checkpointing false recomputes nothing: use --checkpointing offload" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from ftcli.architectures import ARCHITECTURES
 from ftcli.decoding import Decoder, Sampling
 from ftcli.generation import BatchedSampler
 from ftcli.loader import load_model
+from ftcli.plan import CheckpointingChoice
 from ftcli.recipe import LoraSettings, ModelSettings
 from ftcli.train import prepare_for_training
 
@@ -26,7 +27,7 @@ def training_model(folder, family: str, load_in_4bit: bool, dtype: str = "bfloat
     settings = ModelSettings(name=str(folder), load_in_4bit=load_in_4bit, dtype=dtype)
     model = load_model(settings, architecture, torch.device("cuda"), getattr(torch, dtype))
     model, swaps = prepare_for_training(model, architecture, LoraSettings(r=4, alpha=8), kernels=True,
-                                        gradient_checkpointing="offload", seed=3)
+                                        checkpointing=CheckpointingChoice("offload"), seed=3)
     randomise(model, "lora_B", 0.05, seed=2)
     return model.train(), swaps
 

@@ -47,11 +47,11 @@ def test_recompute_leaves_out_the_mlp_output_where_nothing_keeps_it(family, comp
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("where, checkpointing", [("cpu", "offload"), ("gpu", "offload"), ("gpu", True)])
+@pytest.mark.parametrize("where, checkpointing", [("cpu", "offload"), ("cpu", True), ("gpu", "offload"), ("gpu", True)])
 @pytest.mark.parametrize("family, hosted", [("llama", 1), ("qwen3", 1), ("gemma3_text", 0)])
 def test_hosted_mlps_are_not_computed_again(family, hosted, where, checkpointing, tiny_model_folder, monkeypatch):
     """host_mlp_activations on the 2-layer model: the lower layer's MLP keeps its saved tensors outside the
-    checkpoint, in CPU memory (every=1) or where they are (on_gpu=1; also under plain recompute, through
+    checkpoint, in CPU memory (every=1) or where they are (on_gpu=1), under offload or plain recompute (through
     OffloadedCheckpoint with every input on the device), and backward uses them instead of running the MLP again;
     the loss and gradients are those without it, exactly (the same arithmetic, its tensors from the forward instead
     of a recompute). Gemma's norm after the MLP keeps the MLP's output, so its recompute goes through the MLP anyway:

@@ -15,8 +15,9 @@ from transformers import AutoModelForCausalLM
 from conftest import DEVICE, assert_clean_failure, run_cli, write_jsonl, write_recipe
 from ftcli.errors import InputError
 from ftcli.plan import (GIB, LENGTH_STEP, CheckpointingChoice, ModelShape, Setup, choose_strategy, estimate_memory,
-                        kept_mlp_bytes, layer_activation_bytes, local_host_memory, longest_setup, parse_size,
-                        pick_layers_kept_on_gpu, pick_mlps_kept_on_gpu, pinned_bytes, settle_checkpointing,
+                        hosted_mlp_count, hosted_mlp_pinned_bytes, kept_mlp_bytes, layer_activation_bytes,
+                        local_host_memory, longest_setup, mlp_hosting_spacing, parse_size, pick_layers_kept_on_gpu,
+                        pick_mlps_hosted_every, pick_mlps_kept_on_gpu, pinned_bytes, settle_checkpointing,
                         settled_setup, tiling_starts)
 from ftcli.recipe import Recipe
 from ftcli.recipe import DEFAULT_TARGET_MODULES
@@ -149,13 +150,16 @@ def test_plan_cli_fits_and_does_not_fit(tmp_path, eight_b_folder):
     assert "does not fit a GPU with 7.5 GiB" in text and "backward of the top layer" in text
     assert "--set train.gradient_checkpointing=offload" in text and "train.batch_size=1 --set train.grad_accum=8" in text
 
-    # auto on 12 GiB: recompute (true), and 12 of the 32 layers' MLPs kept on the GPU with the room left
+    # auto on 12 GiB: recompute (true), 11 of the 32 layers' MLPs kept on the GPU with the room left, and every
+    # second below them hosted
     result = run_cli("plan", recipe, "--gpu-memory", "12GiB", "--set", "train.gradient_checkpointing=auto")
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "auto picks true" in text
-    assert ("With the room left, the MLPs of 12 of 32 layers keep their input, gate and up for backward on the GPU "
+    assert ("With the room left, the MLPs of 11 of 32 layers keep their input, gate and up for backward on the GPU "
             "(0.25 GiB each), so backward does not compute them again.") in text
+    assert ("Every 2nd MLP below those (10 of 32 layers) sends them to pinned CPU memory instead (0.28 GiB each, "
+            "2.81 GiB in all), as far apart as the PCIe bus carries the copies during the forward") in text
 
 
 def test_plan_cli_bad_size(tmp_path, eight_b_folder):
@@ -570,19 +574,71 @@ def test_auto_keeps_as_many_mlps_on_the_gpu_as_the_room_left_holds():
     kept = {}
     for gib in (8, 9, 12, 16, 20, 24):
         settled = settled_setup(shape, setup, "auto", gib * GIB, None)
-        kept[gib] = (settled.checkpointing, settled.mlps_kept_on_gpu)
+        kept[gib] = CheckpointingChoice.of(settled)
         room = int(0.95 * gib * GIB)
         assert estimate_memory(shape, settled).fits(room if settled.mlps_kept_on_gpu else gib * GIB)
         if settled.checkpointing and settled.mlps_kept_on_gpu < shape.layers - 1:
             assert not estimate_memory(shape, replace(settled, mlps_kept_on_gpu=settled.mlps_kept_on_gpu + 1)).fits(
                 room)
-        mode, mlps = kept[gib]
-        assert settle_checkpointing(eight_b_recipe(), config, gib * GIB, None, 2048) == CheckpointingChoice(mode, 0, mlps)
-    assert kept == {8: ("offload", 0), 9: (True, 0), 12: (True, 11), 16: (True, 26), 20: (True, 31), 24: (False, 0)}
+        assert settle_checkpointing(eight_b_recipe(), config, gib * GIB, None, 2048) == kept[gib]
+    # from 12 GiB every second MLP below the kept ones is hosted (one group in flight costs a kept MLP's room);
+    # at 20 GiB all are kept, none left to host
+    assert kept == {8: ("offload", 0, 0, 0), 9: (True, 0, 0, 0), 12: (True, 0, 10, 2), 16: (True, 0, 25, 2),
+                    20: (True, 0, 31, 0), 24: (False, 0, 0, 0)}
     for mode in (True, "offload"):  # the recipe's own choice
         assert settle_checkpointing(eight_b_recipe(gradient_checkpointing=mode), config, 16 * GIB, None,
                                     2048).mlps_kept_on_gpu == 0
     assert settle_checkpointing(eight_b_recipe(), config, None, None, 2048) == CheckpointingChoice(True)  # no GPU
+
+
+def test_hosting_spacing_is_the_closest_the_bus_carries():
+    """Hosting every N-th MLP sends one MLP's input, gate and up (and under offload N layer inputs) over the bus per N
+    layers' forward: the spacing is the smallest N whose bytes stay within BUS_OVERLOAD of what the bus moves while
+    those layers compute (BUS_BYTES_PER_FLOP). Llama-3-8B: every second, at 4,096 tokens and at 8,192, the spacing
+    measured fastest; Llama-3.2-1B has less compute a byte: every fifth, every fourth without offloaded inputs."""
+    cases = {("llama3-8b", 2, 2048, "offload"): 2, ("llama3-8b", 1, 8192, "offload"): 2,
+             ("llama3-8b", 2, 2048, True): 2, ("llama3.2-1b", 4, 2048, "offload"): 5, ("llama3.2-1b", 4, 2048, True): 4}
+    for (shape, batch, seq, mode), every in cases.items():
+        assert mlp_hosting_spacing(shape_of(shape), Setup(batch_size=batch, seq=seq, checkpointing=mode)) == every
+    # Llama-3-8B at 2 x 2048 under offload, by hand: 2 layers carry the MLP's copies and 2 inputs, 1 layer does not
+    tokens = 4096
+    mlp_bytes, input_bytes = tokens * (4096 + 2 * 14336) * 2, tokens * 4096 * 2
+    flops = 2 * tokens * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336) + 2 * 2 * 2048**2 * 4096
+    carried = 1.1 * 48e9 / 580e12 * flops
+    assert mlp_bytes + 2 * input_bytes <= 2 * carried and mlp_bytes + input_bytes > carried
+
+
+def test_hosted_mlps_cost_one_group_on_the_gpu_and_their_tensors_in_pinned_memory():
+    """Of the hosted MLPs (every N-th below the top layer and the kept ones), one group is on the GPU at a time, so
+    the forward's end and the top layer's backward hold one kept MLP's tensors more; each hosted MLP's input, gate
+    and up wait in pinned CPU memory, rounded up to powers of two (32 + 2 x 128 MiB at 4,096 tokens of Llama-3-8B)."""
+    shape = shape_of("llama3-8b")
+    setup = Setup(batch_size=2, seq=2048, checkpointing=True, mlps_kept_on_gpu=3)
+    assert [hosted_mlp_count(shape, replace(setup, mlps_hosted_every=every)) for every in (0, 1, 2, 3)] == [0, 28, 14, 10]
+    plain, hosted = (estimate_memory(shape, replace(setup, mlps_hosted_every=every)) for every in (0, 2))
+    assert hosted.moment == plain.moment == "backward of the top layer"
+    assert hosted.peak - plain.peak == kept_mlp_bytes(shape, setup)
+    assert hosted_mlp_pinned_bytes(shape, setup) == (32 + 2 * 128) * 2**20
+    assert hosted.host - plain.host == 14 * (32 + 2 * 128) * 2**20 and plain.host == 0
+    offload = replace(setup, checkpointing="offload")
+    assert estimate_memory(shape, replace(offload, mlps_hosted_every=2)).host == \
+        estimate_memory(shape, offload).host + 14 * (32 + 2 * 128) * 2**20
+
+
+def test_auto_hosts_mlps_where_the_gpu_and_the_host_have_room():
+    """Auto hosts at the bus's spacing when the group in flight fits in 95% of the GPU; a host short of pinned memory
+    for them all gets a wider spacing, or none; several processes, whose GPUs may share a bus, none."""
+    shape = shape_of("llama3-8b")
+    setup = Setup(batch_size=2, seq=2048, checkpointing=True)
+    assert pick_mlps_hosted_every(shape, setup, "auto", 12 * GIB, None) == 2
+    assert pick_mlps_hosted_every(shape, setup, "auto", 12 * GIB, 40 * GIB) == 2  # 16 x 288 MiB = 4.5 GiB
+    assert pick_mlps_hosted_every(shape, setup, "auto", 12 * GIB, 3 * GIB) == 4  # every 3rd: 11 x 288 MiB = 3.1 GiB
+    assert pick_mlps_hosted_every(shape, setup, "auto", 12 * GIB, 2 * GIB) == 5  # every 5th: 7 x 288 MiB = 1.97 GiB
+    assert pick_mlps_hosted_every(shape, setup, "auto", 12 * GIB, 2**20) == 0
+    assert pick_mlps_hosted_every(shape, setup, "auto", int(8.7 * GIB), None) == 0  # true fits; the group does not
+    assert pick_mlps_hosted_every(shape, replace(setup, processes=2), "auto", 12 * GIB, None) == 0
+    assert pick_mlps_hosted_every(shape, setup, True, 12 * GIB, None) == 0  # the recipe's own checkpointing
+    assert pick_mlps_hosted_every(shape, replace(setup, checkpointing=False), "auto", 80 * GIB, None) == 0
 
 
 @pytest.mark.parametrize("case", ["tiled", "fsdp", "no kernels", "mlp without LoRA", "norm after the mlp"])
@@ -594,6 +650,7 @@ def test_no_mlps_are_kept_where_the_kernel_does_not_keep_them_whole(case, tiny_m
     shape = shape_of("llama3-8b")
     setup = Setup(batch_size=2, seq=2048, checkpointing=True)
     assert pick_mlps_kept_on_gpu(shape, setup, "auto", 16 * GIB) == 26
+    assert pick_mlps_hosted_every(shape, setup, "auto", 16 * GIB, None) == 2
     if case == "tiled":
         setup = replace(setup, seq=mlp_tile_rows_length(shape), batch_size=1)
     elif case == "fsdp":
@@ -607,6 +664,7 @@ def test_no_mlps_are_kept_where_the_kernel_does_not_keep_them_whole(case, tiny_m
         assert gemma.mlp_output_normed and not shape.mlp_output_normed
         shape = replace(shape, mlp_output_normed=True)
     assert pick_mlps_kept_on_gpu(shape, setup, "auto", 1000 * GIB) == 0
+    assert pick_mlps_hosted_every(shape, setup, "auto", 1000 * GIB, None) == 0
 
 
 def mlp_tile_rows_length(shape) -> int:
@@ -640,7 +698,7 @@ def test_plan_cli_longest(tmp_path, eight_b_folder):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.splitlines()[-1])
     assert summary["longest"] == {"seq": 524288, "batch_size": 1, "tokens": 524288, "checkpointing": "offload",
-                                  "layers_kept_on_gpu": 2, "mlps_kept_on_gpu": 0,
+                                  "layers_kept_on_gpu": 2, "mlps_kept_on_gpu": 0, "mlps_hosted": 0,
                                   "needed_gib": summary["longest"]["needed_gib"],
                                   "host_gib": 120.0}
     assert 50 < summary["longest"]["needed_gib"] <= 80
@@ -743,10 +801,10 @@ def test_train_resolves_auto_before_loading_and_its_header_says_so(tmp_path, tin
     assert "gradient_checkpointing: auto" in (tmp_path / "out" / "recipe.yaml").read_text()  # resolved per run
 
 
-@pytest.mark.parametrize("kept", [0, 1])
-def test_train_keeps_the_planned_mlps_on_the_gpu(kept, tmp_path, tiny_model_folder, monkeypatch):
-    """The MLPs settle_checkpointing keeps (here 1 of the tiny model's 2 layers, under recompute) reach the model:
-    backward computes the kept MLP's forward no second time, and the header says so."""
+@pytest.mark.parametrize("kept, hosted_every", [(0, 0), (1, 0), (0, 1)])
+def test_train_keeps_the_planned_mlps_on_the_gpu(kept, hosted_every, tmp_path, tiny_model_folder, monkeypatch):
+    """The MLPs settle_checkpointing keeps or hosts (here 1 of the tiny model's 2 layers, under recompute) reach the
+    model: backward computes that MLP's forward no second time, and the header says so."""
     import ftcli.train
     from ftcli_kernels import lora_mlp
 
@@ -757,16 +815,19 @@ def test_train_keeps_the_planned_mlps_on_the_gpu(kept, tmp_path, tiny_model_fold
         return forward(ctx, *args)
 
     monkeypatch.setattr(lora_mlp.LoraGatedMLPFunction, "forward", staticmethod(counted))
-    monkeypatch.setattr(ftcli.train, "settle_checkpointing", lambda *args: CheckpointingChoice(True, 0, kept))
+    monkeypatch.setattr(ftcli.train, "settle_checkpointing",
+                        lambda *args: CheckpointingChoice(True, 0, kept, hosted_every))
     data = write_jsonl(tmp_path / "train.jsonl", long_rows(2, 5))
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model_folder("llama"), data, tmp_path / "out",
                           model={"kernels": True},
                           train={"max_steps": 1, "batch_size": 2, "grad_accum": 1, "cuda_graphs": False})
     result = run_cli("train", recipe)  # graphs off: their warm-up and capture would run the step's Python 3 times
     assert result.exit_code == 0, result.output
-    assert len(runs) == 4 - kept  # two layers' forward, and the recompute of those not kept
-    said = "with the room left, 1 layers' MLPs keep their tensors, not recomputed"
-    assert (said in " ".join(result.output.split())) == bool(kept)
+    skipped = 1 if kept or hosted_every else 0
+    assert len(runs) == 4 - skipped  # two layers' forward, and the recompute of those neither kept nor hosted
+    header = " ".join(result.output.split())
+    assert ("with the room left, 1 layers' MLPs keep their tensors, not recomputed" in header) == bool(kept)
+    assert ("1 layers' MLPs keep theirs in CPU memory" in header) == bool(hosted_every)
 
 
 def test_train_keeps_the_planned_layers_inputs_on_the_gpu(tmp_path, tiny_model_folder, monkeypatch):

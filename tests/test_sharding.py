@@ -32,6 +32,7 @@ from ftcli.errors import ModelError
 from ftcli.loader import (ADAPTER_WEIGHTS, REFERENCE_ADAPTER, TRAINED_ADAPTER, load_model, load_reference_adapter,
                           reference_policy)
 from ftcli.patch import _lora_parts
+from ftcli.plan import CheckpointingChoice
 from ftcli.recipe import LoraSettings, ModelSettings
 from ftcli.sharding import one_process_at_a_time, shard_decoder_layers
 from ftcli.train import collate, prepare_for_training, summed_token_loss, target_tokens
@@ -68,7 +69,7 @@ def build(case: Case, processes: Processes, reference: Optional[Path] = None):
     with one_process_at_a_time(processes, settings):
         model = load_model(settings, architecture, CPU, torch.float32, sharded=processes.several)
         model, swaps = prepare_for_training(model, architecture, LoraSettings(r=4, alpha=8), case.kernels,
-                                            case.checkpointing, seed=3)
+                                            CheckpointingChoice(case.checkpointing), seed=3)
         randomise(model, "lora_B", 0.05, seed=2)
         if reference:
             load_reference_adapter(model, reference)

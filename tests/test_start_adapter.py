@@ -16,6 +16,7 @@ from ftcli.architectures import ARCHITECTURES
 from ftcli.data import prepare_data
 from ftcli.loader import REFERENCE_ADAPTER, TRAINED_ADAPTER, add_lora, load_reference_adapter, reference_adapter
 from ftcli.owned_folders import TRAINING_RUN, write_marker
+from ftcli.plan import CheckpointingChoice
 from ftcli.recipe import LoraSettings, load_recipe
 from ftcli.steps import count_steps, step_groups
 from ftcli.train import collate, prepare_for_training, summed_token_loss, target_tokens
@@ -300,7 +301,8 @@ def test_kernels_and_checkpointing_train_a_loaded_adapter_as_peft_does_and_switc
     tmp, base, data, start = workspace
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(DEVICE).requires_grad_(False)
     model, swaps = prepare_for_training(model, ARCHITECTURES["llama"], LoraSettings(r=4, alpha=8), kernels=True,
-                                        gradient_checkpointing=True, seed=0, adapter=str(start))
+                                        checkpointing=CheckpointingChoice(True), seed=0,
+                                        adapter=str(start))
     assert swaps.module_counts["lora_mlp"] == swaps.module_counts["lora_qkv"] == 2  # one of each per layer
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(DEVICE),
                                       start, is_trainable=True)

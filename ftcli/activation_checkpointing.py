@@ -115,6 +115,12 @@ class OffloadedCheckpoint:
         self._host_buffers: list[torch.Tensor] = []  # the pinned CPU copy of each offloaded tensor, kept for the next step
         self._captured: list[torch.Tensor] = []  # buffers a CUDA graph copies into: kept even when outgrown
 
+    @property
+    def forward_under_way(self) -> bool:
+        """Whether a checkpointed forward is running (its layers' inputs being saved), not yet its backward with the
+        recompute in it."""
+        return self._packed > 0
+
     def __call__(self, function, *args, **kwargs):
         with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
             return checkpoint(function, *args, use_reentrant=False, **kwargs)

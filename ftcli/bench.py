@@ -63,6 +63,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from ftcli import bench_distributed, bench_grpo, bench_peers, bench_preference
+from ftcli.attention_replay import replay_attention
 from ftcli.bench_common import (BENCH_LORA, CHECKPOINTING, LORA_SEED, add_training_arguments, ftcli_setup, method_of,
                                 random_batches, random_model, write_random_model)
 from ftcli.decoding import Decoder, Sampling
@@ -92,14 +93,18 @@ def hf_training(model, precision: str, lora_r: int):
     return model, lambda batch: model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
 
 
-def ftcli_training(model, checkpointing: CheckpointingChoice, lora_r: int, host_embeddings: bool = False):
+def ftcli_training(model, checkpointing: CheckpointingChoice, lora_r: int, host_embeddings: bool = False,
+                   replayed_attention: int = 0):
     """The path `ftcli train` takes after loading: kernels, checkpointing (with MLP tensors kept on the GPU or hosted
     as `checkpointing` says), LoRA, and its own loss, summed over the batch's target tokens; with the input embedding
-    table hosted, when asked."""
+    table hosted, and the attention of the top `replayed_attention` layers replayed in their recompute, when asked."""
     model, kernels = ftcli_setup(model, checkpointing, lora_r)
     if host_embeddings and not host_input_embeddings(model):
         raise SystemExit("--host-embeddings: this shape's input embedding cannot wait in CPU memory (its output "
                          "head shares the table, or it is not a plain frozen nn.Embedding); leave the flag out")
+    if replayed_attention and not replay_attention(model, replayed_attention):
+        raise SystemExit("--replay-attention replays attention in the recompute of offloaded checkpointing: add "
+                         "--checkpointing offload, or with --checkpointing true also --keep-mlp or --host-mlp")
     return model, lambda batch: summed_token_loss(model, batch, kernels.fused_loss)
 
 
@@ -149,8 +154,10 @@ def measure(side: str, args) -> dict:
         model, mean_loss = hf_training(model, args.precision, args.lora_r)
     else:
         checkpointing = ftcli_checkpointing(args)
-        settings = {"settings": checkpointing_words(checkpointing, args.gpu_memory)}
-        model, summed_loss = ftcli_training(model, checkpointing, args.lora_r, args.host_embeddings)
+        replayed = f", attention of {args.replay_attention} layers replayed" if args.replay_attention else ""
+        settings = {"settings": checkpointing_words(checkpointing, args.gpu_memory) + replayed}
+        model, summed_loss = ftcli_training(model, checkpointing, args.lora_r, args.host_embeddings,
+                                            args.replay_attention)
         mean_loss = lambda batch: summed_loss(batch) / target_tokens(batch)  # noqa: E731
     trainable = [p for p in model.parameters() if p.requires_grad]
     graphed = side == "ftcli" and args.cuda_graph and device.type == "cuda"
@@ -397,6 +404,9 @@ def main(argv=None) -> None:
     parser.add_argument("--host-embeddings", action="store_true",
                         help="ftcli's input embedding table waits in pinned CPU memory, read a row per token by the "
                              "GPU (ftcli/patch.host_input_embeddings; untied heads only)")
+    parser.add_argument("--replay-attention", type=int, default=0, metavar="K",
+                        help="the top K layers keep attention's output and row statistics from the forward, so that "
+                             "their recompute runs no attention kernel (ftcli/attention_replay.py; graphed steps)")
     parser.add_argument("--decode", action="store_true", help="measure answering (decode tokens/s) instead of training")
     parser.add_argument("--prompt-len", type=int, default=128, help="with --decode: prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=256, help="with --decode: tokens to generate")
@@ -414,9 +424,10 @@ def main(argv=None) -> None:
     if (args.host_mlp or args.keep_mlp) and not args.checkpointing:
         parser.error("--host-mlp and --keep-mlp keep MLP tensors outside checkpointing's recompute, and --checkpointing "
                      "false recomputes nothing: use --checkpointing offload (the default) or true, or leave them out")
-    if args.gpu_memory and (args.host_mlp or args.keep_mlp or args.host_embeddings):
-        parser.error("--gpu-memory runs what ftcli train would, which keeps and hosts MLPs by its own plan and does "
-                     "not host the embedding table: leave out --host-mlp, --keep-mlp and --host-embeddings")
+    if args.gpu_memory and (args.host_mlp or args.keep_mlp or args.host_embeddings or args.replay_attention):
+        parser.error("--gpu-memory runs what ftcli train would, which keeps and hosts MLPs by its own plan and neither "
+                     "hosts the embedding table nor replays attention: leave out --host-mlp, --keep-mlp, "
+                     "--host-embeddings and --replay-attention")
     if args.gpu_memory:
         try:
             parse_size(args.gpu_memory)  # a bad size fails here, not in a side's process

@@ -16,8 +16,9 @@ A graph fixes its shapes and its memory addresses, so:
 - a batch without padding or packing needs no mask, but transformers cannot see that while a graph is captured
   (it would have to read the mask), so it builds a full one, and attention runs 2-3 times slower with it. Such a
   batch (`ftcli train` drops its all-ones mask) is therefore captured attending through CAUSAL_ATTENTION, which
-  transformers gives no mask: its own SDPA attention, causal without one, unless a layer's sliding window is
-  shorter than the rows. Padded and packed batches keep the masks transformers builds.
+  transformers gives no mask: its own SDPA attention, causal without one
+  (ftcli/attention_replay.replayable_attention), unless a layer's sliding window is shorter than the rows. Padded
+  and packed batches keep the masks transformers builds.
 
 A micro-batch of more than GRAPHED_TOKENS runs op by op: its GPU work outlasts the host's launches anyway.
 
@@ -32,9 +33,9 @@ from typing import Callable
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ftcli.architectures import Architecture
+from ftcli.attention_replay import replayable_attention
 from ftcli.errors import RecipeError
 
 WARMUP_RUNS = 2
@@ -176,5 +177,6 @@ def causal_attention(model, batch: dict[str, torch.Tensor]):
         model.set_attn_implementation(previous)
 
 
-# transformers builds no mask for an implementation it has no mask function for, and SDPA given none is causal
-AttentionInterface.register(CAUSAL_ATTENTION, sdpa_attention_forward)
+# transformers builds no mask for an implementation it has no mask function for, and SDPA given none is causal; the
+# attention of layers marked by attention_replay.replay_attention is replayed in their recompute
+AttentionInterface.register(CAUSAL_ATTENTION, replayable_attention)

@@ -415,6 +415,14 @@ def test_gpu_memory_runs_the_checkpointing_ftcli_train_plans_for_that_gpu(capsys
     assert "--gpu-memory 'lots' is not a size" in capsys.readouterr().err
 
 
+def test_replaying_attention_needs_offloaded_checkpointing():
+    """--replay-attention marks layers checkpointed through OffloadedCheckpoint (ftcli/attention_replay.py); plain
+    recompute without MLP flags has none, and the bench says what to add instead of running without it."""
+    with pytest.raises(SystemExit) as stopped:
+        bench.main(["--shape", "tiny", "--only", "ftcli", "--replay-attention", "2", "--checkpointing", "true"])
+    assert "--replay-attention replays attention in the recompute of offloaded checkpointing" in str(stopped.value)
+
+
 def test_hosting_mlps_needs_checkpointing(capsys):
     with pytest.raises(SystemExit) as stopped:
         bench.main(["--shape", "tiny", "--only", "ftcli", "--host-mlp", "2", "--checkpointing", "false"])

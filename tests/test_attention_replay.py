@@ -1,0 +1,114 @@
+"""Attention replayed in the checkpoint's recompute (ftcli/attention_replay.py): the losses and gradients of
+transformers' own SDPA attention, with the attention kernel of a marked layer run once per step instead of twice;
+the slot emptied by backward, and left alone by evaluation; under CUDA graphs on a GPU."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ftcli.attention_replay as attention_replay
+from conftest import DEVICE, lora_model
+from ftcli.step_graph import CAUSAL_ATTENTION, GraphedMicroBatch
+from ftcli.train import summed_token_loss
+from test_step_graph import train
+
+
+def loss_and_grads(model, input_ids):
+    logits = model(input_ids=input_ids).logits[:, :-1].float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return float(loss.detach()), grads
+
+
+def attending_model(folder, family, checkpointing, replayed: int, dtype=torch.float32):
+    """The tiny model with LoRA, checkpointed through OffloadedCheckpoint, attending through CAUSAL_ATTENTION (as a
+    graphed micro-batch does), the top `replayed` layers' attention marked."""
+    model, _ = lora_model(folder, family, kernels=False, checkpointing=checkpointing, keeps_mlps=True, dtype=dtype,
+                          device=DEVICE)
+    model.set_attn_implementation(CAUSAL_ATTENTION)
+    assert attention_replay.replay_attention(model, replayed) == min(replayed, model.config.num_hidden_layers)
+    return model
+
+
+def counted_kernels(monkeypatch) -> list:
+    """Record each forward of the replay kernels."""
+    calls = []
+    for key, kernel in list(attention_replay.KERNELS.items()):
+        def forward(*args, kernel=kernel):
+            calls.append(args[0].shape)
+            return kernel.forward(*args)
+        monkeypatch.setitem(attention_replay.KERNELS, key, kernel._replace(forward=forward))
+    return calls
+
+
+@pytest.mark.parametrize("checkpointing", ["offload", True])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "gemma3_text"])
+def test_replayed_attention_gives_sdpas_losses_and_gradients(family, checkpointing, tiny_model_folder, monkeypatch):
+    """On the 2-layer models (grouped key and value heads), two steps: the replayed layers' attention runs once a
+    step, in the forward, and not in the recompute; the losses and gradients are those of SDPA attention, exactly
+    on the CPU (the same flash kernel), in float32."""
+    calls = counted_kernels(monkeypatch)
+    input_ids = torch.randint(3, 300, (2, 11), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    folder = tiny_model_folder(family)
+    plain, replayed = (attending_model(folder, family, checkpointing, layers) for layers in (0, 2))
+    for _ in range(2):
+        want_loss, want_grads = loss_and_grads(plain, input_ids)
+        assert not calls
+        loss, grads = loss_and_grads(replayed, input_ids)
+        if DEVICE.type == "cpu":
+            assert len(calls) == 2 and loss == want_loss
+            for name, grad in want_grads.items():
+                assert torch.equal(grads[name], grad), name
+        calls.clear()
+        with torch.no_grad():  # the next step's adapters
+            for model in (plain, replayed):
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.add_(0.01)
+    slots = [module.attention_replay for module in replayed.modules() if hasattr(module, "attention_replay")]
+    assert len(slots) == 2 and all(slot.kept is None for slot in slots)  # backward took what each forward kept
+
+
+def test_evaluation_leaves_the_slots_alone(tiny_model_folder, monkeypatch):
+    """A forward without gradients (evaluation) attends through SDPA and keeps nothing; a training forward keeps each
+    marked layer's output until its backward; the next training forward replaces it."""
+    calls = counted_kernels(monkeypatch)
+    input_ids = torch.randint(3, 300, (2, 11), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    model = attending_model(tiny_model_folder("llama"), "llama", "offload", 1)
+    slot = next(module.attention_replay for module in model.modules() if hasattr(module, "attention_replay"))
+    with torch.no_grad():
+        model(input_ids=input_ids)
+    assert slot.kept is None and not calls
+    model(input_ids=input_ids)
+    first = slot.kept
+    assert first is not None and first.out.shape == (2, 4, 11, 16) and len(calls) == 1
+    want_loss, _ = loss_and_grads(model, input_ids)  # a second forward, then its backward
+    assert slot.kept is None and len(calls) == 2
+    plain = attending_model(tiny_model_folder("llama"), "llama", "offload", 0)
+    assert want_loss == pytest.approx(loss_and_grads(plain, input_ids)[0], rel=1e-6)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="the GPU's fused kernels and CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("checkpointing", ["offload", True])
+def test_replayed_attention_in_cuda_graphs_on_the_gpus_kernels(checkpointing, tiny_model_folder, monkeypatch):
+    """In bfloat16 on a GPU (SDPA's flash or cuDNN kernel, the kernels the replay calls directly), replayed as CUDA
+    graphs, two steps of two micro-batches: the losses and gradients of the unmarked model within bfloat16's
+    rounding of the two kernels' orders of summation."""
+    calls = counted_kernels(monkeypatch)
+    results = []
+    for layers in (0, 2):
+        model, _ = lora_model(tiny_model_folder("llama"), "llama", kernels=True, checkpointing=checkpointing,
+                              keeps_mlps=True, dtype=torch.bfloat16, device=DEVICE)
+        attention_replay.replay_attention(model, layers)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        graphed = GraphedMicroBatch(model, lambda batch, model=model: summed_token_loss(model, batch, fused=True),
+                                    trainable)
+        results.append(train(model, graphed))
+        assert bool(calls) == bool(layers)  # the kernels ran, in the warm-up and the capture
+    (want_losses, want_grads), (losses, grads) = results
+    assert losses == pytest.approx(want_losses, rel=2e-2)
+    for step_grads, step_want in zip(grads, want_grads):
+        for grad, want in zip(step_grads, step_want):
+            torch.testing.assert_close(grad.float(), want.float(), rtol=5e-2, atol=5e-3)

@@ -2,12 +2,14 @@
 
 Under gradient checkpointing, backward runs each decoder layer's forward a second time to get back what the layer
 saved, attention included, whose work grows with the square of the length: at 8,192 tokens of Llama-3-8B the
-causal attention of one layer is 0.55 TFLOP, about as much as its q, k, v and o projections together. Attention's
+causal attention of one layer is 0.55 TFLOP, nearly as much as its q, k, v and o projections together. Attention's
 backward needs q, k and v, which the recompute gets back from their projections anyway, and the output and the
 log-sum-exp of each row's scores, which only the attention kernel gives. So a marked layer's forward keeps those two
 (64 MiB and 1 MiB a layer at 8,192 tokens: an eighth of what a kept MLP holds) until its backward, and the
-recompute takes them instead of running the kernel. Backward is the fused kernel's own on the same tensors, so the
-losses and gradients are those of SDPA exactly.
+recompute takes them instead of running the kernel. Backward is the fused kernel's own, so the losses and gradients
+are SDPA's: exactly where SDPA runs the same kernel on the same tensors (the CPU's flash kernel); grouped key and
+value heads are repeated here, where SDPA on a GPU may take the groups as they are and sum their gradients in
+another order.
 
 It runs where the fused kernel SDPA picks returns those statistics (flash or cuDNN on a GPU, flash on the CPU), for
 causal attention without a mask or dropout: the attention of CUDA-graphed micro-batches (step_graph's

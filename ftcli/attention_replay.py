@@ -114,7 +114,9 @@ class ReplayedAttention(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, v, out, *stats = ctx.saved_tensors
         kept = _Kept(out, tuple(stats), ctx.lengths)
-        grad_q, grad_k, grad_v = ctx.kernel.backward(grad.contiguous(), q, k, v, kept, ctx.scale)
+        if grad.stride() != out.stride():  # the kernels read the output's gradient laid out as the output
+            grad = torch.empty_like(out).copy_(grad)
+        grad_q, grad_k, grad_v = ctx.kernel.backward(grad, q, k, v, kept, ctx.scale)
         return grad_q, grad_k, grad_v, None, None, None, None
 
 

@@ -169,4 +169,5 @@ def replayable_attention(module, query, key, value, attention_mask, dropout: flo
         if kernel is not None:
             out = replay.attend(query, key, value, scaling, kernel)
             return out.transpose(1, 2).contiguous(), None
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)

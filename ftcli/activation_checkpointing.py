@@ -64,9 +64,7 @@ def host_mlp_activations(model, every: int, on_gpu: int = 0) -> tuple[int, int]:
     beside the layer inputs' copies (0.7 ms each), one copy after the other, while a layer's forward takes about
     3.1 ms: hosting every second layer is a little more than the bus carries, every third a little less (ftcli/plan.py's
     mlp_hosting_spacing picks the spacing for `ftcli train`)."""
-    layers = [module for module in model.modules()
-              if isinstance(getattr(module, "_gradient_checkpointing_func", None), OffloadedCheckpoint)
-              and isinstance(getattr(module, "mlp", None), KernelLoraGatedMLP)]
+    layers = [layer for layer in offloaded_layers(model) if isinstance(getattr(layer, "mlp", None), KernelLoraGatedMLP)]
     candidates = [layer for layer in layers[-2::-1] if not hasattr(layer, "post_feedforward_layernorm")]
     kept, below = candidates[:on_gpu], candidates[on_gpu:]
     hosted = below[::every] if every else []
@@ -74,6 +72,13 @@ def host_mlp_activations(model, every: int, on_gpu: int = 0) -> tuple[int, int]:
         layer.mlp.hosted_by = layer._gradient_checkpointing_func
         layer.mlp.kept_on_gpu = layer in kept
     return len(kept), len(hosted)
+
+
+def offloaded_layers(model) -> list:
+    """The decoder layers checkpointed through OffloadedCheckpoint, bottom first: those whose blocks can keep what
+    they save outside the checkpoint."""
+    return [module for module in model.modules()
+            if isinstance(getattr(module, "_gradient_checkpointing_func", None), OffloadedCheckpoint)]
 
 
 def _as_it_is(tensor: torch.Tensor) -> torch.Tensor:
@@ -148,7 +153,7 @@ class OffloadedCheckpoint:
         backward.
 
         Outside a checkpointed forward (a backward's recompute, evaluation) the block runs as it is."""
-        if not self._packed:
+        if not self.forward_under_way:
             yield
             return
         self._release_copied(self._hosted_in_flight)  # copies started one hosted block ago: usually done
@@ -168,7 +173,7 @@ class OffloadedCheckpoint:
         """Run a block of a checkpointed layer (its MLP) whose saved tensors stay on the device as autograd saves them,
         outside the checkpoint, so that its recompute stops where the block's saves begin: `hosting` without the bus,
         for GPU memory. Outside a checkpointed forward the block runs as it is."""
-        if not self._packed:
+        if not self.forward_under_way:
             yield
             return
         with torch.autograd.graph.saved_tensors_hooks(_as_it_is, _as_it_is):

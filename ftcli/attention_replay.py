@@ -24,7 +24,7 @@ import torch
 from torch.nn.attention import SDPBackend
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-from ftcli.activation_checkpointing import OffloadedCheckpoint
+from ftcli.activation_checkpointing import OffloadedCheckpoint, offloaded_layers
 
 aten = torch.ops.aten
 
@@ -143,12 +143,10 @@ class AttentionReplay:
 def replay_attention(model, layers: int) -> int:
     """Mark the attention modules of the top `layers` decoder layers checkpointed through OffloadedCheckpoint, so that
     their recompute takes attention's output from the forward (module docstring); returns how many were marked."""
-    checkpointed = [module for module in model.modules()
-                    if isinstance(getattr(module, "_gradient_checkpointing_func", None), OffloadedCheckpoint)
-                    and hasattr(module, "self_attn")]
-    for layer in checkpointed[::-1][:layers]:
+    marked = [layer for layer in offloaded_layers(model) if hasattr(layer, "self_attn")][::-1][:layers]
+    for layer in marked:
         layer.self_attn.attention_replay = AttentionReplay(layer._gradient_checkpointing_func)
-    return min(layers, len(checkpointed))
+    return len(marked)
 
 
 def replayable_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,

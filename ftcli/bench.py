@@ -390,12 +390,13 @@ def main(argv=None) -> None:
                              "idle, and the host's Python time of one step")
     parser.add_argument("--trace", help="with --profile: write the step's Chrome trace (JSON) to this path")
     parser.add_argument("--host-mlp", type=int, default=0, metavar="N",
-                        help="with --checkpointing offload or true: the MLP of every N-th layer keeps what it saves for "
-                             "backward in CPU memory instead of recomputing it "
+                        help="with --checkpointing offload or true: the MLP of every N-th layer keeps what it saves "
+                             "for backward in CPU memory instead of recomputing it "
                              "(ftcli/activation_checkpointing.host_mlp_activations); 0, the default, none")
     parser.add_argument("--keep-mlp", type=int, default=0, metavar="K",
-                        help="with --checkpointing offload or true: the MLPs of the K layers below the top one keep what they "
-                             "save for backward on the GPU instead of recomputing it; --host-mlp counts below them")
+                        help="with --checkpointing offload or true: the MLPs of the K layers below the top one keep "
+                             "what they save for backward on the GPU instead of recomputing it; --host-mlp counts "
+                             "below them")
     parser.add_argument("--gpu-memory", metavar="SIZE",
                         help="ftcli's checkpointing as `ftcli train` resolves its default, auto, on a GPU of this size "
                              "(ftcli/plan.py: recompute or not, how many MLPs stay whole with the room left and how "
@@ -422,8 +423,9 @@ def main(argv=None) -> None:
         return
     args.checkpointing = CHECKPOINTING[args.checkpointing]
     if (args.host_mlp or args.keep_mlp) and not args.checkpointing:
-        parser.error("--host-mlp and --keep-mlp keep MLP tensors outside checkpointing's recompute, and --checkpointing "
-                     "false recomputes nothing: use --checkpointing offload (the default) or true, or leave them out")
+        parser.error("--host-mlp and --keep-mlp keep MLP tensors outside checkpointing's recompute, and "
+                     "--checkpointing false recomputes nothing: use --checkpointing offload (the default) or true, or "
+                     "leave them out")
     if args.gpu_memory and (args.host_mlp or args.keep_mlp or args.host_embeddings or args.replay_attention):
         parser.error("--gpu-memory runs what ftcli train would, which keeps and hosts MLPs by its own plan and neither "
                      "hosts the embedding table nor replays attention: leave out --host-mlp, --keep-mlp, "

@@ -247,7 +247,7 @@ def estimate_memory(model: ModelShape, setup: Setup) -> MemoryEstimate:
     else:  # nothing is recomputed: every layer keeps all it saved until its backward
         kept_forward = kept_top = model.layers * (layer_saved + layer_input)
         kept_bottom = layer_saved + layer_input
-    if setup.checkpointing:  # the kept (hosted) MLPs are those of the layers below the top one: gone before the bottom's
+    if setup.checkpointing:  # kept and hosted MLPs are those of the layers below the top one: gone before the bottom's
         kept_forward, kept_top = kept_forward + kept_mlps, kept_top + kept_mlps
     if setup.kernels:
         head = 3 * tokens * h * a + min(LOGITS_CHUNK_BYTES, tokens * model.vocab * a) + tokens * 4
@@ -324,8 +324,8 @@ def hosted_mlp_count(model: ModelShape, setup: Setup) -> int:
 
 def hosted_mlp_pinned_bytes(model: ModelShape, setup: Setup) -> int:
     """Pinned CPU memory of one hosted MLP's input, gate and up, each a tensor of its own."""
-    tokens = setup.batch_size * setup.seq * setup.compute_bytes
-    return pinned_bytes(tokens * model.hidden) + 2 * pinned_bytes(tokens * model.intermediate)
+    feature_bytes = setup.batch_size * setup.seq * setup.compute_bytes  # one feature over all the tokens
+    return pinned_bytes(feature_bytes * model.hidden) + 2 * pinned_bytes(feature_bytes * model.intermediate)
 
 
 def mlp_hosting_spacing(model: ModelShape, setup: Setup) -> int:
@@ -495,9 +495,9 @@ def hosted_mlps_line(shape: ModelShape, setup: Setup) -> str:
     """How many MLPs auto hosts in CPU memory, how far apart, and what they take there."""
     count, each = hosted_mlp_count(shape, setup), hosted_mlp_pinned_bytes(shape, setup)
     below = " below those" if setup.mlps_kept_on_gpu else ""
-    return (f"Every {ordinal(setup.mlps_hosted_every)} MLP{below} ({count} of {shape.layers} layers) sends them to pinned "
-            f"CPU memory instead ({each / GIB:.2f} GiB each, {count * each / GIB:.2f} GiB in all), as far apart as "
-            "the PCIe bus carries the copies during the forward, and backward brings them back.")
+    return (f"Every {ordinal(setup.mlps_hosted_every)} MLP{below} ({count} of {shape.layers} layers) sends them to "
+            f"pinned CPU memory instead ({each / GIB:.2f} GiB each, {count * each / GIB:.2f} GiB in all), as far "
+            "apart as the PCIe bus carries the copies during the forward, and backward brings them back.")
 
 
 def ordinal(number: int) -> str:
@@ -699,7 +699,8 @@ class CheckpointingChoice(NamedTuple):
 
     @property
     def skips_mlp_recompute(self) -> bool:
-        """Whether some MLPs keep their tensors outside the checkpoint (activation_checkpointing.host_mlp_activations)."""
+        """Whether some MLPs keep their tensors outside the checkpoint
+        (activation_checkpointing.host_mlp_activations)."""
         return bool(self.mode and (self.mlps_kept_on_gpu or self.mlps_hosted_every))
 
 

@@ -86,8 +86,8 @@ def _as_it_is(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class _Offloaded:
-    """One saved tensor (a layer's input, or one of a hosted MLP's): its CPU copy, and a device tensor while a copy to
-    or from the CPU is in flight or it waits to be unpacked."""
+    """One saved tensor (a layer's input, one of a hosted MLP's, or a replayed attention's output): its CPU copy, and a
+    device tensor while a copy to or from the CPU is in flight or it waits to be unpacked."""
 
     __slots__ = ("device", "host", "on_device", "copied", "previous", "group", "unpacked", "__weakref__")
 
@@ -110,6 +110,7 @@ class OffloadedCheckpoint:
     def __init__(self, layers_on_gpu: int = 0):
         self._streams: dict[tuple[torch.device, bool], torch.cuda.Stream] = {}  # by device, and whether for hosting
         self._in_flight: deque = deque()  # (saved, event) of copies to the CPU whose device tensor is still held
+        self._in_flight_of_layer = 0  # how many of them the layer under way started
         self._hosted_in_flight: deque = deque()  # the same for hosted MLPs' tensors (see `hosting`)
         self._group: Optional[list] = None  # the hosted MLP's tensors being saved
         self._smallest = 0  # and the fewest elements of one it copies
@@ -134,13 +135,22 @@ class OffloadedCheckpoint:
         if tensor.numel() == 0:  # the placeholder some torch versions save beside the inputs
             return tensor
         self._packed += 1
+        # The copies the layer before started may still queue behind a hosted MLP's longer ones on the bus: wait for
+        # those started before them, which have had two layers' forward to finish
+        self._release_copied(self._in_flight, keep=self._in_flight_of_layer)
+        self._in_flight_of_layer = 0
         if self._packed <= self.layers_on_gpu:
             return tensor
-        # The copy started a layer ago may still queue behind a hosted MLP's longer ones on the bus: wait for the one
-        # before it, which has had two layers' forward to finish
-        self._release_copied(self._in_flight, keep=1)
+        return self.host(tensor)
+
+    def host(self, tensor: torch.Tensor) -> _Offloaded:
+        """Start copying a tensor that the checkpointed forward keeps for backward to CPU memory, in line with the layer
+        inputs: a layer's input (`pack`), or what a block of the layer keeps aside for its recompute (a replayed
+        attention's output, ftcli/attention_replay.py). Backward brings it back with `unpack`, started when the
+        tensor saved after it comes back."""
         saved = _Offloaded(tensor.device, self._last)
         self._copy_to_host(saved, tensor, self._in_flight)
+        self._in_flight_of_layer += 1
         self._last = weakref.ref(saved)
         return saved
 
@@ -207,7 +217,7 @@ class OffloadedCheckpoint:
         if self._packed:  # backward begins: no copy of the forward may stay in flight into the next step
             self._release_copied(self._in_flight)
             self._release_copied(self._hosted_in_flight)
-            self._packed = self._copies = 0
+            self._packed = self._copies = self._in_flight_of_layer = 0
             self._last = None  # nor may the next forward's first input name one of this forward's to prefetch
         if isinstance(saved, torch.Tensor):
             return saved

@@ -94,15 +94,16 @@ def hf_training(model, precision: str, lora_r: int):
 
 
 def ftcli_training(model, checkpointing: CheckpointingChoice, lora_r: int, host_embeddings: bool = False,
-                   replayed_attention: int = 0):
+                   replayed_attention: int = 0, host_attention: bool = False):
     """The path `ftcli train` takes after loading: kernels, checkpointing (with MLP tensors kept on the GPU or hosted
     as `checkpointing` says), LoRA, and its own loss, summed over the batch's target tokens; with the input embedding
-    table hosted, and the attention of the top `replayed_attention` layers replayed in their recompute, when asked."""
+    table hosted, and the attention of the top `replayed_attention` layers replayed in their recompute (its outputs
+    in CPU memory with `host_attention`), when asked."""
     model, kernels = ftcli_setup(model, checkpointing, lora_r)
     if host_embeddings and not host_input_embeddings(model):
         raise SystemExit("--host-embeddings: this shape's input embedding cannot wait in CPU memory (its output "
                          "head shares the table, or it is not a plain frozen nn.Embedding); leave the flag out")
-    if replayed_attention and not replay_attention(model, replayed_attention):
+    if replayed_attention and not replay_attention(model, replayed_attention, host_attention):
         raise SystemExit("--replay-attention replays attention in the recompute of offloaded checkpointing: add "
                          "--checkpointing offload, or with --checkpointing true also --keep-mlp or --host-mlp")
     return model, lambda batch: summed_token_loss(model, batch, kernels.fused_loss)
@@ -155,9 +156,11 @@ def measure(side: str, args) -> dict:
     else:
         checkpointing = ftcli_checkpointing(args)
         replayed = f", attention of {args.replay_attention} layers replayed" if args.replay_attention else ""
+        if args.host_attention:
+            replayed += ", their outputs below the top layer's hosted in CPU memory"
         settings = {"settings": checkpointing_words(checkpointing, args.gpu_memory) + replayed}
         model, summed_loss = ftcli_training(model, checkpointing, args.lora_r, args.host_embeddings,
-                                            args.replay_attention)
+                                            args.replay_attention, args.host_attention)
         mean_loss = lambda batch: summed_loss(batch) / target_tokens(batch)  # noqa: E731
     trainable = [p for p in model.parameters() if p.requires_grad]
     graphed = side == "ftcli" and args.cuda_graph and device.type == "cuda"
@@ -408,6 +411,9 @@ def main(argv=None) -> None:
     parser.add_argument("--replay-attention", type=int, default=0, metavar="K",
                         help="the top K layers keep attention's output and row statistics from the forward, so that "
                              "their recompute runs no attention kernel (ftcli/attention_replay.py; graphed steps)")
+    parser.add_argument("--host-attention", action="store_true",
+                        help="with --replay-attention: the replayed outputs below the top layer's wait in pinned CPU "
+                             "memory, copied beside the layer inputs")
     parser.add_argument("--decode", action="store_true", help="measure answering (decode tokens/s) instead of training")
     parser.add_argument("--prompt-len", type=int, default=128, help="with --decode: prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=256, help="with --decode: tokens to generate")
@@ -426,6 +432,9 @@ def main(argv=None) -> None:
         parser.error("--host-mlp and --keep-mlp keep MLP tensors outside checkpointing's recompute, and "
                      "--checkpointing false recomputes nothing: use --checkpointing offload (the default) or true, or "
                      "leave them out")
+    if args.host_attention and not args.replay_attention:
+        parser.error("--host-attention hosts the outputs that --replay-attention K keeps: add --replay-attention "
+                     "with the number of layers, e.g. --replay-attention 32 --host-attention, or leave it out")
     if args.gpu_memory and (args.host_mlp or args.keep_mlp or args.host_embeddings or args.replay_attention):
         parser.error("--gpu-memory runs what ftcli train would, which keeps and hosts MLPs by its own plan and neither "
                      "hosts the embedding table nor replays attention: leave out --host-mlp, --keep-mlp, "

@@ -22,13 +22,13 @@ def loss_and_grads(model, input_ids):
     return float(loss.detach()), grads
 
 
-def attending_model(folder, family, checkpointing, replayed: int, dtype=torch.float32):
+def attending_model(folder, family, checkpointing, replayed: int, dtype=torch.float32, hosted=False):
     """The tiny model with LoRA, checkpointed through OffloadedCheckpoint, attending through CAUSAL_ATTENTION (as a
-    graphed micro-batch does), the top `replayed` layers' attention marked."""
+    graphed micro-batch does), the top `replayed` layers' attention marked (their outputs hosted when asked)."""
     model, _ = lora_model(folder, family, kernels=False, checkpointing=checkpointing, keeps_mlps=True, dtype=dtype,
                           device=DEVICE)
     model.set_attn_implementation(CAUSAL_ATTENTION)
-    assert attention_replay.replay_attention(model, replayed) == min(replayed, model.config.num_hidden_layers)
+    assert attention_replay.replay_attention(model, replayed, hosted) == min(replayed, model.config.num_hidden_layers)
     return model
 
 
@@ -71,6 +71,37 @@ def test_replayed_attention_gives_sdpas_losses_and_gradients(family, checkpointi
     assert len(slots) == 2 and all(slot.kept is None for slot in slots)  # backward took what each forward kept
 
 
+@pytest.mark.parametrize("checkpointing", ["offload", True])
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_hosted_outputs_give_the_same_losses_and_gradients(family, checkpointing, tiny_model_folder, monkeypatch):
+    """With the outputs hosted, the lower layer's kept output waits in CPU memory between its forward and its
+    recompute (the top layer's stays on the device), and the losses and gradients are those of the outputs kept on
+    the device: exactly on the CPU, where the copies are plain copies; on a GPU in bfloat16 within the rounding of
+    its attention backward's order of summation."""
+    calls = counted_kernels(monkeypatch)
+    input_ids = torch.randint(3, 300, (2, 11), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    folder = tiny_model_folder(family)
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    kept, hosted = (attending_model(folder, family, checkpointing, 2, dtype, hosted) for hosted in (False, True))
+    top, lower = [module.attention_replay for module in hosted.modules() if hasattr(module, "attention_replay")][::-1]
+    assert not top.hosted and lower.hosted
+    want_loss, want_grads = loss_and_grads(kept, input_ids)
+    hosted(input_ids=input_ids)
+    assert isinstance(top.kept.out, torch.Tensor) and lower.kept.out.host.device.type == "cpu"
+    assert lower.kept.out.host.shape == top.kept.out.shape
+    calls.clear()
+    loss, grads = loss_and_grads(hosted, input_ids)
+    assert len(calls) == 2 and top.kept is None and lower.kept is None
+    if DEVICE.type == "cpu":
+        assert loss == want_loss
+        for name, grad in want_grads.items():
+            assert torch.equal(grads[name], grad), name
+    else:  # the same kernels on the same tensors, whose backward may sum in another order from run to run
+        assert loss == pytest.approx(want_loss, rel=1e-3)
+        for name, grad in want_grads.items():
+            torch.testing.assert_close(grads[name].float(), grad.float(), rtol=1e-2, atol=1e-3, msg=name)
+
+
 def test_evaluation_leaves_the_slots_alone(tiny_model_folder, monkeypatch):
     """A forward without gradients (evaluation) attends through SDPA and keeps nothing; a training forward keeps each
     marked layer's output until its backward; the next training forward replaces it. In bfloat16 on a GPU, whose
@@ -93,8 +124,9 @@ def test_evaluation_leaves_the_slots_alone(tiny_model_folder, monkeypatch):
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="the GPU's fused kernels and CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("hosted", [False, True])
 @pytest.mark.parametrize("checkpointing", ["offload", True])
-def test_replayed_attention_in_cuda_graphs_on_the_gpus_kernels(checkpointing, tiny_model_folder, monkeypatch):
+def test_replayed_attention_in_cuda_graphs_on_the_gpus_kernels(checkpointing, hosted, tiny_model_folder, monkeypatch):
     """In bfloat16 on a GPU (SDPA's flash or cuDNN kernel, the kernels the replay calls directly), replayed as CUDA
     graphs, two steps of two micro-batches: the losses and gradients of the unmarked model within bfloat16's
     rounding of the two kernels' orders of summation."""
@@ -103,7 +135,7 @@ def test_replayed_attention_in_cuda_graphs_on_the_gpus_kernels(checkpointing, ti
     for layers in (0, 2):
         model, _ = lora_model(tiny_model_folder("llama"), "llama", kernels=True, checkpointing=checkpointing,
                               keeps_mlps=True, dtype=torch.bfloat16, device=DEVICE)
-        attention_replay.replay_attention(model, layers)
+        attention_replay.replay_attention(model, layers, hosted)
         trainable = [p for p in model.parameters() if p.requires_grad]
         graphed = GraphedMicroBatch(model, lambda batch, model=model: summed_token_loss(model, batch, fused=True),
                                     trainable)

@@ -423,6 +423,13 @@ def test_replaying_attention_needs_offloaded_checkpointing():
     assert "--replay-attention replays attention in the recompute of offloaded checkpointing" in str(stopped.value)
 
 
+def test_hosting_attention_needs_replayed_layers(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        bench.main(["--shape", "tiny", "--only", "ftcli", "--host-attention"])
+    assert stopped.value.code == 2
+    assert "--host-attention hosts the outputs that --replay-attention K keeps" in capsys.readouterr().err
+
+
 def test_hosting_mlps_needs_checkpointing(capsys):
     with pytest.raises(SystemExit) as stopped:
         bench.main(["--shape", "tiny", "--only", "ftcli", "--host-mlp", "2", "--checkpointing", "false"])

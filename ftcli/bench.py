@@ -69,7 +69,7 @@ from ftcli.bench_common import (BENCH_LORA, CHECKPOINTING, LORA_SEED, add_traini
 from ftcli.decoding import Decoder, Sampling
 from ftcli.optim import build_optimizer
 from ftcli.errors import InputError
-from ftcli.patch import host_input_embeddings
+from ftcli.patch import dequantize_mlp_weights_once, host_input_embeddings
 from ftcli.plan import CheckpointingChoice, ModelShape, Setup, ordinal, parse_size, settled_setup
 from ftcli.recipe import TrainSettings
 from ftcli.shapes import SHAPES, shape_config
@@ -94,11 +94,11 @@ def hf_training(model, precision: str, lora_r: int):
 
 
 def ftcli_training(model, checkpointing: CheckpointingChoice, lora_r: int, host_embeddings: bool = False,
-                   replayed_attention: int = 0, host_attention: bool = False):
+                   replayed_attention: int = 0, host_attention: bool = False, dequantize_once: bool = False):
     """The path `ftcli train` takes after loading: kernels, checkpointing (with MLP tensors kept on the GPU or hosted
     as `checkpointing` says), LoRA, and its own loss, summed over the batch's target tokens; with the input embedding
-    table hosted, and the attention of the top `replayed_attention` layers replayed in their recompute (its outputs
-    in CPU memory with `host_attention`), when asked."""
+    table hosted, the attention of the top `replayed_attention` layers replayed in their recompute (its outputs in
+    CPU memory with `host_attention`), and the MLPs' backward dequantizing their weights once, when asked."""
     model, kernels = ftcli_setup(model, checkpointing, lora_r)
     if host_embeddings and not host_input_embeddings(model):
         raise SystemExit("--host-embeddings: this shape's input embedding cannot wait in CPU memory (its output "
@@ -106,6 +106,9 @@ def ftcli_training(model, checkpointing: CheckpointingChoice, lora_r: int, host_
     if replayed_attention and not replay_attention(model, replayed_attention, host_attention):
         raise SystemExit("--replay-attention replays attention in the recompute of offloaded checkpointing: add "
                          "--checkpointing offload, or with --checkpointing true also --keep-mlp or --host-mlp")
+    if dequantize_once and not dequantize_mlp_weights_once(model):
+        raise SystemExit("--dequantize-once changes the LoRA MLP kernel's backward, and this model has none: leave "
+                         "the flag out")
     return model, lambda batch: summed_token_loss(model, batch, kernels.fused_loss)
 
 
@@ -155,12 +158,14 @@ def measure(side: str, args) -> dict:
         model, mean_loss = hf_training(model, args.precision, args.lora_r)
     else:
         checkpointing = ftcli_checkpointing(args)
-        replayed = f", attention of {args.replay_attention} layers replayed" if args.replay_attention else ""
+        extras = f", attention of {args.replay_attention} layers replayed" if args.replay_attention else ""
         if args.host_attention:
-            replayed += ", their outputs below the top layer's hosted in CPU memory"
-        settings = {"settings": checkpointing_words(checkpointing, args.gpu_memory) + replayed}
+            extras += ", their outputs below the top layer's hosted in CPU memory"
+        if args.dequantize_once:
+            extras += ", MLP weights dequantized once per backward"
+        settings = {"settings": checkpointing_words(checkpointing, args.gpu_memory) + extras}
         model, summed_loss = ftcli_training(model, checkpointing, args.lora_r, args.host_embeddings,
-                                            args.replay_attention, args.host_attention)
+                                            args.replay_attention, args.host_attention, args.dequantize_once)
         mean_loss = lambda batch: summed_loss(batch) / target_tokens(batch)  # noqa: E731
     trainable = [p for p in model.parameters() if p.requires_grad]
     graphed = side == "ftcli" and args.cuda_graph and device.type == "cuda"
@@ -414,6 +419,9 @@ def main(argv=None) -> None:
     parser.add_argument("--host-attention", action="store_true",
                         help="with --replay-attention: the replayed outputs below the top layer's wait in pinned CPU "
                              "memory, copied beside the layer inputs")
+    parser.add_argument("--dequantize-once", action="store_true",
+                        help="the LoRA MLPs' backward, when it goes in several chunks of rows, dequantizes the NF4 "
+                             "weights once for all of them, holding the three at once (ftcli_kernels/lora_mlp.py)")
     parser.add_argument("--decode", action="store_true", help="measure answering (decode tokens/s) instead of training")
     parser.add_argument("--prompt-len", type=int, default=128, help="with --decode: prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=256, help="with --decode: tokens to generate")
@@ -435,10 +443,11 @@ def main(argv=None) -> None:
     if args.host_attention and not args.replay_attention:
         parser.error("--host-attention hosts the outputs that --replay-attention K keeps: add --replay-attention "
                      "with the number of layers, e.g. --replay-attention 32 --host-attention, or leave it out")
-    if args.gpu_memory and (args.host_mlp or args.keep_mlp or args.host_embeddings or args.replay_attention):
-        parser.error("--gpu-memory runs what ftcli train would, which keeps and hosts MLPs by its own plan and neither "
-                     "hosts the embedding table nor replays attention: leave out --host-mlp, --keep-mlp, "
-                     "--host-embeddings and --replay-attention")
+    if args.gpu_memory and (args.host_mlp or args.keep_mlp or args.host_embeddings or args.replay_attention
+                            or args.dequantize_once):
+        parser.error("--gpu-memory runs what ftcli train would, which keeps and hosts MLPs by its own plan, and "
+                     "neither hosts the embedding table, replays attention nor dequantizes once: leave out "
+                     "--host-mlp, --keep-mlp, --host-embeddings, --replay-attention and --dequantize-once")
     if args.gpu_memory:
         try:
             parse_size(args.gpu_memory)  # a bad size fails here, not in a side's process

@@ -217,10 +217,12 @@ class KernelLoraGatedMLP(KernelGatedMLP):
 
     `hosted_by`, when set (ftcli/activation_checkpointing.host_mlp_activations), is the offloaded checkpoint that keeps
     what the op saves for backward outside the checkpoint, where the op keeps gate and up (not tiled): on the GPU
-    (`keeping`) when `kept_on_gpu`, else in CPU memory (`hosting`)."""
+    (`keeping`) when `kept_on_gpu`, else in CPU memory (`hosting`). With `dequantizes_once`, a backward in several
+    chunks of rows dequantizes the NF4 weights once for all of them (ftcli_kernels/lora_mlp)."""
 
     hosted_by = None
     kept_on_gpu = False
+    dequantizes_once = False
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         parts = [_lora_parts(projection, hidden) for projection in _mlp_projections(self)]
@@ -230,9 +232,18 @@ class KernelLoraGatedMLP(KernelGatedMLP):
 
         rows, inner = hidden.numel() // hidden.shape[-1], self.down_proj.in_features
         if self.hosted_by is None or mlp_tile_rows(rows, inner, hidden.element_size()):
-            return lora_gated_mlp(hidden, self.activation, parts)
+            return lora_gated_mlp(hidden, self.activation, parts, dequantize_once=self.dequantizes_once)
         with self.hosted_by.keeping() if self.kept_on_gpu else self.hosted_by.hosting(hidden.numel()):
-            return lora_gated_mlp(hidden, self.activation, parts)
+            return lora_gated_mlp(hidden, self.activation, parts, dequantize_once=self.dequantizes_once)
+
+
+def dequantize_mlp_weights_once(model: nn.Module) -> int:
+    """Have every LoRA MLP op's backward dequantize its NF4 weights once for all its chunks of rows, holding the three
+    16-bit at once (KernelLoraGatedMLP.dequantizes_once); returns how many MLPs do."""
+    mlps = [module for module in model.modules() if isinstance(module, KernelLoraGatedMLP)]
+    for mlp in mlps:
+        mlp.dequantizes_once = True
+    return len(mlps)
 
 
 class HostEmbedding(nn.Module):

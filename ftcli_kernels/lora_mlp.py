@@ -8,7 +8,9 @@ terms: the activation kernels add them tile by tile, forward and backward, which
 goes through the rows a chunk at a time (the MLP treats each row alone), so of its gate-wide temporaries (h's
 gradient, over which the activation's backward kernel writes h, and the gradients of gate and up) only a chunk's
 exist at once: the DPO benchmark's step (6,144 tokens of Llama-3-8B) peaked at 7.07 GiB instead of 7.25, the SFT
-one (4,096 tokens) at 6.58 instead of 6.68.
+one (4,096 tokens) at 6.58 instead of 6.68. Each chunk dequantizes the NF4 weights it multiplies by, so that one 16-bit
+weight exists at a time; `dequantize_once` has backward dequantize the three once for all chunks instead and hold
+them (0.33 GiB for Llama-3-8B: 0.22 more than one, against 2 x 41 us a weight saved at 8,192 tokens).
 
 Long inputs go tile by tile (`tile_rows`): forward computes gate, up, the activation and down for one tile of rows
 at a time and keeps only x, and backward computes each tile's gate and up again. No full-length gate-wide tensor
@@ -46,14 +48,14 @@ class LoraGatedMLPFunction(torch.autograd.Function):
     LoraGatedMLPOutput makes the output."""
 
     @staticmethod
-    def forward(ctx, x, activation, weights, biases, scalings, chunk_rows, tile_rows, *adapters):
+    def forward(ctx, x, activation, weights, biases, scalings, chunk_rows, tile_rows, dequantize_once, *adapters):
         ctx.adapter_dtype = adapters[0].dtype
         adapters = cast_all(adapters, x.dtype)  # cast once, kept cast for backward
         x2d = x.reshape(-1, x.shape[-1])
         out_width = adapters[-1].shape[0]
         stand_in = x.new_zeros(()).expand(*x.shape[:-1], out_width)
         ctx.activation, ctx.weights, ctx.biases, ctx.scalings = activation, weights, biases, scalings
-        ctx.chunk_rows, ctx.tile_rows = tile_rows or chunk_rows, tile_rows
+        ctx.chunk_rows, ctx.tile_rows, ctx.dequantize_once = tile_rows or chunk_rows, tile_rows, dequantize_once
         if tile_rows:
             ctx.save_for_backward(x, *adapters)
             return (stand_in,)
@@ -72,11 +74,12 @@ class LoraGatedMLPFunction(torch.autograd.Function):
         x2d, grad2d = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
         if ctx.tile_rows:
             inner, inner_xa, down_xa, adapters = None, None, None, saved
-            # Tiles use every weight once per tile, so each is dequantized once for all of them
-            weights = [dense_weight(w, x.dtype) for w in ctx.weights]
         else:
             inner, inner_xa, down_xa, adapters = saved[:count], saved[count:2 * count], saved[2 * count], saved[2 * count + 1:]
-            weights = ctx.weights
+        weights = ctx.weights
+        if ctx.tile_rows or ctx.dequantize_once and x2d.shape[0] > ctx.chunk_rows:
+            # Tiles and chunks use every weight once each, so each is dequantized once for all of them
+            weights = [dense_weight(w, x.dtype) for w in weights]
         need_x = ctx.needs_input_grad[0]
         grad_x = torch.zeros_like(x2d) if need_x else None
         grad_adapters = None
@@ -93,7 +96,7 @@ class LoraGatedMLPFunction(torch.autograd.Function):
                 grad_adapters = cast_all(grads, ctx.adapter_dtype)
             else:
                 grad_adapters = [total.add_(chunk) for total, chunk in zip(grad_adapters, grads)]
-        return None if grad_x is None else grad_x.view(x.shape), None, None, None, None, None, None, *grad_adapters
+        return None if grad_x is None else grad_x.view(x.shape), None, None, None, None, None, None, None, *grad_adapters
 
 
 class LoraGatedMLPOutput(torch.autograd.Function):
@@ -180,12 +183,14 @@ def _chunk_backward(ctx, weights, grad, x2d, inner, inner_xa, down_xa: Optional[
 
 
 def lora_gated_mlp(x: torch.Tensor, activation: str, projections: list[tuple],
-                   backward_chunk_rows: Optional[int] = None, tile_rows: Optional[int] = None) -> torch.Tensor:
+                   backward_chunk_rows: Optional[int] = None, tile_rows: Optional[int] = None,
+                   dequantize_once: bool = False) -> torch.Tensor:
     """The MLP over `projections`: (weight, bias, lora_A, lora_B, scaling) of gate, up, down or gate_up, down.
 
     `backward_chunk_rows` (default: as many rows as fit MLP_BACKWARD_CHUNK_BYTES of one gate-wide temporary)
-    bounds the rows backward works on at once. `tile_rows` (default: limits.mlp_tile_rows, which tiles only long
-    inputs; 0 runs whole) makes forward and backward go tile by tile without keeping gate and up."""
+    bounds the rows backward works on at once; with `dequantize_once`, backward in several chunks holds the NF4
+    weights dequantized for all of them (module docstring). `tile_rows` (default: limits.mlp_tile_rows, which tiles
+    only long inputs; 0 runs whole) makes forward and backward go tile by tile without keeping gate and up."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"lora_gated_mlp: unknown activation {activation!r}; use one of {', '.join(ACTIVATIONS)}")
     if len(projections) not in (2, 3):
@@ -202,7 +207,7 @@ def lora_gated_mlp(x: torch.Tensor, activation: str, projections: list[tuple],
         tile_rows = mlp_tile_rows(x.numel() // x.shape[-1], inner_width, x.element_size())
     weights, biases, scalings, adapters = split_projections(projections)
     stand_in, *parts = LoraGatedMLPFunction.apply(x, activation, weights, biases, scalings, backward_chunk_rows,
-                                                  tile_rows, *adapters)
+                                                  tile_rows, dequantize_once, *adapters)
     return LoraGatedMLPOutput.apply(stand_in, x, activation, weights, biases, scalings, tile_rows, tuple(adapters),
                                     *parts)
 

@@ -80,11 +80,13 @@ def test_lora_linear_matches_reference(shape, bias, base, dtype):
 @pytest.mark.parametrize("base", ["plain", "nf4"])
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("layout", ["split", "fused"])
-@pytest.mark.parametrize("chunk_rows, tile_rows", [(None, 0), (3, 0), (None, 4)],
-                         ids=["one-chunk", "rows-in-chunks", "tiles"])
-def test_lora_gated_mlp_matches_reference(layout, activation, base, dtype, chunk_rows, tile_rows):
-    """Backward one chunk of rows at a time (3 of the 10 rows, the last chunk short), or forward and backward in
-    tiles of 4 rows with gate and up computed again, gives the same output and gradients."""
+@pytest.mark.parametrize("chunk_rows, tile_rows, dequantize_once", [(None, 0, False), (3, 0, False), (3, 0, True),
+                                                                    (None, 4, False)],
+                         ids=["one-chunk", "rows-in-chunks", "chunks-dequantized-once", "tiles"])
+def test_lora_gated_mlp_matches_reference(layout, activation, base, dtype, chunk_rows, tile_rows, dequantize_once):
+    """Backward one chunk of rows at a time (3 of the 10 rows, the last chunk short; the weights dequantized per
+    chunk or once for all), or forward and backward in tiles of 4 rows with gate and up computed again, gives the
+    same output and gradients."""
     hidden, inner = 64, 128
     generator = torch.Generator().manual_seed(hash((layout, activation, base)) % 2**31)
     x = torch.randn(2, 5, hidden, generator=generator).to(DEVICE, dtype).requires_grad_()
@@ -94,7 +96,7 @@ def test_lora_gated_mlp_matches_reference(layout, activation, base, dtype, chunk
     references = [as_reference(part) for part in parts]
     x_ref = x.detach().double().requires_grad_()
 
-    y = lora_gated_mlp(x, activation, parts, chunk_rows, tile_rows)
+    y = lora_gated_mlp(x, activation, parts, chunk_rows, tile_rows, dequantize_once)
     assert y.shape == x.shape
     inputs = (x, *(t for part in parts for t in part[2:4]))
     reference_inputs = (x_ref, *(t for part in references for t in part[2:4]))
@@ -204,6 +206,34 @@ def test_dense_weights_do_not_outlive_forward(base, monkeypatch):
     assert len(made) == 4 and all(ref() is None for ref in made)
     outputs.sum().backward()
     assert len(made) == 8 and all(ref() is None for ref in made)
+
+
+@pytest.mark.parametrize("dequantize_once, dequantized", [(False, 3 + 4 * 3), (True, 3 + 3)], ids=["per-chunk", "once"])
+def test_backward_in_chunks_dequantizes_per_chunk_or_once(dequantize_once, dequantized, monkeypatch):
+    """Forward dequantizes gate, up and down once each; backward in 4 chunks of rows dequantizes the three in every
+    chunk, or with `dequantize_once` once for all chunks, giving the same gradients bit for bit."""
+    import ftcli_kernels.nf4_dequantize
+
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return nf4_dequantize(*args)
+
+    nf4_dequantize = ftcli_kernels.nf4_dequantize.nf4_dequantize
+    monkeypatch.setattr(ftcli_kernels.nf4_dequantize, "nf4_dequantize", counted)
+    results = []
+    for once in (False, dequantize_once):
+        generator = torch.Generator().manual_seed(6)
+        x = torch.randn(10, 64, generator=generator).to(DEVICE, torch.bfloat16).requires_grad_()
+        mlp = [projection(generator, 128, 64, torch.bfloat16, "nf4", False) for _ in range(2)]
+        mlp.append(projection(generator, 64, 128, torch.bfloat16, "nf4", False))
+        calls.clear()
+        lora_gated_mlp(x, "silu", mlp, backward_chunk_rows=3, dequantize_once=once).float().square().sum().backward()
+        results.append([x.grad, *(t.grad for part in mlp for t in part[2:4])])
+    assert len(calls) == dequantized
+    for grad, want in zip(*results):
+        assert torch.equal(grad, want)
 
 
 def test_unsupported_inputs_fail_loudly():

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import COMPUTE_DTYPES, DEVICE, assert_matches_unpatched, lora_model
-from ftcli.patch import KernelLoraLinear, KernelLoraGatedMLP, _lora_parts
+from ftcli.patch import KernelLoraLinear, KernelLoraGatedMLP, _lora_parts, dequantize_mlp_weights_once
 from ftcli_kernels import lora_linear as lora_linear_kernel
 from ftcli_kernels import lora_qkv as lora_qkv_kernel
 
@@ -87,6 +87,25 @@ def test_checkpointed_nf4_model_matches_peft(checkpointing, dtype, nf4_folder, m
                         lambda *args: stacked_calls.append(1) or stacked_original(*args))
     assert_same_training(model, unpatched, reference, dtype)
     assert len(calls) == 2 * swapped["lora_linear"] and len(stacked_calls) == 2 * swapped["lora_qkv"]
+
+
+def test_nf4_mlps_dequantizing_once_in_chunked_backward_match_peft(nf4_folder, monkeypatch):
+    """patch.dequantize_mlp_weights_once: every LoRA MLP's backward, in chunks of 3 rows here (8 chunks of the 22),
+    dequantizes its three NF4 weights once for all chunks instead of in each, to peft's losses and gradients."""
+    import ftcli_kernels.lora_mlp
+    import ftcli_kernels.nf4_dequantize
+
+    calls, nf4_dequantize = [], ftcli_kernels.nf4_dequantize.nf4_dequantize
+    monkeypatch.setattr(ftcli_kernels.nf4_dequantize, "nf4_dequantize", lambda *args: calls.append(1) or
+                        nf4_dequantize(*args))
+    model, swapped, unpatched, reference = nf4_models(nf4_folder("llama"), "llama", torch.float32)
+    monkeypatch.setattr(ftcli_kernels.lora_mlp, "MLP_BACKWARD_CHUNK_BYTES", 3 * model.config.intermediate_size * 4)
+    loss_and_grads(model, batch())
+    model.zero_grad(set_to_none=True)
+    per_chunk, calls[:] = len(calls), []
+    assert dequantize_mlp_weights_once(model) == swapped["lora_mlp"] == model.config.num_hidden_layers
+    assert_same_training(model, unpatched, reference, torch.float32)
+    assert per_chunk - len(calls) == model.config.num_hidden_layers * 3 * (8 - 1)
 
 
 def test_stacked_qkv_never_hands_out_another_inputs_output(tiny_model_folder):

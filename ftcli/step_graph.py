@@ -13,12 +13,14 @@ A graph fixes its shapes and its memory addresses, so:
   replay and never be set to None (the optimizer zeroes them in place);
 - nothing may read a value back from the GPU or allocate pinned memory during the step. The fused loss then
   computes ignored rows too (zeroed), and offloaded layer inputs go to pinned buffers kept from the warm-up;
-- a batch without padding or packing needs no mask, but transformers cannot see that while a graph is captured
-  (it would have to read the mask), so it builds a full one, and attention runs 2-3 times slower with it. Such a
-  batch (`ftcli train` drops its all-ones mask) is therefore captured attending through CAUSAL_ATTENTION, which
-  transformers gives no mask: its own SDPA attention, causal without one
-  (ftcli/attention_replay.replayable_attention), unless a layer's sliding window is shorter than the rows. Padded
-  and packed batches keep the masks transformers builds.
+- a batch without packing needs no mask, as its padding is on the right, which causal attention keeps every real
+  token from seeing; but transformers cannot see that while a graph is captured (it would have to read the mask),
+  so it builds a full one, and attention runs 2-3 times slower with it. `ftcli train` therefore gives the model no
+  mask for such a batch (SupervisedMethod.collate keeps it as `padding_mask`, to count tokens), which is captured
+  attending through CAUSAL_ATTENTION, which transformers gives no mask: its own SDPA attention, causal without one
+  (ftcli/attention_replay.replayable_attention), unless a layer's sliding window is shorter than the rows (then the
+  model's own attention, whose mask is then causal and sliding only). Packed batches keep the masks transformers
+  builds from their position ids.
 
 A micro-batch of more than GRAPHED_TOKENS runs op by op: its GPU work outlasts the host's launches anyway.
 
@@ -159,8 +161,9 @@ def bucket_width(width: int, limit: int) -> int:
 
 @contextmanager
 def causal_attention(model, batch: dict[str, torch.Tensor]):
-    """Within it, the model attends through CAUSAL_ATTENTION, where that is exact for `batch`: it has no padding mask
-    and no packed position ids, and no layer has a sliding window shorter than its rows."""
+    """Within it, the model attends through CAUSAL_ATTENTION, where that is exact for `batch`: it has no attention
+    mask (a right-padded batch's `padding_mask` is not the model's) and no packed position ids, and no layer has a
+    sliding window shorter than its rows."""
     config = model.config.get_text_config()
     previous = config._attn_implementation
     window = getattr(config, "sliding_window", None)

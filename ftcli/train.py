@@ -449,15 +449,18 @@ class SupervisedMethod:
         return StepResult(loss, tokens)
 
     def collate(self, examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
-        """The micro-batch on the device; for a graph, its rows padded to their bucket's width, and without a mask
-        when nothing is padding (so that attention can skip it, which a graph cannot decide by reading it)."""
+        """The micro-batch on the device; for a graph, its rows padded to their bucket's width, and, unless packed,
+        without an attention mask, so that the graph attends causally without one (step_graph.causal_attention,
+        which a graph cannot decide by reading the mask): the padding is on the right, where causal attention never
+        lets a real token see it, and its labels are ignored, so no gradient comes back from it either. The mask is
+        kept as `padding_mask`, which the model is not given, to count the tokens (batch_tokens)."""
         longest = max(len(example.input_ids) for example in examples)
         width = graphed_width(len(examples), longest, self.width_limit) if self.graphs else None
         if width is None:
             return collate(examples, self.pad_id, self.device)
         batch = collate(examples, self.pad_id, self.device, width)
-        if all(len(example.input_ids) == width for example in examples):
-            del batch["attention_mask"]
+        if "position_ids" not in batch:
+            batch["padding_mask"] = batch.pop("attention_mask")
         return batch
 
     def evaluate(self, model, examples: list[TokenizedExample]) -> tuple[float, dict, list[TokenizedExample]]:
@@ -567,9 +570,9 @@ def accumulate_gradients(model, batches: list[Optional[dict[str, torch.Tensor]]]
 
 
 def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """The batch's tokens that are not padding: all of them in a batch without a mask, which SupervisedMethod.collate
-    drops only where nothing is padding."""
-    mask = batch.get("attention_mask")
+    """The batch's tokens that are not padding, by its attention mask or the padding mask of a graphed batch
+    (SupervisedMethod.collate); all of them in a batch without either."""
+    mask = batch.get("attention_mask", batch.get("padding_mask"))
     return batch["input_ids"].numel() if mask is None else int(mask.sum())
 
 

@@ -169,6 +169,10 @@ def measure(side: str, args) -> dict:
         mean_loss = lambda batch: summed_loss(batch) / target_tokens(batch)  # noqa: E731
     trainable = [p for p in model.parameters() if p.requires_grad]
     graphed = side == "ftcli" and args.cuda_graph and device.type == "cuda"
+    if side == "ftcli" and args.replay_attention and not graphed:
+        raise SystemExit("--replay-attention replays attention in CUDA-graphed steps, whose attention it takes over, "
+                         "and this run is not graphed (it has no CUDA GPU, or --no-cuda-graph): run it on a GPU with "
+                         "graphs (the default), or leave the flag out")
     train_micro_batch = graphed_micro_batch(model, summed_loss, trainable) if graphed else eager_micro_batch(mean_loss)
     learning_rate = bench_peers.LEARNING_RATE
     if side == "hf":

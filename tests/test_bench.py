@@ -423,6 +423,14 @@ def test_replaying_attention_needs_offloaded_checkpointing():
     assert "--replay-attention replays attention in the recompute of offloaded checkpointing" in str(stopped.value)
 
 
+def test_replaying_attention_needs_graphed_steps():
+    """The replay takes over the attention of graphed micro-batches (step_graph's CAUSAL_ATTENTION) only: without
+    graphs (here no GPU) it would mark layers that never replay, and the table would say otherwise."""
+    with pytest.raises(SystemExit) as stopped:
+        bench.main(["--shape", "tiny", "--only", "ftcli", "--replay-attention", "2", "--no-cuda-graph"])
+    assert "--replay-attention replays attention in CUDA-graphed steps" in str(stopped.value)
+
+
 def test_hosting_attention_needs_replayed_layers(capsys):
     with pytest.raises(SystemExit) as stopped:
         bench.main(["--shape", "tiny", "--only", "ftcli", "--host-attention"])

@@ -13,8 +13,8 @@ another order.
 
 Kept on the GPU, the outputs of all 32 layers cost 2 GiB at 8,192 tokens; hosted, each goes to CPU memory beside its
 layer's input (OffloadedCheckpoint.host) and comes back while the layer above goes through backward, as the input
-does: 64 MiB a layer on the bus each way, against 448 MiB for a hosted MLP that saves about four times the time. The
-top layer keeps its output on the GPU, as its backward follows its forward at once.
+does: 64 MiB a layer on the bus each way, against 512 MiB for a hosted MLP (input, gate and up) that saves about
+four times the time. The top layer keeps its output on the GPU, as its backward follows its forward at once.
 
 It runs where the fused kernel SDPA picks returns those statistics (flash or cuDNN on a GPU, flash on the CPU), for
 causal attention without a mask or dropout: the attention of CUDA-graphed micro-batches (step_graph's

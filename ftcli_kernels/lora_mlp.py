@@ -10,7 +10,7 @@ gradient, over which the activation's backward kernel writes h, and the gradient
 exist at once: the DPO benchmark's step (6,144 tokens of Llama-3-8B) peaked at 7.07 GiB instead of 7.25, the SFT
 one (4,096 tokens) at 6.58 instead of 6.68. Each chunk dequantizes the NF4 weights it multiplies by, so that one 16-bit
 weight exists at a time; `dequantize_once` has backward dequantize the three once for all chunks instead and hold
-them (0.33 GiB for Llama-3-8B: 0.22 more than one, against 2 x 41 us a weight saved at 8,192 tokens).
+them (0.33 GiB for Llama-3-8B: 0.22 more than one, for 3 x 41 us a weight saved at 8,192 tokens, in 4 chunks).
 
 Long inputs go tile by tile (`tile_rows`): forward computes gate, up, the activation and down for one tile of rows
 at a time and keeps only x, and backward computes each tile's gate and up again. No full-length gate-wide tensor
@@ -78,7 +78,7 @@ class LoraGatedMLPFunction(torch.autograd.Function):
             inner, inner_xa, down_xa, adapters = saved[:count], saved[count:2 * count], saved[2 * count], saved[2 * count + 1:]
         weights = ctx.weights
         if ctx.tile_rows or ctx.dequantize_once and x2d.shape[0] > ctx.chunk_rows:
-            # Tiles and chunks use every weight once each, so each is dequantized once for all of them
+            # Every tile (and, when asked, every chunk) uses every weight: each is dequantized once for all of them
             weights = [dense_weight(w, x.dtype) for w in weights]
         need_x = ctx.needs_input_grad[0]
         grad_x = torch.zeros_like(x2d) if need_x else None
@@ -96,7 +96,8 @@ class LoraGatedMLPFunction(torch.autograd.Function):
                 grad_adapters = cast_all(grads, ctx.adapter_dtype)
             else:
                 grad_adapters = [total.add_(chunk) for total, chunk in zip(grad_adapters, grads)]
-        return None if grad_x is None else grad_x.view(x.shape), None, None, None, None, None, None, None, *grad_adapters
+        grad_x = None if grad_x is None else grad_x.view(x.shape)
+        return grad_x, None, None, None, None, None, None, None, *grad_adapters
 
 
 class LoraGatedMLPOutput(torch.autograd.Function):

@@ -12,23 +12,19 @@ device machine, PYTHONPATH as in benchmarks/peer_cases.sh); a variant that fails
 """
 
 import argparse
-import json
 import shlex
 import statistics
-import subprocess
 import sys
+
+from ftcli.bench_common import side_in_subprocess
 
 
 def run_variant(base: list[str], variant: list[str]) -> str:
     """One bench process; its line of the table."""
-    command = [sys.executable, "-m", "ftcli.bench", *base, *variant, "--only", "ftcli", "--json"]
-    completed = subprocess.run(command, capture_output=True, text=True)
-    lines = [line for line in completed.stdout.splitlines() if line.startswith("{") or line.startswith("[")]
-    if completed.returncode != 0 or not lines:
-        errors = [line for line in (completed.stderr or completed.stdout).splitlines() if line.strip()]
-        return f"failed (exit {completed.returncode}): {errors[-1] if errors else 'no output'}"
-    result = json.loads(lines[-1])
-    side = result[0] if isinstance(result, list) else result
+    side = side_in_subprocess("ftcli", [sys.executable, "-m", "ftcli.bench", *base, *variant, "--only", "ftcli",
+                                        "--json"])
+    if "error" in side:
+        return f"failed: {side['error']}"
     tokens = tokens_of(base + variant)
     times = side["step_s"]
     spread = 100 * (max(times) / min(times) - 1)

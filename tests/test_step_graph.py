@@ -137,7 +137,8 @@ def test_right_padded_rows_need_no_mask(family, tiny_model_folder):
             implementation = model.config.get_text_config()._attn_implementation
             loss = summed_token_loss(model, batch)
         loss.backward()
-        results.append((float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.requires_grad], implementation))
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((float(loss.detach()), grads, implementation))
         model.zero_grad(set_to_none=True)
     (want_loss, want_grads, want_implementation), (loss, grads, implementation) = results
     assert want_implementation == "sdpa" and implementation == ("sdpa" if family != "llama" else CAUSAL_ATTENTION)
@@ -273,9 +274,8 @@ def test_training_with_graphs_gives_the_losses_of_training_without(kernels, chec
                                                                    tiny_model_folder):
     """Rows of several lengths (padded batches of two buckets, which graphs attend without a mask; or packed rows,
     whose position ids restart), two micro-batches a step, and an evaluation every two steps, which runs op by op
-    between replays. LoRA dropout draws
-    its masks over the padded batch, which graphs pad to 256 tokens and eager steps to the longest row, so with
-    dropout the losses only stay close (the masks themselves:
+    between replays. LoRA dropout draws its masks over the padded batch, which graphs pad to 256 tokens and eager
+    steps to the longest row, so with dropout the losses only stay close (the masks themselves:
     test_graph_replays_give_the_eager_losses_and_gradients)."""
     rows = [{"messages": [{"role": "user", "content": "Count " * n}, {"role": "assistant", "content": "ok " * n}]}
             for n in (3, 40, 7, 90, 12, 60, 5, 150, 20, 30)]

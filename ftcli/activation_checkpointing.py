@@ -89,10 +89,11 @@ class _Offloaded:
     """One saved tensor (a layer's input, one of a hosted MLP's, or a replayed attention's output): its CPU copy, and a
     device tensor while a copy to or from the CPU is in flight or it waits to be unpacked."""
 
-    __slots__ = ("device", "host", "on_device", "copied", "previous", "group", "unpacked", "__weakref__")
+    __slots__ = ("device", "order", "host", "on_device", "copied", "previous", "group", "unpacked", "__weakref__")
 
     def __init__(self, device: torch.device, previous: Optional[weakref.ref], group: Optional[list] = None):
         self.device = device
+        self.order: Optional[list[int]] = None  # the saved tensor's dimensions in memory order, where not as indexed
         self.host: Optional[torch.Tensor] = None
         self.on_device: Optional[torch.Tensor] = None
         self.copied: Optional[torch.cuda.Event] = None
@@ -199,8 +200,14 @@ class OffloadedCheckpoint:
 
     def _copy_to_host(self, saved: _Offloaded, tensor: torch.Tensor, in_flight: deque) -> None:
         """Start copying `tensor` into `saved`'s CPU memory; on a GPU, on a side stream, `tensor` held until the compute
-        stream has waited for the copy (`_release_copied`), so no kernel can reuse the memory it reads."""
+        stream has waited for the copy (`_release_copied`), so no kernel can reuse the memory it reads. A tensor laid
+        out in another order than its dimensions (an attention kernel's output) is copied as it lies in memory, so that
+        it comes back laid out as it left: kernels that read it may take its strides for granted (cuDNN's attention
+        backward gave wrong gradients from a contiguous copy of its output)."""
         stream = self._stream(tensor.device, hosted=saved.group is not None)
+        order = sorted(range(tensor.dim()), key=lambda dim: -tensor.stride(dim))
+        if order != sorted(order) and tensor.permute(order).is_contiguous():
+            saved.order, tensor = order, tensor.permute(order)
         self._copies += 1
         if stream is None:
             saved.host = tensor.detach().to("cpu", copy=True)
@@ -225,6 +232,8 @@ class OffloadedCheckpoint:
         if saved.copied is not None:
             torch.cuda.current_stream(saved.device).wait_event(saved.copied)
         tensor, saved.on_device, saved.copied, saved.unpacked = saved.on_device, None, None, True
+        if saved.order is not None:  # back to its dimensions' order, its memory as it was
+            tensor = tensor.permute([saved.order.index(dim) for dim in range(tensor.dim())])
         previous = saved.previous() if saved.previous else None
         if previous is not None:
             self._start_load(previous)  # overlaps this layer's recompute and backward

@@ -203,3 +203,21 @@ def test_the_first_layers_inputs_can_stay_on_the_device(tiny_model_folder, offlo
             assert torch.equal(split_grads[name], grad), name
         both.zero_grad(set_to_none=True)
         split.zero_grad(set_to_none=True)
+
+
+def test_a_hosted_tensor_comes_back_laid_out_as_it_left():
+    """An attention kernel's output is (batch, heads, tokens, head_dim) laid out as (batch, tokens, heads, head_dim).
+    It waits in CPU memory in that order and comes back with its strides, which cuDNN's attention backward reads as
+    they were (from a contiguous copy it gave wrong gradients on an H200); a tensor in its dimensions' order is
+    copied as it is."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    checkpoint = OffloadedCheckpoint()
+    output = torch.randn(2, 11, 4, 16, generator=torch.Generator().manual_seed(0)).to(device).transpose(1, 2)
+    plain = torch.randn(2, 11, 64, generator=torch.Generator().manual_seed(1)).to(device)
+    hosted_output, hosted_plain = checkpoint.host(output), checkpoint.host(plain)
+    assert hosted_output.host.shape == (2, 11, 4, 16) and hosted_plain.host.shape == plain.shape
+    checkpoint._release_copied(checkpoint._in_flight)  # as the forward's next layer does: the copies are all there is
+    for sent, hosted in ((output, hosted_output), (plain, hosted_plain)):
+        assert hosted.on_device is None
+        back = checkpoint.unpack(hosted)
+        assert back.stride() == sent.stride() and torch.equal(back, sent)

@@ -88,7 +88,8 @@ def test_hosted_outputs_give_the_same_losses_and_gradients(family, checkpointing
     want_loss, want_grads = loss_and_grads(kept, input_ids)
     hosted(input_ids=input_ids)
     assert isinstance(top.kept.out, torch.Tensor) and lower.kept.out.host.device.type == "cpu"
-    assert lower.kept.out.host.shape == top.kept.out.shape
+    # The output waits in CPU memory as the kernel laid it out, which need not be its dimensions' order
+    assert lower.kept.out.host.is_contiguous() and lower.kept.out.host.numel() == top.kept.out.numel()
     calls.clear()
     loss, grads = loss_and_grads(hosted, input_ids)
     assert len(calls) == 2 and top.kept is None and lower.kept is None

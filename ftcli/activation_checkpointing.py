@@ -32,11 +32,11 @@ from torch.utils.checkpoint import checkpoint
 from ftcli.patch import KernelLoraGatedMLP
 
 
-def enable_checkpointing(model, mode: Union[bool, str], layers_on_gpu: int = 0, keeps_mlps: bool = False) -> None:
+def enable_checkpointing(model, mode: Union[bool, str], layers_on_gpu: int = 0, keeps_blocks: bool = False) -> None:
     """Checkpoint every decoder layer of a transformers model: plain recompute (True) or "offload", which keeps
-    the inputs of the first `layers_on_gpu` layers on the GPU. With `keeps_mlps`, plain recompute goes through
-    OffloadedCheckpoint as well, every layer's input kept on the GPU, so that host_mlp_activations can have MLPs
-    keep their tensors (`OffloadedCheckpoint.keeping`, `hosting`)."""
+    the inputs of the first `layers_on_gpu` layers on the GPU. With `keeps_blocks`, plain recompute goes through
+    OffloadedCheckpoint as well, every layer's input kept on the GPU, so that blocks of a layer can keep their tensors
+    outside the recompute: MLPs (host_mlp_activations) and replayed attention (ftcli/attention_replay.py)."""
     if not mode:
         return
     settings = {"use_reentrant": False}
@@ -44,7 +44,7 @@ def enable_checkpointing(model, mode: Union[bool, str], layers_on_gpu: int = 0, 
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=settings)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=settings)
-    if mode == "offload" or keeps_mlps:
+    if mode == "offload" or keeps_blocks:
         # transformers takes no checkpoint function publicly: its kwargs only reach torch's checkpoint, and its
         # own offload option copies synchronously on the compute stream. This is the method its enable calls.
         function = OffloadedCheckpoint(layers_on_gpu if mode == "offload" else sys.maxsize)
@@ -52,7 +52,7 @@ def enable_checkpointing(model, mode: Union[bool, str], layers_on_gpu: int = 0, 
 
 
 def host_mlp_activations(model, every: int, on_gpu: int = 0) -> tuple[int, int]:
-    """Under OffloadedCheckpoint (offload, or plain recompute with `keeps_mlps`), have LoRA MLPs save what they keep
+    """Under OffloadedCheckpoint (offload, or plain recompute with `keeps_blocks`), have LoRA MLPs save what they keep
     for backward outside the checkpoint, so that backward's recompute stops before them: counted down from the
     second layer from the top, the first `on_gpu` keep it on the GPU (`OffloadedCheckpoint.keeping`), and below them
     every `every`-th (0: none) in CPU memory (`OffloadedCheckpoint.hosting`); returns how many layers do each. The

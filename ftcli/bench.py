@@ -114,13 +114,13 @@ def ftcli_training(model, checkpointing: CheckpointingChoice, lora_r: int, host_
 
 def ftcli_checkpointing(args) -> CheckpointingChoice:
     """ftcli's checkpointing: --checkpointing's with the MLPs --keep-mlp and --host-mlp say, or with --gpu-memory
-    what `ftcli train` resolves its default (auto) to on a GPU of that size (ftcli/plan.py), MLPs kept and hosted
-    included."""
+    what `ftcli train` resolves its default (auto) to on a GPU of that size (ftcli/plan.py), MLPs kept and hosted,
+    attention replayed (in graphed steps, whose batches have no mask) and MLP weights dequantized once included."""
     if not args.gpu_memory:
         return CheckpointingChoice(args.checkpointing, 0, args.keep_mlp, args.host_mlp)
     setup = Setup(batch_size=args.bs, seq=args.seq, load_in_4bit=args.precision == "nf4", lora_r=args.lora_r)
     return CheckpointingChoice.of(settled_setup(ModelShape.from_config(shape_config(args.shape)), setup, "auto",
-                                                parse_size(args.gpu_memory), None))
+                                                parse_size(args.gpu_memory), None, replayable=args.cuda_graph))
 
 
 def checkpointing_words(choice: CheckpointingChoice, gpu_memory: Optional[str]) -> str:
@@ -129,6 +129,10 @@ def checkpointing_words(choice: CheckpointingChoice, gpu_memory: Optional[str]) 
     kept = f", {choice.mlps_kept_on_gpu} MLPs kept on the GPU" if choice.mlps_kept_on_gpu else ""
     if choice.mlps_hosted_every:
         kept += f", every {ordinal(choice.mlps_hosted_every)} MLP below hosted in CPU memory"
+    if choice.attention_layers_replayed:
+        kept += f", attention of {choice.attention_layers_replayed} layers replayed"
+    if choice.mlp_weights_dequantized_once:
+        kept += ", MLP weights dequantized once per backward"
     return f"checkpointing {str(choice.mode).lower()}{kept}{planned}"
 
 
@@ -411,9 +415,8 @@ def main(argv=None) -> None:
                              "below them")
     parser.add_argument("--gpu-memory", metavar="SIZE",
                         help="ftcli's checkpointing as `ftcli train` resolves its default, auto, on a GPU of this size "
-                             "(ftcli/plan.py: recompute or not, how many MLPs stay whole with the room left and how "
-                             "many are hosted), "
-                             "instead of --checkpointing")
+                             "(ftcli/plan.py: recompute or not, and with the room left MLP weights dequantized once, "
+                             "attention replayed, MLPs kept whole and hosted), instead of --checkpointing")
     parser.add_argument("--host-embeddings", action="store_true",
                         help="ftcli's input embedding table waits in pinned CPU memory, read a row per token by the "
                              "GPU (ftcli/patch.host_input_embeddings; untied heads only)")
@@ -449,9 +452,9 @@ def main(argv=None) -> None:
                      "with the number of layers, e.g. --replay-attention 32 --host-attention, or leave it out")
     if args.gpu_memory and (args.host_mlp or args.keep_mlp or args.host_embeddings or args.replay_attention
                             or args.dequantize_once):
-        parser.error("--gpu-memory runs what ftcli train would, which keeps and hosts MLPs by its own plan, and "
-                     "neither hosts the embedding table, replays attention nor dequantizes once: leave out "
-                     "--host-mlp, --keep-mlp, --host-embeddings, --replay-attention and --dequantize-once")
+        parser.error("--gpu-memory runs what ftcli train would, which keeps and hosts MLPs, replays attention and "
+                     "dequantizes once by its own plan, and does not host the embedding table: leave out --host-mlp, "
+                     "--keep-mlp, --host-embeddings, --replay-attention and --dequantize-once")
     if args.gpu_memory:
         try:
             parse_size(args.gpu_memory)  # a bad size fails here, not in a side's process

@@ -98,6 +98,8 @@ class KernelSwaps:
     fused_loss: bool = False  # the loss goes through the fused LM head and cross-entropy kernel
     mlps_kept_on_gpu: int = 0  # LoRA MLPs that keep their tensors for backward, not recomputed (train's plan)
     mlps_hosted: int = 0  # and that keep them in CPU memory
+    attention_layers_replayed: int = 0  # layers whose recompute replays attention (ftcli/attention_replay.py)
+    mlps_dequantized_once: int = 0  # LoRA MLPs whose backward dequantizes their weights once (train's plan)
 
 
 def apply_kernels(model: nn.Module, architecture: Architecture) -> KernelSwaps:

@@ -39,8 +39,12 @@ recomputed), else true, else offload; without a GPU to check against, true. Wher
 LoRA MLPs that keep their input, gate and up on the GPU from forward to backward, so that backward does not compute
 them again (`mlps_kept_on_gpu`, as many as fit in 95% of the GPU, the top layer's excepted), and below them every
 N-th MLP sends the same tensors to pinned CPU memory and back (`mlps_hosted_every`), N the closest spacing whose
-copies the PCIe bus carries in the time of the layers' forward (`mlp_hosting_spacing`). The longest length that fits
-(`--longest`) is searched in steps of 1,024 tokens.
+copies the PCIe bus carries in the time of the layers' forward (`mlp_hosting_spacing`). Before the kept MLPs, auto
+spends the room on what saves more time per byte: the NF4 MLP's backward dequantizing its weights once instead of in
+every chunk of rows (`mlp_weights_dequantized_once`), then the top layers keeping attention's output for their
+recompute (`attention_layers_replayed`, where graphed micro-batches attend without a mask: ftcli/attention_replay.py)
+or kept MLPs, whichever saves more per byte at this length (`replay_saves_more_per_byte`). The longest length that
+fits (`--longest`) is searched in steps of 1,024 tokens.
 
     python -m ftcli.plan --shape llama3-8b --seq 2048 --bs 2 --checkpointing offload
     python -m ftcli.plan --shape llama3-8b --bs 1 --lora-r 32 --longest --gpu-memory 80GiB --host-memory 128GiB
@@ -60,8 +64,9 @@ from ftcli.errors import InputError, OutOfMemory
 from ftcli.loader import load_config, load_tokenizer, meta_model
 from ftcli.recipe import DEFAULT_TARGET_MODULES, Recipe
 from ftcli.shapes import SHAPES, shape_config
+from ftcli.step_graph import attention_replayable, graphed_width, is_graphed, settle_cuda_graphs
 from ftcli.steps import count_steps, micro_batch_of_all
-from ftcli_kernels.limits import LOGITS_CHUNK_BYTES, mlp_tile_rows
+from ftcli_kernels.limits import LOGITS_CHUNK_BYTES, MLP_BACKWARD_CHUNK_BYTES, mlp_tile_rows
 
 GIB = 2**30
 CUDA_CONTEXT_BYTES = 0.5 * GIB  # the CUDA context and libraries' workspaces, outside PyTorch's allocator
@@ -79,6 +84,12 @@ BUS_BYTES_PER_FLOP = 48e9 / 580e12
 # How far beyond the forward's time the copies may run: every second Llama-3-8B MLP hosted under offload asks ~9%
 # more of the bus than two layers' forward take, and was the fastest spacing measured (4,096 and 8,192 tokens)
 BUS_OVERLOAD = 1.1
+# A replayed attention saves its forward, which the fused kernels run at about half the base matmuls' rate (the
+# graphed 8B step's profile, docs/benchmarks.md), less the cost of repeating grouped key and value heads for those
+# kernels, which it does and SDPA does not: measured on an H200, replaying 32 layers of Llama-3-8B gained 3.0% at
+# 8,192 tokens a row and nothing at 2,048, so the gain counts as growing with the length beyond 2,048
+ATTENTION_RATE_SHARE = 0.5
+REPLAY_BREAK_EVEN_LENGTH = 2048
 
 
 @dataclass
@@ -136,6 +147,8 @@ class Setup:
     layers_kept_on_gpu: int = 0  # offload: the first this many layers keep their inputs on the GPU
     mlps_kept_on_gpu: int = 0  # checkpointing: this many layers' MLPs keep gate, up and input, not recomputed
     mlps_hosted_every: int = 0  # and below them every this-many-th MLP keeps them in CPU memory (0: none)
+    attention_layers_replayed: int = 0  # the top this-many layers keep attention's output for their recompute
+    mlp_weights_dequantized_once: bool = False  # the MLP's backward holds its three weights dequantized at once
     tiled_mlp: bool = True  # the MLP kernel tiles long inputs, as its own rule decides; False: always whole
     lora_r: int = 16
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
@@ -223,9 +236,11 @@ def estimate_memory(model: ModelShape, setup: Setup) -> MemoryEstimate:
     h = model.hidden
     layer_input = layer_input_bytes(model, setup)
     layer_saved, backward_extra = layer_activation_bytes(model, setup)
-    # a 4-bit projection is dequantized for its matmuls; the tiled MLP dequantizes its three once for all tiles
+    # a 4-bit projection is dequantized for its matmuls; the tiled MLP dequantizes its three once for all tiles, as
+    # the whole one does when it dequantizes once
     mlp_weights = sum(i * o for name, (i, o) in projections.items() if name in ("gate_proj", "up_proj", "down_proj"))
-    largest = mlp_weights if mlp_tile_rows_of(model, setup) else max(i * o for i, o in projections.values())
+    all_three = mlp_tile_rows_of(model, setup) or setup.mlp_weights_dequantized_once
+    largest = mlp_weights if all_three else max(i * o for i, o in projections.values())
     dequantized = largest * a if setup.load_in_4bit else 0
 
     layer_backward = backward_extra + dequantized
@@ -249,6 +264,12 @@ def estimate_memory(model: ModelShape, setup: Setup) -> MemoryEstimate:
         kept_bottom = layer_saved + layer_input
     if setup.checkpointing:  # kept and hosted MLPs are those of the layers below the top one: gone before the bottom's
         kept_forward, kept_top = kept_forward + kept_mlps, kept_top + kept_mlps
+        # replayed layers keep attention's output from their forward until their recompute; the bottom's own is left
+        # at its backward when all are replayed
+        replayed = setup.attention_layers_replayed * replayed_attention_bytes(model, setup)
+        kept_forward, kept_top = kept_forward + replayed, kept_top + replayed
+        if setup.attention_layers_replayed >= model.layers:
+            kept_bottom += replayed_attention_bytes(model, setup)
     if setup.kernels:
         head = 3 * tokens * h * a + min(LOGITS_CHUNK_BYTES, tokens * model.vocab * a) + tokens * 4
     else:
@@ -312,6 +333,29 @@ def kept_mlp_bytes(model: ModelShape, setup: Setup) -> int:
     """What a LoRA MLP kept outside the checkpoint holds from its forward to its backward: its input, gate and up
     (activation_checkpointing.host_mlp_activations; its r-wide products are left out, as they are small)."""
     return setup.batch_size * setup.seq * setup.compute_bytes * (model.hidden + 2 * model.intermediate)
+
+
+def replayed_attention_bytes(model: ModelShape, setup: Setup) -> int:
+    """What a replayed attention keeps from its forward for its recompute: its output and the float32 log-sum-exp of
+    each head's rows (ftcli/attention_replay.py)."""
+    tokens = setup.batch_size * setup.seq
+    return tokens * model.heads * (model.head_dim * setup.compute_bytes + 4)
+
+
+def replay_saves_more_per_byte(model: ModelShape, setup: Setup) -> bool:
+    """Whether a replayed attention saves more time per byte of GPU memory than a kept MLP, in matmul FLOPs: the
+    attention forward's beyond REPLAY_BREAK_EVEN_LENGTH at ATTENTION_RATE_SHARE of the matmuls' rate, over what it
+    keeps, against the gate and up matmuls a kept MLP saves, over its input, gate and up. With every N-th MLP hosted
+    a kept one saves (N - 1) / N of that, as the hosted ones below it are counted from it. False where the replay saves
+    nothing."""
+    beyond = setup.seq - REPLAY_BREAK_EVEN_LENGTH
+    if beyond <= 0:
+        return False
+    attention = 2 * setup.batch_size * setup.seq * beyond * model.heads * model.head_dim / ATTENTION_RATE_SHARE
+    mlp = 4 * setup.batch_size * setup.seq * model.hidden * model.intermediate
+    if setup.mlps_hosted_every:
+        mlp *= 1 - 1 / setup.mlps_hosted_every
+    return attention / replayed_attention_bytes(model, setup) > mlp / kept_mlp_bytes(model, setup)
 
 
 def hosted_mlp_count(model: ModelShape, setup: Setup) -> int:
@@ -401,6 +445,8 @@ class Plan:
                    "mlps_kept_on_gpu": self.setup.mlps_kept_on_gpu,
                    "mlps_hosted_every": self.setup.mlps_hosted_every,
                    "mlps_hosted": hosted_mlp_count(self.shape, self.setup),
+                   "attention_layers_replayed": self.setup.attention_layers_replayed,
+                   "mlp_weights_dequantized_once": self.setup.mlp_weights_dequantized_once,
                    "gpu_memory_gib": gib_or_none(self.budget), "host_memory_gib": gib_or_none(self.host_budget),
                    "fits": self.fits}
         if self.strategies:
@@ -415,6 +461,8 @@ class Plan:
                                   "layers_kept_on_gpu": self.longest.layers_kept_on_gpu,
                                   "mlps_kept_on_gpu": self.longest.mlps_kept_on_gpu,
                                   "mlps_hosted": hosted_mlp_count(self.shape, self.longest),
+                                  "attention_layers_replayed": self.longest.attention_layers_replayed,
+                                  "mlp_weights_dequantized_once": self.longest.mlp_weights_dequantized_once,
                                   "needed_gib": round(memory.needed / GIB, 2), "host_gib": round(memory.host / GIB, 2)}
         return summary
 
@@ -437,6 +485,7 @@ class Plan:
             lines.append(kept_mlps_line(self.shape, self.setup))
         if self.setup.mlps_hosted_every:
             lines.append(hosted_mlps_line(self.shape, self.setup))
+        lines += room_spent_lines(self.shape, self.setup)
         under = f" per GPU under {self.strategy}" if self.strategies else ""
         lines.append(f"Peak GPU memory{under}, at the {self.memory.moment}: {self.memory.peak / GIB:.2f} GiB allocated")
         lines += [f"  {name:<36}{value / GIB:>8.2f} GiB" for name, value in self.memory.parts.items()]
@@ -500,6 +549,22 @@ def hosted_mlps_line(shape: ModelShape, setup: Setup) -> str:
             "apart as the PCIe bus carries the copies during the forward, and backward brings them back.")
 
 
+def room_spent_lines(shape: ModelShape, setup: Setup) -> list[str]:
+    """What else auto buys with the room left: the MLP weights dequantized once, the attention layers replayed."""
+    lines = []
+    if setup.mlp_weights_dequantized_once:
+        projections = shape.projections()
+        extra = 2 * projections["gate_proj"][0] * projections["gate_proj"][1] * setup.compute_bytes
+        lines.append(f"With the room left, the MLPs' backward dequantizes their NF4 weights once for all its chunks of "
+                     f"rows instead of once a chunk, holding the three at once ({extra / GIB:.2f} GiB more).")
+    if setup.attention_layers_replayed:
+        each = replayed_attention_bytes(shape, setup)
+        size = f"{each / GIB:.2f} GiB" if each >= GIB else f"{each / 2**20:.0f} MiB"
+        lines.append(f"With the room left, the top {setup.attention_layers_replayed} of {shape.layers} layers keep "
+                     f"attention's output for their recompute ({size} each), which then runs no attention kernel.")
+    return lines
+
+
 def ordinal(number: int) -> str:
     """1st, 2nd, 3rd, 4th, ..., 11th, 12th, 13th, 21st."""
     suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
@@ -539,6 +604,9 @@ def longest_lines(shape: ModelShape, longest: Setup, budget: int, host_budget: O
     split += f", {longest.mlps_kept_on_gpu} MLPs kept on the GPU" if longest.mlps_kept_on_gpu else ""
     hosted = hosted_mlp_count(shape, longest)
     split += f", {hosted} MLPs hosted in CPU memory" if hosted else ""
+    split += f", attention of {longest.attention_layers_replayed} layers replayed" \
+        if longest.attention_layers_replayed else ""
+    split += ", MLP weights dequantized once" if longest.mlp_weights_dequantized_once else ""
     return [f"Longest max_seq_length that fits {gpus_of(budget, longest.processes)}{host}, in steps of "
             f"{LENGTH_STEP:,}: {longest.seq:,} tokens, at batch {longest.batch_size} ({batch_from}) "
             f"= {longest.seq * longest.batch_size:,} tokens a micro-batch.",
@@ -654,15 +722,45 @@ def pick_mlps_kept_on_gpu(shape: ModelShape, setup: Setup, requested: Union[Chec
     memory, so they leave KEPT_MLPS_MARGIN of the GPU free."""
     if not mlps_can_skip_recompute(shape, setup, requested, budget):
         return 0
-
     room = int(budget * (1 - KEPT_MLPS_MARGIN))
+    return most_that_fit(lambda count: estimate_memory(shape, replace(setup, mlps_kept_on_gpu=count)).fits(room),
+                         shape.layers - 1)
 
-    def fits(count: int) -> bool:
-        return bool(estimate_memory(shape, replace(setup, mlps_kept_on_gpu=count)).fits(room))
 
-    if not fits(1):
+def pick_mlp_weights_dequantized_once(shape: ModelShape, setup: Setup, requested: Union[Checkpointing, str],
+                                      budget: Optional[int]) -> bool:
+    """Under auto: whether the LoRA MLP kernel's backward dequantizes its NF4 weights once for all its chunks of rows
+    (patch.dequantize_mlp_weights_once), where it goes in several (rows beyond MLP_BACKWARD_CHUNK_BYTES of one
+    gate-wide temporary) and holding the three at once fits within KEPT_MLPS_MARGIN. Of the speed-ups bought with room
+    it saves the most per byte (docs/benchmarks.md: +1.7% for 0.28 GiB at 8,192 tokens of Llama-3-8B). Not under fsdp
+    or where the MLP goes in tiles, which dequantize once anyway."""
+    mlp = {"gate_proj", "up_proj", "down_proj"}
+    chunk_rows = MLP_BACKWARD_CHUNK_BYTES // (shape.intermediate * setup.compute_bytes)
+    if (requested != "auto" or budget is None or not setup.load_in_4bit or not setup.kernels
+            or not mlp <= set(setup.lora_targets) or mlp_tile_rows_of(shape, setup) or setup.shard_layers
+            or setup.batch_size * setup.seq <= chunk_rows):
+        return False
+    room = int(budget * (1 - KEPT_MLPS_MARGIN))
+    return bool(estimate_memory(shape, replace(setup, mlp_weights_dequantized_once=True)).fits(room))
+
+
+def pick_attention_layers_replayed(shape: ModelShape, setup: Setup, requested: Union[Checkpointing, str],
+                                   budget: Optional[int], replayable: bool) -> int:
+    """Under auto, when layers are recomputed: how many of the top layers keep attention's output for their recompute
+    (the most that fit within KEPT_MLPS_MARGIN), where the run's micro-batches are graphed and attend without a mask
+    (`replayable`, ftcli/attention_replay.py) and the replay saves time at this length (`replay_saves_more_per_byte`'s
+    model). Not under fsdp."""
+    if (requested != "auto" or budget is None or not replayable or not setup.checkpointing or setup.shard_layers
+            or not is_graphed(setup.batch_size, setup.seq) or setup.seq <= REPLAY_BREAK_EVEN_LENGTH):
         return 0
-    low, high = 1, shape.layers - 1  # fits at low; bisect for the last count that does
+    room = int(budget * (1 - KEPT_MLPS_MARGIN))
+    return most_that_fit(
+        lambda count: estimate_memory(shape, replace(setup, attention_layers_replayed=count)).fits(room), shape.layers)
+
+
+def most_that_fit(fits: Callable[[int], Optional[bool]], most: int) -> int:
+    """The largest count from 0 to `most` for which `fits`, a condition true up to some count and false beyond."""
+    low, high = 0, most
     while low < high:
         middle = (low + high + 1) // 2
         low, high = (middle, high) if fits(middle) else (low, middle - 1)
@@ -670,32 +768,49 @@ def pick_mlps_kept_on_gpu(shape: ModelShape, setup: Setup, requested: Union[Chec
 
 
 def settled_setup(shape: ModelShape, setup: Setup, requested: Union[Checkpointing, str], budget: Optional[int],
-                  host_budget: Optional[int]) -> Setup:
+                  host_budget: Optional[int], replayable: bool = False) -> Setup:
     """`setup` with the recipe's gradient checkpointing (`requested`) resolved against a GPU of `budget` bytes:
     under offload, the layers whose inputs stay on the GPU for a host of `host_budget` bytes, and then, under auto,
-    the spacing of the MLPs hosted in CPU memory and the MLPs kept on the GPU with the room left."""
+    the spacing of the MLPs hosted in CPU memory, and with the room left the MLP weights dequantized once, then the
+    replayed attention layers (where `replayable`: the micro-batches graphed, without a mask) and the kept MLPs,
+    first whichever saves more per byte."""
     setup = replace(setup, checkpointing=pick_checkpointing(shape, setup, requested, budget), layers_kept_on_gpu=0,
-                    mlps_kept_on_gpu=0, mlps_hosted_every=0)
+                    mlps_kept_on_gpu=0, mlps_hosted_every=0, attention_layers_replayed=0,
+                    mlp_weights_dequantized_once=False)
     setup = replace(setup, layers_kept_on_gpu=pick_layers_kept_on_gpu(shape, setup, budget, host_budget))
     setup = replace(setup, mlps_hosted_every=pick_mlps_hosted_every(shape, setup, requested, budget, host_budget))
-    setup = replace(setup, mlps_kept_on_gpu=pick_mlps_kept_on_gpu(shape, setup, requested, budget))
+    setup = replace(setup, mlp_weights_dequantized_once=pick_mlp_weights_dequantized_once(shape, setup, requested,
+                                                                                          budget))
+
+    def replayed(setup: Setup) -> Setup:
+        return replace(setup, attention_layers_replayed=pick_attention_layers_replayed(shape, setup, requested, budget,
+                                                                                       replayable))
+
+    def kept(setup: Setup) -> Setup:
+        return replace(setup, mlps_kept_on_gpu=pick_mlps_kept_on_gpu(shape, setup, requested, budget))
+
+    setup = kept(replayed(setup)) if replay_saves_more_per_byte(shape, setup) else replayed(kept(setup))
     return setup if hosted_mlp_count(shape, setup) else replace(setup, mlps_hosted_every=0)  # all kept: none hosted
 
 
 class CheckpointingChoice(NamedTuple):
     """How a run checkpoints its decoder layers: the mode, under offload how many of the first layers keep their
-    inputs on the GPU, how many MLPs keep their tensors for backward on the GPU, and every how-many-th MLP below
-    them keeps them in CPU memory (`Setup`'s fields)."""
+    inputs on the GPU, how many MLPs keep their tensors for backward on the GPU, every how-many-th MLP below them
+    keeps them in CPU memory, how many of the top layers replay attention in their recompute, and whether the MLPs'
+    backward dequantizes their weights once (`Setup`'s fields: what memory buys speed)."""
 
     mode: Checkpointing
     layers_on_gpu: int = 0
     mlps_kept_on_gpu: int = 0
     mlps_hosted_every: int = 0
+    attention_layers_replayed: int = 0
+    mlp_weights_dequantized_once: bool = False
 
     @classmethod
     def of(cls, setup: Setup) -> "CheckpointingChoice":
         """The choice a settled setup holds."""
-        return cls(setup.checkpointing, setup.layers_kept_on_gpu, setup.mlps_kept_on_gpu, setup.mlps_hosted_every)
+        return cls(setup.checkpointing, setup.layers_kept_on_gpu, setup.mlps_kept_on_gpu, setup.mlps_hosted_every,
+                   setup.attention_layers_replayed, setup.mlp_weights_dequantized_once)
 
     @property
     def skips_mlp_recompute(self) -> bool:
@@ -703,19 +818,27 @@ class CheckpointingChoice(NamedTuple):
         (activation_checkpointing.host_mlp_activations)."""
         return bool(self.mode and (self.mlps_kept_on_gpu or self.mlps_hosted_every))
 
+    @property
+    def keeps_blocks(self) -> bool:
+        """Whether blocks of the layers keep tensors outside the checkpoint, MLPs or replayed attention, which
+        OffloadedCheckpoint runs (activation_checkpointing.enable_checkpointing)."""
+        return self.skips_mlp_recompute or bool(self.mode and self.attention_layers_replayed)
+
 
 def settle_checkpointing(recipe: Recipe, config, gpu_bytes: Optional[int], host_bytes: Optional[int], longest: int,
-                         processes: int = 1, strategy: Strategy = "ddp") -> CheckpointingChoice:
+                         processes: int = 1, strategy: Strategy = "ddp",
+                         replayable: bool = False) -> CheckpointingChoice:
     """train.gradient_checkpointing with auto resolved against GPUs of `gpu_bytes` (None when there is no GPU:
     true); under offload how many of the first decoder layers keep their inputs on the GPU for a host of
     `host_bytes` shared by `processes` processes (0 when either memory is unknown, or the host holds them all); and
-    under auto the MLPs kept on the GPU; for a data set whose longest example has `longest` tokens."""
+    under auto what the room left buys (`settled_setup`; `replayable`: graphed micro-batches attend without a mask);
+    for a data set whose longest example has `longest` tokens."""
     requested = recipe.train.gradient_checkpointing
     if requested not in ("auto", "offload"):  # nothing to decide
         return CheckpointingChoice(requested)
     return CheckpointingChoice.of(settled_setup(ModelShape.from_config(config),
                                                 Setup.from_recipe(recipe, longest, processes, strategy),
-                                                requested, gpu_bytes, host_bytes))
+                                                requested, gpu_bytes, host_bytes, replayable))
 
 
 def longest_setup(shape: ModelShape, setup: Setup, requested: Union[Checkpointing, str], budget: int,
@@ -790,7 +913,7 @@ def plan_recipe(recipe: Recipe, budget: Optional[int] = None, gpus: int = 1, hos
     if gpus < 1:
         raise InputError(f"--gpus {gpus} is not a number of GPUs: give how many GPUs the run will use (one process "
                          "each), 1 or more, for example --gpus 2.")
-    config, _ = load_config(recipe.model)
+    config, architecture = load_config(recipe.model)
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe.data, tokenizer, recipe.example_length_limit(), recipe.train.seed)
     schedule = micro_batch_of_all(recipe.train, gpus)
@@ -803,7 +926,9 @@ def plan_recipe(recipe: Recipe, budget: Optional[int] = None, gpus: int = 1, hos
     seq = max(example.row_length() for example in data.train)
     budget = local_gpu_memory() if budget is None else budget
     requested = recipe.train.gradient_checkpointing
-    setups = {name: settled_setup(shape, Setup.from_recipe(recipe, seq, gpus, name), requested, budget, host_budget)
+    replayable = replayable_on_a_gpu(recipe, config, architecture, gpus, seq)
+    setups = {name: settled_setup(shape, Setup.from_recipe(recipe, seq, gpus, name), requested, budget, host_budget,
+                                  replayable)
               for name in (STRATEGIES if gpus > 1 else ("ddp",))}
     strategies = {name: estimate_memory(shape, setup) for name, setup in setups.items()}
     if gpus == 1:
@@ -815,6 +940,17 @@ def plan_recipe(recipe: Recipe, budget: Optional[int] = None, gpus: int = 1, hos
     if longest:
         plan.longest = longest_or_advice(recipe, shape, plan.setup, budget, host_budget)
     return plan
+
+
+def replayable_on_a_gpu(recipe: Recipe, config, architecture, gpus: int, seq: int) -> bool:
+    """Whether the run's micro-batches, their longest `seq` tokens, would attend where attention can be replayed on a
+    GPU (step_graph.attention_replayable): graphed, as train.cuda_graphs resolves there, and without a mask."""
+    setting = "auto" if recipe.train.cuda_graphs is True else recipe.train.cuda_graphs  # true fails where auto is off
+    dtype = torch.float16 if recipe.model.dtype == "float16" else torch.bfloat16
+    graphed = settle_cuda_graphs(setting, recipe.train.method, torch.device("cuda"), dtype, gpus, architecture)
+    width = graphed_width(recipe.train.batch_size, seq, recipe.example_length_limit())
+    return width is not None and attention_replayable(config, graphed, recipe.data.packing, recipe.train.batch_size,
+                                                      width)
 
 
 def longest_or_advice(recipe: Recipe, shape: ModelShape, setup: Setup, budget: Optional[int],
@@ -946,13 +1082,16 @@ def main(argv=None) -> None:
     setup = settled_setup(shape, Setup(batch_size=args.bs, seq=args.seq, load_in_4bit=args.precision == "nf4",
                                        lora_r=args.lora_r, processes=args.gpus,
                                        shard_layers=args.distributed == "fsdp" and args.gpus > 1),
-                          requested, budget, host_budget)
+                          requested, budget, host_budget, replayable=True)  # the bench's batches are graphed, unmasked
     memory = estimate_memory(shape, setup)
     gpus = f"  {args.distributed} on {args.gpus} GPUs" if args.gpus > 1 else ""
     kept = f" ({setup.layers_kept_on_gpu} layers' inputs kept on the GPU)" if setup.layers_kept_on_gpu else ""
     kept += f" ({setup.mlps_kept_on_gpu} MLPs kept on the GPU, not recomputed)" if setup.mlps_kept_on_gpu else ""
     hosted = hosted_mlp_count(shape, setup)
     kept += f" ({hosted} MLPs hosted in CPU memory, every {ordinal(setup.mlps_hosted_every)})" if hosted else ""
+    kept += " (MLP weights dequantized once)" if setup.mlp_weights_dequantized_once else ""
+    replayed = setup.attention_layers_replayed
+    kept += f" (attention of {replayed} layers replayed)" if replayed else ""
     print(f"{args.shape}  {args.precision}  r={args.lora_r}  seq {args.seq} x batch {args.bs}  checkpointing "
           f"{str(setup.checkpointing).lower()}{kept}{gpus}: estimated peak {memory.peak / GIB:.2f} GiB allocated"
           f"{' per GPU' if gpus else ''}, at the {memory.moment}")

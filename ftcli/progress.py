@@ -115,14 +115,19 @@ def method_line(recipe) -> str:
 
 
 def checkpointing_line(recipe, checkpointing, layers_on_gpu: int, kernels: KernelSwaps) -> str:
-    """The gradient checkpointing the run uses (auto resolved), where the offloaded layer inputs wait, and how many
-    MLPs are not recomputed."""
+    """The gradient checkpointing the run uses (auto resolved), where the offloaded layer inputs wait, how many MLPs
+    and attention layers are not recomputed, and whether the MLPs dequantize once."""
     auto = " (auto)" if recipe.train.gradient_checkpointing == "auto" else ""
     split = f"; the first {layers_on_gpu} layers' inputs on the GPU, as the host has no room" if layers_on_gpu else ""
     if kernels.mlps_kept_on_gpu:
         split += f"; with the room left, {kernels.mlps_kept_on_gpu} layers' MLPs keep their tensors, not recomputed"
     if kernels.mlps_hosted:
         split += f"; {kernels.mlps_hosted} layers' MLPs keep theirs in CPU memory, as the PCIe bus has time for"
+    if kernels.attention_layers_replayed:
+        split += (f"; the top {kernels.attention_layers_replayed} layers keep attention's output, not recomputed in "
+                  "graphed micro-batches")
+    if kernels.mlps_dequantized_once:
+        split += "; the MLPs' backward dequantizes their weights once for all its chunks of rows"
     return f"{str(checkpointing).lower()}{auto}: {KEPT[checkpointing]}{split}"
 
 

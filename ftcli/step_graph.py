@@ -166,11 +166,8 @@ def causal_attention(model, batch: dict[str, torch.Tensor]):
     sliding window shorter than its rows."""
     config = model.config.get_text_config()
     previous = config._attn_implementation
-    window = getattr(config, "sliding_window", None)
-    # a config without layer kinds (Mistral, Phi-3) slides every layer's window
-    kinds = getattr(config, "layer_types", None) or ["sliding_attention"]
-    sliding = window is not None and window < batch["input_ids"].shape[-1] and any("sliding" in kind for kind in kinds)
-    if previous != "sdpa" or sliding or "attention_mask" in batch or "position_ids" in batch:
+    if (previous != "sdpa" or slides_within(config, batch["input_ids"].shape[-1]) or "attention_mask" in batch
+            or "position_ids" in batch):
         yield
         return
     model.set_attn_implementation(CAUSAL_ATTENTION)
@@ -178,6 +175,23 @@ def causal_attention(model, batch: dict[str, torch.Tensor]):
         yield
     finally:
         model.set_attn_implementation(previous)
+
+
+def slides_within(config, width: int) -> bool:
+    """Whether a layer of the model attends through a sliding window shorter than rows `width` tokens wide, which the
+    causal attention without a mask would not honour."""
+    config = config.get_text_config()
+    window = getattr(config, "sliding_window", None)
+    # a config without layer kinds (Mistral, Phi-3) slides every layer's window
+    kinds = getattr(config, "layer_types", None) or ["sliding_attention"]
+    return window is not None and window < width and any("sliding" in kind for kind in kinds)
+
+
+def attention_replayable(config, cuda_graphs: bool, packed: bool, rows: int, width: int) -> bool:
+    """Whether a run's micro-batches of `rows` rows `width` tokens wide attend through CAUSAL_ATTENTION, where the
+    attention of layers marked by attention_replay.replay_attention is replayed: graphed, not packed (whose rows keep
+    their position ids), with no sliding window shorter than the rows (causal_attention)."""
+    return cuda_graphs and not packed and is_graphed(rows, width) and not slides_within(config, width)
 
 
 # transformers builds no mask for an implementation it has no mask function for, and SDPA given none is causal; the

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ftcli.activation_checkpointing import enable_checkpointing, host_mlp_activations
+from ftcli.attention_replay import replay_attention
 from ftcli.architectures import Architecture
 from ftcli.data import PreparedData, prepare_data
 from ftcli.data.templates import IGNORE_INDEX, TokenizedExample
@@ -33,7 +34,8 @@ from ftcli.loader import (TRAINED_ADAPTER, add_lora, check_lora_targets, compute
 from ftcli.grpo import GrpoMethod
 from ftcli.metrics import MetricsLog, StepResult, plot_losses
 from ftcli.optim import build_optimizer, set_learning_rate
-from ftcli.patch import KernelSwaps, apply_kernels, apply_lora_kernels, kernels_can_run
+from ftcli.patch import (KernelSwaps, apply_kernels, apply_lora_kernels, dequantize_mlp_weights_once,
+                         kernels_can_run)
 from ftcli.plan import (CheckpointingChoice, choose_strategy, local_host_memory, out_of_memory_advice,
                         settle_checkpointing)
 from ftcli.preference import PreferenceMethod
@@ -45,7 +47,7 @@ from ftcli.signals import StopRequest
 from ftcli.snapshots import (Snapshot, check_compatible, load_optimizer_state, newest_snapshot, random_states,
                              restore_random_states, restore_snapshot, save_snapshot)
 from ftcli.staging import atomic_write_text
-from ftcli.step_graph import GraphedMicroBatch, graphed_width, settle_cuda_graphs
+from ftcli.step_graph import GraphedMicroBatch, attention_replayable, graphed_width, settle_cuda_graphs
 from ftcli.start_adapter import start_from_adapter
 from ftcli.steps import count_steps, data_position, examples_in_run, micro_batch_of_all, step_groups
 
@@ -148,8 +150,10 @@ def run(recipe: Recipe, out_dir: Optional[Path], display: TrainingDisplay, resum
                           "each, while sharded layers need every process in every forward. Use train.distributed: ddp "
                           "(each GPU holds the whole model: load_in_4bit: true makes it fit), or train with fewer "
                           "completion tokens (grpo.max_completion_length).")
+    replayable = bool(graphed) and attention_replayable(config, cuda_graphs, recipe.data.packing,
+                                                        recipe.train.batch_size, graphed)
     checkpointing = settle_checkpointing(recipe, config, gpu_bytes, local_host_memory(), longest, processes.count,
-                                         strategy)
+                                         strategy, replayable)
     try:
         setup = build_setup(recipe, out_dir, device, architecture, tokenizer, data, total_steps, rewards, processes,
                             schedule, strategy, checkpointing, cuda_graphs)
@@ -384,20 +388,24 @@ def prepare_for_training(model, architecture: Architecture, lora: LoraSettings, 
                          checkpointing: CheckpointingChoice, seed: int,
                          adapter: Optional[str] = None) -> tuple[torch.nn.Module, KernelSwaps]:
     """Kernels, checkpointing (its mode; under offload, the first layers whose inputs stay on the GPU; the LoRA MLPs
-    that keep their tensors for backward on the GPU or in CPU memory, not recomputed) and LoRA (new, or the
-    `adapter` folder's) on a loaded base model, in the order they must go on; returns the trainable model and what
-    the kernels took over (nothing without kernels).
+    that keep their tensors for backward on the GPU or in CPU memory, not recomputed; the top layers whose recompute
+    replays attention) and LoRA (new, or the `adapter` folder's) on a loaded base model, in the order they must go on,
+    and the MLPs' weights dequantized once where `checkpointing` says; returns the trainable model and what the
+    kernels took over (nothing without kernels).
 
     The norm and MLP kernels go in before peft wraps the projections, so the LoRA kernels find them."""
     swaps = apply_kernels(model, architecture) if kernels else KernelSwaps()
-    keeps_mlps = kernels and checkpointing.skips_mlp_recompute
-    enable_checkpointing(model, checkpointing.mode, checkpointing.layers_on_gpu, keeps_mlps)
+    enable_checkpointing(model, checkpointing.mode, checkpointing.layers_on_gpu, checkpointing.keeps_blocks)
     model = add_lora(model, lora, architecture, seed, adapter)
     if kernels:
         swaps.module_counts |= apply_lora_kernels(model)
-    if keeps_mlps:
+    if kernels and checkpointing.skips_mlp_recompute:
         swaps.mlps_kept_on_gpu, swaps.mlps_hosted = host_mlp_activations(model, checkpointing.mlps_hosted_every,
                                                                          on_gpu=checkpointing.mlps_kept_on_gpu)
+    if checkpointing.mode and checkpointing.attention_layers_replayed:
+        swaps.attention_layers_replayed = replay_attention(model, checkpointing.attention_layers_replayed)
+    if kernels and checkpointing.mlp_weights_dequantized_once:
+        swaps.mlps_dequantized_once = dequantize_mlp_weights_once(model)
     return model, swaps
 
 

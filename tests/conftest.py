@@ -158,17 +158,18 @@ def randomise(model, pattern: str, scale: float, seed: int) -> None:
 
 
 def lora_model(folder, family: str, kernels: bool, load_in_4bit: bool = False, checkpointing=False,
-               dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu"), keeps_mlps=False,
+               dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu"), keeps_blocks=False,
                **lora):
     """The tiny model with LoRA (B randomised, so A gets gradients) on `device`, computing in `dtype` (LoRA in
     float32, as training keeps it), patched as train.py does when `kernels`: a test of the kernels passes DEVICE.
-    `keeps_mlps`: checkpointed so that MLPs can be kept (activation_checkpointing.enable_checkpointing)."""
+    `keeps_blocks`: checkpointed so that MLPs and attention can keep their tensors
+    (activation_checkpointing.enable_checkpointing)."""
     architecture = ARCHITECTURES[family]
     settings = ModelSettings(name=str(folder), load_in_4bit=load_in_4bit, dtype=str(dtype).removeprefix("torch."))
     model = load_model(settings, architecture, device, dtype)
     if kernels:
         apply_kernels(model, architecture)
-    enable_checkpointing(model, checkpointing, keeps_mlps=keeps_mlps)
+    enable_checkpointing(model, checkpointing, keeps_blocks=keeps_blocks)
     model = add_lora(model, LoraSettings(**{"r": 4, "alpha": 8} | lora), architecture, seed=3)
     swapped = apply_lora_kernels(model) if kernels else {}
     randomise(model, "lora_B", 0.05, seed=2)

@@ -25,7 +25,7 @@ def loss_and_grads(model, input_ids):
 def attending_model(folder, family, checkpointing, replayed: int, dtype=torch.float32, hosted=False):
     """The tiny model with LoRA, checkpointed through OffloadedCheckpoint, attending through CAUSAL_ATTENTION (as a
     graphed micro-batch does), the top `replayed` layers' attention marked (their outputs hosted when asked)."""
-    model, _ = lora_model(folder, family, kernels=False, checkpointing=checkpointing, keeps_mlps=True, dtype=dtype,
+    model, _ = lora_model(folder, family, kernels=False, checkpointing=checkpointing, keeps_blocks=True, dtype=dtype,
                           device=DEVICE)
     model.set_attn_implementation(CAUSAL_ATTENTION)
     assert attention_replay.replay_attention(model, replayed, hosted) == min(replayed, model.config.num_hidden_layers)
@@ -135,7 +135,7 @@ def test_replayed_attention_in_cuda_graphs_on_the_gpus_kernels(checkpointing, ho
     results = []
     for layers in (0, 2):
         model, _ = lora_model(tiny_model_folder("llama"), "llama", kernels=True, checkpointing=checkpointing,
-                              keeps_mlps=True, dtype=torch.bfloat16, device=DEVICE)
+                              keeps_blocks=True, dtype=torch.bfloat16, device=DEVICE)
         attention_replay.replay_attention(model, layers, hosted)
         trainable = [p for p in model.parameters() if p.requires_grad]
         graphed = GraphedMicroBatch(model, lambda batch, model=model: summed_token_loss(model, batch, fused=True),

@@ -394,16 +394,25 @@ def test_gpu_memory_runs_the_checkpointing_ftcli_train_plans_for_that_gpu(capsys
     """--gpu-memory: ftcli's side checkpoints as `ftcli train`'s auto would on that GPU (ftcli/plan.py), says so under
     the table, and takes no hand-set MLP or embedding flags beside it."""
     args = argparse.Namespace(shape="llama3-8b", seq=2048, bs=2, precision="nf4", lora_r=16, checkpointing="offload",
-                              gpu_memory=None, keep_mlp=0, host_mlp=0)
+                              gpu_memory=None, keep_mlp=0, host_mlp=0, cuda_graph=True)
     assert bench.ftcli_checkpointing(args) == CheckpointingChoice("offload")
     by_hand = argparse.Namespace(**vars(args) | {"keep_mlp": 3, "host_mlp": 2})
     assert bench.ftcli_checkpointing(by_hand) == CheckpointingChoice("offload", 0, 3, 2)
-    for size, choice in (("12GiB", CheckpointingChoice(True, 0, 10, 2)), ("80GiB", CheckpointingChoice(False)),
+    for size, choice in (("12GiB", CheckpointingChoice(True, 0, 9, 2, 0, True)),
+                         ("80GiB", CheckpointingChoice(False, mlp_weights_dequantized_once=True)),
                          ("7GiB", CheckpointingChoice("offload"))):
         assert bench.ftcli_checkpointing(argparse.Namespace(**vars(args) | {"gpu_memory": size})) == choice
-    assert bench.checkpointing_words(CheckpointingChoice(True, 0, 10, 2), "12GiB") == \
-        "checkpointing true, 10 MLPs kept on the GPU, every 2nd MLP below hosted in CPU memory (ftcli train's auto " \
-        "on a GPU of 12GiB)"
+    assert bench.checkpointing_words(CheckpointingChoice(True, 0, 9, 2, 0, True), "12GiB") == \
+        "checkpointing true, 9 MLPs kept on the GPU, every 2nd MLP below hosted in CPU memory, MLP weights " \
+        "dequantized once per backward (ftcli train's auto on a GPU of 12GiB)"
+    # at 8,192 tokens, graphed: attention replayed in the top layers first, as it saves more per byte
+    long_rows = argparse.Namespace(**vars(args) | {"seq": 8192, "bs": 1, "gpu_memory": "16GiB"})
+    assert bench.ftcli_checkpointing(long_rows) == CheckpointingChoice(True, 0, 3, 2, 32, True)
+    assert bench.ftcli_checkpointing(argparse.Namespace(**vars(long_rows) | {"cuda_graph": False})) == \
+        CheckpointingChoice(True, 0, 7, 2, 0, True)
+    assert bench.checkpointing_words(CheckpointingChoice(True, 0, 3, 2, 32, True), None) == \
+        "checkpointing true, 3 MLPs kept on the GPU, every 2nd MLP below hosted in CPU memory, attention of 32 " \
+        "layers replayed, MLP weights dequantized once per backward"
     for flags in (["--keep-mlp", "2"], ["--host-embeddings"], ["--host-mlp", "3"]):
         with pytest.raises(SystemExit) as stopped:
             bench.main(["--shape", "tiny", "--only", "ftcli", "--gpu-memory", "1GiB", "--checkpointing", "offload",

@@ -71,7 +71,7 @@ def test_hosted_mlps_are_not_computed_again(family, hosted, where, checkpointing
     assert len(runs) == 2 * 2  # forward and recompute of each layer
     runs.clear()
 
-    model, _ = lora_model(folder, family, kernels=True, checkpointing=checkpointing, keeps_mlps=True, device=DEVICE)
+    model, _ = lora_model(folder, family, kernels=True, checkpointing=checkpointing, keeps_blocks=True, device=DEVICE)
     chosen = host_mlp_activations(model, every=1, on_gpu=0) if where == "cpu" else \
         host_mlp_activations(model, every=0, on_gpu=1)
     assert chosen == ((0, hosted) if where == "cpu" else (hosted, 0))

@@ -16,9 +16,10 @@ from conftest import DEVICE, assert_clean_failure, run_cli, write_jsonl, write_r
 from ftcli.errors import InputError
 from ftcli.plan import (GIB, LENGTH_STEP, CheckpointingChoice, ModelShape, Setup, choose_strategy, estimate_memory,
                         hosted_mlp_count, hosted_mlp_pinned_bytes, kept_mlp_bytes, layer_activation_bytes,
-                        local_host_memory, longest_setup, mlp_hosting_spacing, parse_size, pick_layers_kept_on_gpu,
-                        pick_mlps_hosted_every, pick_mlps_kept_on_gpu, pinned_bytes, settle_checkpointing,
-                        settled_setup, tiling_starts)
+                        local_host_memory, longest_setup, mlp_hosting_spacing, parse_size,
+                        pick_attention_layers_replayed, pick_layers_kept_on_gpu, pick_mlp_weights_dequantized_once,
+                        pick_mlps_hosted_every, pick_mlps_kept_on_gpu, pinned_bytes, replay_saves_more_per_byte,
+                        replayed_attention_bytes, settle_checkpointing, settled_setup, tiling_starts)
 from ftcli.recipe import Recipe
 from ftcli.recipe import DEFAULT_TARGET_MODULES
 from ftcli.shapes import shape_config
@@ -150,16 +151,19 @@ def test_plan_cli_fits_and_does_not_fit(tmp_path, eight_b_folder):
     assert "does not fit a GPU with 7.5 GiB" in text and "backward of the top layer" in text
     assert "--set train.gradient_checkpointing=offload" in text and "train.batch_size=1 --set train.grad_accum=8" in text
 
-    # auto on 12 GiB: recompute (true), 11 of the 32 layers' MLPs kept on the GPU with the room left, and every
-    # second below them hosted
+    # auto on 12 GiB: recompute (true), the MLP weights dequantized once (0.22 GiB), 10 of the 32 layers' MLPs kept
+    # on the GPU with the room left, and every second below them hosted
     result = run_cli("plan", recipe, "--gpu-memory", "12GiB", "--set", "train.gradient_checkpointing=auto")
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "auto picks true" in text
-    assert ("With the room left, the MLPs of 11 of 32 layers keep their input, gate and up for backward on the GPU "
+    assert ("With the room left, the MLPs of 10 of 32 layers keep their input, gate and up for backward on the GPU "
             "(0.25 GiB each), so backward does not compute them again.") in text
-    assert ("Every 2nd MLP below those (10 of 32 layers) sends them to pinned CPU memory instead (0.28 GiB each, "
-            "2.81 GiB in all), as far apart as the PCIe bus carries the copies during the forward") in text
+    assert ("Every 2nd MLP below those (11 of 32 layers) sends them to pinned CPU memory instead (0.28 GiB each, "
+            "3.09 GiB in all), as far apart as the PCIe bus carries the copies during the forward") in text
+    assert ("the MLPs' backward dequantizes their NF4 weights once for all its chunks of rows instead of once a "
+            "chunk, holding the three at once (0.22 GiB more)") in text
+    assert "attention" not in text.split("auto picks true")[1]  # 2,048 tokens: no replay (REPLAY_BREAK_EVEN_LENGTH)
 
 
 def test_plan_cli_bad_size(tmp_path, eight_b_folder):
@@ -581,10 +585,11 @@ def test_auto_keeps_as_many_mlps_on_the_gpu_as_the_room_left_holds():
             assert not estimate_memory(shape, replace(settled, mlps_kept_on_gpu=settled.mlps_kept_on_gpu + 1)).fits(
                 room)
         assert settle_checkpointing(eight_b_recipe(), config, gib * GIB, None, 2048) == kept[gib]
-    # from 12 GiB every second MLP below the kept ones is hosted (one group in flight costs a kept MLP's room);
-    # at 20 GiB all are kept, none left to host
-    assert kept == {8: ("offload", 0, 0, 0), 9: (True, 0, 0, 0), 12: (True, 0, 10, 2), 16: (True, 0, 25, 2),
-                    20: (True, 0, 31, 0), 24: (False, 0, 0, 0)}
+    # from 12 GiB every second MLP below the kept ones is hosted (one group in flight costs a kept MLP's room) and
+    # the MLP weights are dequantized once (0.22 GiB, first: fewer MLPs kept than without); at 20 GiB all are kept,
+    # none left to host. No attention is replayed at 2,048 tokens (nor without `replayable`)
+    assert kept == {8: ("offload", 0, 0, 0, 0, False), 9: (True, 0, 0, 0, 0, False), 12: (True, 0, 9, 2, 0, True),
+                    16: (True, 0, 24, 2, 0, True), 20: (True, 0, 31, 0, 0, True), 24: (False, 0, 0, 0, 0, True)}
     for mode in (True, "offload"):  # the recipe's own choice
         assert settle_checkpointing(eight_b_recipe(gradient_checkpointing=mode), config, 16 * GIB, None,
                                     2048).mlps_kept_on_gpu == 0
@@ -700,6 +705,7 @@ def test_plan_cli_longest(tmp_path, eight_b_folder):
     summary = json.loads(result.stdout.splitlines()[-1])
     assert summary["longest"] == {"seq": 524288, "batch_size": 1, "tokens": 524288, "checkpointing": "offload",
                                   "layers_kept_on_gpu": 2, "mlps_kept_on_gpu": 0, "mlps_hosted": 0,
+                                  "attention_layers_replayed": 0, "mlp_weights_dequantized_once": False,
                                   "needed_gib": summary["longest"]["needed_gib"],
                                   "host_gib": 120.0}
     assert 50 < summary["longest"]["needed_gib"] <= 80
@@ -839,9 +845,9 @@ def test_train_keeps_the_planned_layers_inputs_on_the_gpu(tmp_path, tiny_model_f
 
     enabled = []
 
-    def recorded(model, mode, layers_on_gpu=0, keeps_mlps=False):
-        enabled.append((mode, layers_on_gpu, keeps_mlps))
-        enable_checkpointing(model, mode, layers_on_gpu, keeps_mlps)
+    def recorded(model, mode, layers_on_gpu=0, keeps_blocks=False):
+        enabled.append((mode, layers_on_gpu, keeps_blocks))
+        enable_checkpointing(model, mode, layers_on_gpu, keeps_blocks)
 
     monkeypatch.setattr(ftcli.train, "settle_checkpointing", lambda *args: CheckpointingChoice("offload", 1))
     monkeypatch.setattr(ftcli.train, "enable_checkpointing", recorded)
@@ -853,3 +859,92 @@ def test_train_keeps_the_planned_layers_inputs_on_the_gpu(tmp_path, tiny_model_f
     assert enabled == [("offload", 1, False)]
     assert ("checkpointing offload: each layer's input kept in CPU memory, the layer recomputed in backward; the "
             "first 1 layers' inputs on the GPU, as the host has no room") in " ".join(result.output.split())
+
+
+def test_dequantizing_once_and_replaying_attention_in_the_estimate():
+    """Llama-3-8B NF4, 8,192 tokens, recomputed: the MLP's backward dequantizing once holds gate, up and down at once
+    instead of the largest projection (two 14,336 x 4,096 weights more, at the layer's backward), and each replayed
+    layer keeps attention's output (8,192 x 4,096 in bf16) and a float32 log-sum-exp a head and token from its forward
+    to its recompute, at the forward's end and the top layer's backward."""
+    shape, setup = shape_of("llama3-8b"), Setup(batch_size=1, seq=8192, checkpointing=True)
+    plain = estimate_memory(shape, setup)
+    once = estimate_memory(shape, replace(setup, mlp_weights_dequantized_once=True))
+    assert once.parts["one layer's recompute and backward"] - plain.parts["one layer's recompute and backward"] == \
+        2 * 14336 * 4096 * 2
+    each = replayed_attention_bytes(shape, setup)
+    assert each == 8192 * 4096 * 2 + 8192 * 32 * 4
+    replayed = estimate_memory(shape, replace(setup, attention_layers_replayed=8))
+    assert replayed.moment == plain.moment == "backward of the top layer"
+    assert replayed.parts["saved activations"] - plain.parts["saved activations"] == 8 * each
+
+
+def test_replay_comes_before_kept_mlps_from_long_rows_on():
+    """The replay saves attention's forward beyond REPLAY_BREAK_EVEN_LENGTH per byte of its output; a kept MLP its gate
+    and up per byte of them (of every second MLP hosted, half of one). At 8,192 tokens the replay saves more (+3.0%
+    measured with 32 layers against nothing measurable for 2 kept MLPs), at 2,048 nothing, and auto then replays no
+    layer even with room for all; nor where the micro-batches are not `replayable` (not graphed, or masked), nor beyond
+    what is graphed (16,384 tokens), nor under a recipe's own checkpointing."""
+    shape = shape_of("llama3-8b")
+    long, short = Setup(batch_size=1, seq=8192, checkpointing=True), Setup(batch_size=2, seq=2048, checkpointing=True)
+    assert replay_saves_more_per_byte(shape, long) and replay_saves_more_per_byte(shape, replace(long, seq=4096))
+    assert not replay_saves_more_per_byte(shape, short)
+    assert pick_attention_layers_replayed(shape, short, "auto", 80 * GIB, True) == 0
+    at_16 = settled_setup(shape, long, "auto", 16 * GIB, None, replayable=True)
+    assert (at_16.attention_layers_replayed, at_16.mlps_kept_on_gpu, at_16.mlp_weights_dequantized_once) == (32, 3, True)
+    assert estimate_memory(shape, at_16).fits(int(0.95 * 16 * GIB))
+    assert not estimate_memory(shape, replace(at_16, mlps_kept_on_gpu=4)).fits(int(0.95 * 16 * GIB))
+    assert settled_setup(shape, long, "auto", 16 * GIB, None).attention_layers_replayed == 0
+    assert pick_attention_layers_replayed(shape, replace(long, seq=32768), "auto", 80 * GIB, True) == 0
+    assert pick_attention_layers_replayed(shape, long, True, 16 * GIB, True) == 0
+    at_10 = settled_setup(shape, long, "auto", 10 * GIB, None, replayable=True)  # little room: a few layers
+    assert 0 < at_10.attention_layers_replayed < 32 and at_10.mlps_kept_on_gpu == 0
+    assert not estimate_memory(shape, replace(at_10, attention_layers_replayed=at_10.attention_layers_replayed + 1)
+                               ).fits(int(0.95 * 10 * GIB))
+
+
+@pytest.mark.parametrize("change", ["bf16", "no kernels", "short rows", "tiled", "fsdp", "recipe's checkpointing"])
+def test_no_dequantizing_once_where_it_changes_nothing_or_is_not_ours_to_pick(change):
+    """Only NF4 weights are dequantized, only our MLP kernel goes in chunks of rows (2,340 rows of Llama-3-8B: 4,096
+    tokens go in two), the tiled MLP dequantizes once already, FSDP gathers the weights itself, and a recipe that
+    chose its checkpointing gets no speed-ups bought with memory."""
+    shape, setup = shape_of("llama3-8b"), Setup(batch_size=1, seq=4096, checkpointing=True)
+    assert pick_mlp_weights_dequantized_once(shape, setup, "auto", 80 * GIB)
+    changed, requested = {"bf16": (replace(setup, load_in_4bit=False), "auto"),
+                          "no kernels": (replace(setup, kernels=False), "auto"),
+                          "short rows": (replace(setup, seq=2048), "auto"),
+                          "tiled": (replace(setup, seq=131072), "auto"),
+                          "fsdp": (replace(setup, processes=2, shard_layers=True), "auto"),
+                          "recipe's checkpointing": (setup, True)}[change]
+    assert not pick_mlp_weights_dequantized_once(shape, changed, requested, 80 * GIB)
+
+
+def test_attention_is_replayable_in_graphed_unmasked_batches():
+    """step_graph.attention_replayable: graphs on, rows not packed, within what is graphed, and no sliding window
+    shorter than the rows (Mistral's config slides every layer; Llama's none)."""
+    from transformers import LlamaConfig, MistralConfig
+
+    from ftcli.step_graph import attention_replayable
+
+    llama, mistral = LlamaConfig(), MistralConfig(sliding_window=4096)
+    assert attention_replayable(llama, True, False, 1, 8192)
+    assert not attention_replayable(llama, False, False, 1, 8192)
+    assert not attention_replayable(llama, True, True, 1, 8192)
+    assert not attention_replayable(llama, True, False, 4, 8192)  # 32,768 tokens run op by op
+    assert attention_replayable(mistral, True, False, 1, 4096) and not attention_replayable(mistral, True, False, 1, 8192)
+
+
+def test_train_replays_attention_and_dequantizes_once_as_planned(tmp_path, tiny_model_folder, monkeypatch):
+    """What settle_checkpointing says reaches the model and the header: the top layers marked for the replay
+    (attention_replay.replay_attention) and every LoRA MLP dequantizing once (patch.dequantize_mlp_weights_once)."""
+    import ftcli.train
+
+    monkeypatch.setattr(ftcli.train, "settle_checkpointing",
+                        lambda *args: CheckpointingChoice(True, 0, 0, 0, 2, True))
+    data = write_jsonl(tmp_path / "train.jsonl", long_rows(2, 5))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_folder("llama"), data, tmp_path / "out",
+                          model={"kernels": True}, train={"max_steps": 1, "batch_size": 2, "grad_accum": 1})
+    result = run_cli("train", recipe)
+    assert result.exit_code == 0, result.output
+    header = " ".join(result.output.split())
+    assert "the top 2 layers keep attention's output, not recomputed in graphed micro-batches" in header
+    assert "the MLPs' backward dequantizes their weights once for all its chunks of rows" in header

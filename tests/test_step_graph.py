@@ -18,7 +18,9 @@ import ftcli.train
 from conftest import DEVICE, lora_model, run_cli, write_jsonl, write_recipe
 from ftcli.architectures import ARCHITECTURES
 from ftcli.data.templates import TokenizedExample
+from ftcli.attention_replay import replay_attention
 from ftcli.errors import RecipeError
+from ftcli.plan import CheckpointingChoice
 from ftcli.progress import TrainingDisplay
 from ftcli.recipe import TrainSettings, load_recipe
 from ftcli.step_graph import (BUCKET_TOKENS, CAUSAL_ATTENTION, GRAPHED_TOKENS, GraphedMicroBatch, bucket_width,
@@ -267,19 +269,29 @@ def test_a_graphed_run_plans_memory_for_its_longest_rows_padded_to_their_bucket(
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a CUDA GPU")
-@pytest.mark.parametrize("kernels, checkpointing, dropout, packing", [
-    (False, False, 0.0, False), (True, "offload", 0.0, False), (True, True, 0.1, False), (True, "offload", 0.1, False),
-    (True, True, 0.0, True)])
-def test_training_with_graphs_gives_the_losses_of_training_without(kernels, checkpointing, dropout, packing, tmp_path,
-                                                                   tiny_model_folder):
+@pytest.mark.parametrize("kernels, checkpointing, dropout, packing, replayed", [
+    (False, False, 0.0, False, False), (True, "offload", 0.0, False, False), (True, True, 0.1, False, False),
+    (True, "offload", 0.1, False, False), (True, True, 0.0, True, False), (True, "offload", 0.0, False, True),
+    (True, True, 0.0, False, True)])
+def test_training_with_graphs_gives_the_losses_of_training_without(kernels, checkpointing, dropout, packing, replayed,
+                                                                   tmp_path, tiny_model_folder, monkeypatch):
     """Rows of several lengths (padded batches of two buckets, which graphs attend without a mask; or packed rows,
     whose position ids restart), two micro-batches a step, and an evaluation every two steps, which runs op by op
     between replays. LoRA dropout draws its masks over the padded batch, which graphs pad to 256 tokens and eager
     steps to the longest row, so with dropout the losses only stay close (the masks themselves:
-    test_graph_replays_give_the_eager_losses_and_gradients)."""
+    test_graph_replays_give_the_eager_losses_and_gradients). `replayed`: the graphed run replays attention in both
+    layers' recompute and dequantizes the MLP weights once, as a plan with room picks them."""
     rows = [{"messages": [{"role": "user", "content": "Count " * n}, {"role": "assistant", "content": "ok " * n}]}
             for n in (3, 40, 7, 90, 12, 60, 5, 150, 20, 30)]
     data = write_jsonl(tmp_path / "train.jsonl", rows)
+    settle = ftcli.train.settle_checkpointing
+    marked = []  # layers whose attention replay_attention marked, per run
+
+    def marking(model, layers):
+        marked.append(replay_attention(model, layers))
+        return marked[-1]
+
+    monkeypatch.setattr(ftcli.train, "replay_attention", marking)
 
     def losses(graphs) -> tuple[list[float], list[float]]:
         recipe = write_recipe(tmp_path / f"{graphs}.yaml", tiny_model_folder("llama"), data, tmp_path / str(graphs),
@@ -287,8 +299,12 @@ def test_training_with_graphs_gives_the_losses_of_training_without(kernels, chec
                               data={"packing": packing, "eval_fraction": 0.2},
                               train={"cuda_graphs": graphs, "grad_accum": 2, "max_steps": 4, "eval_steps": 2,
                                      "gradient_checkpointing": checkpointing})
+        planned = CheckpointingChoice(checkpointing, 0, 0, 0, 2, True) if replayed and graphs else None
+        monkeypatch.setattr(ftcli.train, "settle_checkpointing", (lambda *args: planned) if planned else settle)
         result = run_cli("train", recipe, "--json")
         assert result.exit_code == 0, result.output
+        assert marked == ([2] if planned else [])
+        marked.clear()
         metrics = [json.loads(line) for line in (tmp_path / str(graphs) / "metrics.jsonl").read_text().splitlines()]
         return [row["loss"] for row in metrics], [row["eval_loss"] for row in metrics if "eval_loss" in row]
 

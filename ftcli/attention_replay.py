@@ -7,9 +7,10 @@ backward needs q, k and v, which the recompute gets back from their projections 
 log-sum-exp of each row's scores, which only the attention kernel gives. So a marked layer's forward keeps those two
 (64 MiB and 1 MiB a layer at 8,192 tokens: an eighth of what a kept MLP holds) until its backward, and the
 recompute takes them instead of running the kernel. Backward is the fused kernel's own, so the losses and gradients
-are SDPA's: exactly where SDPA runs the same kernel on the same tensors (the CPU's flash kernel); grouped key and
-value heads are repeated here, where SDPA on a GPU may take the groups as they are and sum their gradients in
-another order.
+are SDPA's: exactly where SDPA runs the same kernel on the same tensors (the CPU's flash kernel). Grouped key and
+value heads go to the kernel as they are, as transformers has SDPA take them without a mask, where the kernel SDPA
+picks for them is one of those here; else they are repeated to the query's heads first, and the kernel sums their
+gradients in another order than SDPA.
 
 Kept on the GPU, the outputs of all 32 layers cost 2 GiB at 8,192 tokens; hosted, each goes to CPU memory beside its
 layer's input (OffloadedCheckpoint.host) and comes back while the layer above goes through backward, as the input
@@ -92,8 +93,10 @@ KERNELS = {("cpu", SDPBackend.FLASH_ATTENTION): _Kernel(_cpu_flash_forward, _cpu
 
 
 def kernel_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float]) -> Optional[_Kernel]:
-    """The fused kernel SDPA would run causal attention on these tensors with, where it is one of KERNELS."""
-    choice = SDPBackend(aten._fused_sdp_choice(q, k, v, None, 0.0, True, scale=scale))
+    """The fused kernel SDPA would run causal attention on these tensors with (fewer key and value heads than query
+    heads taken as groups), where it is one of KERNELS."""
+    grouped = k.shape[1] != q.shape[1]
+    choice = SDPBackend(aten._fused_sdp_choice(q, k, v, None, 0.0, True, scale=scale, enable_gqa=grouped))
     return KERNELS.get((q.device.type, choice))
 
 
@@ -163,17 +166,19 @@ def replayable_attention(module, query, key, value, attention_mask, dropout: flo
                          is_causal=None, **kwargs):
     """transformers' SDPA attention, except that the attention of a marked module in a checkpointed layer is
     replayed in its recompute (module docstring): in training, causal, without a mask, dropout, soft cap or position
-    bias, on a kernel that gives row statistics. Grouped key and value heads are repeated to the query's heads first,
-    as SDPA does for the kernels that take no groups."""
+    bias, on a kernel that gives row statistics. Grouped key and value heads go to it as they are where SDPA's kernel
+    for them takes groups, else repeated to the query's heads first (module docstring)."""
     replay: Optional[AttentionReplay] = getattr(module, "attention_replay", None)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     plain = (replay is None or not module.training or not torch.is_grad_enabled() or attention_mask is not None
              or dropout or not causal or query.shape[2] != key.shape[2]
              or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None)
     if not plain:
-        groups = query.shape[1] // key.shape[1]
-        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
         kernel = kernel_for(query, key, value, scaling)
+        if kernel is None and key.shape[1] != query.shape[1]:
+            groups = query.shape[1] // key.shape[1]
+            key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+            kernel = kernel_for(query, key, value, scaling)
         if kernel is not None:
             out = replay.attend(query, key, value, scaling, kernel)
             return out.transpose(1, 2).contiguous(), None

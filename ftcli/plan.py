@@ -85,9 +85,9 @@ BUS_BYTES_PER_FLOP = 48e9 / 580e12
 # more of the bus than two layers' forward take, and was the fastest spacing measured (4,096 and 8,192 tokens)
 BUS_OVERLOAD = 1.1
 # A replayed attention saves its forward, which the fused kernels run at about half the base matmuls' rate (the
-# graphed 8B step's profile, docs/benchmarks.md), less the cost of repeating grouped key and value heads for those
-# kernels, which it does and SDPA does not: measured on an H200, replaying 32 layers of Llama-3-8B gained 3.0% at
-# 8,192 tokens a row and nothing at 2,048, so the gain counts as growing with the length beyond 2,048
+# graphed 8B step's profile, docs/benchmarks.md), less what the replay costs beside it: measured on an H200 (while it
+# still repeated grouped key and value heads for the kernel), replaying 32 layers of Llama-3-8B gained 3.0% at 8,192
+# tokens a row and 8 layers nothing at 2,048, so the gain counts as growing with the length beyond 2,048
 ATTENTION_RATE_SHARE = 0.5
 REPLAY_BREAK_EVEN_LENGTH = 2048
 

@@ -33,11 +33,11 @@ def attending_model(folder, family, checkpointing, replayed: int, dtype=torch.fl
 
 
 def counted_kernels(monkeypatch) -> list:
-    """Record each forward of the replay kernels."""
+    """Record each forward of the replay kernels: the shapes of its query and key."""
     calls = []
     for key, kernel in list(attention_replay.KERNELS.items()):
         def forward(*args, kernel=kernel):
-            calls.append(args[0].shape)
+            calls.append((args[0].shape, args[1].shape))
             return kernel.forward(*args)
         monkeypatch.setitem(attention_replay.KERNELS, key, kernel._replace(forward=forward))
     return calls
@@ -47,8 +47,8 @@ def counted_kernels(monkeypatch) -> list:
 @pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "gemma3_text"])
 def test_replayed_attention_gives_sdpas_losses_and_gradients(family, checkpointing, tiny_model_folder, monkeypatch):
     """On the 2-layer models (grouped key and value heads), two steps: the replayed layers' attention runs once a
-    step, in the forward, and not in the recompute; the losses and gradients are those of SDPA attention, exactly
-    on the CPU (the same flash kernel), in float32."""
+    step, in the forward, and not in the recompute, on the grouped heads as they are, as SDPA takes them; the losses
+    and gradients are those of SDPA attention, exactly on the CPU (the same flash kernel), in float32."""
     calls = counted_kernels(monkeypatch)
     input_ids = torch.randint(3, 300, (2, 11), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     folder = tiny_model_folder(family)
@@ -59,6 +59,7 @@ def test_replayed_attention_gives_sdpas_losses_and_gradients(family, checkpointi
         loss, grads = loss_and_grads(replayed, input_ids)
         if DEVICE.type == "cpu":
             assert len(calls) == 2 and loss == want_loss
+            assert all(key[1] < query[1] for query, key in calls)  # fewer key heads: not repeated
             for name, grad in want_grads.items():
                 assert torch.equal(grads[name], grad), name
         calls.clear()

@@ -128,7 +128,9 @@ class TrainSettings(Section):
         "nothing. auto: the fastest that ftcli plan estimates fits the GPU at the longest example, false, else true, "
         "else offload, and where layers are recomputed, as many layers' LoRA MLPs as the room left holds keep their "
         "tensors on the GPU instead of being recomputed, and below them every N-th (as often as the PCIe bus has time "
-        "for) keeps them in CPU memory; true where there is no GPU.")
+        "for) keeps them in CPU memory; before those, with the room, NF4 MLP weights dequantized once per backward "
+        "and, in graphed unmasked micro-batches, attention replayed in the top layers' recompute; true where there is "
+        "no GPU.")
     cuda_graphs: Union[bool, Literal["auto"]] = Field(
         "auto", description="Replay each micro-batch's forward and backward as a CUDA graph, one per batch shape (rows "
         "are padded up to a multiple of 256 tokens, so there are few), which takes Python's launch time out of the "

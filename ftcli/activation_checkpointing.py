@@ -206,7 +206,7 @@ class OffloadedCheckpoint:
         backward gave wrong gradients from a contiguous copy of its output)."""
         stream = self._stream(tensor.device, hosted=saved.group is not None)
         order = sorted(range(tensor.dim()), key=lambda dim: -tensor.stride(dim))
-        if order != sorted(order) and tensor.permute(order).is_contiguous():
+        if order != list(range(tensor.dim())) and tensor.permute(order).is_contiguous():
             saved.order, tensor = order, tensor.permute(order)
         self._copies += 1
         if stream is None:

@@ -236,14 +236,7 @@ def estimate_memory(model: ModelShape, setup: Setup) -> MemoryEstimate:
     h = model.hidden
     layer_input = layer_input_bytes(model, setup)
     layer_saved, backward_extra = layer_activation_bytes(model, setup)
-    # a 4-bit projection is dequantized for its matmuls; the tiled MLP dequantizes its three once for all tiles, as
-    # the whole one does when it dequantizes once
-    mlp_weights = sum(i * o for name, (i, o) in projections.items() if name in ("gate_proj", "up_proj", "down_proj"))
-    all_three = mlp_tile_rows_of(model, setup) or setup.mlp_weights_dequantized_once
-    largest = mlp_weights if all_three else max(i * o for i, o in projections.values())
-    dequantized = largest * a if setup.load_in_4bit else 0
-
-    layer_backward = backward_extra + dequantized
+    layer_backward = backward_extra + dequantized_weight_bytes(model, setup)
     # kept MLPs hold their tensors from forward to backward; of hosted ones, one group is in flight at a time
     in_flight = 1 if hosted_mlp_count(model, setup) else 0
     kept_mlps = (setup.mlps_kept_on_gpu + in_flight) * kept_mlp_bytes(model, setup)
@@ -293,6 +286,18 @@ def estimate_memory(model: ModelShape, setup: Setup) -> MemoryEstimate:
         moments["optimizer step"] = base | {"lora gradients": gradients, "flat copies for the 8-bit update": 2 * adapters}
     moment = max(moments, key=lambda name: sum(moments[name].values()))
     return MemoryEstimate(moments[moment], moment, host)
+
+
+def dequantized_weight_bytes(model: ModelShape, setup: Setup) -> int:
+    """What a layer's backward holds of its weights dequantized to 16 bits: a 4-bit projection is dequantized for its
+    matmuls, the largest at a time; the tiled MLP dequantizes its three once for all tiles, as the whole one does when
+    it dequantizes once. Nothing for 16-bit weights."""
+    if not setup.load_in_4bit:
+        return 0
+    projections = model.projections()
+    mlp_weights = sum(i * o for name, (i, o) in projections.items() if name in ("gate_proj", "up_proj", "down_proj"))
+    all_three = mlp_tile_rows_of(model, setup) or setup.mlp_weights_dequantized_once
+    return (mlp_weights if all_three else max(i * o for i, o in projections.values())) * setup.compute_bytes
 
 
 def layer_input_bytes(model: ModelShape, setup: Setup) -> int:
@@ -510,6 +515,11 @@ def gib_or_none(size: Optional[int]) -> Optional[float]:
     return None if size is None else round(size / GIB, 2)
 
 
+def gib_or_mib(size: int) -> str:
+    """A size for the report: in GiB from one GiB up, else in MiB."""
+    return f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / 2**20:.0f} MiB"
+
+
 def gpus_of(budget: int, gpus: int) -> str:
     """The GPUs a plan is checked against, in words."""
     return f"{gpus} GPUs with {budget / GIB:.1f} GiB each" if gpus > 1 else f"a GPU with {budget / GIB:.1f} GiB"
@@ -553,15 +563,14 @@ def room_spent_lines(shape: ModelShape, setup: Setup) -> list[str]:
     """What else auto buys with the room left: the MLP weights dequantized once, the attention layers replayed."""
     lines = []
     if setup.mlp_weights_dequantized_once:
-        projections = shape.projections()
-        extra = 2 * projections["gate_proj"][0] * projections["gate_proj"][1] * setup.compute_bytes
+        extra = (dequantized_weight_bytes(shape, setup)
+                 - dequantized_weight_bytes(shape, replace(setup, mlp_weights_dequantized_once=False)))
         lines.append(f"With the room left, the MLPs' backward dequantizes their NF4 weights once for all its chunks of "
                      f"rows instead of once a chunk, holding the three at once ({extra / GIB:.2f} GiB more).")
     if setup.attention_layers_replayed:
         each = replayed_attention_bytes(shape, setup)
-        size = f"{each / GIB:.2f} GiB" if each >= GIB else f"{each / 2**20:.0f} MiB"
         lines.append(f"With the room left, the top {setup.attention_layers_replayed} of {shape.layers} layers keep "
-                     f"attention's output for their recompute ({size} each), which then runs no attention kernel.")
+                     f"attention's output for their recompute ({gib_or_mib(each)} each), which then runs no attention kernel.")
     return lines
 
 
@@ -575,7 +584,7 @@ def offload_line(shape: ModelShape, setup: Setup, memory: MemoryEstimate, host_b
     """Where the offloaded layer inputs wait, how much host memory they take, and whether the host has it."""
     kept = setup.layers_kept_on_gpu
     pinned = pinned_bytes(layer_input_bytes(shape, setup))
-    each = f"{pinned / GIB:.2f} GiB" if pinned >= GIB else f"{pinned / 2**20:.0f} MiB"
+    each = gib_or_mib(pinned)
     processes = f" in each of {setup.processes} processes" if setup.processes > 1 else ""
     hosted = hosted_mlp_count(shape, setup) * hosted_mlp_pinned_bytes(shape, setup)
     total = f", {memory.host / GIB:.2f} GiB with the hosted MLPs'" if hosted else ""
